@@ -1,0 +1,12 @@
+"""Shared test set-up.
+
+The Triton interpreter must be switched on before any `@triton.jit` function is defined, so it
+is set here, before the tests import t5hooks. On a machine with CUDA the real kernels run.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
