@@ -8,6 +8,7 @@ from .reference import (
     position_buckets,
     reference_relbias_attention,
     relative_position_bucket,
+    rows_with_keys,
 )
 
 __all__ = [
@@ -18,4 +19,5 @@ __all__ = [
     "position_buckets",
     "reference_relbias_attention",
     "relative_position_bucket",
+    "rows_with_keys",
 ]

@@ -136,11 +136,16 @@ def bias_and_mask(bias: Tensor | None, allowed: Tensor | None, dtype: torch.dtyp
     return hidden if bias is None else bias.to(dtype) + hidden
 
 
-def masked_softmax(scores: Tensor, allowed: Tensor | None) -> Tensor:
-    """Softmax over keys in at least fp32; rows with no allowed key come out as zeros, not NaN or uniform."""
+def rows_with_keys(allowed: Tensor | None) -> Tensor | None:
+    """`[B or 1, 1, Q, 1]` bool: which query rows have at least one allowed key (None: all do)."""
+    return None if allowed is None else allowed.any(dim=-1, keepdim=True)
+
+
+def masked_softmax(scores: Tensor, row_has_key: Tensor | None = None) -> Tensor:
+    """Softmax over keys in at least fp32; rows without any allowed key come out as zeros, not NaN or uniform."""
     probs = torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32))
-    if allowed is not None:
-        probs = probs * allowed.any(dim=-1, keepdim=True)
+    if row_has_key is not None:
+        probs = probs * row_has_key
     return probs
 
 
@@ -174,5 +179,5 @@ def reference_relbias_attention(
     additive = bias_and_mask(bias, allowed, dtype=torch.promote_types(scores.dtype, torch.float32))
     if additive is not None:
         scores = scores + additive
-    probs = masked_softmax(scores, allowed)
+    probs = masked_softmax(scores, rows_with_keys(allowed))
     return torch.matmul(probs.to(v.dtype), v)
