@@ -1,0 +1,19 @@
+"""t5hooks: a hooked T5 encoder-decoder whose hook points are also explicit graph outputs."""
+
+from .cache import ActivationCache
+from .config import HookedT5Config
+from .factored_matrix import FactoredMatrix
+from .hook_points import HookedRootModule, HookIO, HookPoint
+from .model import HookedEncoderDecoder
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ActivationCache",
+    "FactoredMatrix",
+    "HookIO",
+    "HookPoint",
+    "HookedEncoderDecoder",
+    "HookedRootModule",
+    "HookedT5Config",
+]

@@ -1,0 +1,403 @@
+"""The layers of a T5: RMSNorm, Attention (self / cross), MLP (plain / gated), EncoderBlock, DecoderBlock.
+
+Weights are stored in `nn.Linear` layout (`[out, in]`, as in Hugging Face checkpoints) so each
+projection is one matmul; TransformerLens-shaped views (`W_Q` `[H, d_model, d_head]` ...) are
+properties over the same storage. Every forward takes an optional `HookIO` (see hook_points.py):
+`None` in ordinary eager runs, a recorder/patcher in capture, compile and export runs.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import HookedT5Config
+from .hook_points import HookIO, HookPoint
+from .kernels.reference import allowed_keys, bias_and_mask, masked_softmax, position_bias, rows_with_keys
+
+ACT_FNS = {
+    "relu": F.relu,
+    "gelu": F.gelu,
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_fast": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "silu": F.silu,
+    "swish": F.silu,
+}
+
+
+def clamp_fp16(x: Tensor) -> Tensor:
+    """Hugging Face's fp16 overflow guard after every residual add: clamp to the finite range
+    (1000 below the maximum once anything has overflowed)."""
+    if x.dtype != torch.float16:
+        return x
+    big = torch.finfo(torch.float16).max
+    limit = torch.where(torch.isinf(x).any(), big - 1000, big)
+    return torch.clamp(x, min=-limit, max=limit)
+
+
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+class RMSNorm(nn.Module):
+    """T5's LayerNorm: scale by the root mean square (variance in fp32), no mean subtraction, no bias."""
+
+    def __init__(self, cfg: HookedT5Config) -> None:
+        super().__init__()
+        self.eps = cfg.layer_norm_eps
+        self.w = nn.Parameter(torch.ones(cfg.d_model, dtype=cfg.dtype))
+        self.hook_scale = HookPoint()  # [B,pos,1]  sqrt(mean(x^2) + eps), fp32
+        self.hook_normalized = HookPoint()  # [B,pos,d_model]  x / scale
+
+    def forward(self, x: Tensor, io: HookIO | None = None) -> Tensor:
+        scale = self.hook_scale(torch.sqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps), io)
+        normalized = self.hook_normalized((x / scale).to(self.w.dtype), io)
+        return self.w * normalized
+
+
+@dataclass
+class AttentionContext:
+    """What all layers of one stack's self- or cross-attention share in one forward.
+
+    Built once per stack (the position bias and the masks are the same for every layer, as in T5).
+    `bias_mask` is the materialised bias plus mask for layers that need explicit scores; fused
+    layers use `table` and `key_padding_mask` directly.
+    """
+
+    q_len: int
+    k_len: int
+    key_padding_mask: Tensor | None  # [B,K] bool, True = attend
+    causal: bool
+    q_offset: int | Tensor
+    table: Tensor | None  # [num_buckets, H], layer 0's bias table; None for cross-attention
+    bidirectional: bool
+    max_distance: int
+    bias_mask: Tensor | None = None  # [B|1, H|1, Q, K] fp32: position bias + additive mask
+    row_has_key: Tensor | None = None  # [B|1, 1, Q, 1] bool
+    materialise_all: bool = False  # the bias itself is hooked or patched: no layer may fuse
+
+
+class Attention(nn.Module):
+    """Multi-head attention without `1/sqrt(d_head)` scaling, with T5's shared relative position bias.
+
+    `kind` is "encoder" (bidirectional buckets), "decoder" (causal, unidirectional buckets) or
+    "cross" (decoder queries over encoder keys, no position bias). Only layer 0 of a self-attention
+    stack owns the `[num_buckets, H]` bias table and the `rel_pos_hook`.
+    """
+
+    def __init__(self, cfg: HookedT5Config, kind: str, has_relative_bias: bool = False) -> None:
+        super().__init__()
+        if kind not in ("encoder", "decoder", "cross"):
+            raise ValueError(f"attention kind must be 'encoder', 'decoder' or 'cross', got {kind!r}")
+        self.cfg = cfg
+        self.kind = kind
+        inner = cfg.n_heads * cfg.d_head
+        self.q_proj = nn.Parameter(torch.empty(inner, cfg.d_model, dtype=cfg.dtype))  # nn.Linear layout
+        self.k_proj = nn.Parameter(torch.empty(inner, cfg.d_model, dtype=cfg.dtype))
+        self.v_proj = nn.Parameter(torch.empty(inner, cfg.d_model, dtype=cfg.dtype))
+        self.o_proj = nn.Parameter(torch.empty(cfg.d_model, inner, dtype=cfg.dtype))
+        if has_relative_bias:
+            self.rel_bias_table = nn.Parameter(
+                torch.empty(cfg.relative_attention_num_buckets, cfg.n_heads, dtype=cfg.dtype)
+            )
+            self.rel_pos_hook = HookPoint()  # [1,H,Q,K]
+        else:
+            self.rel_bias_table = None
+        self.hook_q = HookPoint()  # [B,Q,H,d_head]
+        self.hook_k = HookPoint()  # [B,K,H,d_head]
+        self.hook_v = HookPoint()  # [B,K,H,d_head]
+        self.hook_attn_scores = HookPoint()  # [B,H,Q,K] after bias and mask, before softmax
+        self.hook_pattern = HookPoint()  # [B,H,Q,K]
+        self.hook_z = HookPoint()  # [B,Q,H,d_head]
+        if cfg.use_attn_result:
+            self.hook_result = HookPoint()  # [B,Q,H,d_model]
+
+    # ---- TransformerLens-shaped views of the weights ----------------------------------
+    @property
+    def W_Q(self) -> Tensor:  # [H, d_model, d_head]
+        return self.q_proj.view(self.cfg.n_heads, self.cfg.d_head, self.cfg.d_model).transpose(1, 2)
+
+    @property
+    def W_K(self) -> Tensor:  # [H, d_model, d_head]
+        return self.k_proj.view(self.cfg.n_heads, self.cfg.d_head, self.cfg.d_model).transpose(1, 2)
+
+    @property
+    def W_V(self) -> Tensor:  # [H, d_model, d_head]
+        return self.v_proj.view(self.cfg.n_heads, self.cfg.d_head, self.cfg.d_model).transpose(1, 2)
+
+    @property
+    def W_O(self) -> Tensor:  # [H, d_head, d_model]
+        return self.o_proj.T.view(self.cfg.n_heads, self.cfg.d_head, self.cfg.d_model)
+
+    def _zero_bias(self, *shape: int) -> Tensor:
+        return torch.zeros(*shape, dtype=self.q_proj.dtype, device=self.q_proj.device)
+
+    @property
+    def b_Q(self) -> Tensor:  # [H, d_head]; T5 has no attention biases
+        return self._zero_bias(self.cfg.n_heads, self.cfg.d_head)
+
+    b_K = b_Q
+    b_V = b_Q
+
+    @property
+    def b_O(self) -> Tensor:  # [d_model]
+        return self._zero_bias(self.cfg.d_model)
+
+    # ---- forward -----------------------------------------------------------------------
+    def position_bias(self, q_len: int, k_len: int, q_offset: int | Tensor, io: HookIO | None) -> Tensor:
+        """The stack's bias `[1,H,Q,K]` from this layer's table, through `rel_pos_hook`."""
+        bias = position_bias(
+            self.rel_bias_table,
+            q_len,
+            k_len,
+            bidirectional=self.kind == "encoder",
+            max_distance=self.cfg.relative_attention_max_distance,
+            q_offset=q_offset,
+        )
+        return self.rel_pos_hook(bias, io)
+
+    def bias_hooked(self, io: HookIO | None) -> bool:
+        return self.rel_pos_hook.has_hooks() or (io is not None and io.touches(self.rel_pos_hook.name))
+
+    def wants_fused(self, device: torch.device) -> bool:
+        impl = self.cfg.attn_impl
+        return impl == "fused" or (impl == "auto" and device.type == "cuda" and triton_available())
+
+    def needs_scores(self, io: HookIO | None, device: torch.device) -> bool:
+        """Must this layer materialise its scores? (eager impl, or its scores/pattern are hooked, captured or patched)"""
+        if not self.wants_fused(device):
+            return True
+        for hp in (self.hook_attn_scores, self.hook_pattern):
+            if hp.has_hooks() or (io is not None and io.touches(hp.name)):
+                return True
+        return False
+
+    def forward(
+        self,
+        x: Tensor,  # [B,Q,d_model] normalised queries' residual
+        ctx: AttentionContext,
+        io: HookIO | None = None,
+        kv_input: Tensor | None = None,  # [B,K,d_model] encoder output, for cross-attention
+        cache: "KVCache | None" = None,
+    ) -> Tensor:  # [B,Q,d_model]
+        B, Q, _ = x.shape
+        H, d = self.cfg.n_heads, self.cfg.d_head
+        q = self.hook_q(F.linear(x, self.q_proj).view(B, Q, H, d), io)
+        if self.kind == "cross" and cache is not None and cache.k is not None:
+            k, v = cache.k, cache.v  # [B,H,K,d] computed at the first step
+        else:
+            source = kv_input if self.kind == "cross" else x
+            K = source.shape[1]
+            k = self.hook_k(F.linear(source, self.k_proj).view(B, K, H, d), io).transpose(1, 2)
+            v = self.hook_v(F.linear(source, self.v_proj).view(B, K, H, d), io).transpose(1, 2)
+            if cache is not None:
+                k, v = cache.update(k, v, append=self.kind != "cross")
+        q = q.transpose(1, 2)  # [B,H,Q,d]
+
+        if ctx.materialise_all or self.needs_scores(io, x.device):
+            scores = torch.matmul(q, k.transpose(-1, -2))  # [B,H,Q,K], no 1/sqrt(d) in T5
+            if ctx.bias_mask is not None:
+                scores = scores + ctx.bias_mask
+            scores = self.hook_attn_scores(scores.float(), io)
+            pattern = self.hook_pattern(masked_softmax(scores, ctx.row_has_key), io)
+            z = torch.matmul(pattern.to(v.dtype), v)  # [B,H,Q,d]
+        else:
+            from .kernels import relbias_attention
+
+            z = relbias_attention(
+                q,
+                k,
+                v,
+                ctx.table,
+                bidirectional=ctx.bidirectional,
+                num_buckets=self.cfg.relative_attention_num_buckets,
+                max_distance=ctx.max_distance,
+                causal=ctx.causal,
+                key_padding_mask=ctx.key_padding_mask,
+                q_offset=ctx.q_offset,
+                scale=1.0,
+            )
+        z = self.hook_z(z.transpose(1, 2), io)  # [B,Q,H,d]
+        if self.cfg.use_attn_result:
+            result = self.hook_result(torch.einsum("bqhd,hdm->bqhm", z, self.W_O), io)  # [B,Q,H,d_model]
+            return result.sum(dim=2)
+        return F.linear(z.reshape(B, Q, H * d), self.o_proj)
+
+
+class KVCache:
+    """Keys and values `[B,H,T,d_head]` of one attention layer during incremental decoding."""
+
+    def __init__(self, k: Tensor | None = None, v: Tensor | None = None) -> None:
+        self.k, self.v = k, v
+
+    @property
+    def length(self) -> int:
+        return 0 if self.k is None else self.k.shape[2]
+
+    def update(self, k: Tensor, v: Tensor, append: bool) -> tuple[Tensor, Tensor]:
+        if append and self.k is not None:
+            k, v = torch.cat([self.k, k], dim=2), torch.cat([self.v, v], dim=2)
+        self.k, self.v = k, v
+        return k, v
+
+    def reorder(self, index: Tensor) -> None:
+        """Select batch rows (beam search)."""
+        if self.k is not None:
+            self.k, self.v = self.k.index_select(0, index), self.v.index_select(0, index)
+
+
+def attention_context(
+    attn0: Attention,
+    layers: list[Attention],
+    q_len: int,
+    k_len: int,
+    key_padding_mask: Tensor | None,
+    io: HookIO | None,
+    device: torch.device,
+    q_offset: int | Tensor = 0,
+) -> AttentionContext:
+    """Build the shared context for one stack's attention: `attn0` owns the bias table (self-attention)."""
+    causal = attn0.kind == "decoder"
+    table = attn0.rel_bias_table
+    ctx = AttentionContext(
+        q_len=q_len,
+        k_len=k_len,
+        key_padding_mask=key_padding_mask,
+        causal=causal,
+        q_offset=q_offset,
+        table=table,
+        bidirectional=attn0.kind == "encoder",
+        max_distance=attn0.cfg.relative_attention_max_distance,
+    )
+    if table is not None:
+        ctx.materialise_all = attn0.bias_hooked(io) or not attn0.wants_fused(device)
+    else:
+        ctx.materialise_all = not attn0.wants_fused(device)
+    if ctx.materialise_all or any(layer.needs_scores(io, device) for layer in layers):
+        bias = attn0.position_bias(q_len, k_len, q_offset, io) if table is not None else None
+        allowed = allowed_keys(key_padding_mask, q_len, k_len, causal=causal, q_offset=q_offset, device=device)
+        ctx.bias_mask = bias_and_mask(bias, allowed, dtype=torch.float32)
+        ctx.row_has_key = rows_with_keys(allowed) if key_padding_mask is not None else None
+    return ctx
+
+
+class MLP(nn.Module):
+    """T5 feed-forward: `act(x W_in) W_out`, or gated `(act(x W_gate) * x W_in) W_out` (v1.1, mT5, ByT5)."""
+
+    def __init__(self, cfg: HookedT5Config) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.act = ACT_FNS[cfg.act_fn]
+        if cfg.gated_mlp:
+            self.gate_proj = nn.Parameter(torch.empty(cfg.d_mlp, cfg.d_model, dtype=cfg.dtype))  # HF wi_0
+        else:
+            self.gate_proj = None
+        self.in_proj = nn.Parameter(torch.empty(cfg.d_mlp, cfg.d_model, dtype=cfg.dtype))  # HF wi / wi_1
+        self.out_proj = nn.Parameter(torch.empty(cfg.d_model, cfg.d_mlp, dtype=cfg.dtype))  # HF wo
+        self.hook_pre = HookPoint()  # [B,pos,d_mlp] activation input
+        if cfg.gated_mlp:
+            self.hook_pre_linear = HookPoint()  # [B,pos,d_mlp] the linear (ungated) branch
+        self.hook_post = HookPoint()  # [B,pos,d_mlp]
+
+    @property
+    def W_in(self) -> Tensor:  # [d_model, d_mlp]
+        return self.in_proj.T
+
+    @property
+    def W_gate(self) -> Tensor | None:  # [d_model, d_mlp]
+        return None if self.gate_proj is None else self.gate_proj.T
+
+    @property
+    def W_out(self) -> Tensor:  # [d_mlp, d_model]
+        return self.out_proj.T
+
+    @property
+    def b_in(self) -> Tensor:  # [d_mlp]; T5 has no MLP biases
+        return torch.zeros(self.cfg.d_mlp, dtype=self.in_proj.dtype, device=self.in_proj.device)
+
+    @property
+    def b_out(self) -> Tensor:  # [d_model]
+        return torch.zeros(self.cfg.d_model, dtype=self.out_proj.dtype, device=self.out_proj.device)
+
+    def forward(self, x: Tensor, io: HookIO | None = None) -> Tensor:
+        if self.gate_proj is not None:
+            pre = self.hook_pre(F.linear(x, self.gate_proj), io)
+            pre_linear = self.hook_pre_linear(F.linear(x, self.in_proj), io)
+            post = self.hook_post(self.act(pre) * pre_linear, io)
+        else:
+            pre = self.hook_pre(F.linear(x, self.in_proj), io)
+            post = self.hook_post(self.act(pre), io)
+        return F.linear(post, self.out_proj)
+
+
+class EncoderBlock(nn.Module):
+    """Pre-norm block: resid += attn(ln1(resid)); resid += mlp(ln2(resid))."""
+
+    def __init__(self, cfg: HookedT5Config, layer: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.hook_resid_pre = HookPoint()  # [B,E,d_model]
+        self.ln1 = RMSNorm(cfg)
+        self.attn = Attention(cfg, "encoder", has_relative_bias=layer == 0)
+        self.hook_attn_out = HookPoint()
+        self.hook_resid_mid = HookPoint()
+        self.ln2 = RMSNorm(cfg)
+        self.hook_mlp_in = HookPoint()
+        self.mlp = MLP(cfg)
+        self.hook_mlp_out = HookPoint()
+        self.hook_resid_post = HookPoint()
+
+    def forward(self, resid: Tensor, ctx: AttentionContext, io: HookIO | None = None) -> Tensor:
+        resid = self.hook_resid_pre(resid, io)
+        attn_out = self.hook_attn_out(self.attn(self.ln1(resid, io), ctx, io), io)
+        resid = self.hook_resid_mid(clamp_fp16(resid + attn_out), io)
+        mlp_in = self.hook_mlp_in(self.ln2(resid, io), io)
+        mlp_out = self.hook_mlp_out(self.mlp(mlp_in, io), io)
+        return self.hook_resid_post(clamp_fp16(resid + mlp_out), io)
+
+
+class DecoderBlock(nn.Module):
+    """Causal self-attention, cross-attention over the encoder output, MLP; each pre-normed."""
+
+    def __init__(self, cfg: HookedT5Config, layer: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.hook_resid_pre = HookPoint()  # [B,D,d_model]
+        self.ln1 = RMSNorm(cfg)
+        self.attn = Attention(cfg, "decoder", has_relative_bias=layer == 0)
+        self.hook_attn_out = HookPoint()
+        self.hook_resid_mid = HookPoint()
+        self.ln2 = RMSNorm(cfg)
+        self.cross_attn = Attention(cfg, "cross")
+        self.hook_cross_attn_out = HookPoint()
+        self.hook_resid_mid_cross = HookPoint()
+        self.ln3 = RMSNorm(cfg)
+        self.hook_mlp_in = HookPoint()
+        self.mlp = MLP(cfg)
+        self.hook_mlp_out = HookPoint()
+        self.hook_resid_post = HookPoint()
+
+    def forward(
+        self,
+        resid: Tensor,  # [B,D,d_model]
+        encoder_out: Tensor | None,  # [B,E,d_model]; None when the cross K/V are cached
+        self_ctx: AttentionContext,
+        cross_ctx: AttentionContext,
+        io: HookIO | None = None,
+        self_cache: KVCache | None = None,
+        cross_cache: KVCache | None = None,
+    ) -> Tensor:
+        resid = self.hook_resid_pre(resid, io)
+        attn_out = self.hook_attn_out(self.attn(self.ln1(resid, io), self_ctx, io, cache=self_cache), io)
+        resid = self.hook_resid_mid(clamp_fp16(resid + attn_out), io)
+        cross_out = self.cross_attn(self.ln2(resid, io), cross_ctx, io, kv_input=encoder_out, cache=cross_cache)
+        cross_out = self.hook_cross_attn_out(cross_out, io)
+        resid = self.hook_resid_mid_cross(clamp_fp16(resid + cross_out), io)
+        mlp_in = self.hook_mlp_in(self.ln3(resid, io), io)
+        mlp_out = self.hook_mlp_out(self.mlp(mlp_in, io), io)
+        return self.hook_resid_post(clamp_fp16(resid + mlp_out), io)

@@ -1,0 +1,148 @@
+"""HookedT5Config: the architecture of one T5-family model, and its conversion from a transformers T5Config."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+# T5 checkpoints name activations as in transformers' ACT2FN; these are the ones T5-family models use.
+ACTIVATIONS = ("relu", "gelu", "gelu_new", "gelu_fast", "gelu_pytorch_tanh", "silu", "swish")
+ATTN_IMPLS = ("auto", "eager", "fused")
+
+
+@dataclass
+class HookedT5Config:
+    """Architecture of a T5 encoder-decoder (v1.0, v1.1/Flan, mT5, ByT5), TransformerLens-style names.
+
+    `tie_word_embeddings` decides whether the unembedding shares the embedding matrix;
+    `scale_logits` whether the final residual is multiplied by `d_model**-0.5` before it
+    (T5 v1.0 does both, v1.1/Flan/mT5/ByT5 neither).
+    """
+
+    d_model: int = 512
+    d_head: int = 64
+    n_heads: int = 8
+    d_mlp: int = 2048
+    n_layers: int = 6  # encoder layers
+    n_decoder_layers: int | None = None  # defaults to n_layers
+    d_vocab: int = 32128
+    act_fn: str = "relu"
+    gated_mlp: bool = False
+    relative_attention_num_buckets: int = 32
+    relative_attention_max_distance: int = 128
+    layer_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = True
+    scale_logits: bool = True
+    pad_token_id: int = 0
+    eos_token_id: int = 1
+    decoder_start_token_id: int = 0
+    use_attn_result: bool = False
+    attn_impl: str = "auto"  # "auto" (fused on CUDA with Triton) | "eager" | "fused"
+    initializer_factor: float = 1.0
+    seed: int | None = None
+    dtype: torch.dtype = torch.float32
+    device: str | None = None
+    model_name: str = "custom"
+    original_architecture: str = "T5ForConditionalGeneration"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.n_decoder_layers is None:
+            self.n_decoder_layers = self.n_layers
+        if isinstance(self.dtype, str):
+            self.dtype = getattr(torch, self.dtype.removeprefix("torch."))
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first inconsistent field and what would be valid."""
+        for name in ("d_model", "d_head", "n_heads", "d_mlp", "n_layers", "n_decoder_layers", "d_vocab"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"HookedT5Config.{name} must be a positive int, got {value!r}")
+        if self.act_fn not in ACTIVATIONS:
+            raise ValueError(f"HookedT5Config.act_fn={self.act_fn!r} is not supported; valid: {', '.join(ACTIVATIONS)}")
+        if self.attn_impl not in ATTN_IMPLS:
+            raise ValueError(f"HookedT5Config.attn_impl={self.attn_impl!r}; valid: {', '.join(ATTN_IMPLS)}")
+        nb, md = self.relative_attention_num_buckets, self.relative_attention_max_distance
+        # The bidirectional half has nb//2 buckets, of which nb//4 are exact; the log-spaced rest needs room.
+        if nb < 4 or md <= nb // 2:
+            raise ValueError(
+                f"relative_attention_num_buckets={nb} / max_distance={md}: need num_buckets >= 4 and "
+                f"max_distance > num_buckets // 2"
+            )
+        if self.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+            raise ValueError(f"HookedT5Config.dtype={self.dtype}; valid: float32, float16, bfloat16, float64")
+
+    @property
+    def n_layers_total(self) -> int:
+        return self.n_layers + self.n_decoder_layers
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["dtype"] = str(self.dtype).removeprefix("torch.")
+        return out
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "HookedT5Config":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown HookedT5Config fields {unknown}; valid fields: {sorted(known)}")
+        return cls(**values)
+
+    @classmethod
+    def from_hf_config(cls, hf_config: Any, **overrides: Any) -> "HookedT5Config":
+        """Convert a transformers `T5Config` (4.x or 5.x) or an equivalent dict.
+
+        The logit scaling flag differs between versions: 5.x stores `scale_decoder_outputs`
+        (and always reports `tie_word_embeddings=True`), 4.x uses `tie_word_embeddings` for both.
+        Whether `lm_head` really shares the embedding is decided by the weights, at load time.
+        """
+        c = hf_config if isinstance(hf_config, dict) else hf_config.to_dict()
+        ff = c.get("feed_forward_proj", "relu")
+        parts = ff.split("-")
+        gated = parts[0] == "gated"
+        act = parts[-1]
+        if ff == "gated-gelu":  # transformers maps this legacy name to the tanh approximation
+            act = "gelu_new"
+        if "scale_decoder_outputs" in c:
+            scale = bool(c["scale_decoder_outputs"])
+        else:
+            scale = bool(c.get("tie_word_embeddings", True))
+        n_layers = c.get("num_layers", 6)
+        values = dict(
+            d_model=c.get("d_model", 512),
+            d_head=c.get("d_kv", 64),
+            n_heads=c.get("num_heads", 8),
+            d_mlp=c.get("d_ff", 2048),
+            n_layers=n_layers,
+            n_decoder_layers=c.get("num_decoder_layers") or n_layers,
+            d_vocab=c.get("vocab_size", 32128),
+            act_fn=act,
+            gated_mlp=gated,
+            relative_attention_num_buckets=c.get("relative_attention_num_buckets", 32),
+            relative_attention_max_distance=c.get("relative_attention_max_distance", 128),
+            layer_norm_eps=c.get("layer_norm_epsilon", 1e-6),
+            tie_word_embeddings=scale,
+            scale_logits=scale,
+            pad_token_id=_first(c.get("pad_token_id"), 0),
+            eos_token_id=_first(c.get("eos_token_id"), 1),
+            decoder_start_token_id=_first(c.get("decoder_start_token_id"), _first(c.get("pad_token_id"), 0)),
+            initializer_factor=c.get("initializer_factor", 1.0),
+            model_name=c.get("_name_or_path") or c.get("name_or_path") or "custom",
+            original_architecture=(c.get("architectures") or ["T5ForConditionalGeneration"])[0],
+        )
+        values.update(overrides)
+        return cls(**values)
+
+
+def _first(value: Any, default: int) -> int:
+    """Token ids may be stored as a list (several EOS ids); the model uses the first."""
+    if value is None:
+        return default
+    if isinstance(value, (list, tuple)):
+        return int(value[0]) if value else default
+    return int(value)

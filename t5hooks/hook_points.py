@@ -1,0 +1,419 @@
+"""Hook points: named identity modules on every interesting activation, TransformerLens style.
+
+Two ways to reach an activation, one forward:
+
+* Python hooks (`add_hook`, `hooks()`, `run_with_hooks`, `run_with_cache`): functions
+  `fn(tensor, hook) -> tensor | None` registered on a `HookPoint`, run eagerly.
+* A `HookIO` passed down the forward as an argument: it records the named activations it was
+  built for and applies patches to them. Its name sets are fixed Python constants, so
+  `torch.compile(fullgraph=True)` and `torch.export` see plain tensor code (see capture.py).
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Literal, Union
+
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+HookFn = Callable[..., Any]  # fn(tensor, hook=HookPoint) -> Tensor | None
+NameFilter = Union[str, Callable[[str], bool], Sequence[str], None]
+Direction = Literal["fwd", "bwd"]
+PATCH_MODES = ("replace", "add")
+
+
+class HookIO:
+    """Explicit-output channel for hook points: records some activations, patches others.
+
+    `capture` and `patch_modes` are fixed when it is built (constants to Dynamo); `patches`
+    holds the tensors. `outputs` fills in forward order as hook points are visited.
+    """
+
+    def __init__(
+        self,
+        capture: Iterable[str] = (),
+        patch_modes: Mapping[str, str] | None = None,
+        patches: Mapping[str, Tensor] | None = None,
+    ) -> None:
+        self.capture = frozenset(capture)
+        self.patch_modes = dict(patch_modes or {})
+        self.patches = dict(patches or {})
+        self.outputs: dict[str, Tensor] = {}
+
+    def touches(self, name: str) -> bool:
+        """True if this name is captured or patched (so it must be computed explicitly)."""
+        return name in self.capture or name in self.patch_modes
+
+    def visit(self, name: str, x: Tensor) -> Tensor:
+        mode = self.patch_modes.get(name)
+        if mode is not None:
+            x = apply_patch(name, x, self.patches[name], mode)
+        if name in self.capture:
+            self.outputs[name] = x
+        return x
+
+
+def apply_patch(name: str, x: Tensor, patch: Tensor, mode: str) -> Tensor:
+    """`replace`: the patch (same shape) stands in for `x`; `add`: broadcast-add it (a steering vector)."""
+    patch = patch.to(dtype=x.dtype, device=x.device)
+    if not torch.compiler.is_compiling():
+        if mode == "replace" and patch.shape != x.shape:
+            raise ValueError(f"patch for {name!r} has shape {tuple(patch.shape)}; 'replace' needs {tuple(x.shape)}")
+        if mode == "add":
+            try:
+                ok = torch.broadcast_shapes(patch.shape, x.shape) == x.shape
+            except RuntimeError:
+                ok = False
+            if not ok:
+                raise ValueError(
+                    f"patch for {name!r} has shape {tuple(patch.shape)}; 'add' needs a shape that broadcasts "
+                    f"to {tuple(x.shape)}"
+                )
+    return patch if mode == "replace" else x + patch
+
+
+@dataclass(eq=False)
+class LensHandle:
+    """A registered Python hook: the torch handle plus TransformerLens bookkeeping."""
+
+    hook: RemovableHandle
+    is_permanent: bool = False
+    context_level: int | None = None
+
+
+class HookPoint(nn.Module):
+    """Identity module marking an activation. Hooks see (and may replace) the tensor passing through."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.name: str | None = None
+        self.fwd_hooks: list[LensHandle] = []
+        self.bwd_hooks: list[LensHandle] = []
+        self.ctx: dict[Any, Any] = {}  # scratch space shared by this point's hooks
+
+    def forward(self, x: Tensor, io: HookIO | None = None) -> Tensor:
+        if io is not None:
+            x = io.visit(self.name, x)
+        return x
+
+    def add_hook(
+        self,
+        hook: HookFn,
+        dir: Direction = "fwd",
+        is_permanent: bool = False,
+        level: int | None = None,
+        prepend: bool = False,
+    ) -> None:
+        """Register `hook(tensor, hook=self)`. Forward hooks may return a replacement of the same shape;
+        backward hooks receive the gradient of this activation and may return a replacement."""
+        if dir == "fwd":
+
+            def fwd_wrapper(module: nn.Module, inputs: Any, output: Tensor) -> Tensor | None:
+                return self._checked(hook(output, hook=self), output, "forward")
+
+            handle = self.register_forward_hook(fwd_wrapper, prepend=prepend)
+            entry = LensHandle(handle, is_permanent, level)
+            self.fwd_hooks.insert(0, entry) if prepend else self.fwd_hooks.append(entry)
+        elif dir == "bwd":
+            entry = LensHandle(None, is_permanent, level)  # type: ignore[arg-type]
+
+            def bwd_wrapper(module: nn.Module, inputs: Any, output: Tensor) -> None:
+                if not output.requires_grad:
+                    return
+
+                def on_grad(grad: Tensor) -> Tensor | None:
+                    if not any(e is entry for e in self.bwd_hooks):  # removed before backward: silent, as TL
+                        return None
+                    return self._checked(hook(grad, hook=self), grad, "backward")
+
+                output.register_hook(on_grad)
+
+            entry.hook = self.register_forward_hook(bwd_wrapper, prepend=prepend)
+            self.bwd_hooks.insert(0, entry) if prepend else self.bwd_hooks.append(entry)
+        else:
+            raise ValueError(f"hook direction must be 'fwd' or 'bwd', got {dir!r}")
+
+    def _checked(self, result: Any, original: Tensor, kind: str) -> Tensor | None:
+        if result is None:
+            return None
+        if not isinstance(result, Tensor):
+            raise TypeError(
+                f"{kind} hook on {self.name!r} returned {type(result).__name__}; return a Tensor or None"
+            )
+        if result.shape != original.shape:
+            raise ValueError(
+                f"{kind} hook on {self.name!r} returned shape {tuple(result.shape)}; "
+                f"it must keep the activation's shape {tuple(original.shape)}"
+            )
+        return result
+
+    def remove_hooks(self, dir: Direction | Literal["both"] = "fwd", including_permanent: bool = False,
+                     level: int | None = None) -> None:
+        if dir not in ("fwd", "bwd", "both"):
+            raise ValueError(f"dir must be 'fwd', 'bwd' or 'both', got {dir!r}")
+
+        def keep(entry: LensHandle) -> bool:
+            if entry.is_permanent and not including_permanent:
+                return True
+            if level is not None and entry.context_level != level:
+                return True
+            entry.hook.remove()
+            return False
+
+        if dir in ("fwd", "both"):
+            self.fwd_hooks = [h for h in self.fwd_hooks if keep(h)]
+        if dir in ("bwd", "both"):
+            self.bwd_hooks = [h for h in self.bwd_hooks if keep(h)]
+
+    def clear_context(self) -> None:
+        self.ctx = {}
+
+    def has_hooks(self) -> bool:
+        """Python hooks attached (such activations must be computed explicitly)."""
+        return bool(self.fwd_hooks or self.bwd_hooks)
+
+    def layer(self) -> int:
+        """The layer index in this point's name (`encoder.3.attn.hook_q` -> 3)."""
+        if self.name is None:
+            raise ValueError("this HookPoint has no name (it is not part of a model's hook_dict)")
+        for part in self.name.split("."):
+            if part.isdigit():
+                return int(part)
+        raise ValueError(f"hook point {self.name!r} is not inside a layer")
+
+    def extra_repr(self) -> str:
+        return f"name={self.name!r}"
+
+
+class HookedRootModule(nn.Module):
+    """A module whose HookPoints are addressable by name (`hook_dict`) with TransformerLens's hook API."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mod_dict: dict[str, nn.Module] = {}
+        self.hook_dict: dict[str, HookPoint] = {}
+        self.context_level = 0
+
+    def setup(self) -> None:
+        """Index every submodule by name and give every HookPoint its name. Call after building submodules."""
+        self.mod_dict = {}
+        self.hook_dict = {}
+        for name, module in self.named_modules():
+            if name == "":
+                continue
+            self.mod_dict[name] = module
+            if isinstance(module, HookPoint):
+                module.name = name
+                self.hook_dict[name] = module
+
+    def hook_points(self) -> list[HookPoint]:
+        return list(self.hook_dict.values())
+
+    # ---- names -------------------------------------------------------------------------
+    def resolve_names(self, names: NameFilter) -> list[str]:
+        """Hook names selected by an exact name, a glob, a predicate, or a list of names/globs, in model order.
+
+        Raises ValueError for a name or glob that matches nothing, suggesting close valid names.
+        """
+        all_names = list(self.hook_dict)
+        if names is None:
+            return all_names
+        if callable(names):
+            return [n for n in all_names if names(n)]
+        patterns = [names] if isinstance(names, str) else list(names)
+        selected: set[str] = set()
+        for pattern in patterns:
+            if not isinstance(pattern, str):
+                raise TypeError(f"hook names must be strings, globs or a predicate, got {pattern!r}")
+            if any(ch in pattern for ch in "*?["):
+                matched = fnmatch.filter(all_names, pattern)
+            else:
+                matched = [pattern] if pattern in self.hook_dict else []
+            if not matched:
+                raise ValueError(unknown_name_message(pattern, all_names, self._name_hint(pattern)))
+            selected.update(matched)
+        return [n for n in all_names if n in selected]
+
+    def _name_hint(self, name: str) -> str:
+        """Subclasses explain names that exist only under some configuration."""
+        return ""
+
+    # ---- adding and removing hooks -----------------------------------------------------
+    def check_hooks_to_add(self, hook_point_name: str, hook: HookFn, dir: Direction = "fwd", **kwargs: Any) -> None:
+        """Override to refuse hooks (called once per resolved name before any is added)."""
+
+    def add_hook(
+        self,
+        name: NameFilter,
+        hook: HookFn,
+        dir: Direction = "fwd",
+        is_permanent: bool = False,
+        level: int | None = None,
+        prepend: bool = False,
+    ) -> None:
+        """Add `hook` to every hook point `name` selects (a name, glob, list, or predicate)."""
+        if dir not in ("fwd", "bwd"):
+            raise ValueError(f"hook direction must be 'fwd' or 'bwd', got {dir!r}")
+        if not callable(hook):
+            raise TypeError(f"hook must be callable fn(tensor, hook), got {type(hook).__name__}")
+        resolved = self.resolve_names(name)
+        for hook_name in resolved:
+            self.check_hooks_to_add(hook_name, hook, dir=dir, is_permanent=is_permanent, prepend=prepend)
+        for hook_name in resolved:
+            self.hook_dict[hook_name].add_hook(hook, dir=dir, is_permanent=is_permanent, level=level, prepend=prepend)
+
+    def add_perma_hook(self, name: NameFilter, hook: HookFn, dir: Direction = "fwd") -> None:
+        self.add_hook(name, hook, dir=dir, is_permanent=True)
+
+    def remove_all_hook_fns(self, direction: Direction | Literal["both"] = "both", including_permanent: bool = False,
+                            level: int | None = None) -> None:
+        for hp in self.hook_dict.values():
+            hp.remove_hooks(direction, including_permanent=including_permanent, level=level)
+
+    def clear_contexts(self) -> None:
+        for hp in self.hook_dict.values():
+            hp.clear_context()
+
+    def reset_hooks(self, clear_contexts: bool = True, direction: Direction | Literal["both"] = "both",
+                    including_permanent: bool = False, level: int | None = None) -> None:
+        """Remove hooks (permanent ones survive unless `including_permanent`)."""
+        if clear_contexts:
+            self.clear_contexts()
+        self.remove_all_hook_fns(direction, including_permanent, level=level)
+
+    def _resolve_hook_list(self, hooks: Sequence[tuple[NameFilter, HookFn]], dir: Direction) -> list[tuple[str, HookFn]]:
+        resolved = []
+        for item in hooks:
+            if not (isinstance(item, tuple) and len(item) == 2 and callable(item[1])):
+                raise TypeError(f"{dir}_hooks entries must be (name_or_filter, fn) pairs, got {item!r}")
+            name, fn = item
+            for hook_name in self.resolve_names(name):
+                self.check_hooks_to_add(hook_name, fn, dir=dir)
+                resolved.append((hook_name, fn))
+        return resolved
+
+    @contextmanager
+    def hooks(
+        self,
+        fwd_hooks: Sequence[tuple[NameFilter, HookFn]] = (),
+        bwd_hooks: Sequence[tuple[NameFilter, HookFn]] = (),
+        reset_hooks_end: bool = True,
+        clear_contexts: bool = False,
+    ) -> Iterator["HookedRootModule"]:
+        """Context manager: hooks added on entry, removed on exit (only those added by this context)."""
+        fwd = self._resolve_hook_list(fwd_hooks, "fwd")
+        bwd = self._resolve_hook_list(bwd_hooks, "bwd")
+        self.context_level += 1
+        level = self.context_level
+        try:
+            for name, fn in fwd:
+                self.hook_dict[name].add_hook(fn, dir="fwd", level=level)
+            for name, fn in bwd:
+                self.hook_dict[name].add_hook(fn, dir="bwd", level=level)
+            yield self
+        finally:
+            if reset_hooks_end:
+                self.reset_hooks(clear_contexts, including_permanent=False, level=level)
+            self.context_level -= 1
+
+    def run_with_hooks(
+        self,
+        *model_args: Any,
+        fwd_hooks: Sequence[tuple[NameFilter, HookFn]] = (),
+        bwd_hooks: Sequence[tuple[NameFilter, HookFn]] = (),
+        reset_hooks_end: bool = True,
+        clear_contexts: bool = False,
+        **model_kwargs: Any,
+    ) -> Any:
+        """Run the model once with temporary hooks."""
+        if bwd_hooks and reset_hooks_end:
+            warnings.warn(
+                "run_with_hooks removes its hooks when it returns, before any backward pass; to use bwd_hooks, "
+                "call backward inside `with model.hooks(bwd_hooks=...)` or pass reset_hooks_end=False",
+                stacklevel=2,
+            )
+        with self.hooks(fwd_hooks, bwd_hooks, reset_hooks_end, clear_contexts):
+            return self(*model_args, **model_kwargs)
+
+    # ---- caching -----------------------------------------------------------------------
+    def get_caching_hooks(
+        self,
+        names_filter: NameFilter = None,
+        incl_bwd: bool = False,
+        device: torch.device | str | None = None,
+        remove_batch_dim: bool = False,
+        cache: dict[str, Tensor] | None = None,
+    ) -> tuple[dict[str, Tensor], list[tuple[str, HookFn]], list[tuple[str, HookFn]]]:
+        """Hooks that store (detached) activations, and with `incl_bwd` their gradients as `name + "_grad"`."""
+        cache = {} if cache is None else cache
+        names = self.resolve_names(names_filter)
+
+        def store(key_suffix: str) -> HookFn:
+            def save(tensor: Tensor, hook: HookPoint) -> None:
+                value = tensor.detach()
+                if device is not None:
+                    value = value.to(device)
+                if remove_batch_dim:
+                    value = value[0]
+                cache[hook.name + key_suffix] = value
+
+            return save
+
+        fwd = [(n, store("")) for n in names]
+        bwd = [(n, store("_grad")) for n in names] if incl_bwd else []
+        return cache, fwd, bwd
+
+    def add_caching_hooks(self, names_filter: NameFilter = None, incl_bwd: bool = False,
+                          device: torch.device | str | None = None, remove_batch_dim: bool = False,
+                          cache: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+        """Permanently-until-reset add caching hooks; returns the dict they fill."""
+        cache, fwd, bwd = self.get_caching_hooks(names_filter, incl_bwd, device, remove_batch_dim, cache)
+        for name, fn in fwd:
+            self.hook_dict[name].add_hook(fn, dir="fwd")
+        for name, fn in bwd:
+            self.hook_dict[name].add_hook(fn, dir="bwd")
+        return cache
+
+    def run_with_cache(
+        self,
+        *model_args: Any,
+        names_filter: NameFilter = None,
+        device: torch.device | str | None = None,
+        remove_batch_dim: bool = False,
+        incl_bwd: bool = False,
+        reset_hooks_end: bool = True,
+        clear_contexts: bool = False,
+        **model_kwargs: Any,
+    ) -> tuple[Any, dict[str, Tensor]]:
+        """Run the model, returning (output, {hook name: activation}).
+
+        With `incl_bwd`, backward runs on the output, which must then be a scalar (e.g. `return_type="loss"`),
+        and gradients are cached as `name + "_grad"`."""
+        cache, fwd, bwd = self.get_caching_hooks(names_filter, incl_bwd, device, remove_batch_dim)
+        with self.hooks(fwd, bwd, reset_hooks_end=reset_hooks_end, clear_contexts=clear_contexts):
+            out = self(*model_args, **model_kwargs)
+            if incl_bwd:
+                if not (isinstance(out, Tensor) and out.ndim == 0):
+                    raise ValueError("run_with_cache(incl_bwd=True) needs a scalar output; use return_type='loss'")
+                out.backward()
+        return out, cache
+
+
+def unknown_name_message(name: str, valid: Sequence[str], hint: str = "") -> str:
+    """'no hook point named X' with the closest valid names (and a configuration hint when one applies)."""
+    close = difflib.get_close_matches(name, valid, n=5, cutoff=0.5)
+    msg = f"no hook point matches {name!r}"
+    if close:
+        msg += f"; did you mean: {', '.join(close)}?"
+    else:
+        msg += f" ({len(valid)} hook points exist, e.g. {', '.join(valid[:3])})"
+    if hint:
+        msg += f" {hint}"
+    return msg

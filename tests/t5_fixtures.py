@@ -1,0 +1,65 @@
+"""Small randomly initialised Hugging Face T5 models of each family member, built offline from a T5Config."""
+
+from __future__ import annotations
+
+import torch
+from transformers import T5Config, T5ForConditionalGeneration
+
+from t5hooks import HookedEncoderDecoder
+
+# Tiny shapes; the vocabularies of ByT5 and mT5 are the real ones.
+VARIANTS = {
+    # T5 v1.0: ReLU MLP, tied embeddings, logits scaled by d_model**-0.5
+    "t5_v1_0": dict(vocab_size=128, feed_forward_proj="relu", tie_word_embeddings=True, num_layers=2),
+    # T5 v1.1 / Flan-T5: gated-GELU, untied lm_head, encoder deeper than decoder
+    "t5_v1_1": dict(vocab_size=128, feed_forward_proj="gated-gelu", tie_word_embeddings=False, num_layers=3, num_decoder_layers=2),
+    # ByT5: byte vocabulary (384), deep encoder / shallow decoder
+    "byt5": dict(vocab_size=384, feed_forward_proj="gated-gelu", tie_word_embeddings=False, num_layers=3, num_decoder_layers=1),
+    # mT5: 250k vocabulary
+    "mt5": dict(vocab_size=250112, feed_forward_proj="gated-gelu", tie_word_embeddings=False, num_layers=2, d_model=16),
+    # gated SiLU MLP, unusual bucket settings
+    "gated_silu": dict(vocab_size=96, feed_forward_proj="gated-silu", tie_word_embeddings=False, num_layers=2,
+                       relative_attention_num_buckets=16, relative_attention_max_distance=40),
+}
+BASE = dict(d_model=32, d_kv=8, d_ff=48, num_heads=4, relative_attention_num_buckets=8,
+            relative_attention_max_distance=20, dropout_rate=0.0, decoder_start_token_id=0)
+
+
+def hf_t5(variant: str, seed: int = 0) -> T5ForConditionalGeneration:
+    """An eval-mode HF T5 with eager attention (so it returns attention patterns) and every weight random,
+    layer norms and (when untied) lm_head included."""
+    torch.manual_seed(seed)
+    cfg = T5Config(**{**BASE, **VARIANTS[variant]})
+    model = T5ForConditionalGeneration._from_config(cfg, attn_implementation="eager")
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "layer_norm" in name:
+                param.copy_(1.0 + 0.3 * torch.randn_like(param))
+        if not VARIANTS[variant]["tie_word_embeddings"]:
+            # transformers 5.x ties lm_head at init even with tie_word_embeddings=False: untie explicitly.
+            model.lm_head.weight = torch.nn.Parameter(torch.randn_like(model.lm_head.weight))
+    return model.eval()
+
+
+def hooked_from(hf_model: T5ForConditionalGeneration, **kwargs) -> HookedEncoderDecoder:
+    return HookedEncoderDecoder.from_pretrained("test-model", hf_model=hf_model, **kwargs)
+
+
+def random_batch(vocab: int, batch: int, enc_len: int, dec_len: int, seed: int = 0, pad_encoder: bool = True,
+                 pad_decoder: bool = False):
+    """Tokens avoiding special ids, with right padding of decreasing length per row."""
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(3, vocab, (batch, enc_len), generator=g)
+    dec = torch.randint(3, vocab, (batch, dec_len), generator=g)
+    mask = torch.ones(batch, enc_len, dtype=torch.long)
+    dec_mask = torch.ones(batch, dec_len, dtype=torch.long)
+    for row in range(1, batch):
+        if pad_encoder:
+            keep = max(1, enc_len - 3 * row)
+            mask[row, keep:] = 0
+            tokens[row, keep:] = 0
+        if pad_decoder and dec_len > 1:
+            keep = max(1, dec_len - 2 * row)
+            dec_mask[row, keep:] = 0
+            dec[row, keep:] = 0
+    return tokens, mask, dec, dec_mask
