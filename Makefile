@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/t5hooks demo
+	$(BIN)/t5hooks run
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

@@ -40,6 +40,11 @@ def clamp_fp16(x: Tensor) -> Tensor:
     return torch.clamp(x, min=-limit, max=limit)
 
 
+def lm_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    """Mean cross-entropy over label positions that are not -100 (computed in fp32)."""
+    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+
+
 def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any, Literal, Union
 
@@ -11,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .cache import ActivationCache
-from .components import Attention, AttentionContext, DecoderBlock, EncoderBlock, KVCache, RMSNorm, attention_context
+from .components import Attention, DecoderBlock, EncoderBlock, KVCache, RMSNorm, attention_context, lm_loss
 from .config import HookedT5Config
 from .factored_matrix import FactoredMatrix
 from .hook_points import HookedRootModule, HookIO, HookPoint, NameFilter
@@ -367,6 +366,10 @@ class HookedEncoderDecoder(HookedRootModule):
                 if tokens.shape[0] != 1:
                     raise ValueError(f"to_str_tokens takes one sequence, got a batch of {tokens.shape[0]}")
                 tokens = tokens[0]
+        from .tokenizer import ByteTokenizer
+
+        if isinstance(self.tokenizer, ByteTokenizer):  # one byte per token: name it, do not decode it alone
+            return self.tokenizer.convert_ids_to_tokens(tokens.tolist())
         return [self.tokenizer.decode([t]) for t in tokens.tolist()]
 
     # ---- caching, capture --------------------------------------------------------------
@@ -400,7 +403,10 @@ class HookedEncoderDecoder(HookedRootModule):
         """Load a T5-family model: a Hugging Face hub name, a local `save_pretrained` directory, or a live HF
         model (`hf_model=`). Weights load through safetensors (or `torch.load(weights_only=True)`)."""
         from .loading import load_pretrained
+        from .pretrained import is_builtin, load_builtin
 
+        if hf_model is None and is_builtin(model_name):
+            return load_builtin(cls, model_name, device=device, dtype=dtype, **kwargs)
         return load_pretrained(cls, model_name, hf_model=hf_model, tokenizer=tokenizer, device=device, dtype=dtype, **kwargs)
 
     def to(self, *args: Any, **kwargs: Any) -> "HookedEncoderDecoder":
@@ -495,7 +501,3 @@ class HookedEncoderDecoder(HookedRootModule):
             raise ValueError(f"stack={stack!r}; valid: None, 'encoder', 'decoder', 'cross'")
         return [f"L{layer}H{head}" for layer in range(layers[stack]) for head in range(self.cfg.n_heads)]
 
-
-def lm_loss(logits: Tensor, labels: Tensor) -> Tensor:
-    """Mean cross-entropy over label positions that are not -100 (computed in fp32)."""
-    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)

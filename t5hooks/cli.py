@@ -1,0 +1,144 @@
+"""The `t5hooks` command: run a model and summarise its activations (and more subcommands as they land)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+import torch
+
+
+class CliError(Exception):
+    """A user error: printed as one line, exit status 2."""
+
+
+def load_model(name: str | None, device: str | None = None, dtype: str = "float32"):
+    from .model import HookedEncoderDecoder
+    from .pretrained import DEFAULT_MODEL
+
+    torch_dtype = getattr(torch, dtype)
+    try:
+        return HookedEncoderDecoder.from_pretrained(name or DEFAULT_MODEL, device=device, dtype=torch_dtype)
+    except (OSError, ValueError) as err:
+        raise CliError(f"could not load model {name!r}: {err}") from err
+
+
+def parse_tokens(text: str, what: str) -> torch.Tensor:
+    try:
+        ids = [int(t) for t in text.replace(",", " ").split()]
+    except ValueError as err:
+        raise CliError(f"--{what} must be space- or comma-separated integers, got {text!r}") from err
+    if not ids:
+        raise CliError(f"--{what} is empty")
+    return torch.tensor([ids])
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from safetensors.torch import save_file
+
+    from .summary import activation_table, strongest_attention_links, top_predictions
+
+    model = load_model(args.model, args.device, args.dtype)
+    label = model.cfg.model_name
+    from .pretrained import describe
+
+    print(f"model: {label} — {describe(label)}")
+    print(f"       {model.cfg.n_layers} encoder + {model.cfg.n_decoder_layers} decoder layers, d_model {model.cfg.d_model}, "
+          f"{model.cfg.n_heads} heads, vocab {model.cfg.d_vocab}")
+    if args.tokens is not None:
+        tokens = parse_tokens(args.tokens, "tokens")
+    else:
+        if model.tokenizer is None:
+            raise CliError("this model has no tokenizer: pass --tokens '1 2 3'")
+        tokens = model.to_tokens(args.text, move_to_device=False)
+    if args.decoder_tokens is not None:
+        dec = parse_tokens(args.decoder_tokens, "decoder-tokens")
+    elif args.decoder_text is not None:
+        if model.tokenizer is None:
+            raise CliError("this model has no tokenizer: pass --decoder-tokens")
+        body = model.to_tokens(args.decoder_text, move_to_device=False)[:, :-1]  # drop EOS: the model continues it
+        dec = torch.cat([torch.full((1, 1), model.cfg.decoder_start_token_id), body], dim=1)
+    else:
+        dec = torch.full((1, 1), model.cfg.decoder_start_token_id)
+    names = model.resolve_names(args.capture) if args.capture else None  # validates patterns early
+    with torch.inference_mode():
+        logits, cache = model.run_with_cache(tokens, dec, names_filter=names)
+
+    def str_tokens(t: torch.Tensor) -> list[str]:
+        if model.tokenizer is None:
+            return [str(i) for i in t[0].tolist()]
+        return model.to_str_tokens(t[0])
+
+    enc_toks, dec_toks = str_tokens(tokens), str_tokens(dec)
+    print(f"input:   {len(enc_toks)} tokens {''.join(enc_toks) if model.tokenizer else enc_toks}")
+    print(f"decoder: {len(dec_toks)} tokens {dec_toks}")
+    print(f"cached:  {len(cache)} activations, {sum(t.numel() * t.element_size() for t in cache.values()) / 1e6:.2f} MB\n")
+    show = args.show or ["hook_embed", "*.hook_resid_post", "hook_encoder_out", "unembed.hook_in"]
+    print(activation_table(cache, show))
+    if any(n.endswith("hook_pattern") for n in cache):
+        print("\nstrongest attention links")
+        print(strongest_attention_links(cache, {"encoder": enc_toks, "decoder": dec_toks},
+                                        {"encoder": enc_toks, "decoder": dec_toks}, k=args.top_links))
+    decode = (lambda i: model.to_str_tokens([i])[0]) if model.tokenizer is not None else str
+    print("\nnext-token predictions")
+    print(top_predictions(logits, decode))
+    if args.save:
+        save_file({name: t.contiguous() for name, t in cache.items()}, args.save)
+        print(f"\nsaved {len(cache)} activations to {args.save}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    if args.what == "attention":
+        from .kernels.bench import main as bench_attention
+
+        return bench_attention(args.rest)
+    raise CliError(f"unknown benchmark {args.what!r}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="t5hooks", description="Hooked T5 encoder-decoders: look inside, run fast.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run a model with the cache and summarise its activations",
+                         description="Run one input through a model with every (or the chosen) hook point cached, "
+                                     "and print shapes, norms, the strongest attention links and predictions.")
+    run.add_argument("--model", default=None, help="hub name, local directory or built-in name (default: built-in tiny model)")
+    src = run.add_mutually_exclusive_group()
+    src.add_argument("--text", default="Hello, hooked T5!", help="input text (default: %(default)r)")
+    src.add_argument("--tokens", default=None, help="input token ids instead of text, e.g. '5 6 7 1'")
+    dsrc = run.add_mutually_exclusive_group()
+    dsrc.add_argument("--decoder-text", default=None, help="decoder prefix text (default: just the start token)")
+    dsrc.add_argument("--decoder-tokens", default=None, help="decoder input token ids (start token included)")
+    run.add_argument("--capture", nargs="+", default=None, metavar="PATTERN", help="hook names or globs to cache (default: all)")
+    run.add_argument("--show", nargs="+", default=None, metavar="PATTERN", help="which cached names to tabulate (default: residual stream)")
+    run.add_argument("--top-links", type=int, default=8, help="attention links to list (default: %(default)s)")
+    run.add_argument("--save", default=None, metavar="FILE.safetensors", help="save the cached activations")
+    run.add_argument("--device", default=None, help="cpu, cuda, ...")
+    run.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    run.set_defaults(func=cmd_run)
+
+    bench = sub.add_parser("bench", help="benchmarks: 'attention' (kernels side by side)",
+                           description="Run a benchmark; arguments after the benchmark name go to it (try `t5hooks bench attention --help`).")
+    bench.add_argument("what", choices=["attention"], help="which benchmark")
+    bench.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for the benchmark")
+    bench.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except CliError as err:
+        print(f"t5hooks {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except ValueError as err:  # bad names, shapes, ids: the library's messages say what is valid
+        print(f"t5hooks {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
