@@ -1,5 +1,10 @@
-"""Relative-position-bias attention: plain-PyTorch reference and fused Triton kernels."""
+"""Relative-position-bias attention: plain-PyTorch reference and fused Triton kernels.
 
+`relbias_attention` is the entry point (it also registers `torch.ops.t5hooks.relbias_attention`);
+triton itself is imported only when a kernel first runs.
+"""
+
+from .op import relbias_attention
 from .reference import (
     allowed_keys,
     bias_and_mask,
@@ -8,7 +13,6 @@ from .reference import (
     position_buckets,
     reference_relbias_attention,
     relative_position_bucket,
-    rows_with_keys,
 )
 
 __all__ = [
@@ -19,5 +23,5 @@ __all__ = [
     "position_buckets",
     "reference_relbias_attention",
     "relative_position_bucket",
-    "rows_with_keys",
+    "relbias_attention",
 ]
