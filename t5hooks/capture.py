@@ -8,6 +8,7 @@ Python constants: the forward is plain tensor code that returns a dict. It runs 
 
 from __future__ import annotations
 
+import fnmatch
 from collections.abc import Mapping
 from torch import Tensor, nn
 
@@ -36,7 +37,7 @@ class CaptureModule(nn.Module):
         self.model = model  # registered as a submodule: the same parameters, not a copy
         self.names: tuple[str, ...] = tuple(model.resolve_names(names)) if _nonempty(names) else ()
         patch_names = tuple(model.resolve_names(patch)) if _nonempty(patch) else ()
-        self.patch_modes: dict[str, str] = _patch_modes(model, patch_names, patch_mode)
+        self.patch_modes: dict[str, str] = _patch_modes(patch_names, patch_mode)
         self._capture_set = frozenset(self.names)
 
     @property
@@ -87,7 +88,7 @@ def _nonempty(names: NameFilter) -> bool:
     return names is not None and (callable(names) or isinstance(names, str) or len(names) > 0)
 
 
-def _patch_modes(model: nn.Module, patch_names: tuple[str, ...], patch_mode: str | Mapping[str, str]) -> dict[str, str]:
+def _patch_modes(patch_names: tuple[str, ...], patch_mode: str | Mapping[str, str]) -> dict[str, str]:
     """One mode for every patched name, or a per-name (or per-glob) mapping covering all of them."""
     if isinstance(patch_mode, str):
         if patch_mode not in PATCH_MODES:
@@ -97,9 +98,10 @@ def _patch_modes(model: nn.Module, patch_names: tuple[str, ...], patch_mode: str
     for pattern, mode in patch_mode.items():
         if mode not in PATCH_MODES:
             raise ValueError(f"patch_mode[{pattern!r}]={mode!r}; valid: {', '.join(PATCH_MODES)}")
-        for name in model.resolve_names(pattern):
-            if name not in patch_names:
-                raise ValueError(f"patch_mode names {name!r}, which is not in the patch set {list(patch_names)}")
+        matched = [n for n in patch_names if fnmatch.fnmatchcase(n, pattern)]
+        if not matched:
+            raise ValueError(f"patch_mode key {pattern!r} matches nothing in the patch set {list(patch_names)}")
+        for name in matched:
             modes[name] = mode
     unset = [n for n in patch_names if n not in modes]
     if unset:

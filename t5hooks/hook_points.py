@@ -29,6 +29,11 @@ Direction = Literal["fwd", "bwd"]
 PATCH_MODES = ("replace", "add")
 
 
+def is_tracing() -> bool:
+    """True under torch.compile, torch.export or torch.jit.trace: no data-dependent checks then."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing()
+
+
 class HookIO:
     """Explicit-output channel for hook points: records some activations, patches others.
 
@@ -63,7 +68,7 @@ class HookIO:
 def apply_patch(name: str, x: Tensor, patch: Tensor, mode: str) -> Tensor:
     """`replace`: the patch (same shape) stands in for `x`; `add`: broadcast-add it (a steering vector)."""
     patch = patch.to(dtype=x.dtype, device=x.device)
-    if not torch.compiler.is_compiling():
+    if not is_tracing():
         if mode == "replace" and patch.shape != x.shape:
             raise ValueError(f"patch for {name!r} has shape {tuple(patch.shape)}; 'replace' needs {tuple(x.shape)}")
         if mode == "add":

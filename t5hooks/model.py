@@ -13,7 +13,7 @@ from .cache import ActivationCache
 from .components import Attention, DecoderBlock, EncoderBlock, KVCache, RMSNorm, attention_context, lm_loss
 from .config import HookedT5Config
 from .factored_matrix import FactoredMatrix
-from .hook_points import HookedRootModule, HookIO, HookPoint, NameFilter
+from .hook_points import HookedRootModule, HookIO, HookPoint, NameFilter, is_tracing
 
 TextOrTokens = Union[Tensor, str, Sequence[str]]
 RETURN_TYPES = ("logits", "loss", "both", None)
@@ -143,6 +143,14 @@ class HookedEncoderDecoder(HookedRootModule):
             elif not use_attn_result and hasattr(attn, "hook_result"):
                 del attn.hook_result
         self.setup()
+
+    def fold_ln(self) -> "HookedEncoderDecoder":
+        """Fold every RMSNorm weight into the weights that read it (norms become pure normalisation; unties a
+        tied unembedding). Logits and residual streams are unchanged; `hook_encoder_out`, `hook_mlp_in` and
+        `unembed.hook_in` lose the norm weight. See fold.py. Returns self."""
+        from .fold import fold_layer_norms
+
+        return fold_layer_norms(self)
 
     def _name_hint(self, name: str) -> str:
         if name.endswith("hook_result") and not self.cfg.use_attn_result:
@@ -302,7 +310,7 @@ class HookedEncoderDecoder(HookedRootModule):
         if value.ndim != 2 or value.shape[1] == 0 or value.shape[0] == 0:
             raise ValueError(f"{what} must have shape [batch, pos] with batch, pos >= 1, got {tuple(value.shape)}")
         value = value.long()
-        if not torch.compiler.is_compiling():
+        if not is_tracing():
             checked = value[value != -100] if allow_ignore else value
             if checked.numel() and (int(checked.min()) < 0 or int(checked.max()) >= self.cfg.d_vocab):
                 extra = " (or -100 to ignore)" if allow_ignore else ""
@@ -321,7 +329,7 @@ class HookedEncoderDecoder(HookedRootModule):
             mask = mask.unsqueeze(0)
         if mask.shape != tokens.shape:
             raise ValueError(f"{what} has shape {tuple(mask.shape)}; it must match the tokens' {tuple(tokens.shape)}")
-        if mask.is_floating_point() and not torch.compiler.is_compiling():
+        if mask.is_floating_point() and not is_tracing():
             if not bool(((mask == 0) | (mask == 1)).all()):
                 raise ValueError(f"{what} must hold only 0 and 1 (1 = attend)")
         return mask.to(self.embed.W_E.device)
@@ -401,13 +409,20 @@ class HookedEncoderDecoder(HookedRootModule):
         **kwargs: Any,
     ) -> "HookedEncoderDecoder":
         """Load a T5-family model: a Hugging Face hub name, a local `save_pretrained` directory, or a live HF
-        model (`hf_model=`). Weights load through safetensors (or `torch.load(weights_only=True)`)."""
+        model (`hf_model=`). Weights load through safetensors (or `torch.load(weights_only=True)`).
+        `fold_ln=True` folds the RMSNorm weights into the following weights after loading (see `fold_ln`)."""
         from .loading import load_pretrained
         from .pretrained import is_builtin, load_builtin
 
+        fold_ln = kwargs.pop("fold_ln", False)
         if hf_model is None and is_builtin(model_name):
-            return load_builtin(cls, model_name, device=device, dtype=dtype, **kwargs)
-        return load_pretrained(cls, model_name, hf_model=hf_model, tokenizer=tokenizer, device=device, dtype=dtype, **kwargs)
+            model = load_builtin(cls, model_name, device=device, dtype=dtype, **kwargs)
+        else:
+            model = load_pretrained(cls, model_name, hf_model=hf_model, tokenizer=tokenizer, device=device, dtype=dtype,
+                                    **kwargs)
+        if fold_ln:
+            model.fold_ln()
+        return model
 
     def to(self, *args: Any, **kwargs: Any) -> "HookedEncoderDecoder":
         """nn.Module.to, keeping `cfg.device` / `cfg.dtype` in step."""
@@ -432,10 +447,9 @@ class HookedEncoderDecoder(HookedRootModule):
 
     @property
     def W_pos(self) -> None:
-        raise NotImplementedError(
-            "T5 has no absolute positional embedding; its relative position bias table is "
-            "model.encoder[0].attn.rel_bias_table / model.decoder[0].attn.rel_bias_table ([num_buckets, n_heads])"
-        )
+        """None: T5 has no absolute positional embedding. Its relative position bias tables are
+        `encoder[0].attn.rel_bias_table` and `decoder[0].attn.rel_bias_table` (`[num_buckets, n_heads]`)."""
+        return None
 
     def _self_attns(self) -> list[Attention]:
         return [b.attn for b in self.encoder] + [b.attn for b in self.decoder]

@@ -1,0 +1,134 @@
+"""Capture modules as `torch.export` programs (`.pt2`) and, for older consumers, TorchScript.
+
+`torch.export` is the path forward; TorchScript (`torch.jit.trace`) is deprecated upstream and kept
+only for consumers that still load it.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.export import Dim, ExportedProgram
+
+from ..capture import CaptureModule
+from ..hook_points import NameFilter
+from .axes import INPUT_AXES, patch_axes
+
+INPUT_NAMES = ("input", "decoder_input", "one_zero_attention_mask", "decoder_attention_mask")
+
+
+def as_capture(model: Any, capture: NameFilter = (), patch: NameFilter = (), patch_mode: Any = "replace") -> CaptureModule:
+    """A CaptureModule given either a model (built here) or a ready CaptureModule (returned as is)."""
+    if isinstance(model, CaptureModule):
+        if capture or patch:
+            raise ValueError("pass capture/patch names either to model.capture(...) or here, not both")
+        return model
+    return model.capture(capture, patch=patch, patch_mode=patch_mode)
+
+
+def example_inputs(cap: CaptureModule, batch: int = 2, enc_len: int = 7, dec_len: int = 5,
+                   patches: Mapping[str, Tensor] | None = None) -> tuple[Any, ...]:
+    """Example `(input, decoder_input, mask, decoder_mask, patches)` for tracing: in-range ids, an all-ones
+    mask, and zero patches ("replace": the activation's shape; "add": its shape with every varying axis 1)."""
+    model = cap.model
+    device = model.W_E.device
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, model.cfg.d_vocab, (batch, enc_len), generator=g).to(device)
+    dec = torch.randint(0, model.cfg.d_vocab, (batch, dec_len), generator=g).to(device)
+    mask = torch.ones(batch, enc_len, dtype=torch.long, device=device)
+    dec_mask = torch.ones(batch, dec_len, dtype=torch.long, device=device)
+    if patches is None and cap.patch_modes:
+        shapes = activation_shapes(cap, tokens, dec)
+        patches = {}
+        for name, mode in cap.patch_modes.items():
+            shape = shapes[name]
+            if mode == "add":
+                shape = tuple(1 if axis is not None else size for axis, size in zip(patch_axes(name, "replace", shape), shape))
+            patches[name] = torch.zeros(shape, dtype=model.W_E.dtype, device=device)
+    return tokens, dec, mask, dec_mask, dict(patches or {})
+
+
+def activation_shapes(cap: CaptureModule, tokens: Tensor, dec: Tensor) -> dict[str, tuple[int, ...]]:
+    """Shapes of the patched activations for these inputs (one eager run, nothing patched)."""
+    probe = cap.model.capture(list(cap.patch_modes))
+    with torch.no_grad():
+        out = probe(tokens, dec)
+    return {name: tuple(out[name].shape) for name in cap.patch_modes}
+
+
+def dynamic_shapes(cap: CaptureModule, patches: Mapping[str, Tensor]) -> tuple[Any, ...]:
+    """`torch.export` dynamic-shape spec: batch, encoder and decoder lengths vary (each >= 1)."""
+    dims = {"batch": Dim("batch", min=1), "encoder": Dim("encoder", min=1), "decoder": Dim("decoder", min=1)}
+
+    def spec(axes: tuple) -> dict[int, Dim]:
+        return {i: dims[a] for i, a in enumerate(axes) if a is not None}
+
+    inputs = tuple(spec(INPUT_AXES[name]) for name in INPUT_NAMES)
+    patch_spec = {name: spec(patch_axes(name, cap.patch_modes[name], tuple(t.shape))) for name, t in patches.items()}
+    return (*inputs, patch_spec)
+
+
+def to_exported_program(model: Any, capture: NameFilter = (), patch: NameFilter = (), patch_mode: Any = "replace", *,
+                        dynamic: bool = True, example: tuple[Any, ...] | None = None) -> ExportedProgram:
+    """`torch.export` a capture module. Inputs: (input, decoder_input, one_zero_attention_mask,
+    decoder_attention_mask, patches dict); outputs: the capture module's dict. With `dynamic`, batch,
+    encoder and decoder lengths may change at run time."""
+    cap = as_capture(model, capture, patch, patch_mode).eval()
+    args = example if example is not None else example_inputs(cap)
+    shapes = dynamic_shapes(cap, args[4]) if dynamic else None
+    return torch.export.export(cap, tuple(args), dynamic_shapes=shapes)
+
+
+def save_exported(program: ExportedProgram, path: str | Path) -> Path:
+    """Write an exported program as `.pt2` (`torch.export.save`)."""
+    path = Path(path)
+    if path.suffix != ".pt2":
+        raise ValueError(f"exported programs are saved as .pt2 files, got {path.name!r}")
+    torch.export.save(program, str(path))
+    return path
+
+
+def load_exported(path: str | Path) -> ExportedProgram:
+    """Read a `.pt2` file back; call `.module()(input, decoder_input, mask, decoder_mask, patches)` on it."""
+    return torch.export.load(str(path))
+
+
+def to_torchscript(model: Any, capture: NameFilter = (), patch: NameFilter = (), patch_mode: Any = "replace", *,
+                   example: tuple[Any, ...] | None = None) -> torch.jit.ScriptModule:
+    """Trace a capture module to TorchScript (same inputs and dict output as `to_exported_program`).
+
+    TorchScript is deprecated upstream; prefer `to_exported_program`. Torch's deprecation and
+    tracer warnings about this known-good trace are silenced here.
+    """
+    cap = as_capture(model, capture, patch, patch_mode).eval()
+    args = example if example is not None else example_inputs(cap)
+    with _quiet_jit():
+        return torch.jit.trace(cap, tuple(args), strict=False, check_trace=False)
+
+
+def save_torchscript(module: torch.jit.ScriptModule, path: str | Path) -> Path:
+    path = Path(path)
+    with _quiet_jit():
+        torch.jit.save(module, str(path))
+    return path
+
+
+def load_torchscript(path: str | Path) -> torch.jit.ScriptModule:
+    with _quiet_jit():
+        return torch.jit.load(str(path))
+
+
+@contextmanager
+def _quiet_jit() -> Iterator[None]:
+    """Silence torch's TorchScript deprecation and tracer warnings (we know; the README says why)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        yield
