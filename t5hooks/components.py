@@ -182,6 +182,17 @@ class Attention(nn.Module):
                 return True
         return False
 
+    def project_kv(self, source: Tensor, io: HookIO | None = None) -> tuple[Tensor, Tensor]:
+        """Keys and values `[B,H,K,d_head]` of `source` `[B,K,d_model]` (through hook_k / hook_v).
+
+        For cross-attention this is the per-layer projection of the encoder output that incremental
+        decoding computes once (and the ONNX encoder graph exports)."""
+        B, K, _ = source.shape
+        H, d = self.cfg.n_heads, self.cfg.d_head
+        k = self.hook_k(F.linear(source, self.k_proj).view(B, K, H, d), io).transpose(1, 2)
+        v = self.hook_v(F.linear(source, self.v_proj).view(B, K, H, d), io).transpose(1, 2)
+        return k, v
+
     def forward(
         self,
         x: Tensor,  # [B,Q,d_model] normalised queries' residual
@@ -196,10 +207,7 @@ class Attention(nn.Module):
         if self.kind == "cross" and cache is not None and cache.k is not None:
             k, v = cache.k, cache.v  # [B,H,K,d] computed at the first step
         else:
-            source = kv_input if self.kind == "cross" else x
-            K = source.shape[1]
-            k = self.hook_k(F.linear(source, self.k_proj).view(B, K, H, d), io).transpose(1, 2)
-            v = self.hook_v(F.linear(source, self.v_proj).view(B, K, H, d), io).transpose(1, 2)
+            k, v = self.project_kv(kv_input if self.kind == "cross" else x, io)
             if cache is not None:
                 k, v = cache.update(k, v, append=self.kind != "cross")
         q = q.transpose(1, 2)  # [B,H,Q,d]
