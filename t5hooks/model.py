@@ -396,6 +396,13 @@ class HookedEncoderDecoder(HookedRootModule):
 
         return CaptureModule(self, names, patch=patch, patch_mode=patch_mode)
 
+    def generate(self, input: TextOrTokens, max_new_tokens: int = 20, **kwargs: Any) -> Any:
+        """Autoregressive decoding with a KV cache; hooks fire at every step. See `t5hooks.generation.generate`
+        (greedy by default; `do_sample`, `temperature`, `top_k`, `top_p`, `num_beams`, `return_cache`, ...)."""
+        from .generation import generate
+
+        return generate(self, input, max_new_tokens, **kwargs)
+
     # ---- loading -----------------------------------------------------------------------
     @classmethod
     def from_pretrained(
