@@ -9,6 +9,7 @@ properties over the same storage. Every forward takes an optional `HookIO` (see 
 from __future__ import annotations
 
 import importlib.util
+import os
 from dataclasses import dataclass
 
 import torch
@@ -47,6 +48,16 @@ def lm_loss(logits: Tensor, labels: Tensor) -> Tensor:
 
 def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
+
+
+def fused_backend(device: torch.device) -> str:
+    """The `relbias_attention` backend of a fused layer: "auto" (Triton on CUDA, the reference elsewhere and
+    while exporting), or "triton" on CPU under `TRITON_INTERPRET=1`, which is how CPU-only CI runs the model
+    through the kernels."""
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1" and device.type != "cuda"
+    if interpreted and triton_available() and not torch.compiler.is_exporting():
+        return "triton"
+    return "auto"
 
 
 class RMSNorm(nn.Module):
@@ -234,6 +245,7 @@ class Attention(nn.Module):
                 key_padding_mask=ctx.key_padding_mask,
                 q_offset=ctx.q_offset,
                 scale=1.0,
+                backend=fused_backend(x.device),
             )
         z = self.hook_z(z.transpose(1, 2), io)  # [B,Q,H,d]
         if self.cfg.use_attn_result:
