@@ -46,6 +46,7 @@ class Case:
     q_offset: int = 0
     scale: float = 1.0
     strided: bool = False  # q, k, v as [B,L,H,d] buffers transposed to [B,H,L,d]
+    bias_std: float = 1.0  # spread of the table entries
 
     def options(self) -> dict:
         return dict(
@@ -69,7 +70,7 @@ def make_inputs(case: Case, seed: int = 0):
     # a wrong bias on a few entries would hardly change the output
     qk_std = case.head_dim**-0.25
     q, k, v = sequence(case.q_len, qk_std), sequence(case.k_len, qk_std), sequence(case.k_len)
-    table = torch.randn(case.num_buckets, case.heads, generator=gen).to(DEVICE) if case.table else None
+    table = (torch.randn(case.num_buckets, case.heads, generator=gen) * case.bias_std).to(DEVICE) if case.table else None
     mask = None
     if case.padding is not None:
         mask = torch.ones(case.batch, case.k_len, dtype=torch.bool)
