@@ -21,7 +21,14 @@ import pytest
 import torch
 
 from t5hooks.kernels import prep, reference_relbias_attention, relative_position_bucket, relbias_attention
-from t5hooks.kernels.reference import allowed_keys, bias_and_mask, masked_softmax, position_bias, position_buckets
+from t5hooks.kernels.reference import (
+    allowed_keys,
+    bias_and_mask,
+    masked_softmax,
+    position_bias,
+    position_buckets,
+    rows_with_keys,
+)
 
 HAVE_TRITON = importlib.util.find_spec("triton") is not None
 needs_triton = pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed")
@@ -186,7 +193,7 @@ def score_gradient_per_bucket(case: Case, q, k, v, table, mask, grad_out):
     ).expand(case.batch, -1, -1, -1).clone().requires_grad_()  # fmt: skip
     allowed = allowed_keys(mask, case.q_len, case.k_len, causal=case.causal, q_offset=case.q_offset, device=q.device)
     scores = torch.matmul(q, k.transpose(-1, -2)) * case.scale + bias_and_mask(bias, allowed, torch.float64)
-    torch.matmul(masked_softmax(scores, allowed), v).backward(grad_out)
+    torch.matmul(masked_softmax(scores, rows_with_keys(allowed)), v).backward(grad_out)
     d_scores = bias.grad  # [B,H,Q,K]
     buckets = position_buckets(
         case.q_len, case.k_len, bidirectional=case.bidirectional, num_buckets=case.num_buckets,
@@ -441,7 +448,7 @@ triton_decode.launch_decode(q[:, :, :1], q, q, bias, *masks, **common)
 TYPES = {torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.int32: "*i32", torch.int8: "*i8"}
 for kernel, args, kwargs in launches:
     names = kernel.arg_names
-    options = {key: kwargs.pop(key) for key in ("num_warps", "num_stages") if key in kwargs}
+    options = {key: kwargs.pop(key) for key in ("num_warps", "num_stages", "enable_fp_fusion") if key in kwargs}
     values = dict(zip(names, args)) | kwargs
     signature = {n: "constexpr" if kernel.params[i].is_constexpr
                  else TYPES[values[n].dtype] if isinstance(values[n], torch.Tensor)
@@ -455,7 +462,7 @@ for kernel, args, kwargs in launches:
 
 @needs_triton
 def test_kernels_compile_for_h100():
-    result = _python(COMPILE_FOR_H100, TRITON_DEFAULT_FP_FUSION="1")
+    result = _python(COMPILE_FOR_H100)
     assert result.returncode == 0, result.stderr[-3000:]
     compiled = {line.split()[0] for line in result.stdout.splitlines()}
     assert compiled == {"_forward_kernel", "_delta_kernel", "_dkdv_kernel", "_dq_kernel",

@@ -257,8 +257,6 @@ def peak_extra_mib(fn: Callable[[], object], device: torch.device) -> float | No
 def skip_reason(impl: str, case: Case, device: torch.device) -> str | None:
     if impl == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         return "no CUDA device and TRITON_INTERPRET is not set (set TRITON_INTERPRET=1 to use the interpreter)"
-    if impl == "flex" and device.type != "cuda":
-        return "FlexAttention is benchmarked on CUDA only (compiling it for CPU takes minutes)"
     return None
 
 

@@ -31,10 +31,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .triton_common import biased_scores, key_block_ranges, load_key_ok, query_block_ranges
-from .triton_forward import dot_precision
+from .triton_common import LOG2E, biased_scores, key_block_ranges, load_key_ok, query_block_ranges
+from .triton_forward import COMPILE_OPTIONS, dot_precision
 
-LOG2E = 1.4426950408889634
 
 
 @triton.jit
@@ -111,7 +110,7 @@ def _dkdv_query_blocks(
         qd_ok = row_ok[:, None] & d_ok[None, :]
         q = tl.load(q_base + rows[:, None] * stride_qm + offs_d[None, :], mask=qd_ok, other=0.0)  # [BM,D]
         do = tl.load(do_base + rows[:, None] * stride_dom + offs_d[None, :], mask=qd_ok, other=0.0)  # [BM,D]
-        lse2 = tl.load(lse_base + rows, mask=row_ok, other=float("inf")) * 1.4426950408889634  # [BM]
+        lse2 = tl.load(lse_base + rows, mask=row_ok, other=float("inf")) * LOG2E  # [BM], log2 units
         delta = tl.load(delta_base + rows, mask=row_ok, other=0.0)  # [BM]
         q_pos = rows + q_offset
 
@@ -153,7 +152,7 @@ def _dkdv_kernel(
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_dob, stride_doh, stride_dom,
-    n_heads, q_len, k_len, q_offset, bound, scale, scale_log2e, num_buckets,
+    n_heads, q_len, k_len, q_offset, bound, scale, num_buckets,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -183,6 +182,7 @@ def _dkdv_kernel(
     do_base = dOut + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
     lse_base = Lse + pid_bh.to(tl.int64) * q_len
     delta_base = Delta + pid_bh.to(tl.int64) * q_len
+    scale_log2e = scale * LOG2E  # scores in log2 units, for exp2
 
     key_ok = load_key_ok(KeyMask + b.to(tl.int64) * k_len, k_pos, k_len, HAS_KPM)  # [BN]
     q_hi = q_len
@@ -301,7 +301,7 @@ def _dq_kernel(
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_dob, stride_doh, stride_dom,
-    n_heads, q_len, k_len, q_offset, bound, scale, scale_log2e,
+    n_heads, q_len, k_len, q_offset, bound, scale,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -327,9 +327,10 @@ def _dq_kernel(
     q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :], mask=qd_ok, other=0.0)  # [BM,D]
     do = tl.load(do_base + offs_m[:, None] * stride_dom + offs_d[None, :], mask=qd_ok, other=0.0)  # [BM,D]
     row = pid_bh.to(tl.int64) * q_len + offs_m  # [BM] row index into [B*H*Q]
-    lse2 = tl.load(Lse + row, mask=row_ok, other=float("inf")) * 1.4426950408889634  # [BM]
+    lse2 = tl.load(Lse + row, mask=row_ok, other=float("inf")) * LOG2E  # [BM], log2 units
     delta = tl.load(Delta + row, mask=row_ok, other=0.0)  # [BM]
     q_pos = offs_m + q_offset
+    scale_log2e = scale * LOG2E  # scores in log2 units, for exp2
     k_base = K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
     v_base = V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
 
@@ -412,7 +413,7 @@ def launch_backward(
     k_len = k.shape[2]
     cfg = backward_config(head_dim, q.dtype, q.device, interpreted)
     block_d = cfg["BLOCK_D"]
-    launch_opts = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    launch_opts = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **COMPILE_OPTIONS)
     has_bias = bias_by_distance is not None
     has_kpm = key_mask is not None
     placeholder = torch.empty(1, dtype=torch.int32, device=q.device)  # stands in for absent inputs
@@ -420,7 +421,6 @@ def launch_backward(
     bucket_arg = bucket_by_distance if has_bias else placeholder
     mask_arg = key_mask if has_kpm else placeholder
     ranges_arg = key_ranges if has_kpm else placeholder
-    scale_log2e = scale * LOG2E
     strides = (
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
@@ -432,7 +432,7 @@ def launch_backward(
     delta_block = 16 if interpreted else 64
     torch.library.wrap_triton(_delta_kernel)[(triton.cdiv(q_len, delta_block), batch * n_heads)](
         out, grad_out, delta, grad_out.stride(0), grad_out.stride(1), grad_out.stride(2), n_heads, q_len,
-        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=delta_block,
+        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=delta_block, **COMPILE_OPTIONS,
     )  # fmt: skip
 
     block_m, block_n = cfg["dkdv"]
@@ -446,7 +446,7 @@ def launch_backward(
     )
     torch.library.wrap_triton(_dkdv_kernel)[(key_blocks, batch * n_heads)](
         q, k, v, grad_out, lse, delta, bias_arg, bucket_arg, mask_arg, ranges_arg, dk, dv, d_bucket_partial,
-        *strides, n_heads, q_len, k_len, q_offset, bound, scale, scale_log2e, num_buckets,
+        *strides, n_heads, q_len, k_len, q_offset, bound, scale, num_buckets,
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
         BUCKETS_PAD=triton.next_power_of_2(num_buckets),
         HAS_BIAS=has_bias, HAS_KPM=has_kpm, CAUSAL=causal,
@@ -458,7 +458,7 @@ def launch_backward(
     dq = torch.empty((batch, n_heads, q_len, head_dim), dtype=q.dtype, device=q.device)
     torch.library.wrap_triton(_dq_kernel)[(triton.cdiv(q_len, block_m), batch * n_heads)](
         q, k, v, grad_out, lse, delta, bias_arg, mask_arg, ranges_arg, dq,
-        *strides, n_heads, q_len, k_len, q_offset, bound, scale, scale_log2e,
+        *strides, n_heads, q_len, k_len, q_offset, bound, scale,
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
         HAS_BIAS=has_bias, HAS_KPM=has_kpm, CAUSAL=causal,
         MASK_KEYS=has_kpm or k_len % block_n != 0,

@@ -18,6 +18,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)  # log2(e): exp(x) = exp2(x * LOG2E)
+LN2: tl.constexpr = tl.constexpr(0.6931471805599453)  # ln(2): log(x) = log2(x) * LN2
+
 
 @triton.jit
 def cdiv(x, y):

@@ -20,7 +20,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-LOG2E = 1.4426950408889634
+from .triton_common import LN2, LOG2E
+from .triton_forward import COMPILE_OPTIONS
+
 
 #: Queries per (batch, head) up to which `relbias_attention` takes this path instead of the forward kernel.
 DECODE_MAX_QUERIES = 4
@@ -40,7 +42,7 @@ def _decode_split_kernel(
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
-    n_heads, q_len, k_len, q_offset, bound, scale_log2e, keys_per_split,
+    n_heads, q_len, k_len, q_offset, bound, scale, keys_per_split,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -81,7 +83,7 @@ def _decode_split_kernel(
         kv_ok = key_ok[:, None] & d_ok[None, :]
         k = tl.load(k_base + k_pos[:, None] * stride_kn + offs_d[None, :], mask=kv_ok, other=0.0)  # [BN,D]
         v = tl.load(v_base + k_pos[:, None] * stride_vn + offs_d[None, :], mask=kv_ok, other=0.0)  # [BN,D]
-        s = tl.sum(k.to(tl.float32) * q[None, :], 1) * scale_log2e  # [BN]
+        s = tl.sum(k.to(tl.float32) * q[None, :], 1) * (scale * LOG2E)  # [BN], log2 units
         if HAS_BIAS:
             distance = tl.minimum(tl.maximum(k_pos - q_pos, -bound), bound)
             s += tl.load(bias_row + bound + distance)
@@ -132,7 +134,7 @@ def _decode_combine_kernel(
     acc_all = tl.sum(w[:, None] * acc, 0)  # [D]
     seen = l_all > 0.0
     out = acc_all / tl.where(seen, l_all, 1.0)
-    lse = tl.where(seen, (m_safe + tl.log2(tl.where(seen, l_all, 1.0))) * 0.6931471805599453, float("inf"))
+    lse = tl.where(seen, (m_safe + tl.log2(tl.where(seen, l_all, 1.0))) * LN2, float("inf"))
     tl.store(Out + row * HEAD_DIM + offs_d, out.to(Out.dtype.element_ty), mask=d_ok)
     tl.store(Lse + row, lse)
 
@@ -190,10 +192,10 @@ def launch_decode(
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
-        n_heads, q_len, k_len, q_offset, bound, scale * LOG2E, keys_per_split,
+        n_heads, q_len, k_len, q_offset, bound, scale, keys_per_split,
         HEAD_DIM=head_dim, BLOCK_D=cfg["BLOCK_D"], BLOCK_N=cfg["BLOCK_N"],
         HAS_BIAS=bias_by_distance is not None, HAS_KPM=key_mask is not None, CAUSAL=causal,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **COMPILE_OPTIONS,
     )  # fmt: skip
 
     out = torch.empty((batch, n_heads, q_len, head_dim), dtype=q.dtype, device=q.device)
@@ -201,6 +203,6 @@ def launch_decode(
     torch.library.wrap_triton(_decode_combine_kernel)[(rows,)](
         part_acc, part_max, part_sum, out, lse, splits,
         HEAD_DIM=head_dim, BLOCK_D=cfg["BLOCK_D"], SPLITS_PAD=max(2, triton.next_power_of_2(splits)),
-        num_warps=1 if interpreted else 4,
+        num_warps=1 if interpreted else 4, **COMPILE_OPTIONS,
     )  # fmt: skip
     return out, lse

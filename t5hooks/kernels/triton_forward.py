@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .triton_common import biased_scores, key_block_ranges, load_key_ok
+from .triton_common import LN2, LOG2E, biased_scores, key_block_ranges, load_key_ok
 
 
 @triton.jit
@@ -92,7 +92,7 @@ def _forward_kernel(
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
-    n_heads, q_len, k_len, q_offset, bound, scale_log2e,
+    n_heads, q_len, k_len, q_offset, bound, scale,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -118,6 +118,7 @@ def _forward_kernel(
     q_ok = (offs_m < q_len)[:, None] & d_ok[None, :]
     q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :], mask=q_ok, other=0.0)  # [BM,D]
     q_pos = offs_m + q_offset  # [BM] absolute positions
+    scale_log2e = scale * LOG2E  # scores in log2 units, for exp2
 
     if HAS_KPM:
         kv_lo = tl.load(KeyRanges + 2 * b)
@@ -156,10 +157,14 @@ def _forward_kernel(
 
     seen = l_i > 0.0  # rows with at least one visible key
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
-    lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453, float("inf"))
+    lse = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) * LN2, float("inf"))
     row = pid_bh.to(tl.int64) * q_len + offs_m  # [BM] row index into [B*H*Q]
     tl.store(Out + row[:, None] * HEAD_DIM + offs_d[None, :], out.to(Out.dtype.element_ty), mask=q_ok)
     tl.store(Lse + row, lse, mask=offs_m < q_len)
+
+
+#: Explicit, so numerics do not change with Triton's default (FMA contraction; Triton 3.10 flips it).
+COMPILE_OPTIONS = dict(enable_fp_fusion=True)
 
 
 def forward_config(head_dim: int, dtype: torch.dtype, interpreted: bool) -> dict:
@@ -168,15 +173,18 @@ def forward_config(head_dim: int, dtype: torch.dtype, interpreted: bool) -> dict
     16-bit inputs: 128-query tiles with 8 warps, 64 keys per tile at d<=64 and 32 at d=128
     (compiled for sm_90 and sm_80 these hold the fp32 accumulators without register spills and
     stay under A100's shared memory; 4 warps spill). fp32 inputs, the correctness path, use
-    32x32 tiles. The interpreter gets 16x16 tiles so that short test sequences still span
-    several tiles, near and far.
+    32x32 tiles (true-fp32 dot products are register-hungry: no spills at d=64, some at d=128).
+    The interpreter gets 16x16 tiles so that short test sequences still span several tiles,
+    near and far.
     """
     block_d = max(16, triton.next_power_of_2(head_dim))
     if interpreted:
-        return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_D=block_d, num_warps=1, num_stages=1)
-    if dtype == torch.float32:
-        return dict(BLOCK_M=32, BLOCK_N=32, BLOCK_D=block_d, num_warps=4, num_stages=2)
-    return dict(BLOCK_M=128, BLOCK_N=64 if block_d <= 64 else 32, BLOCK_D=block_d, num_warps=8, num_stages=3)
+        cfg = dict(BLOCK_M=16, BLOCK_N=16, num_warps=1, num_stages=1)
+    elif dtype == torch.float32:
+        cfg = dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=2)
+    else:
+        cfg = dict(BLOCK_M=128, BLOCK_N=64 if block_d <= 64 else 32, num_warps=8, num_stages=3)
+    return cfg | dict(BLOCK_D=block_d, **COMPILE_OPTIONS)
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -219,7 +227,7 @@ def launch_forward(
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
-        n_heads, q_len, k_len, q_offset, bound, scale * 1.4426950408889634,
+        n_heads, q_len, k_len, q_offset, bound, scale,
         HEAD_DIM=head_dim,
         HAS_BIAS=bias_by_distance is not None,
         HAS_KPM=has_kpm,
