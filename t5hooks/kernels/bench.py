@@ -227,11 +227,14 @@ BUILDERS: dict[str, Callable[[Case, Tensor | None], Callable]] = {
 
 
 def time_ms(fn: Callable[[], object], device: torch.device, quick: bool) -> float:
-    """Median milliseconds per call: `triton.testing.do_bench` on CUDA, a plain timer on CPU."""
+    """Median milliseconds per call: `triton.testing.do_bench` on CUDA (CUDA events if triton is
+    missing), a plain timer on CPU."""
     if device.type == "cuda":
-        import triton.testing
-
         warmup, rep = (5, 20) if quick else (25, 100)
+        try:
+            import triton.testing
+        except ImportError:
+            return cuda_event_ms(fn, warmup_ms=warmup, rep_ms=rep)
         return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
     fn()  # warm-up (compilation, caches)
     times = []
@@ -239,6 +242,27 @@ def time_ms(fn: Callable[[], object], device: torch.device, quick: bool) -> floa
         start = time.perf_counter()
         fn()
         times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def cuda_event_ms(fn: Callable[[], object], warmup_ms: float, rep_ms: float) -> float:
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    torch.cuda.synchronize()
+    estimate = max(start.elapsed_time(end), 1e-3)
+    for _ in range(max(1, int(warmup_ms / estimate))):
+        fn()
+    times = []
+    for _ in range(max(3, int(rep_ms / estimate))):
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
     return statistics.median(times)
 
 

@@ -35,7 +35,6 @@ from .triton_common import LOG2E, biased_scores, key_block_ranges, load_key_ok, 
 from .triton_forward import COMPILE_OPTIONS, dot_precision
 
 
-
 @triton.jit
 def _delta_kernel(
     Out,  # [B,H,Q,d] contiguous
@@ -210,8 +209,8 @@ def _dkdv_kernel(
         q_len, q_offset, bound, scale_log2e,
         False, HAS_BIAS, CAUSAL, MASK_KEYS, HEAD_DIM, BLOCK_M, BUCKETS_PAD, DOT_PRECISION,
     )  # fmt: skip
-    dk, dv, d_buckets, d_behind = _dkdv_query_blocks(
-        dk, dv, d_buckets, d_behind, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom,
+    dk, dv, d_buckets, _ = _dkdv_query_blocks(  # near tiles: per-bucket sums into d_buckets
+        dk, dv, d_buckets, 0.0, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom,
         k_pos, key_ok, bias_row, BucketByDistance, 0.0, offs_m, offs_d, near_lo, near_hi,
         q_len, q_offset, bound, scale_log2e,
         True, HAS_BIAS, CAUSAL, MASK_KEYS, HEAD_DIM, BLOCK_M, BUCKETS_PAD, DOT_PRECISION,
