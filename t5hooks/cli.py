@@ -94,7 +94,26 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from .kernels.bench import main as bench_attention
 
         return bench_attention(args.rest)
-    raise CliError(f"unknown benchmark {args.what!r}")
+    from .bench_model import main as bench_model
+
+    return bench_model(args.rest)
+
+
+def cmd_train_tiny(args: argparse.Namespace) -> int:
+    from .train_tiny import train_tiny
+
+    if args.steps < 1 or args.batch_size < 1:
+        raise CliError("--steps and --batch-size must be positive")
+    _, accuracy = train_tiny(out=args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                             compile=not args.no_compile)
+    print(f"wrote {args.out}" if args.out else "(not saved: pass --out FILE.safetensors)")
+    return 0 if accuracy >= args.min_accuracy else 1
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(args.out, word=args.word)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -106,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "and print shapes, norms, the strongest attention links and predictions.")
     run.add_argument("--model", default=None, help="hub name, local directory or built-in name (default: built-in tiny model)")
     src = run.add_mutually_exclusive_group()
-    src.add_argument("--text", default="Hello, hooked T5!", help="input text (default: %(default)r)")
+    src.add_argument("--text", default="hooked", help="input text (default: %(default)r)")
     src.add_argument("--tokens", default=None, help="input token ids instead of text, e.g. '5 6 7 1'")
     dsrc = run.add_mutually_exclusive_group()
     dsrc.add_argument("--decoder-text", default=None, help="decoder prefix text (default: just the start token)")
@@ -119,9 +138,29 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     run.set_defaults(func=cmd_run)
 
-    bench = sub.add_parser("bench", help="benchmarks: 'attention' (kernels side by side)",
+    demo = sub.add_parser("demo", help="a guided tour on the embedded model (offline)",
+                          description="Load the embedded t5hooks-tiny model, answer an example, show its cross-attention "
+                                      "alignment (PNG + ASCII), find the most important head by ablation, export ONNX "
+                                      "with captured activations and check ONNX Runtime parity, then time it all.")
+    demo.add_argument("--out", default="t5hooks-demo", help="folder for the PNG and ONNX files (default: %(default)s)")
+    demo.add_argument("--word", default="interpret", help="lowercase word to reverse (default: %(default)s)")
+    demo.set_defaults(func=cmd_demo)
+
+    train = sub.add_parser("train-tiny", help="train the embedded tiny model (string reversal, a few minutes on CPU)",
+                           description="Train t5hooks-tiny from scratch with a torch.compile'd capture module; reports "
+                                       "held-out exact-match accuracy. Exit status 1 if it is below --min-accuracy.")
+    train.add_argument("--out", default=None, metavar="FILE.safetensors", help="where to write the weights")
+    train.add_argument("--steps", type=int, default=1200)
+    train.add_argument("--batch-size", type=int, default=128)
+    train.add_argument("--lr", type=float, default=3e-3)
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--no-compile", action="store_true", help="train eagerly (no torch.compile)")
+    train.add_argument("--min-accuracy", type=float, default=0.99)
+    train.set_defaults(func=cmd_train_tiny)
+
+    bench = sub.add_parser("bench", help="benchmarks: 'attention' (kernels side by side), 'model' (whole model vs HF)",
                            description="Run a benchmark; arguments after the benchmark name go to it (try `t5hooks bench attention --help`).")
-    bench.add_argument("what", choices=["attention"], help="which benchmark")
+    bench.add_argument("what", choices=["attention", "model"], help="which benchmark")
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for the benchmark")
     bench.set_defaults(func=cmd_bench)
     return parser

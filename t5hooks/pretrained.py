@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -10,7 +11,9 @@ from .config import HookedT5Config
 from .tokenizer import ByteTokenizer
 
 RANDOM_TINY = "t5hooks-tiny-random"
-DEFAULT_MODEL = RANDOM_TINY  # what `t5hooks run` loads when no model is named
+TRAINED_TINY = "t5hooks-tiny"
+DEFAULT_MODEL = TRAINED_TINY  # what `t5hooks run` loads when no model is named
+ASSETS = Path(__file__).resolve().parent / "assets"
 
 
 def tiny_config(**overrides: Any) -> HookedT5Config:
@@ -26,6 +29,7 @@ def tiny_config(**overrides: Any) -> HookedT5Config:
 
 
 BUILTIN_MODELS = {
+    TRAINED_TINY: "tiny byte-level T5 trained to reverse lowercase strings (t5hooks train-tiny), shipped with the package",
     RANDOM_TINY: "tiny byte-level T5 with seeded RANDOM weights (untrained: its outputs are meaningless)",
 }
 
@@ -41,6 +45,10 @@ def is_builtin(name: str) -> bool:
 
 def load_builtin(model_cls: type, name: str, device: str | torch.device | None = None,
                  dtype: torch.dtype = torch.float32, **overrides: Any):
+    if name == TRAINED_TINY:
+        from .train_tiny import load_tiny
+
+        return load_tiny(model_cls, ASSETS / "t5hooks-tiny.safetensors", device=device, dtype=dtype, **overrides)
     if name == RANDOM_TINY:
         cfg = tiny_config(model_name=name, dtype=dtype, device=None if device is None else str(device), **overrides)
         return model_cls(cfg, tokenizer=ByteTokenizer())

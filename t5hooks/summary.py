@@ -41,8 +41,8 @@ def strongest_attention_links(
     k: int = 8,
     batch_index: int = 0,
 ) -> str:
-    """The `k` largest attention weights over all cached patterns (excluding the trivial first-position
-    query of one-token decoders), as 'layer head: query token -> key token'.
+    """The `k` largest attention weights over all cached patterns, as 'layer head: query token -> key token'
+    (leaving out links forced by having a single visible key: one-key patterns, the first causal query).
 
     `query_tokens` / `key_tokens` map "encoder" / "decoder" to the token strings of that side.
     """
@@ -58,6 +58,9 @@ def strongest_attention_links(
         H, Q, K = p.shape
         if K == 1:
             continue  # a single key gets all the weight: not informative
+        if stack == "decoder" and not cross:
+            p = p.clone()
+            p[:, 0] = 0  # causal: the first query sees only itself
         values, flat = p.reshape(-1).float().topk(min(k, p.numel()))
         for value, index in zip(values.tolist(), flat.tolist()):
             h, rem = divmod(index, Q * K)

@@ -1,0 +1,144 @@
+"""`t5hooks demo`: a guided tour on the embedded model, fully offline.
+
+Loads t5hooks-tiny (trained to reverse strings), answers an example, shows its cross-attention
+alignment (PNG heatmap and ASCII), finds the attention head whose ablation hurts most, exports
+an ONNX graph with captured activations and checks ONNX Runtime against eager, and ends with a
+timing table.
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from .summary import format_table
+
+SHADES = " .:-=+*#%@"
+
+
+def ascii_heatmap(values: Tensor, row_labels: list[str], col_labels: list[str]) -> str:
+    """Rows x columns of values in [0, 1] as shaded characters, two per cell."""
+    lines = ["      " + "".join(f"{c[:1]:>2}" for c in col_labels)]
+    for label, row in zip(row_labels, values.tolist()):
+        cells = "".join(2 * SHADES[min(len(SHADES) - 1, int(v * len(SHADES)))] for v in row)
+        lines.append(f"{label[:4]:>4}  {cells}")
+    return "\n".join(lines)
+
+
+def median_ms(fn: Callable[[], object], repeats: int = 7) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)
+
+
+def answer_log_prob(logits: Tensor, labels: Tensor) -> Tensor:
+    """Mean log-probability of the correct answer tokens, per batch row."""
+    logp = logits.float().log_softmax(-1).gather(-1, labels[..., None])[..., 0]
+    return logp.mean(-1)
+
+
+def run_demo(out_dir: str | Path | None = None, word: str = "interpret") -> int:
+    from .export import OnnxRunner, to_onnx
+    from .model import HookedEncoderDecoder
+    from .pretrained import TRAINED_TINY
+
+    out = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="t5hooks-demo-"))
+    out.mkdir(parents=True, exist_ok=True)
+    model = HookedEncoderDecoder.from_pretrained(TRAINED_TINY)
+    info = getattr(model, "info", {})
+    print(f"1. model: {TRAINED_TINY} — {info.get('task', 'tiny T5')}; held-out exact match "
+          f"{info.get('held_out_accuracy', float('nan')):.1%}; {sum(p.numel() for p in model.parameters()):,} parameters")
+
+    answer = model.generate(word, max_new_tokens=len(word) + 2)
+    print(f"   {word!r} -> {answer!r}")
+
+    # 2. cross-attention alignment, teacher-forced on the answer
+    tokens = model.to_tokens(word)
+    target = model.to_tokens(word[::-1])  # reversed bytes + EOS
+    dec = model.shift_right(target)
+    names = [f"decoder.{l}.cross_attn.hook_pattern" for l in range(model.cfg.n_decoder_layers)]
+    with torch.no_grad():
+        logits, cache = model.run_with_cache(tokens, dec, names_filter=names)
+    mirror = torch.arange(len(word) - 1, -1, -1)
+    best_name, best_head, best_mass = None, 0, -1.0
+    for name in names:
+        mass = cache[name][0, :, torch.arange(len(word)), mirror].mean(-1)  # [H]
+        if mass.max() > best_mass:
+            best_name, best_head, best_mass = name, int(mass.argmax()), float(mass.max())
+    pattern = cache[best_name][0, best_head]  # [D, E]
+    enc_labels = model.to_str_tokens(tokens[0])
+    dec_labels = ["<s>"] + model.to_str_tokens(target[0])[:-1]
+    from .plotting import heatmap
+
+    png = out / "cross_attention.png"
+    heatmap(pattern, dec_labels, enc_labels, title=f"{best_name} head {best_head}", xlabel="encoder token",
+            ylabel="decoder input", colorbar_label="attention", cmap="Blues", center=None, path=png)
+    print(f"\n2. cross-attention of {best_name} head {best_head}: {best_mass:.0%} of the mass sits on the mirror "
+          f"position (anti-diagonal). PNG: {png}")
+    print(ascii_heatmap(pattern, dec_labels, enc_labels))
+
+    # 3. which head matters most: ablate each head's z (zero) and watch the answer's log-probability
+    base = answer_log_prob(logits, target)[0].item()
+    results = []
+    for stack, attn, layers in (("encoder", "attn", model.cfg.n_layers), ("decoder", "attn", model.cfg.n_decoder_layers),
+                                ("decoder", "cross_attn", model.cfg.n_decoder_layers)):
+        for layer in range(layers):
+            for head in range(model.cfg.n_heads):
+                def ablate(z: Tensor, hook, head=head) -> Tensor:
+                    z = z.clone()
+                    z[:, :, head] = 0
+                    return z
+
+                hook_name = f"{stack}.{layer}.{attn}.hook_z"
+                with torch.no_grad():
+                    ablated = model.run_with_hooks(tokens, dec, fwd_hooks=[(hook_name, ablate)])
+                results.append((answer_log_prob(ablated, target)[0].item(), hook_name, head, ablate))
+    results.sort(key=lambda r: r[0])
+    worst_lp, worst_name, worst_head, worst_fn = results[0]
+    with model.hooks(fwd_hooks=[(worst_name, worst_fn)]):
+        ablated_answer = model.generate(word, max_new_tokens=len(word) + 2)
+    print(f"\n3. ablating {worst_name} head {worst_head} hurts most: mean log-prob of the answer "
+          f"{base:.3f} -> {worst_lp:.3f}; the model then answers {ablated_answer!r} (was {answer!r})")
+    rows = [(f"{name} H{head}", f"{lp - base:+.3f}") for lp, name, head, _ in results[:5]]
+    print(format_table(rows, ("head", "change in log-prob")))
+
+    # 4. ONNX export with captured activations, checked in ONNX Runtime against eager
+    capture = names + ["decoder.*.hook_resid_post"]
+    onnx_path = out / "t5hooks-tiny.onnx"
+    to_onnx(model, onnx_path, capture=capture)
+    runner = OnnxRunner(onnx_path)
+    probe = model.to_tokens(["hooks", "onnx runtime"])
+    mask = (probe != 0).long()
+    probe_dec = model.shift_right(model.to_tokens(["skooh", "emitnur xnno"]))
+    ort_out = runner(input=probe, decoder_input=probe_dec, one_zero_attention_mask=mask)
+    eager_out = model.capture(capture)(probe, probe_dec, mask)
+    worst = max(float((torch.as_tensor(ort_out[k]) - eager_out[k]).abs().max()) for k in eager_out)
+    print(f"\n4. ONNX export {onnx_path.name}: outputs {list(ort_out)[:3]} ... ({len(ort_out)} in all); "
+          f"ONNX Runtime vs eager max |diff| {worst:.2e} {'OK' if worst < 1e-4 else 'MISMATCH'}")
+    if worst >= 1e-4:
+        return 1
+
+    # 5. timings
+    cap = model.capture(capture)
+    with torch.inference_mode():
+        timings = [
+            ("eager forward", median_ms(lambda: model(probe, probe_dec, one_zero_attention_mask=mask))),
+            ("run_with_cache (all hook points)", median_ms(lambda: model.run_with_cache(probe, probe_dec, one_zero_attention_mask=mask))),
+            ("capture module (patterns + resid_post)", median_ms(lambda: cap(probe, probe_dec, mask))),
+            ("ONNX Runtime (same outputs)", median_ms(lambda: runner(input=probe, decoder_input=probe_dec, one_zero_attention_mask=mask))),
+            ("generate 12 tokens (batch 2)", median_ms(lambda: model.generate(["hooks", "onnx runtime"], 12), repeats=3)),
+        ]
+    print("\n5. timings (CPU, batch 2, median ms)")
+    print(format_table([(name, f"{ms:.2f}") for name, ms in timings], ("what", "ms")))
+    print(f"\nfiles in {out}")
+    return 0
