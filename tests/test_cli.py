@@ -1,0 +1,51 @@
+"""The `t5hooks` command in a subprocess: help for every subcommand, run, errors, demo."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+SUBCOMMANDS = ["run", "demo", "train-tiny", "bench", "export"]
+
+
+def t5hooks(*args, timeout=300, cwd=None):
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    return subprocess.run([sys.executable, "-m", "t5hooks.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env, cwd=cwd)
+
+
+@pytest.mark.parametrize("sub", [None, *SUBCOMMANDS])
+def test_help(sub):
+    result = t5hooks(*([sub] if sub else []), "--help")
+    assert result.returncode == 0, result.stderr
+    assert "usage: t5hooks" in result.stdout
+
+
+def test_bench_subcommand_help_reaches_the_benchmarks():
+    for what in ("attention", "model"):
+        result = t5hooks("bench", what, "--help")
+        assert result.returncode == 0, result.stderr
+        assert "usage:" in result.stdout
+
+
+def test_run_summarises_and_saves(tmp_path):
+    out = tmp_path / "acts.safetensors"
+    result = t5hooks("run", "--text", "hooks", "--capture", "*.hook_resid_post", "*pattern", "--save", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "decoder.1.hook_resid_post" in result.stdout and "strongest attention links" in result.stdout
+    from safetensors.torch import load_file
+
+    assert "encoder.0.hook_resid_post" in load_file(out)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["run", "--capture", "encoder.0.hook_resid_psot"], "did you mean"),
+    (["run", "--tokens", "1 2 x"], "integers"),
+    (["run", "--tokens", "999999"], "valid ids"),
+    (["run", "--model", "/nonexistent/dir"], "could not load model"),
+])
+def test_bad_input_exits_nonzero_with_a_clear_message(args, message):
+    result = t5hooks(*args)
+    assert result.returncode == 2
+    assert message in result.stderr and "Traceback" not in result.stderr
