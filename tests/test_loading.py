@@ -116,3 +116,19 @@ def test_checkpoint_code_is_never_executed(tmp_path):
     with pytest.raises(Exception, match="(?i)weights.only|unsupported|global"):
         HookedEncoderDecoder.from_pretrained(str(tmp_path))
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("variant,tie", [("t5_v1_1", False), ("t5_v1_0", True)])
+def test_transformers_4x_config(tmp_path, variant, tie):
+    """4.x configs carry no `scale_decoder_outputs`: `tie_word_embeddings` decides the logit scaling."""
+    hf = hf_t5(variant)
+    hf.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config.pop("scale_decoder_outputs")
+    config["tie_word_embeddings"] = tie
+    config["transformers_version"] = "4.46.0"
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    model = HookedEncoderDecoder.from_pretrained(str(tmp_path))
+    assert model.cfg.scale_logits == tie and model.cfg.tie_word_embeddings == tie
+    ours, ref = logits_of(model, hf)
+    torch.testing.assert_close(ours, ref, atol=1e-4, rtol=0)
