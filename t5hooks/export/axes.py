@@ -11,6 +11,9 @@ from collections.abc import Mapping
 Axes = tuple  # tuple[str | None, ...]
 
 BATCH, ENC, DEC = "batch", "encoder", "decoder"
+# Generation graphs (onnx_generation.py): decoder positions already in the self-attention KV cache
+# (0 at the first step), and the cache length after the step.
+PAST, PRESENT = "past", "past + 1"
 
 
 def activation_axes(name: str) -> Axes:
@@ -53,6 +56,22 @@ def patch_axes(name: str, mode: str, patch_shape: tuple[int, ...]) -> Axes:
         return tuple(axis if size != 1 else None for axis, size in zip(axes, patch_shape))
     return (None,) * len(patch_shape)
 
+
+def step_activation_axes(name: str) -> Axes:
+    """Axes of a decoder activation in a one-step decoder graph: the query axis is fixed at 1 and
+    self-attention keys span the cache plus this step."""
+    axes = list(activation_axes(name))
+    leaf = name.split(".")[-1]
+    if leaf in ("hook_attn_scores", "hook_pattern", "rel_pos_hook") and "cross_attn" not in name:
+        axes[3] = PRESENT
+    return tuple(None if axis == DEC else axis for axis in axes)
+
+
+CACHE_AXES: Mapping[str, Axes] = {  # K/V tensors [B,H,T,d_head] of the generation graphs
+    "past": (BATCH, None, PAST, None),
+    "present": (BATCH, None, PRESENT, None),
+    "cross": (BATCH, None, ENC, None),
+}
 
 INPUT_AXES: Mapping[str, Axes] = {
     "input": (BATCH, ENC),

@@ -18,7 +18,7 @@ from torch.export import Dim, ExportedProgram
 
 from ..capture import CaptureModule
 from ..hook_points import NameFilter
-from .axes import INPUT_AXES, patch_axes
+from .axes import BATCH, DEC, ENC, INPUT_AXES, PAST, patch_axes
 
 INPUT_NAMES = ("input", "decoder_input", "one_zero_attention_mask", "decoder_attention_mask")
 
@@ -62,15 +62,23 @@ def activation_shapes(cap: CaptureModule, tokens: Tensor, dec: Tensor) -> dict[s
     return {name: tuple(out[name].shape) for name in cap.patch_modes}
 
 
+def export_dims() -> dict[str, Dim]:
+    """One `torch.export.Dim` per axis label of axes.py: batch, encoder, decoder >= 1; past (cached
+    decoder positions in generation graphs) >= 0."""
+    return {BATCH: Dim(BATCH, min=1), ENC: Dim(ENC, min=1), DEC: Dim(DEC, min=1), PAST: Dim(PAST, min=0)}
+
+
+def axes_spec(axes: tuple, dims: Mapping[str, Dim]) -> dict[int, Dim]:
+    """`{dim index: Dim}` for the varying axes of one tensor."""
+    return {i: dims[a] for i, a in enumerate(axes) if a is not None}
+
+
 def dynamic_shapes(cap: CaptureModule, patches: Mapping[str, Tensor]) -> tuple[Any, ...]:
     """`torch.export` dynamic-shape spec: batch, encoder and decoder lengths vary (each >= 1)."""
-    dims = {"batch": Dim("batch", min=1), "encoder": Dim("encoder", min=1), "decoder": Dim("decoder", min=1)}
-
-    def spec(axes: tuple) -> dict[int, Dim]:
-        return {i: dims[a] for i, a in enumerate(axes) if a is not None}
-
-    inputs = tuple(spec(INPUT_AXES[name]) for name in INPUT_NAMES)
-    patch_spec = {name: spec(patch_axes(name, cap.patch_modes[name], tuple(t.shape))) for name, t in patches.items()}
+    dims = export_dims()
+    inputs = tuple(axes_spec(INPUT_AXES[name], dims) for name in INPUT_NAMES)
+    patch_spec = {name: axes_spec(patch_axes(name, cap.patch_modes[name], tuple(t.shape)), dims)
+                  for name, t in patches.items()}
     return (*inputs, patch_spec)
 
 
@@ -101,15 +109,18 @@ def load_exported(path: str | Path) -> ExportedProgram:
 
 def to_torchscript(model: Any, capture: NameFilter = (), patch: NameFilter = (), patch_mode: Any = "replace", *,
                    example: tuple[Any, ...] | None = None) -> torch.jit.ScriptModule:
-    """Trace a capture module to TorchScript (same inputs and dict output as `to_exported_program`).
+    """Trace a capture module to TorchScript (same inputs and dict output as `to_exported_program`; without
+    patches the traced module takes only the first four).
 
     TorchScript is deprecated upstream; prefer `to_exported_program`. Torch's deprecation and
     tracer warnings about this known-good trace are silenced here.
     """
     cap = as_capture(model, capture, patch, patch_mode).eval()
-    args = example if example is not None else example_inputs(cap)
+    args = tuple(example if example is not None else example_inputs(cap))
+    if len(args) == 5 and not args[4]:  # the tracer cannot type an empty dict: without patches, trace 4 inputs
+        args = args[:4]
     with _quiet_jit():
-        return torch.jit.trace(cap, tuple(args), strict=False, check_trace=False)
+        return torch.jit.trace(cap, args, strict=False, check_trace=False)
 
 
 def save_torchscript(module: torch.jit.ScriptModule, path: str | Path) -> Path:

@@ -1,0 +1,205 @@
+"""`t5hooks export`: write an ONNX / torch.export / TorchScript file and check it against eager.
+
+After writing, the file is loaded back and run (ONNX in ONNX Runtime) on a fresh input with
+shapes other than the export example (padding, random patches); success is reported only when
+logits and every captured activation match the eager capture module. Exit status: 0 on success,
+1 when the exported file disagrees with eager, 2 for bad arguments (unknown hook names, bad paths).
+
+`register(subparsers)` adds the subcommand to the `t5hooks` parser; `python -m
+t5hooks.export.command ...` runs it on its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..hook_points import PATCH_MODES
+
+FORMATS = ("onnx", "pt2", "torchscript")
+SUFFIXES = {"onnx": (".onnx",), "pt2": (".pt2",), "torchscript": (".pt", ".ts", ".torchscript")}
+# Max |exported - eager| allowed: absolute + relative to the largest |eager| value of that output.
+TOLERANCE = {"float32": (1e-4, 1e-4), "float16": (2e-2, 2e-2)}
+
+
+def register(subparsers: Any) -> argparse.ArgumentParser:
+    """Add `export` to a `parser.add_subparsers()` object; returns the new subparser."""
+    parser = subparsers.add_parser(
+        "export",
+        help="export a model whose captured activations are graph outputs (onnx, pt2, torchscript), "
+             "checked against eager",
+        description="Export a model with the chosen hook points as named outputs (and patch inputs), load the file "
+                    "back, and check it against eager PyTorch on a fresh input (other shapes, padding, random "
+                    "patches). Exit status 0 on success, 1 on a mismatch, 2 on bad arguments.",
+    )
+    parser.add_argument("--format", choices=FORMATS, default="onnx", help="file format (default: %(default)s)")
+    parser.add_argument("--capture", nargs="+", default=[], metavar="PATTERN",
+                        help="hook names or globs to return as outputs, e.g. 'encoder.*.hook_resid_post'")
+    parser.add_argument("--patch", nargs="+", default=[], metavar="PATTERN",
+                        help="hook names or globs that get a patch input")
+    parser.add_argument("--patch-mode", choices=PATCH_MODES, default="replace",
+                        help="'replace' the activation or 'add' to it (default: %(default)s)")
+    parser.add_argument("--model", default=None,
+                        help="hub name, local directory or built-in name (default: the built-in tiny model)")
+    parser.add_argument("--out", required=True, metavar="PATH",
+                        help="output file: .onnx, .pt2, or .pt/.ts for torchscript")
+    parser.add_argument("--dtype", choices=list(TOLERANCE), default="float32",
+                        help="exported weights (default: %(default)s)")
+    parser.add_argument("--static", action="store_true", help="fix all shapes to the example's (default: dynamic "
+                                                              "batch, encoder and decoder lengths)")
+    parser.add_argument("--atol", type=float, default=None, help="override the absolute tolerance of the check")
+    parser.set_defaults(func=run_export)
+    return parser
+
+
+def run_export(args: argparse.Namespace) -> int:
+    """The `export` handler. Raises ValueError for bad arguments (the CLI prints it, exit 2)."""
+    out = Path(args.out)
+    if args.atol is not None and args.atol < 0:
+        raise ValueError(f"--atol must be >= 0, got {args.atol}")
+    suffixes = SUFFIXES[args.format]
+    if out.suffix not in suffixes:
+        raise ValueError(f"--out {str(out)!r}: {args.format} files end in {' or '.join(suffixes)}")
+    if not out.parent.is_dir():
+        raise ValueError(f"--out {str(out)!r}: directory {str(out.parent)!r} does not exist")
+    model = _load(args.model)
+    capture = model.resolve_names(args.capture) if args.capture else []  # unknown names fail here, before exporting
+    patch = model.resolve_names(args.patch) if args.patch else []
+    cap = model.capture(capture, patch=patch, patch_mode=args.patch_mode).eval()
+
+    from .onnx import model_in_dtype
+
+    exported_model = model_in_dtype(model, args.dtype)
+    target = exported_model.capture(capture, patch=patch, patch_mode=args.patch_mode).eval()
+    print(f"exporting {model.cfg.model_name} as {args.format} ({args.dtype}): logits + {len(capture)} captured, "
+          f"{len(patch)} patched ({args.patch_mode}) -> {out}")
+    run = _export_and_load(args.format, target, out, dynamic=not args.static)
+
+    inputs = _fresh_inputs(cap, static=args.static)
+    with torch.no_grad():
+        expected = {k: v.float().numpy() for k, v in cap(*inputs).items()}
+    got = {k: np.asarray(v, dtype=np.float32) for k, v in run(*inputs).items()}
+    atol, rtol = TOLERANCE[args.dtype]
+    if args.atol is not None:
+        atol = args.atol
+    report = compare(expected, got, atol, rtol)
+    B, E, D = inputs[0].shape[0], inputs[0].shape[1], inputs[1].shape[1]
+    backend = "ONNX Runtime" if args.format == "onnx" else f"loaded {args.format}"
+    if report:
+        print(f"t5hooks export: error: {backend} disagrees with eager on a fresh input (batch {B}, encoder {E}, "
+              f"decoder {D}):\n" + "\n".join(report) + f"\n{out} was written but should not be trusted",
+              file=sys.stderr)
+        return 1
+    worst = max(float(np.abs(got[k] - expected[k]).max()) for k in expected)
+    patched = f"{len(patch)} random patches" if patch else "no patches"
+    print(f"ok: {backend} matches eager on a fresh input (batch {B}, encoder {E}, decoder {D}, padded, {patched}): "
+          f"{len(expected)} outputs, max |diff| {worst:.2e}")
+    print(f"wrote {out}")
+    return 0
+
+
+def compare(expected: Mapping[str, np.ndarray], got: Mapping[str, np.ndarray], atol: float, rtol: float) -> list[str]:
+    """One line per disagreement (missing/extra/reordered outputs, shapes, values); empty when all match."""
+    if list(got) != list(expected):
+        return [f"outputs {list(got)} != expected {list(expected)}"]
+    lines = []
+    for name, want in expected.items():
+        have = got[name]
+        if have.shape != want.shape:
+            lines.append(f"  {name}: shape {have.shape} != eager {want.shape}")
+            continue
+        diff = float(np.abs(have - want).max()) if want.size else 0.0
+        limit = atol + rtol * (float(np.abs(want).max()) if want.size else 0.0)
+        if not np.isfinite(have).all() or diff > limit:
+            lines.append(f"  {name}: max |diff| {diff:.3e} > tolerance {limit:.3e}")
+    return lines
+
+
+def _load(name: str | None) -> Any:
+    from ..model import HookedEncoderDecoder
+    from ..pretrained import DEFAULT_MODEL
+
+    try:
+        return HookedEncoderDecoder.from_pretrained(name or DEFAULT_MODEL).eval()
+    except OSError as err:
+        raise ValueError(f"could not load model {name!r}: {err}") from err
+
+
+def _export_and_load(fmt: str, cap: Any, out: Path, dynamic: bool) -> Any:
+    """Write the file; return a callable `(input, decoder_input, mask, decoder_mask, patches) -> dict`
+    that runs the file as loaded from disk."""
+    if fmt == "onnx":
+        from .onnx import to_onnx
+        from .ort import OnnxRunner
+
+        to_onnx(cap, out, dynamic=dynamic)
+        runner = OnnxRunner(out)
+        return lambda tok, dec, mask, dec_mask, patches: runner(tok, dec, mask, dec_mask, patches=patches)
+    if fmt == "pt2":
+        from .torch_export import load_exported, save_exported, to_exported_program
+
+        save_exported(to_exported_program(cap, dynamic=dynamic), out)
+        module = load_exported(out).module()
+    else:
+        from .torch_export import load_torchscript, save_torchscript, to_torchscript
+
+        save_torchscript(to_torchscript(cap), out)
+        module = load_torchscript(out)
+    dtype = cap.model.W_E.dtype
+
+    def run(tok: Tensor, dec: Tensor, mask: Tensor, dec_mask: Tensor, patches: dict[str, Tensor]) -> dict[str, Any]:
+        args = (tok, dec, mask, dec_mask)
+        if patches or fmt == "pt2":  # a TorchScript trace without patches takes four inputs
+            args = (*args, {k: v.to(dtype) for k, v in patches.items()})
+        with torch.no_grad():
+            out = module(*args)
+        return {k: v.float().numpy() for k, v in out.items()}
+
+    return run
+
+
+def _fresh_inputs(cap: Any, static: bool) -> tuple[Any, ...]:
+    """Tokens other than the export example's: batch 3, encoder 11, decoder 4 (the example's shapes when
+    static), the last row padded; random patches of full rank (an "add" patch broadcasts over positions)."""
+    from .torch_export import activation_shapes, example_inputs
+
+    B, E, D = (2, 7, 5) if static else (3, 11, 4)
+    cfg = cap.model.cfg
+    g = torch.Generator().manual_seed(1234)
+    tokens = torch.randint(0, cfg.d_vocab, (B, E), generator=g)
+    dec = torch.randint(0, cfg.d_vocab, (B, D), generator=g)
+    mask = torch.ones(B, E, dtype=torch.long)
+    dec_mask = torch.ones(B, D, dtype=torch.long)
+    mask[-1, E // 2:] = 0
+    dec_mask[-1, D // 2 + 1:] = 0
+    patches = {}
+    if cap.patch_modes:
+        shapes = activation_shapes(cap, tokens, dec)
+        reference = example_inputs(cap)[4]
+        for name, mode in cap.patch_modes.items():
+            shape = shapes[name] if mode == "replace" else tuple(reference[name].shape)
+            patches[name] = torch.randn(shape, generator=g, dtype=torch.float32)
+    return tokens, dec, mask, dec_mask, patches
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run `export` on its own (`python -m t5hooks.export.command ...`), with the CLI's error handling."""
+    parser = argparse.ArgumentParser(prog="t5hooks")
+    register(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
+    args = parser.parse_args(["export", *(sys.argv[1:] if argv is None else argv)])
+    try:
+        return args.func(args)
+    except ValueError as err:
+        print(f"t5hooks export: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
