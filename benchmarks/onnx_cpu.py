@@ -7,7 +7,7 @@ tokens, greedy (`do_sample=False, num_beams=1`), EOS not reached within 32 token
 All three share one set of weights; the script checks that their logits and tokens agree before
 timing. Threads: torch and ONNX Runtime both get `--threads` intra-op threads (default 2).
 
-    python benchmarks/onnx_cpu.py [--threads 2] [--repeats 5] [--workdir DIR]
+    python benchmarks/onnx_cpu.py [--threads 2] [--repeats 6] [--workdir DIR]
 """
 
 from __future__ import annotations
@@ -38,16 +38,18 @@ LEVELS = {"basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
           "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
 
 
-def timed(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
-    """Median wall time in seconds over `repeats` runs after `warmup` runs."""
-    for _ in range(warmup):
+def timed(candidates: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median wall time (seconds) of each candidate after one warm-up run each. Runs are interleaved
+    (A, B, C, A, B, C, ...) so that load from other processes falls on all candidates alike."""
+    for fn in candidates.values():
         fn()
-    times = []
+    times: dict[str, list[float]] = {name: [] for name in candidates}
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for name, fn in candidates.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def cpu_name() -> str:
@@ -72,7 +74,8 @@ def options(threads: int, level: str) -> ort.SessionOptions:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=2, help="intra-op threads for torch and ORT (default: 2)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed runs per row (median; default: 5)")
+    parser.add_argument("--repeats", type=int, default=6,
+                        help="timed forward runs per row (median; generation runs half as many; default: 6)")
     parser.add_argument("--workdir", default=None, help="where to write the ONNX files (default: a temp dir)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -127,22 +130,19 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
     load_before = os.getloadavg()
-    results: dict[str, dict[str, float]] = {"forward": {}, "generate": {}}
     with torch.inference_mode():
-        results["forward"]["HF eager"] = timed(
-            lambda: hf(input_ids=tokens, attention_mask=mask, decoder_input_ids=dec), args.repeats)
-        results["forward"]["t5hooks eager"] = timed(lambda: ours(tokens, dec, one_zero_attention_mask=mask),
-                                                    args.repeats)
-        for level, runner in runners.items():
-            results["forward"][f"ORT ({level})"] = timed(lambda r=runner: r(tok_np, dec_np, mask_np), args.repeats)
-        repeats = max(1, args.repeats // 2)
-        results["generate"]["HF eager"] = timed(
-            lambda: hf.generate(input_ids=tokens, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False,
-                                num_beams=1), repeats)
-        results["generate"]["t5hooks eager"] = timed(
-            lambda: ours.generate(tokens, NEW_TOKENS, one_zero_attention_mask=mask), repeats)
-        results["generate"]["ORT (all)"] = timed(
-            lambda: generator.generate(tok_np, NEW_TOKENS, one_zero_attention_mask=mask_np), repeats)
+        forward = {
+            "HF eager": lambda: hf(input_ids=tokens, attention_mask=mask, decoder_input_ids=dec),
+            "t5hooks eager": lambda: ours(tokens, dec, one_zero_attention_mask=mask),
+            **{f"ORT ({level})": (lambda r=runner: r(tok_np, dec_np, mask_np)) for level, runner in runners.items()},
+        }
+        generate = {
+            "HF eager": lambda: hf.generate(input_ids=tokens, attention_mask=mask, max_new_tokens=NEW_TOKENS,
+                                            do_sample=False, num_beams=1),
+            "t5hooks eager": lambda: ours.generate(tokens, NEW_TOKENS, one_zero_attention_mask=mask),
+            "ORT (all)": lambda: generator.generate(tok_np, NEW_TOKENS, one_zero_attention_mask=mask_np),
+        }
+        results = {"forward": timed(forward, args.repeats), "generate": timed(generate, max(1, args.repeats // 2))}
     load_after = os.getloadavg()
 
     print()
