@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/t5hooks run
+	$(BIN)/t5hooks demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

@@ -158,6 +158,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--min-accuracy", type=float, default=0.99)
     train.set_defaults(func=cmd_train_tiny)
 
+    from .export.command import register as register_export
+
+    register_export(sub)
+
     bench = sub.add_parser("bench", help="benchmarks: 'attention' (kernels side by side), 'model' (whole model vs HF)",
                            description="Run a benchmark; arguments after the benchmark name go to it (try `t5hooks bench attention --help`).")
     bench.add_argument("what", choices=["attention", "model"], help="which benchmark")

@@ -121,7 +121,8 @@ def run_demo(out_dir: str | Path | None = None, word: str = "interpret") -> int:
     mask = (probe != 0).long()
     probe_dec = model.shift_right(model.to_tokens(["skooh", "emitnur xnno"]))
     ort_out = runner(input=probe, decoder_input=probe_dec, one_zero_attention_mask=mask)
-    eager_out = model.capture(capture)(probe, probe_dec, mask)
+    with torch.no_grad():
+        eager_out = model.capture(capture)(probe, probe_dec, mask)
     worst = max(float((torch.as_tensor(ort_out[k]) - eager_out[k]).abs().max()) for k in eager_out)
     print(f"\n4. ONNX export {onnx_path.name}: outputs {list(ort_out)[:3]} ... ({len(ort_out)} in all); "
           f"ONNX Runtime vs eager max |diff| {worst:.2e} {'OK' if worst < 1e-4 else 'MISMATCH'}")
