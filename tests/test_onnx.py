@@ -17,6 +17,7 @@ import t5hooks.kernels.op as kernel_op
 from t5hooks import HookedEncoderDecoder, HookedT5Config
 from t5hooks.export import OnnxRunner, command, to_onnx
 from t5hooks.export.onnx import name_graph_io
+from t5hooks.export.ort import _resolve_shape
 
 D_MODEL, VOCAB, BUCKETS, MAX_DISTANCE = 16, 40, 8, 16
 CAPTURE = [
@@ -135,6 +136,9 @@ def test_parity_with_eager_at_new_shapes(model, exported, batch, enc, dec):
     assert list(got) == list(expected)
     for name, value in expected.items():
         np.testing.assert_allclose(got[name], value.detach().numpy(), atol=1e-4, rtol=0, err_msg=name)
+        # what the CUDA path preallocates from the input sizes
+        assert _resolve_shape(runner.output_shapes[name], {"batch": batch, "encoder": enc, "decoder": dec}) == \
+            got[name].shape
 
 
 def test_patches_match_eager_hooks(model, exported):

@@ -9,6 +9,7 @@ from t5_fixtures import random_batch
 
 from t5hooks import HookedEncoderDecoder, HookedT5Config
 from t5hooks.export import OnnxGenerator, to_onnx_generator
+from t5hooks.export.ort import _resolve_shape
 
 VOCAB = 48
 CAPTURE = [
@@ -110,6 +111,24 @@ def test_single_row_without_mask(model, generator):
     tokens = torch.randint(3, VOCAB, (1, 4), generator=torch.Generator().manual_seed(7))
     expected = model.generate(tokens, 3)
     np.testing.assert_array_equal(generator.generate(tokens.numpy(), 3).tokens, expected.numpy())
+
+
+def test_output_shapes_resolve_from_input_axes(generator):
+    """With CUDA, the runner preallocates every output from the input axis sizes (IOBinding): check on CPU
+    that each output shape of both graphs, 'past + 1' included, resolves to what ONNX Runtime returns."""
+    tokens, mask = padded_batch(batch=2, enc=5)
+    encoded = generator.encoder(input=tokens, one_zero_attention_mask=mask)
+    past = np.zeros((2, 2, 3, 4), dtype=np.float32)
+    step_feeds = {"decoder_input": np.zeros((2, 1), dtype=np.int64), "one_zero_attention_mask": mask.numpy(),
+                  **{f"past.{layer}.{kv}": past for layer in range(2) for kv in ("key", "value")},
+                  **{name: value for name, value in encoded.items() if name.startswith("cross.")}}
+    encoder_feeds = {"input": tokens.numpy(), "one_zero_attention_mask": mask.numpy()}
+    for runner, feeds, outputs in ((generator.encoder, encoder_feeds, encoded),
+                                   (generator.decoder, step_feeds, generator.decoder.run(step_feeds))):
+        sizes = {dim: size for name, spec in runner.inputs.items()
+                 for dim, size in zip(spec.shape, feeds[name].shape) if isinstance(dim, str)}
+        for name, value in outputs.items():
+            assert _resolve_shape(runner.output_shapes[name], sizes) == value.shape, name
 
 
 def test_bad_inputs(generator, tmp_path, model):

@@ -222,6 +222,12 @@ class OnnxRunner:
             for dim, size in zip(spec.shape, tensor.shape):
                 if isinstance(dim, str):
                     sizes[dim] = size
+            if tensor.numel() == 0:  # e.g. the empty KV cache of the first step: no buffer to point at
+                empty = ort.OrtValue.ortvalue_from_shape_and_type(tuple(tensor.shape), spec.dtype.type, "cuda",
+                                                                  device.index or 0)
+                keep.append(empty)
+                binding.bind_ortvalue_input(name, empty)
+                continue
             binding.bind_input(name, "cuda", device.index or 0, spec.dtype.type, tuple(tensor.shape), tensor.data_ptr())
         outputs: dict[str, torch.Tensor] = {}
         unresolved = []
