@@ -292,7 +292,8 @@ def checkpoint(tmp_path_factory):
 
 
 def export_command(*args):
-    return subprocess.run([sys.executable, "-m", "t5hooks.export.command", *args], capture_output=True, text=True,
+    """`t5hooks export ...` in a fresh process (the installed entry point is `t5hooks.cli:main`)."""
+    return subprocess.run([sys.executable, "-m", "t5hooks.cli", "export", *args], capture_output=True, text=True,
                           timeout=300)
 
 
