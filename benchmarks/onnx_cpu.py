@@ -31,6 +31,7 @@ from transformers import T5Config, T5ForConditionalGeneration
 
 from t5hooks import HookedEncoderDecoder
 from t5hooks.export import OnnxGenerator, OnnxRunner, to_onnx
+from t5hooks.export.ort import session_options
 
 BATCH, ENC, DEC, NEW_TOKENS = 8, 128, 32, 32
 LEVELS = {"basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
@@ -63,11 +64,10 @@ def cpu_name() -> str:
 
 
 def options(threads: int, level: str) -> ort.SessionOptions:
-    opts = ort.SessionOptions()
+    """The runner's default session options (see `t5hooks.export.ort.session_options`) at another
+    graph-optimisation level."""
+    opts = session_options(threads)
     opts.graph_optimization_level = LEVELS[level]
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     return opts
 
 
@@ -149,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"machine: {cpu_name()}, {os.cpu_count()} cores, {platform.system()} {platform.release()}")
     print(f"versions: python {platform.python_version()}, torch {torch.__version__}, transformers "
           f"{transformers.__version__}, onnxruntime {ort.__version__}, onnx {onnx.__version__}")
-    print(f"threads: torch {torch.get_num_threads()}, ORT intra-op {args.threads} (inter-op 1, sequential)")
+    print(f"threads: torch {torch.get_num_threads()}, ORT intra-op {args.threads}; ORT session options: the runner's "
+          f"defaults (session.dynamic_block_base=4), graph optimisation level per row")
     print(f"load average before/after timing: {load_before[0]:.2f} / {load_after[0]:.2f} (1 min)")
     print(f"model: T5Config() defaults (t5-small shape), random weights, fp32; batch {BATCH}, encoder {ENC} "
           f"(padded rows), decoder {DEC}; generation {NEW_TOKENS} new tokens, greedy")
