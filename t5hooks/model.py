@@ -176,7 +176,7 @@ class HookedEncoderDecoder(HookedRootModule):
     def decode(
         self,
         decoder_tokens: Tensor,  # [B,D] (only the new positions when `cache` holds earlier ones)
-        encoder_out: Tensor,  # [B,E,d_model]
+        encoder_out: Tensor | None,  # [B,E,d_model]; None when `cache` already holds the cross-attention K/V
         attention_mask: Tensor | None = None,  # [B,E] encoder padding
         decoder_attention_mask: Tensor | None = None,  # [B, cached + D] decoder padding
         io: HookIO | None = None,
@@ -184,7 +184,12 @@ class HookedEncoderDecoder(HookedRootModule):
     ) -> Tensor:  # logits [B,D,d_vocab]
         """Decoder stack and unembedding. With a `DecoderCache`, K/V of earlier steps are reused."""
         B, D = decoder_tokens.shape
-        E = encoder_out.shape[1]
+        if encoder_out is not None:
+            E = encoder_out.shape[1]
+        elif cache is not None and cache.cross_attn[0].k is not None:
+            E = cache.cross_attn[0].k.shape[2]
+        else:
+            raise ValueError("decode() needs encoder_out, or a DecoderCache that already holds the cross-attention K/V")
         past = 0 if cache is None else cache.length
         enc_mask = None if attention_mask is None else attention_mask.bool()
         dec_mask = None if decoder_attention_mask is None else decoder_attention_mask.bool()

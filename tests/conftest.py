@@ -10,3 +10,6 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# The test models are tiny: one thread is as fast, and immune to oversubscription when the machine is busy.
+torch.set_num_threads(1)

@@ -82,10 +82,7 @@ class DecoderStepGraph(nn.Module):
             cache.self_attn[layer].update(past[2 * layer], past[2 * layer + 1], append=False)
             cache.cross_attn[layer].update(cross[2 * layer], cross[2 * layer + 1], append=False)
         io = HookIO(self.names)
-        # decode() reads only the encoder length from encoder_out when the cross K/V are cached:
-        # a [B,E,H,d_head] view of the cross keys stands in for it (its values are never used).
-        encoder_length_view = cross[0].transpose(1, 2)
-        logits = self.model.decode(decoder_input, encoder_length_view, one_zero_attention_mask, None, io, cache=cache)
+        logits = self.model.decode(decoder_input, None, one_zero_attention_mask, None, io, cache=cache)
         present = [t for c in cache.self_attn for t in (c.k, c.v)]
         return (logits, *present, *(io.outputs[n] for n in self.names))
 
