@@ -9,8 +9,10 @@ import pytest
 SUBCOMMANDS = ["run", "demo", "train-tiny", "bench", "export"]
 
 
-def t5hooks(*args, timeout=300, cwd=None):
+def t5hooks(*args, timeout=300, cwd=None, offline=False):
     env = {**os.environ, "TRITON_INTERPRET": "0"}
+    if offline:
+        env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     return subprocess.run([sys.executable, "-m", "t5hooks.cli", *args], capture_output=True, text=True,
                           timeout=timeout, env=env, cwd=cwd)
 
@@ -49,3 +51,13 @@ def test_bad_input_exits_nonzero_with_a_clear_message(args, message):
     result = t5hooks(*args)
     assert result.returncode == 2
     assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_demo_runs_offline_end_to_end(tmp_path):
+    result = t5hooks("demo", "--out", str(tmp_path / "demo"), "--word", "hooked", offline=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    assert "'hooked' -> 'dekooh'" in out
+    assert "anti-diagonal" in out and "ablating" in out and "ONNX Runtime vs eager" in out and "OK" in out
+    assert (tmp_path / "demo" / "cross_attention.png").stat().st_size > 1000
+    assert (tmp_path / "demo" / "t5hooks-tiny.onnx").exists()
