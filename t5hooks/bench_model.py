@@ -28,17 +28,20 @@ from t5hooks.hook_points import HookPoint
 RESID = ["encoder.*.hook_resid_post", "decoder.*.hook_resid_post"]
 
 
-def median_ms(fn: Callable[[], object], repeats: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
+def interleaved_medians(rows: list[tuple[str, Callable[[], object]]], repeats: int, warmup: int = 2) -> dict[str, float]:
+    """Median ms per row, timing the rows round-robin so drift in the machine's load hits every row alike."""
+    for _, fn in rows:
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name, _ in rows}
     for _ in range(repeats):
-        _sync()
-        start = time.perf_counter()
-        fn()
-        _sync()
-        times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
+        for name, fn in rows:
+            _sync()
+            start = time.perf_counter()
+            fn()
+            _sync()
+            times[name].append(time.perf_counter() - start)
+    return {name: 1000 * statistics.median(t) for name, t in times.items()}
 
 
 def _sync() -> None:
@@ -55,6 +58,13 @@ class bypassed_hook_points:
 
     def __exit__(self, *exc):
         HookPoint.__call__ = self.saved
+
+
+def without_hook_points(fn: Callable[[], object]) -> Callable[[], object]:
+    def run():
+        with bypassed_hook_points():
+            return fn()
+    return run
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -81,37 +91,36 @@ def main(argv: list[str] | None = None) -> int:
                                                  attn_impl="eager").eval()
     tokens = torch.randint(3, cfg.vocab_size, (batch, enc), device=device)
     dec_tokens = torch.randint(3, cfg.vocab_size, (batch, dec), device=device)
-    rows: list[tuple[str, float, str]] = []  # (name, ms, baseline name)
     compile_s = 0.0
 
-    def compiled(module):
+    def compiled(module, *args, **kwargs):
         nonlocal compile_s
         fn = torch.compile(module, fullgraph=True)
         start = time.perf_counter()
-        fn(tokens, dec_tokens)
+        fn(*args, **kwargs)
         compile_s += time.perf_counter() - start
         return fn
 
+    forward: list[tuple[str, Callable[[], object]]] = [
+        ("HF eager forward", lambda: hf(input_ids=tokens, decoder_input_ids=dec_tokens)),
+        ("HF sdpa forward", lambda: hf_sdpa(input_ids=tokens, decoder_input_ids=dec_tokens)),
+        ("t5hooks forward (hook points idle)", lambda: model(tokens, dec_tokens)),
+        ("t5hooks forward, hook points bypassed", without_hook_points(lambda: model(tokens, dec_tokens))),
+        ("t5hooks run_with_cache (all hook_resid_post)", lambda: model.run_with_cache(tokens, dec_tokens, names_filter=RESID)),
+    ]
+    cap_resid = model.capture(RESID)
+    forward.append(("capture module, eager (all hook_resid_post)", lambda: cap_resid(tokens, dec_tokens)))
+    if device.type == "cuda":
+        fused = HookedEncoderDecoder.from_pretrained("t5-small-shape", hf_model=hf, dtype=dtype, device=device,
+                                                     attn_impl="fused").eval()
+        forward.append(("t5hooks forward, fused attention", lambda: fused(tokens, dec_tokens)))
     with torch.inference_mode():
-        rows.append(("HF eager forward", median_ms(lambda: hf(input_ids=tokens, decoder_input_ids=dec_tokens), repeats), "fwd"))
-        rows.append(("HF sdpa forward", median_ms(lambda: hf_sdpa(input_ids=tokens, decoder_input_ids=dec_tokens), repeats), "fwd"))
-        ours = median_ms(lambda: model(tokens, dec_tokens), repeats)
-        rows.append(("t5hooks forward (hook points idle)", ours, "fwd"))
-        with bypassed_hook_points():
-            bare = median_ms(lambda: model(tokens, dec_tokens), repeats)
-        rows.append(("t5hooks forward, hook points bypassed", bare, "fwd"))
-        cached = median_ms(lambda: model.run_with_cache(tokens, dec_tokens, names_filter=RESID), repeats)
-        rows.append(("t5hooks run_with_cache (all hook_resid_post)", cached, "fwd"))
-        cap_resid = model.capture(RESID)
-        rows.append(("capture module, eager (all hook_resid_post)", median_ms(lambda: cap_resid(tokens, dec_tokens), repeats), "fwd"))
-        if device.type == "cuda":
-            model.cfg.attn_impl = "fused"
-            rows.append(("t5hooks forward, fused attention", median_ms(lambda: model(tokens, dec_tokens), repeats), "fwd"))
-            model.cfg.attn_impl = "eager"
         if not args.no_compile:
-            none_fn, resid_fn = compiled(model.capture([])), compiled(cap_resid)
-            rows.append(("compiled capture, nothing captured", median_ms(lambda: none_fn(tokens, dec_tokens), repeats), "fwd"))
-            rows.append(("compiled capture (all hook_resid_post)", median_ms(lambda: resid_fn(tokens, dec_tokens), repeats), "fwd"))
+            none_fn = compiled(model.capture([]), tokens, dec_tokens)
+            resid_fn = compiled(cap_resid, tokens, dec_tokens)
+            forward.append(("compiled capture, nothing captured", lambda: none_fn(tokens, dec_tokens)))
+            forward.append(("compiled capture (all hook_resid_post)", lambda: resid_fn(tokens, dec_tokens)))
+        fwd_ms = interleaved_medians(forward, repeats)
 
     labels = dec_tokens
 
@@ -126,19 +135,22 @@ def main(argv: list[str] | None = None) -> int:
             (out["loss"] + 1e-3 * sum(out[n].abs().mean() for n in out if n.endswith("resid_post"))).backward()
         return step
 
-    rows.append(("HF eager training step (LM loss)", median_ms(hf_step, repeats), "step"))
-    rows.append(("t5hooks step (LM loss + L1 on resid_post)", median_ms(ours_step(model.capture(RESID)), repeats), "step"))
+    training = [("HF eager training step (LM loss)", hf_step),
+                ("t5hooks step (LM loss + L1 on resid_post)", ours_step(model.capture(RESID)))]
     if not args.no_compile:
         train_fn = torch.compile(model.capture(RESID), fullgraph=True)
         start = time.perf_counter()
         ours_step(train_fn)()
         compile_s += time.perf_counter() - start
-        rows.append(("compiled step (LM loss + L1 on resid_post)", median_ms(ours_step(train_fn), repeats), "step"))
-
+        training.append(("compiled step (LM loss + L1 on resid_post)", ours_step(train_fn)))
+    step_ms = interleaved_medians(training, repeats)
+    rows = [(name, ms, "fwd") for name, ms in fwd_ms.items()] + [(name, ms, "step") for name, ms in step_ms.items()]
+    ours, bare = fwd_ms["t5hooks forward (hook points idle)"], fwd_ms["t5hooks forward, hook points bypassed"]
+    cached = fwd_ms["t5hooks run_with_cache (all hook_resid_post)"]
     baseline = {"fwd": rows[0][1], "step": next(ms for name, ms, _ in rows if name.startswith("HF eager training"))}
     machine = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.machine()} CPU, {args.threads} threads"
     print(f"\nt5-small shape (d_model {cfg.d_model}, {cfg.num_layers}+{cfg.num_decoder_layers} layers), {str(dtype)[6:]}, "
-          f"batch {batch}, encoder {enc}, decoder {dec}; median of {repeats} runs")
+          f"batch {batch}, encoder {enc}, decoder {dec}; median of {repeats} interleaved runs")
     print(f"{machine}; torch {torch.__version__}, transformers {transformers.__version__}")
     width = max(len(name) for name, _, _ in rows)
     print(f"{'':{width}}  {'ms':>8}  {'vs HF eager':>11}")
@@ -147,7 +159,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"hook points with nothing attached cost {100 * (ours / bare - 1):+.1f}% over bypassed; "
           f"caching all resid_post {100 * (cached / ours - 1):+.1f}%")
     if not args.no_compile:
-        print(f"(torch.compile took {compile_s:.0f} s in all)")
+        print(f"compiled capture: all hook_resid_post cost "
+              f"{100 * (fwd_ms['compiled capture (all hook_resid_post)'] / fwd_ms['compiled capture, nothing captured'] - 1):+.1f}% "
+              f"over capturing nothing (torch.compile took {compile_s:.0f} s in all)")
     return 0
 
 
