@@ -411,6 +411,15 @@ class ActivationCache(Mapping):
         labels.append("remainder")
         return torch.cat([components, (resid - components.sum(0))[None]])
 
+    def _finish_per_unit(self, components: Tensor, labels: list[str], stack: str, layer: int, pos_slice: SliceInput,
+                         incl_remainder: bool, apply_ln: bool, return_labels: bool) -> Tensor | tuple[Tensor, list[str]]:
+        """The shared tail of the per-head / per-neuron stacks: remainder, normalisation, labels."""
+        if incl_remainder:
+            components = self._with_remainder(components, labels, stack, layer, pos_slice)
+        if apply_ln:
+            components = self.apply_ln_to_stack(components, stack, layer, pos_slice=pos_slice)
+        return (components, labels) if return_labels else components
+
     # ---- per head and per neuron ---------------------------------------------------------
     def head_results(self, stack: Stack, layer: int, attn: AttnKind = "self") -> Tensor:
         """Per-head attention outputs `[*batch, pos, H, d_model]` of one layer: `hook_result` when cached,
@@ -448,11 +457,8 @@ class ActivationCache(Mapping):
             parts.append(result.movedim(-2, 0))
             labels.extend(f"L{l}H{h}{suffix}" for h in range(H))
         components = torch.cat(parts) if parts else self._stack([], stack, pos_slice)
-        if incl_remainder:
-            components = self._with_remainder(components, labels, stack, layer, pos_slice)
-        if apply_ln:
-            components = self.apply_ln_to_stack(components, stack, layer, pos_slice=pos_slice)
-        return (components, labels) if return_labels else components
+        return self._finish_per_unit(components, labels, stack, layer, pos_slice, incl_remainder, apply_ln,
+                                     return_labels)
 
     def stack_neuron_results(
         self,
@@ -479,11 +485,8 @@ class ActivationCache(Mapping):
             parts.append((post[..., None] * W_out).movedim(-2, 0))
             labels.extend(f"L{l}N{n}" for n in neuron_ids)
         components = torch.cat(parts) if parts else self._stack([], stack, pos_slice)
-        if incl_remainder:
-            components = self._with_remainder(components, labels, stack, layer, pos_slice)
-        if apply_ln:
-            components = self.apply_ln_to_stack(components, stack, layer, pos_slice=pos_slice)
-        return (components, labels) if return_labels else components
+        return self._finish_per_unit(components, labels, stack, layer, pos_slice, incl_remainder, apply_ln,
+                                     return_labels)
 
     def get_full_resid_decomposition(
         self,

@@ -26,37 +26,38 @@ HUB_KWARGS = ("cache_dir", "revision", "local_files_only", "token", "force_downl
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
 
-# Hugging Face parameter name (per layer) -> ours. `{s}` is encoder/decoder, `{l}` the layer.
-_ENCODER_LAYER = {
+# Hugging Face parameter name (per layer) -> ours. `layer.0` is self-attention in both stacks; the decoder's
+# `layer.1` is cross-attention, so its MLP sublayer is `layer.2` where the encoder's is `layer.1`.
+_SELF_ATTENTION = {
     "layer.0.SelfAttention.q.weight": "attn.q_proj",
     "layer.0.SelfAttention.k.weight": "attn.k_proj",
     "layer.0.SelfAttention.v.weight": "attn.v_proj",
     "layer.0.SelfAttention.o.weight": "attn.o_proj",
     "layer.0.SelfAttention.relative_attention_bias.weight": "attn.rel_bias_table",
     "layer.0.layer_norm.weight": "ln1.w",
-    "layer.1.DenseReluDense.wi.weight": "mlp.in_proj",
-    "layer.1.DenseReluDense.wi_0.weight": "mlp.gate_proj",
-    "layer.1.DenseReluDense.wi_1.weight": "mlp.in_proj",
-    "layer.1.DenseReluDense.wo.weight": "mlp.out_proj",
-    "layer.1.layer_norm.weight": "ln2.w",
 }
+
+
+def _mlp_sublayer(index: int, norm: str) -> dict[str, str]:
+    prefix = f"layer.{index}"
+    return {
+        f"{prefix}.DenseReluDense.wi.weight": "mlp.in_proj",
+        f"{prefix}.DenseReluDense.wi_0.weight": "mlp.gate_proj",
+        f"{prefix}.DenseReluDense.wi_1.weight": "mlp.in_proj",
+        f"{prefix}.DenseReluDense.wo.weight": "mlp.out_proj",
+        f"{prefix}.layer_norm.weight": f"{norm}.w",
+    }
+
+
+_ENCODER_LAYER = {**_SELF_ATTENTION, **_mlp_sublayer(1, "ln2")}
 _DECODER_LAYER = {
-    "layer.0.SelfAttention.q.weight": "attn.q_proj",
-    "layer.0.SelfAttention.k.weight": "attn.k_proj",
-    "layer.0.SelfAttention.v.weight": "attn.v_proj",
-    "layer.0.SelfAttention.o.weight": "attn.o_proj",
-    "layer.0.SelfAttention.relative_attention_bias.weight": "attn.rel_bias_table",
-    "layer.0.layer_norm.weight": "ln1.w",
+    **_SELF_ATTENTION,
     "layer.1.EncDecAttention.q.weight": "cross_attn.q_proj",
     "layer.1.EncDecAttention.k.weight": "cross_attn.k_proj",
     "layer.1.EncDecAttention.v.weight": "cross_attn.v_proj",
     "layer.1.EncDecAttention.o.weight": "cross_attn.o_proj",
     "layer.1.layer_norm.weight": "ln2.w",
-    "layer.2.DenseReluDense.wi.weight": "mlp.in_proj",
-    "layer.2.DenseReluDense.wi_0.weight": "mlp.gate_proj",
-    "layer.2.DenseReluDense.wi_1.weight": "mlp.in_proj",
-    "layer.2.DenseReluDense.wo.weight": "mlp.out_proj",
-    "layer.2.layer_norm.weight": "ln3.w",
+    **_mlp_sublayer(2, "ln3"),
 }
 _TOP_LEVEL = {
     "shared.weight": "embed.W_E",
