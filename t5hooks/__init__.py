@@ -1,6 +1,6 @@
 """t5hooks: a hooked T5 encoder-decoder whose hook points are also explicit graph outputs."""
 
-from .cache import ActivationCache
+from .cache import ActivationCache, act_name
 from .config import HookedT5Config
 from .factored_matrix import FactoredMatrix
 from .hook_points import HookedRootModule, HookIO, HookPoint
@@ -10,6 +10,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ActivationCache",
+    "act_name",
     "FactoredMatrix",
     "HookIO",
     "HookPoint",

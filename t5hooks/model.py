@@ -437,12 +437,21 @@ class HookedEncoderDecoder(HookedRootModule):
         return model
 
     def to(self, *args: Any, **kwargs: Any) -> "HookedEncoderDecoder":
-        """nn.Module.to, keeping `cfg.device` / `cfg.dtype` in step."""
+        """nn.Module.to, keeping `cfg.device` / `cfg.dtype` in step (`print_details` is accepted, as TL)."""
         kwargs.pop("print_details", None)
         result = super().to(*args, **kwargs)
         self.cfg.device = str(self.embed.W_E.device)
         self.cfg.dtype = self.embed.W_E.dtype
         return result
+
+    def cpu(self) -> "HookedEncoderDecoder":
+        return self.to("cpu")
+
+    def cuda(self, device: int | str | torch.device | None = None) -> "HookedEncoderDecoder":
+        return self.to(torch.device("cuda") if device is None else torch.device("cuda", device) if isinstance(device, int) else device)
+
+    def mps(self) -> "HookedEncoderDecoder":
+        return self.to("mps")
 
     # ---- weights, TransformerLens names --------------------------------------------------
     @property

@@ -231,3 +231,12 @@ def test_string_inputs_with_a_tokenizer():
         dec = torch.tensor([[0, ord("o") + 3, ord("k") + 3, 1]]).expand(2, -1)
         from_ids = model(tokens, dec, one_zero_attention_mask=mask)[0]
     torch.testing.assert_close(from_text, from_ids)
+
+
+def test_moves_keep_cfg_in_step():
+    model = tiny()
+    assert model.to(torch.float64, print_details=False) is model
+    assert model.cfg.dtype == torch.float64 and model.W_E.dtype == torch.float64
+    assert model.cpu().cfg.device == "cpu"
+    tokens, mask, dec = batch(model)
+    assert model(tokens, dec).dtype == torch.float64
