@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from .components import lm_loss
 from .summary import format_table
 
 SHADES = " .:-=+*#%@"
@@ -41,12 +42,6 @@ def median_ms(fn: Callable[[], object], repeats: int = 7) -> float:
     return 1000 * statistics.median(times)
 
 
-def answer_log_prob(logits: Tensor, labels: Tensor) -> Tensor:
-    """Mean log-probability of the correct answer tokens, per batch row."""
-    logp = logits.float().log_softmax(-1).gather(-1, labels[..., None])[..., 0]
-    return logp.mean(-1)
-
-
 def run_demo(out_dir: str | Path | None = None, word: str = "interpret") -> int:
     from .export import OnnxRunner, to_onnx
     from .model import HookedEncoderDecoder
@@ -68,7 +63,7 @@ def run_demo(out_dir: str | Path | None = None, word: str = "interpret") -> int:
     dec = model.shift_right(target)
     names = [f"decoder.{l}.cross_attn.hook_pattern" for l in range(model.cfg.n_decoder_layers)]
     with torch.no_grad():
-        logits, cache = model.run_with_cache(tokens, dec, names_filter=names)
+        _, cache = model.run_with_cache(tokens, dec, names_filter=names)
     mirror = torch.arange(len(word) - 1, -1, -1)
     best_name, best_head, best_mass = None, 0, -1.0
     for name in names:
@@ -87,30 +82,43 @@ def run_demo(out_dir: str | Path | None = None, word: str = "interpret") -> int:
           f"position (anti-diagonal). PNG: {png}")
     print(ascii_heatmap(pattern, dec_labels, enc_labels))
 
-    # 3. which head matters most: ablate each head's z (zero) and watch the answer's log-probability
-    base = answer_log_prob(logits, target)[0].item()
+    # 3. which head matters most: zero each head's z in turn on 200 held-out words (teacher-forced)
+    from .train_tiny import exact_match_accuracy, held_out_words, make_batch
+
+    words = held_out_words()[:200]
+    batch = make_batch(words, model.tokenizer)
+    batch_dec = model.shift_right(batch.labels)
+
+    def answer_log_prob(hooks: list) -> float:
+        with torch.no_grad():
+            logits = model.run_with_hooks(batch.tokens, batch_dec, one_zero_attention_mask=batch.mask, fwd_hooks=hooks)
+        return -lm_loss(logits, batch.labels).item()  # mean log-probability of the answer tokens
+
+    def zero_head(head: int):
+        def hook(z: Tensor, hook) -> Tensor:  # z: [batch, pos, heads, d_head]
+            z = z.clone()
+            z[:, :, head] = 0
+            return z
+        return hook
+
+    base = answer_log_prob([])
     results = []
     for stack, attn, layers in (("encoder", "attn", model.cfg.n_layers), ("decoder", "attn", model.cfg.n_decoder_layers),
                                 ("decoder", "cross_attn", model.cfg.n_decoder_layers)):
         for layer in range(layers):
             for head in range(model.cfg.n_heads):
-                def ablate(z: Tensor, hook, head=head) -> Tensor:
-                    z = z.clone()
-                    z[:, :, head] = 0
-                    return z
-
-                hook_name = f"{stack}.{layer}.{attn}.hook_z"
-                with torch.no_grad():
-                    ablated = model.run_with_hooks(tokens, dec, fwd_hooks=[(hook_name, ablate)])
-                results.append((answer_log_prob(ablated, target)[0].item(), hook_name, head, ablate))
+                hook = (f"{stack}.{layer}.{attn}.hook_z", zero_head(head))
+                results.append((answer_log_prob([hook]), hook, head))
     results.sort(key=lambda r: r[0])
-    worst_lp, worst_name, worst_head, worst_fn = results[0]
-    with model.hooks(fwd_hooks=[(worst_name, worst_fn)]):
+    worst_lp, worst_hook, worst_head = results[0]
+    with model.hooks(fwd_hooks=[worst_hook]):
+        ablated_accuracy = exact_match_accuracy(model, words)
         ablated_answer = model.generate(word, max_new_tokens=len(word) + 2)
-    print(f"\n3. ablating {worst_name} head {worst_head} hurts most: mean log-prob of the answer "
-          f"{base:.3f} -> {worst_lp:.3f}; the model then answers {ablated_answer!r} (was {answer!r})")
-    rows = [(f"{name} H{head}", f"{lp - base:+.3f}") for lp, name, head, _ in results[:5]]
-    print(format_table(rows, ("head", "change in log-prob")))
+    print(f"\n3. zeroing one head at a time on {len(words)} held-out words: {worst_hook[0]} head {worst_head} hurts most. "
+          f"Mean log-prob of the answers {base:.3f} -> {worst_lp:.3f}; exact-match accuracy "
+          f"{exact_match_accuracy(model, words):.1%} -> {ablated_accuracy:.1%}; {word!r} -> {ablated_answer!r}")
+    rows = [(f"{hook[0]} H{head}", f"{lp - base:+.3f}") for lp, hook, head in results[:5]]
+    print(format_table(rows, ("head zeroed", "change in mean log-prob")))
 
     # 4. ONNX export with captured activations, checked in ONNX Runtime against eager
     capture = names + ["decoder.*.hook_resid_post"]

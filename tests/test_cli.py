@@ -58,6 +58,6 @@ def test_demo_runs_offline_end_to_end(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
     assert "'hooked' -> 'dekooh'" in out
-    assert "anti-diagonal" in out and "ablating" in out and "ONNX Runtime vs eager" in out and "OK" in out
+    assert "anti-diagonal" in out and "hurts most" in out and "ONNX Runtime vs eager" in out and "OK" in out
     assert (tmp_path / "demo" / "cross_attention.png").stat().st_size > 1000
     assert (tmp_path / "demo" / "t5hooks-tiny.onnx").exists()
