@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .triton_common import LOG2E, biased_scores, key_block_ranges, load_key_ok, query_block_ranges
+from .triton_common import LOG2E, biased_scores, key_block_ranges, key_tile_scores, load_key_ok, query_block_ranges
 from .triton_forward import COMPILE_OPTIONS, dot_precision
 
 
@@ -267,19 +267,11 @@ def _dq_key_blocks(
     DOT_PRECISION: tl.constexpr,
 ):
     """Accumulate dQ `[BM,D]` (unscaled) over the key blocks in `[start, stop)`."""
-    d_ok = offs_d < HEAD_DIM
     for start_n in range(start, stop, BLOCK_N):
-        k_pos = start_n + offs_n  # [BN]
-        in_range = (k_pos < k_len)[:, None] & d_ok[None, :]
-        k = tl.load(k_base + k_pos[:, None] * stride_kn + offs_d[None, :], mask=in_range, other=0.0)  # [BN,D]
-        v = tl.load(v_base + k_pos[:, None] * stride_vn + offs_d[None, :], mask=in_range, other=0.0)  # [BN,D]
-        key_ok = load_key_ok(key_mask_row, k_pos, k_len, HAS_KPM)
-
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2e  # [BM,BN]
-        s = biased_scores(
-            s, q_pos[:, None], k_pos[None, :], key_ok[None, :], bias_row, far_bias, bound,
-            NEAR, HAS_BIAS, CAUSAL, MASK_KEYS,
-        )  # fmt: skip
+        k, v, s = key_tile_scores(
+            q, k_base, v_base, stride_kn, stride_vn, key_mask_row, bias_row, far_bias, q_pos, start_n + offs_n,
+            offs_d, k_len, bound, scale_log2e, NEAR, HAS_BIAS, HAS_KPM, CAUSAL, MASK_KEYS, HEAD_DIM, DOT_PRECISION,
+        )  # fmt: skip  # k, v [BN,D]; s [BM,BN]
         p = tl.exp2(s - lse2[:, None])  # [BM,BN]
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)  # [BM,BN]
         ds = p * (dp - delta[:, None])  # [BM,BN]

@@ -117,3 +117,25 @@ def load_key_ok(key_mask_row, k_pos, k_len, HAS_KPM: tl.constexpr):
     if HAS_KPM:
         ok = ok & (tl.load(key_mask_row + k_pos, mask=ok, other=0) != 0)
     return ok
+
+
+@triton.jit
+def key_tile_scores(
+    q, k_base, v_base, stride_kn, stride_vn, key_mask_row, bias_row, far_bias, q_pos, k_pos, offs_d, k_len, bound,
+    scale_log2e,
+    NEAR: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr,
+    MASK_KEYS: tl.constexpr, HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Load the K/V tile at key positions `k_pos` `[BN]` and score the query tile `q` `[BM,D]` against it:
+    returns k, v `[BN,D]` and `s = q k^T * scale + bias`, masked, `[BM,BN]` in log2 units (shared by the
+    forward pass and the dQ pass, which recomputes the same scores)."""
+    in_range = (k_pos < k_len)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    k = tl.load(k_base + k_pos[:, None] * stride_kn + offs_d[None, :], mask=in_range, other=0.0)  # [BN,D]
+    v = tl.load(v_base + k_pos[:, None] * stride_vn + offs_d[None, :], mask=in_range, other=0.0)  # [BN,D]
+    key_ok = load_key_ok(key_mask_row, k_pos, k_len, HAS_KPM)  # [BN]
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2e  # [BM,BN]
+    s = biased_scores(
+        s, q_pos[:, None], k_pos[None, :], key_ok[None, :], bias_row, far_bias, bound,
+        NEAR, HAS_BIAS, CAUSAL, MASK_KEYS,
+    )  # fmt: skip
+    return k, v, s
