@@ -145,18 +145,26 @@ def load_pretrained(
     cfg_values = dict(cfg_overrides)
     cfg_values.setdefault("device", str(device) if device is not None else None)
     cfg = HookedT5Config.from_hf_config(hf_config, tie_word_embeddings=tied, dtype=dtype, model_name=name_or_path, **cfg_values)
-    with torch.device("meta"):
-        model = model_cls(cfg, tokenizer=tokenizer, move_to_device=False)
-    state = {k: v.to(dtype=dtype, device=device) if device is not None else v.to(dtype=dtype) for k, v in state.items()}
-    expected = set(model.state_dict())
-    missing = sorted(expected - set(state))
-    unexpected = sorted(set(state) - expected)
-    if missing or unexpected:
-        raise ValueError(f"{name_or_path!r}: checkpoint does not fit the config: missing {missing}, unexpected {unexpected}")
-    model.load_state_dict(state, assign=True)
-    model.cfg.device = str(model.W_E.device)
+    model = build_with_weights(model_cls, cfg, state, tokenizer, what=repr(name_or_path))
     if tokenizer is None and hf_model is None:
         model.tokenizer = _try_tokenizer(name_or_path, hub_kwargs)
+    return model
+
+
+def build_with_weights(model_cls: type, cfg: HookedT5Config, state: dict[str, Tensor], tokenizer: Any = None,
+                       what: str = "checkpoint"):
+    """Build the model on the meta device and assign `state` (our names) as its parameters, cast to
+    `cfg.dtype` / `cfg.device` (None: where they are): no random initialisation, and no second copy of
+    weights already in the right dtype and place."""
+    with torch.device("meta"):
+        model = model_cls(cfg, tokenizer=tokenizer, move_to_device=False)
+    state = {k: v.to(dtype=cfg.dtype, device=cfg.device) for k, v in state.items()}  # device None: stay put
+    expected = set(model.state_dict())
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        raise ValueError(f"{what}: weights do not fit the config: missing {missing}, unexpected {unexpected}")
+    model.load_state_dict(state, assign=True)
+    model.cfg.device = str(model.W_E.device)
     return model
 
 

@@ -174,14 +174,13 @@ def save_tiny(model, path: str | Path, info: dict) -> Path:
 def load_tiny(model_cls, path: str | Path, device=None, dtype: torch.dtype = torch.float32, **overrides):
     from safetensors import safe_open
 
+    from .loading import build_with_weights
+
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata()
     cfg = HookedT5Config.from_dict({**json.loads(meta["config"]), "dtype": dtype,
                                     "device": None if device is None else str(device), **overrides})
-    with torch.device("meta"):
-        model = model_cls(cfg, tokenizer=ByteTokenizer(), move_to_device=False)
-    state = {k: v.to(dtype=dtype, device=device or "cpu") for k, v in load_file(str(path)).items()}
-    model.load_state_dict(state, assign=True)
+    model = build_with_weights(model_cls, cfg, load_file(str(path)), ByteTokenizer(), what=str(path))
     model.info = json.loads(meta["info"])
     return model.eval()
 
