@@ -8,7 +8,6 @@ properties over the same storage. Every forward takes an optional `HookIO` (see 
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from dataclasses import dataclass
 
@@ -18,6 +17,7 @@ from torch import Tensor, nn
 
 from .config import HookedT5Config
 from .hook_points import HookIO, HookPoint
+from .kernels.op import TRITON_AVAILABLE  # looked up once, not on every forward
 from .kernels.reference import allowed_keys, bias_and_mask, masked_softmax, position_bias, rows_with_keys
 
 ACT_FNS = {
@@ -46,16 +46,12 @@ def lm_loss(logits: Tensor, labels: Tensor) -> Tensor:
     return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
 
 
-def triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
-
-
 def fused_backend(device: torch.device) -> str:
     """The `relbias_attention` backend of a fused layer: "auto" (Triton on CUDA, the reference elsewhere and
     while exporting), or "triton" on CPU under `TRITON_INTERPRET=1`, which is how CPU-only CI runs the model
     through the kernels."""
     interpreted = os.environ.get("TRITON_INTERPRET") == "1" and device.type != "cuda"
-    if interpreted and triton_available() and not torch.compiler.is_exporting():
+    if interpreted and TRITON_AVAILABLE and not torch.compiler.is_exporting():
         return "triton"
     return "auto"
 
@@ -182,7 +178,7 @@ class Attention(nn.Module):
 
     def wants_fused(self, device: torch.device) -> bool:
         impl = self.cfg.attn_impl
-        return impl == "fused" or (impl == "auto" and device.type == "cuda" and triton_available())
+        return impl == "fused" or (impl == "auto" and device.type == "cuda" and TRITON_AVAILABLE)
 
     def needs_scores(self, io: HookIO | None, device: torch.device) -> bool:
         """Must this layer materialise its scores? (eager impl, or its scores/pattern are hooked, captured or patched)"""
