@@ -5,7 +5,7 @@ Same as `t5hooks bench model --device cpu`; see t5hooks/bench_model.py for the r
 
 import sys
 
-from t5hooks.bench_model import main
+from t5hooks.apps.bench_model import main
 
 if __name__ == "__main__":
     raise SystemExit(main(["--device", "cpu", *sys.argv[1:]]))

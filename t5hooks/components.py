@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from .config import HookedT5Config
 from .hook_points import HookIO, HookPoint
+from .kv_cache import KVCache
 from .kernels.op import TRITON_AVAILABLE  # looked up once, not on every forward
 from .kernels.reference import allowed_keys, bias_and_mask, masked_softmax, position_bias, rows_with_keys
 
@@ -206,7 +207,7 @@ class Attention(nn.Module):
         ctx: AttentionContext,
         io: HookIO | None = None,
         kv_input: Tensor | None = None,  # [B,K,d_model] encoder output, for cross-attention
-        cache: "KVCache | None" = None,
+        cache: KVCache | None = None,
     ) -> Tensor:  # [B,Q,d_model]
         B, Q, _ = x.shape
         H, d = self.cfg.n_heads, self.cfg.d_head
@@ -248,28 +249,6 @@ class Attention(nn.Module):
             result = self.hook_result(torch.einsum("bqhd,hdm->bqhm", z, self.W_O), io)  # [B,Q,H,d_model]
             return result.sum(dim=2)
         return F.linear(z.reshape(B, Q, H * d), self.o_proj)
-
-
-class KVCache:
-    """Keys and values `[B,H,T,d_head]` of one attention layer during incremental decoding."""
-
-    def __init__(self, k: Tensor | None = None, v: Tensor | None = None) -> None:
-        self.k, self.v = k, v
-
-    @property
-    def length(self) -> int:
-        return 0 if self.k is None else self.k.shape[2]
-
-    def update(self, k: Tensor, v: Tensor, append: bool) -> tuple[Tensor, Tensor]:
-        if append and self.k is not None:
-            k, v = torch.cat([self.k, k], dim=2), torch.cat([self.v, v], dim=2)
-        self.k, self.v = k, v
-        return k, v
-
-    def reorder(self, index: Tensor) -> None:
-        """Select batch rows (beam search)."""
-        if self.k is not None:
-            self.k, self.v = self.k.index_select(0, index), self.v.index_select(0, index)
 
 
 def attention_context(

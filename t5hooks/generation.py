@@ -15,8 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .cache import ActivationCache
+from .analysis.cache import ActivationCache
 from .hook_points import NameFilter
+from .kv_cache import DecoderCache
 
 NEG_INF = -1.0e9  # the "impossible" score HF's beam search uses
 
@@ -115,8 +116,6 @@ def _start(model: Any, batch: int, device: torch.device) -> Tensor:
 
 def _sample_loop(model, tokens, mask, max_new_tokens, sampling, eos, generator, new_step) -> Tensor:
     """Greedy (or sampled) decoding; finished rows continue with the pad token."""
-    from .model import DecoderCache
-
     B = tokens.shape[0]
     new_step()
     encoder_out = model.encode(tokens, mask)
@@ -157,8 +156,6 @@ def choose_token(logits: Tensor, sampling: SamplingConfig, generator: torch.Gene
 def _beam_search(model, tokens, mask, max_new_tokens, num_beams, length_penalty, eos, new_step) -> Tensor:
     """Beam search scored like Hugging Face's default (length_penalty on the generated length,
     early_stopping=False heuristic): keeps `num_beams` running and `num_beams` finished hypotheses."""
-    from .model import DecoderCache
-
     B, V = tokens.shape[0], model.cfg.d_vocab
     device = tokens.device
     K = 2 * num_beams  # candidates kept per step, so num_beams can still run after some finish

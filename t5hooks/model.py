@@ -9,31 +9,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .cache import ActivationCache
-from .components import Attention, DecoderBlock, EncoderBlock, KVCache, RMSNorm, attention_context, lm_loss
+from .analysis.cache import ActivationCache
+from .components import Attention, DecoderBlock, EncoderBlock, RMSNorm, attention_context, lm_loss
 from .config import HookedT5Config
-from .factored_matrix import FactoredMatrix
+from .analysis.factored_matrix import FactoredMatrix
 from .hook_points import HookedRootModule, HookIO, HookPoint, NameFilter, is_tracing
+from .kv_cache import DecoderCache
 
 TextOrTokens = Union[Tensor, str, Sequence[str]]
 RETURN_TYPES = ("logits", "loss", "both", None)
-
-
-class DecoderCache:
-    """Per-layer self-attention and cross-attention K/V during incremental decoding (see generation.py)."""
-
-    def __init__(self, n_layers: int) -> None:
-        self.self_attn = [KVCache() for _ in range(n_layers)]
-        self.cross_attn = [KVCache() for _ in range(n_layers)]
-
-    @property
-    def length(self) -> int:
-        """Decoder positions already processed (the query offset of the next step)."""
-        return self.self_attn[0].length
-
-    def reorder(self, index: Tensor) -> None:
-        for cache in self.self_attn + self.cross_attn:
-            cache.reorder(index)
 
 
 class Embed(nn.Module):
@@ -148,7 +132,7 @@ class HookedEncoderDecoder(HookedRootModule):
         """Fold every RMSNorm weight into the weights that read it (norms become pure normalisation; unties a
         tied unembedding). Logits and residual streams are unchanged; `hook_encoder_out`, `hook_mlp_in` and
         `unembed.hook_in` lose the norm weight. See fold.py. Returns self."""
-        from .fold import fold_layer_norms
+        from .analysis.fold import fold_layer_norms
 
         return fold_layer_norms(self)
 

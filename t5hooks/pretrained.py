@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from .config import HookedT5Config
 from .tokenizer import ByteTokenizer
@@ -46,10 +48,33 @@ def is_builtin(name: str) -> bool:
 def load_builtin(model_cls: type, name: str, device: str | torch.device | None = None,
                  dtype: torch.dtype = torch.float32, **overrides: Any):
     if name == TRAINED_TINY:
-        from .train_tiny import load_tiny
-
         return load_tiny(model_cls, ASSETS / "t5hooks-tiny.safetensors", device=device, dtype=dtype, **overrides)
     if name == RANDOM_TINY:
         cfg = tiny_config(model_name=name, dtype=dtype, device=None if device is None else str(device), **overrides)
         return model_cls(cfg, tokenizer=ByteTokenizer())
     raise ValueError(f"unknown built-in model {name!r}; built in: {', '.join(BUILTIN_MODELS)}")
+
+
+def save_tiny(model, path: str | Path, info: dict) -> Path:
+    """Weights as fp32 safetensors with the config and training facts in the metadata."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cfg = model.cfg.to_dict()
+    cfg.pop("device", None)
+    metadata = {"config": json.dumps(cfg), "info": json.dumps(info)}
+    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(path), metadata=metadata)
+    return path
+
+
+def load_tiny(model_cls, path: str | Path, device=None, dtype: torch.dtype = torch.float32, **overrides):
+    from safetensors import safe_open
+
+    from .loading import build_with_weights
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    cfg = HookedT5Config.from_dict({**json.loads(meta["config"]), "dtype": dtype,
+                                    "device": None if device is None else str(device), **overrides})
+    model = build_with_weights(model_cls, cfg, load_file(str(path)), ByteTokenizer(), what=str(path))
+    model.info = json.loads(meta["info"])
+    return model.eval()

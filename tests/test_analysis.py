@@ -6,7 +6,7 @@ from t5_fixtures import hf_t5, hooked_from, random_batch
 
 from t5hooks import ActivationCache, HookedEncoderDecoder
 from t5hooks.analysis import head_logit_attribution, logit_lens
-from t5hooks.cache import act_name
+from t5hooks.analysis.cache import act_name
 
 STACKS = ("encoder", "decoder")
 

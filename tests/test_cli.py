@@ -13,7 +13,7 @@ def t5hooks(*args, timeout=300, cwd=None, offline=False):
     env = {**os.environ, "TRITON_INTERPRET": "0"}
     if offline:
         env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    return subprocess.run([sys.executable, "-m", "t5hooks.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "t5hooks.apps.cli", *args], capture_output=True, text=True,
                           timeout=timeout, env=env, cwd=cwd)
 
 

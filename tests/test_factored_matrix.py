@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from t5hooks.factored_matrix import FactoredMatrix
+from t5hooks.analysis.factored_matrix import FactoredMatrix
 
 DT = torch.float64
 

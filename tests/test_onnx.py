@@ -15,7 +15,8 @@ from transformers.models.t5.modeling_t5 import T5Attention
 
 import t5hooks.kernels.op as kernel_op
 from t5hooks import HookedEncoderDecoder, HookedT5Config
-from t5hooks.export import OnnxRunner, command, to_onnx
+from t5hooks.apps import export_command as command
+from t5hooks.export import OnnxRunner, to_onnx
 from t5hooks.export.onnx import name_graph_io
 from t5hooks.export.ort import _resolve_shape
 
@@ -292,8 +293,8 @@ def checkpoint(tmp_path_factory):
 
 
 def export_command(*args):
-    """`t5hooks export ...` in a fresh process (the installed entry point is `t5hooks.cli:main`)."""
-    return subprocess.run([sys.executable, "-m", "t5hooks.cli", "export", *args], capture_output=True, text=True,
+    """`t5hooks export ...` in a fresh process (the installed entry point is `t5hooks.apps.cli:main`)."""
+    return subprocess.run([sys.executable, "-m", "t5hooks.apps.cli", "export", *args], capture_output=True, text=True,
                           timeout=300)
 
 

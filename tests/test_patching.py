@@ -5,7 +5,7 @@ import torch
 from t5_fixtures import hf_t5, hooked_from, random_batch
 
 from t5hooks import HookedEncoderDecoder, HookedT5Config
-from t5hooks.patching import RunInputs, patch_cross_attn_edges, patch_heads, patch_residual
+from t5hooks.analysis.patching import RunInputs, patch_cross_attn_edges, patch_heads, patch_residual
 
 RIGHT, WRONG = 10, 20
 

@@ -4,7 +4,7 @@ import torch
 
 from t5hooks import HookedEncoderDecoder
 from t5hooks.pretrained import ASSETS
-from t5hooks.train_tiny import exact_match_accuracy, held_out_words, make_batch, mirror_attention, train_tiny
+from t5hooks.apps.train_tiny import exact_match_accuracy, held_out_words, make_batch, mirror_attention, train_tiny
 
 
 def test_embedded_model_loads_offline_and_is_accurate_on_held_out_strings():
@@ -28,7 +28,7 @@ def test_cross_attention_learned_the_mirror_alignment():
 def test_training_loop_runs_and_its_weights_round_trip(tmp_path):
     """A short eager run of the real training loop; the saved weights load back identically."""
     model, accuracy = train_tiny(out=tmp_path / "t.safetensors", steps=30, batch_size=32, compile=False, progress=False)
-    from t5hooks.train_tiny import load_tiny
+    from t5hooks.pretrained import load_tiny
 
     again = load_tiny(HookedEncoderDecoder, tmp_path / "t.safetensors")
     for (name, p), q in zip(model.named_parameters(), again.parameters()):

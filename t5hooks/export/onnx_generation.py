@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from ..hook_points import HookIO, NameFilter
+from ..kv_cache import DecoderCache
 from .axes import BATCH, CACHE_AXES, ENC, INPUT_AXES, PRESENT, activation_axes, step_activation_axes
 from .onnx import export_graph, model_in_dtype, name_graph_io, save_checked, set_axes, write_metadata
 from .ort import OnnxRunner
@@ -74,7 +75,6 @@ class DecoderStepGraph(nn.Module):
 
     def forward(self, decoder_input: Tensor, one_zero_attention_mask: Tensor, past: list[Tensor],
                 cross: list[Tensor]) -> tuple[Tensor, ...]:
-        from ..model import DecoderCache  # export -> model is the allowed direction; lazy keeps import light
 
         n_layers = len(self.model.decoder)
         cache = DecoderCache(n_layers)

@@ -6,7 +6,7 @@ logits and every captured activation match the eager capture module. Exit status
 1 when the exported file disagrees with eager, 2 for bad arguments (unknown hook names, bad paths).
 
 `register(subparsers)` adds the subcommand to the `t5hooks` parser; `python -m
-t5hooks.export.command ...` runs it on its own.
+t5hooks.apps.export_command ...` runs it on its own.
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ def run_export(args: argparse.Namespace) -> int:
     patch = model.resolve_names(args.patch) if args.patch else []
     cap = model.capture(capture, patch=patch, patch_mode=args.patch_mode).eval()
 
-    from .onnx import model_in_dtype
+    from ..export.onnx import model_in_dtype
 
     exported_model = model_in_dtype(model, args.dtype)
     target = exported_model.capture(capture, patch=patch, patch_mode=args.patch_mode).eval()
@@ -136,19 +136,19 @@ def _export_and_load(fmt: str, cap: Any, out: Path, dynamic: bool) -> Any:
     """Write the file; return a callable `(input, decoder_input, mask, decoder_mask, patches) -> dict`
     that runs the file as loaded from disk."""
     if fmt == "onnx":
-        from .onnx import to_onnx
-        from .ort import OnnxRunner
+        from ..export.onnx import to_onnx
+        from ..export.ort import OnnxRunner
 
         to_onnx(cap, out, dynamic=dynamic)
         runner = OnnxRunner(out)
         return lambda tok, dec, mask, dec_mask, patches: runner(tok, dec, mask, dec_mask, patches=patches)
     if fmt == "pt2":
-        from .torch_export import load_exported, save_exported, to_exported_program
+        from ..export.torch_export import load_exported, save_exported, to_exported_program
 
         save_exported(to_exported_program(cap, dynamic=dynamic), out)
         module = load_exported(out).module()
     else:
-        from .torch_export import load_torchscript, save_torchscript, to_torchscript
+        from ..export.torch_export import load_torchscript, save_torchscript, to_torchscript
 
         save_torchscript(to_torchscript(cap), out)
         module = load_torchscript(out)
@@ -168,7 +168,7 @@ def _export_and_load(fmt: str, cap: Any, out: Path, dynamic: bool) -> Any:
 def _fresh_inputs(cap: Any, static: bool) -> tuple[Any, ...]:
     """Tokens other than the export example's: batch 3, encoder 11, decoder 4 (the example's shapes when
     static), the last row padded; random patches of full rank (an "add" patch broadcasts over positions)."""
-    from .torch_export import activation_shapes, example_inputs
+    from ..export.torch_export import activation_shapes, example_inputs
 
     B, E, D = (2, 7, 5) if static else (3, 11, 4)
     cfg = cap.model.cfg
@@ -190,7 +190,7 @@ def _fresh_inputs(cap: Any, static: bool) -> tuple[Any, ...]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run `export` on its own (`python -m t5hooks.export.command ...`), with the CLI's error handling."""
+    """Run `export` on its own (`python -m t5hooks.apps.export_command ...`), with the CLI's error handling."""
     parser = argparse.ArgumentParser(prog="t5hooks")
     register(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
     args = parser.parse_args(["export", *(sys.argv[1:] if argv is None else argv)])

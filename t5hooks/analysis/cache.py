@@ -153,7 +153,7 @@ class ActivationCache(Mapping):
         name = self._key_to_name(key) if isinstance(key, tuple) else key
         if name in self.cache_dict:
             return self.cache_dict[name]
-        from .hook_points import unknown_name_message
+        from ..hook_points import unknown_name_message
 
         shown = f"{key!r} -> {name!r}" if name != key else repr(name)
         raise KeyError(unknown_name_message(name, list(self.cache_dict)) + f" (in this cache; looked up {shown})")

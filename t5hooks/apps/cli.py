@@ -14,8 +14,8 @@ class CliError(Exception):
 
 
 def load_model(name: str | None, device: str | None = None, dtype: str = "float32"):
-    from .model import HookedEncoderDecoder
-    from .pretrained import DEFAULT_MODEL
+    from ..model import HookedEncoderDecoder
+    from ..pretrained import DEFAULT_MODEL
 
     torch_dtype = getattr(torch, dtype)
     try:
@@ -37,11 +37,11 @@ def parse_tokens(text: str, what: str) -> torch.Tensor:
 def cmd_run(args: argparse.Namespace) -> int:
     from safetensors.torch import save_file
 
-    from .summary import activation_table, strongest_attention_links, top_predictions
+    from ..analysis.summary import activation_table, strongest_attention_links, top_predictions
 
     model = load_model(args.model, args.device, args.dtype)
     label = model.cfg.model_name
-    from .pretrained import describe
+    from ..pretrained import describe
 
     print(f"model: {label} — {describe(label)}")
     print(f"       {model.cfg.n_layers} encoder + {model.cfg.n_decoder_layers} decoder layers, d_model {model.cfg.d_model}, "
@@ -91,7 +91,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     if args.what == "attention":
-        from .kernels.bench import main as bench_attention
+        from ..kernels.bench import main as bench_attention
 
         return bench_attention(args.rest)
     from .bench_model import main as bench_model
@@ -158,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--min-accuracy", type=float, default=0.99)
     train.set_defaults(func=cmd_train_tiny)
 
-    from .export.command import register as register_export
+    from .export_command import register as register_export
 
     register_export(sub)
 

@@ -44,7 +44,7 @@ from typing import Any, Literal, Union
 import torch
 from torch import Tensor
 
-from .analysis import LabelledGrid, token_labels
+from .lens import LabelledGrid, token_labels
 from .cache import ATTN_KINDS, STACKS, act_name
 
 Metric = Callable[[Tensor], Union[Tensor, float]]  # logits [batch, dec_pos, d_vocab] -> scalar

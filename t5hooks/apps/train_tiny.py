@@ -10,7 +10,6 @@ report how much attention mass sits on the mirror position.
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import string
@@ -19,11 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from .config import HookedT5Config
-from .tokenizer import ByteTokenizer
+from ..config import HookedT5Config
+from ..pretrained import save_tiny
+from ..tokenizer import ByteTokenizer
 
 ALPHABET = string.ascii_lowercase
 MIN_LEN, MAX_LEN = 2, 10
@@ -111,7 +110,7 @@ def train_tiny(
     progress: bool = True,
 ):
     """Train t5hooks-tiny from scratch; returns (model, held-out accuracy). Writes safetensors to `out` if given."""
-    from .model import HookedEncoderDecoder
+    from ..model import HookedEncoderDecoder
 
     torch.manual_seed(seed)
     rng = random.Random(seed)
@@ -158,31 +157,6 @@ def train_tiny(
         save_tiny(model, out, {"held_out_accuracy": accuracy, "train_minutes": round(minutes, 2), "steps": steps,
                                "task": f"reverse lowercase strings of {MIN_LEN}-{MAX_LEN} characters"})
     return model, accuracy
-
-
-def save_tiny(model, path: str | Path, info: dict) -> Path:
-    """Weights as fp32 safetensors with the config and training facts in the metadata."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    cfg = model.cfg.to_dict()
-    cfg.pop("device", None)
-    metadata = {"config": json.dumps(cfg), "info": json.dumps(info)}
-    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(path), metadata=metadata)
-    return path
-
-
-def load_tiny(model_cls, path: str | Path, device=None, dtype: torch.dtype = torch.float32, **overrides):
-    from safetensors import safe_open
-
-    from .loading import build_with_weights
-
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata()
-    cfg = HookedT5Config.from_dict({**json.loads(meta["config"]), "dtype": dtype,
-                                    "device": None if device is None else str(device), **overrides})
-    model = build_with_weights(model_cls, cfg, load_file(str(path)), ByteTokenizer(), what=str(path))
-    model.info = json.loads(meta["info"])
-    return model.eval()
 
 
 def _progress(total: int, enabled: bool):

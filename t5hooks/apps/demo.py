@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .components import lm_loss
-from .summary import format_table
+from ..components import lm_loss
+from ..analysis.summary import format_table
 
 SHADES = " .:-=+*#%@"
 
@@ -43,9 +43,9 @@ def median_ms(fn: Callable[[], object], repeats: int = 7) -> float:
 
 
 def run_demo(out_dir: str | Path | None = None, word: str = "interpret") -> int:
-    from .export import OnnxRunner, to_onnx
-    from .model import HookedEncoderDecoder
-    from .pretrained import TRAINED_TINY
+    from ..export import OnnxRunner, to_onnx
+    from ..model import HookedEncoderDecoder
+    from ..pretrained import TRAINED_TINY
 
     out = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="t5hooks-demo-"))
     out.mkdir(parents=True, exist_ok=True)
@@ -73,7 +73,7 @@ def run_demo(out_dir: str | Path | None = None, word: str = "interpret") -> int:
     pattern = cache[best_name][0, best_head]  # [D, E]
     enc_labels = model.to_str_tokens(tokens[0])
     dec_labels = ["<s>"] + model.to_str_tokens(target[0])[:-1]
-    from .plotting import heatmap
+    from ..analysis.plotting import heatmap
 
     png = out / "cross_attention.png"
     heatmap(pattern, dec_labels, enc_labels, title=f"{best_name} head {best_head}", xlabel="encoder token",
