@@ -34,9 +34,11 @@ from t5hooks.export import OnnxGenerator, OnnxRunner, to_onnx
 from t5hooks.export.ort import session_options
 
 BATCH, ENC, DEC, NEW_TOKENS = 8, 128, 32, 32
-LEVELS = {"basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-          "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-          "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
+LEVELS = {
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
 
 
 def timed(candidates: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
@@ -74,8 +76,12 @@ def options(threads: int, level: str) -> ort.SessionOptions:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=2, help="intra-op threads for torch and ORT (default: 2)")
-    parser.add_argument("--repeats", type=int, default=6,
-                        help="timed forward runs per row (median; generation runs half as many; default: 6)")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=6,
+        help="timed forward runs per row (median; generation runs half as many; default: 6)",
+    )
     parser.add_argument("--workdir", default=None, help="where to write the ONNX files (default: a temp dir)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -90,8 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     tokens = torch.randint(2, hf.config.vocab_size, (BATCH, ENC), generator=g)
     mask = torch.ones(BATCH, ENC, dtype=torch.long)
     for row in range(BATCH):  # a realistic padded batch: rows of 128 down to 72 tokens
-        mask[row, ENC - 8 * row:] = 0
-        tokens[row, ENC - 8 * row:] = 0
+        mask[row, ENC - 8 * row :] = 0
+        tokens[row, ENC - 8 * row :] = 0
     dec = torch.randint(2, hf.config.vocab_size, (BATCH, DEC), generator=g)
     dec[:, 0] = hf.config.decoder_start_token_id
 
@@ -103,16 +109,19 @@ def main(argv: list[str] | None = None) -> int:
     OnnxGenerator.export(ours, workdir / "t5_small_generator")
     generator_export_s = time.perf_counter() - start
 
-    runners = {level: OnnxRunner(forward_path, ["CPUExecutionProvider"], options=options(args.threads, level))
-               for level in LEVELS}
+    runners = {
+        level: OnnxRunner(forward_path, ["CPUExecutionProvider"], options=options(args.threads, level))
+        for level in LEVELS
+    }
     generator = OnnxGenerator(workdir / "t5_small_generator", ["CPUExecutionProvider"], threads=args.threads)
 
     tok_np, mask_np, dec_np = tokens.numpy(), mask.numpy(), dec.numpy()
     with torch.inference_mode():
         hf_logits = hf(input_ids=tokens, attention_mask=mask, decoder_input_ids=dec).logits
         our_logits = ours(tokens, dec, one_zero_attention_mask=mask)
-        hf_tokens = hf.generate(input_ids=tokens, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False,
-                                num_beams=1)
+        hf_tokens = hf.generate(
+            input_ids=tokens, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False, num_beams=1
+        )
         our_tokens = ours.generate(tokens, NEW_TOKENS, one_zero_attention_mask=mask)
     ort_logits = runners["all"](tok_np, dec_np, mask_np)["logits"]
     ort_tokens = generator.generate(tok_np, NEW_TOKENS, one_zero_attention_mask=mask_np).tokens
@@ -120,10 +129,16 @@ def main(argv: list[str] | None = None) -> int:
         "ours vs HF logits max |diff|": float((our_logits - hf_logits).abs().max()),
         "ORT vs HF logits max |diff|": float(np.abs(ort_logits - hf_logits.numpy()).max()),
     }
-    if not (hf_tokens.shape == (BATCH, NEW_TOKENS + 1) and torch.equal(hf_tokens, our_tokens)
-            and np.array_equal(ort_tokens, hf_tokens.numpy())):
-        print(f"generation disagrees or stopped early: HF {tuple(hf_tokens.shape)}, ours {tuple(our_tokens.shape)}, "
-              f"ORT {ort_tokens.shape}", file=sys.stderr)
+    if not (
+        hf_tokens.shape == (BATCH, NEW_TOKENS + 1)
+        and torch.equal(hf_tokens, our_tokens)
+        and np.array_equal(ort_tokens, hf_tokens.numpy())
+    ):
+        print(
+            f"generation disagrees or stopped early: HF {tuple(hf_tokens.shape)}, ours {tuple(our_tokens.shape)}, "
+            f"ORT {ort_tokens.shape}",
+            file=sys.stderr,
+        )
         return 1
     if max(checks.values()) > 1e-3:
         print(f"logits disagree: {checks}", file=sys.stderr)
@@ -137,8 +152,9 @@ def main(argv: list[str] | None = None) -> int:
             **{f"ORT ({level})": (lambda r=runner: r(tok_np, dec_np, mask_np)) for level, runner in runners.items()},
         }
         generate = {
-            "HF eager": lambda: hf.generate(input_ids=tokens, attention_mask=mask, max_new_tokens=NEW_TOKENS,
-                                            do_sample=False, num_beams=1),
+            "HF eager": lambda: hf.generate(
+                input_ids=tokens, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False, num_beams=1
+            ),
             "t5hooks eager": lambda: ours.generate(tokens, NEW_TOKENS, one_zero_attention_mask=mask),
             "ORT (all)": lambda: generator.generate(tok_np, NEW_TOKENS, one_zero_attention_mask=mask_np),
         }
@@ -147,15 +163,24 @@ def main(argv: list[str] | None = None) -> int:
 
     print()
     print(f"machine: {cpu_name()}, {os.cpu_count()} cores, {platform.system()} {platform.release()}")
-    print(f"versions: python {platform.python_version()}, torch {torch.__version__}, transformers "
-          f"{transformers.__version__}, onnxruntime {ort.__version__}, onnx {onnx.__version__}")
-    print(f"threads: torch {torch.get_num_threads()}, ORT intra-op {args.threads}; ORT session options: the runner's "
-          f"defaults (session.dynamic_block_base=4), graph optimisation level per row")
+    print(
+        f"versions: python {platform.python_version()}, torch {torch.__version__}, transformers "
+        f"{transformers.__version__}, onnxruntime {ort.__version__}, onnx {onnx.__version__}"
+    )
+    print(
+        f"threads: torch {torch.get_num_threads()}, ORT intra-op {args.threads}; ORT session options: the runner's "
+        f"defaults (session.dynamic_block_base=4), graph optimisation level per row"
+    )
     print(f"load average before/after timing: {load_before[0]:.2f} / {load_after[0]:.2f} (1 min)")
-    print(f"model: T5Config() defaults (t5-small shape), random weights, fp32; batch {BATCH}, encoder {ENC} "
-          f"(padded rows), decoder {DEC}; generation {NEW_TOKENS} new tokens, greedy")
-    print(f"export: forward graph {forward_export_s:.1f} s, generator graphs {generator_export_s:.1f} s; "
-          + ", ".join(f"{k} {v:.1e}" for k, v in checks.items()) + "; greedy tokens identical in all three")
+    print(
+        f"model: T5Config() defaults (t5-small shape), random weights, fp32; batch {BATCH}, encoder {ENC} "
+        f"(padded rows), decoder {DEC}; generation {NEW_TOKENS} new tokens, greedy"
+    )
+    print(
+        f"export: forward graph {forward_export_s:.1f} s, generator graphs {generator_export_s:.1f} s; "
+        + ", ".join(f"{k} {v:.1e}" for k, v in checks.items())
+        + "; greedy tokens identical in all three"
+    )
     print()
     print(f"{'':10} {'runtime':16} {'median':>10} {'vs HF eager':>12} {'vs t5hooks eager':>17}")
     for task, rows in results.items():

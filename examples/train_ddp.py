@@ -26,9 +26,22 @@ L1 = 1e-2
 
 
 def make_model() -> HookedEncoderDecoder:
-    cfg = HookedT5Config(d_model=32, d_head=8, n_heads=4, d_mlp=64, n_layers=2, n_decoder_layers=2, d_vocab=64,
-                         gated_mlp=True, act_fn="gelu_new", tie_word_embeddings=False, scale_logits=False,
-                         relative_attention_num_buckets=8, relative_attention_max_distance=16, seed=0)
+    cfg = HookedT5Config(
+        d_model=32,
+        d_head=8,
+        n_heads=4,
+        d_mlp=64,
+        n_layers=2,
+        n_decoder_layers=2,
+        d_vocab=64,
+        gated_mlp=True,
+        act_fn="gelu_new",
+        tie_word_embeddings=False,
+        scale_logits=False,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=16,
+        seed=0,
+    )
     return HookedEncoderDecoder(cfg)
 
 

@@ -1,8 +1,8 @@
 """t5hooks: a hooked T5 encoder-decoder whose hook points are also explicit graph outputs."""
 
 from .analysis.cache import ActivationCache, act_name
-from .config import HookedT5Config
 from .analysis.factored_matrix import FactoredMatrix
+from .config import HookedT5Config
 from .hook_points import HookedRootModule, HookIO, HookPoint
 from .model import HookedEncoderDecoder
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Mapping
+
 from torch import Tensor, nn
 
 from .components import lm_loss
@@ -79,8 +80,10 @@ class CaptureModule(nn.Module):
             if missing:
                 parts.append(f"missing patches for {missing}")
             if unknown:
-                parts.append(f"patches for {unknown} are not in this module's patch set {sorted(expected)} "
-                             f"(fixed when it was built: model.capture(names, patch=...))")
+                parts.append(
+                    f"patches for {unknown} are not in this module's patch set {sorted(expected)} "
+                    f"(fixed when it was built: model.capture(names, patch=...))"
+                )
             raise ValueError("; ".join(parts))
 
 
@@ -107,4 +110,3 @@ def _patch_modes(patch_names: tuple[str, ...], patch_mode: str | Mapping[str, st
     if unset:
         raise ValueError(f"patch_mode gives no mode for {unset}; valid modes: {', '.join(PATCH_MODES)}")
     return {name: modes[name] for name in patch_names}
-

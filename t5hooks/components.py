@@ -17,9 +17,9 @@ from torch import Tensor, nn
 
 from .config import HookedT5Config
 from .hook_points import HookIO, HookPoint
-from .kv_cache import KVCache
 from .kernels.op import TRITON_AVAILABLE  # looked up once, not on every forward
 from .kernels.reference import allowed_keys, bias_and_mask, masked_softmax, position_bias, rows_with_keys
+from .kv_cache import KVCache
 
 ACT_FNS = {
     "relu": F.relu,

@@ -86,7 +86,7 @@ class HookedT5Config:
         return out
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "HookedT5Config":
+    def from_dict(cls, values: dict[str, Any]) -> HookedT5Config:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -94,7 +94,7 @@ class HookedT5Config:
         return cls(**values)
 
     @classmethod
-    def from_hf_config(cls, hf_config: Any, **overrides: Any) -> "HookedT5Config":
+    def from_hf_config(cls, hf_config: Any, **overrides: Any) -> HookedT5Config:
         """Convert a transformers `T5Config` (4.x or 5.x) or an equivalent dict.
 
         The logit scaling flag differs between versions: 5.x stores `scale_decoder_outputs`

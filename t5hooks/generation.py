@@ -7,7 +7,6 @@ step). Python hooks on the model fire at every step, so steering hooks act durin
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -83,6 +82,7 @@ def generate(
     steps: list[dict[str, Tensor]] = []
     hooks = []
     if return_cache:
+
         def record(tensor: Tensor, hook: Any) -> None:
             steps[-1][hook.name] = tensor.detach()
 
@@ -94,9 +94,13 @@ def generate(
 
     with model.hooks(fwd_hooks=hooks):
         if num_beams == 1:
-            out = _sample_loop(model, tokens, mask, max_new_tokens, sampling, eos if stop_at_eos else None, generator, new_step)
+            out = _sample_loop(
+                model, tokens, mask, max_new_tokens, sampling, eos if stop_at_eos else None, generator, new_step
+            )
         else:
-            out = _beam_search(model, tokens, mask, max_new_tokens, num_beams, length_penalty, eos if stop_at_eos else None, new_step)
+            out = _beam_search(
+                model, tokens, mask, max_new_tokens, num_beams, length_penalty, eos if stop_at_eos else None, new_step
+            )
     if return_type == "str" or (return_type == "input" and text_input):
         if model.tokenizer is None:
             raise ValueError("return_type='str' needs a tokenizer: load the model with tokenizer=...")

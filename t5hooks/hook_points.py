@@ -149,9 +149,7 @@ class HookPoint(nn.Module):
         if result is None:
             return None
         if not isinstance(result, Tensor):
-            raise TypeError(
-                f"{kind} hook on {self.name!r} returned {type(result).__name__}; return a Tensor or None"
-            )
+            raise TypeError(f"{kind} hook on {self.name!r} returned {type(result).__name__}; return a Tensor or None")
         if result.shape != original.shape:
             raise ValueError(
                 f"{kind} hook on {self.name!r} returned shape {tuple(result.shape)}; "
@@ -159,8 +157,9 @@ class HookPoint(nn.Module):
             )
         return result
 
-    def remove_hooks(self, dir: Direction | Literal["both"] = "fwd", including_permanent: bool = False,
-                     level: int | None = None) -> None:
+    def remove_hooks(
+        self, dir: Direction | Literal["both"] = "fwd", including_permanent: bool = False, level: int | None = None
+    ) -> None:
         if dir not in ("fwd", "bwd", "both"):
             raise ValueError(f"dir must be 'fwd', 'bwd' or 'both', got {dir!r}")
 
@@ -277,8 +276,12 @@ class HookedRootModule(nn.Module):
     def add_perma_hook(self, name: NameFilter, hook: HookFn, dir: Direction = "fwd") -> None:
         self.add_hook(name, hook, dir=dir, is_permanent=True)
 
-    def remove_all_hook_fns(self, direction: Direction | Literal["both"] = "both", including_permanent: bool = False,
-                            level: int | None = None) -> None:
+    def remove_all_hook_fns(
+        self,
+        direction: Direction | Literal["both"] = "both",
+        including_permanent: bool = False,
+        level: int | None = None,
+    ) -> None:
         for hp in self.hook_dict.values():
             hp.remove_hooks(direction, including_permanent=including_permanent, level=level)
 
@@ -286,14 +289,21 @@ class HookedRootModule(nn.Module):
         for hp in self.hook_dict.values():
             hp.clear_context()
 
-    def reset_hooks(self, clear_contexts: bool = True, direction: Direction | Literal["both"] = "both",
-                    including_permanent: bool = False, level: int | None = None) -> None:
+    def reset_hooks(
+        self,
+        clear_contexts: bool = True,
+        direction: Direction | Literal["both"] = "both",
+        including_permanent: bool = False,
+        level: int | None = None,
+    ) -> None:
         """Remove hooks (permanent ones survive unless `including_permanent`)."""
         if clear_contexts:
             self.clear_contexts()
         self.remove_all_hook_fns(direction, including_permanent, level=level)
 
-    def _resolve_hook_list(self, hooks: Sequence[tuple[NameFilter, HookFn]], dir: Direction) -> list[tuple[str, HookFn]]:
+    def _resolve_hook_list(
+        self, hooks: Sequence[tuple[NameFilter, HookFn]], dir: Direction
+    ) -> list[tuple[str, HookFn]]:
         resolved = []
         for item in hooks:
             if not (isinstance(item, tuple) and len(item) == 2 and callable(item[1])):
@@ -311,7 +321,7 @@ class HookedRootModule(nn.Module):
         bwd_hooks: Sequence[tuple[NameFilter, HookFn]] = (),
         reset_hooks_end: bool = True,
         clear_contexts: bool = False,
-    ) -> Iterator["HookedRootModule"]:
+    ) -> Iterator[HookedRootModule]:
         """Context manager: hooks added on entry, removed on exit (only those added by this context)."""
         fwd = self._resolve_hook_list(fwd_hooks, "fwd")
         bwd = self._resolve_hook_list(bwd_hooks, "bwd")
@@ -375,9 +385,14 @@ class HookedRootModule(nn.Module):
         bwd = [(n, store("_grad")) for n in names] if incl_bwd else []
         return cache, fwd, bwd
 
-    def add_caching_hooks(self, names_filter: NameFilter = None, incl_bwd: bool = False,
-                          device: torch.device | str | None = None, remove_batch_dim: bool = False,
-                          cache: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+    def add_caching_hooks(
+        self,
+        names_filter: NameFilter = None,
+        incl_bwd: bool = False,
+        device: torch.device | str | None = None,
+        remove_batch_dim: bool = False,
+        cache: dict[str, Tensor] | None = None,
+    ) -> dict[str, Tensor]:
         """Permanently-until-reset add caching hooks; returns the dict they fill."""
         cache, fwd, bwd = self.get_caching_hooks(names_filter, incl_bwd, device, remove_batch_dim, cache)
         for name, fn in fwd:

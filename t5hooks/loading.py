@@ -115,11 +115,9 @@ def load_pretrained(
         if tied:
             hf_state.pop("lm_head.weight", None)
         tensors = iter(hf_state.items())
-        key_names = set(hf_state)
     else:
         files, hf_config = _resolve_checkpoint(name_or_path, hub_kwargs)
         tensors = _iter_checkpoint(files)
-        key_names = None
         tied = None  # decided from the weights below
     _check_model_type(hf_config, name_or_path)
 
@@ -138,21 +136,26 @@ def load_pretrained(
     if "embed.W_E" not in state:
         raise ValueError(f"{name_or_path!r}: no token embedding (shared.weight) in the checkpoint")
     if tied is None:
-        tied = lm_head is None or (lm_head.shape == state["embed.W_E"].shape and torch.equal(lm_head, state["embed.W_E"]))
+        tied = lm_head is None or (
+            lm_head.shape == state["embed.W_E"].shape and torch.equal(lm_head, state["embed.W_E"])
+        )
     if not tied:
         state["unembed.lm_head"] = lm_head
 
     cfg_values = dict(cfg_overrides)
     cfg_values.setdefault("device", str(device) if device is not None else None)
-    cfg = HookedT5Config.from_hf_config(hf_config, tie_word_embeddings=tied, dtype=dtype, model_name=name_or_path, **cfg_values)
+    cfg = HookedT5Config.from_hf_config(
+        hf_config, tie_word_embeddings=tied, dtype=dtype, model_name=name_or_path, **cfg_values
+    )
     model = build_with_weights(model_cls, cfg, state, tokenizer, what=repr(name_or_path))
     if tokenizer is None and hf_model is None:
         model.tokenizer = _try_tokenizer(name_or_path, hub_kwargs)
     return model
 
 
-def build_with_weights(model_cls: type, cfg: HookedT5Config, state: dict[str, Tensor], tokenizer: Any = None,
-                       what: str = "checkpoint"):
+def build_with_weights(
+    model_cls: type, cfg: HookedT5Config, state: dict[str, Tensor], tokenizer: Any = None, what: str = "checkpoint"
+):
     """Build the model on the meta device and assign `state` (our names) as its parameters, cast to
     `cfg.dtype` / `cfg.device` (None: where they are): no random initialisation, and no second copy of
     weights already in the right dtype and place."""
@@ -181,6 +184,7 @@ def _resolve_checkpoint(name_or_path: str, hub_kwargs: dict[str, Any]) -> tuple[
     """Weight files and config dict, from a local directory or (through transformers' cache) the hub."""
     path = Path(name_or_path)
     if path.is_dir():
+
         def local(filename: str) -> Path | None:
             candidate = path / filename
             return candidate if candidate.is_file() else None
@@ -208,9 +212,7 @@ def _resolve_checkpoint(name_or_path: str, hub_kwargs: dict[str, Any]) -> tuple[
             if any(f is None for f in files):
                 raise FileNotFoundError(f"{name_or_path!r}: a shard listed in {index} is missing")
             return files, hf_config  # type: ignore[return-value]
-    raise FileNotFoundError(
-        f"{name_or_path!r}: no model.safetensors or pytorch_model.bin (nor sharded index) found"
-    )
+    raise FileNotFoundError(f"{name_or_path!r}: no model.safetensors or pytorch_model.bin (nor sharded index) found")
 
 
 def _iter_checkpoint(files: list[Path]) -> Iterator[tuple[str, Tensor]]:

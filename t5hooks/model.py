@@ -10,9 +10,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .analysis.cache import ActivationCache
+from .analysis.factored_matrix import FactoredMatrix
 from .components import Attention, DecoderBlock, EncoderBlock, RMSNorm, attention_context, lm_loss
 from .config import HookedT5Config
-from .analysis.factored_matrix import FactoredMatrix
 from .hook_points import HookedRootModule, HookIO, HookPoint, NameFilter, is_tracing
 from .kv_cache import DecoderCache
 
@@ -40,8 +40,8 @@ class Unembed(nn.Module):
     def __init__(self, cfg: HookedT5Config) -> None:
         super().__init__()
         self.scale = cfg.d_model**-0.5 if cfg.scale_logits else None
-        self.lm_head = None if cfg.tie_word_embeddings else nn.Parameter(
-            torch.empty(cfg.d_vocab, cfg.d_model, dtype=cfg.dtype)
+        self.lm_head = (
+            None if cfg.tie_word_embeddings else nn.Parameter(torch.empty(cfg.d_vocab, cfg.d_model, dtype=cfg.dtype))
         )  # [d_vocab, d_model], HF lm_head layout
         self.hook_in = HookPoint()  # [B,D,d_model] after the scaling
 
@@ -128,7 +128,7 @@ class HookedEncoderDecoder(HookedRootModule):
                 del attn.hook_result
         self.setup()
 
-    def fold_ln(self) -> "HookedEncoderDecoder":
+    def fold_ln(self) -> HookedEncoderDecoder:
         """Fold every RMSNorm weight into the weights that read it (norms become pure normalisation; unties a
         tied unembedding). Logits and residual streams are unchanged; `hook_encoder_out`, `hook_mlp_in` and
         `unembed.hook_in` lose the norm weight. See fold.py. Returns self."""
@@ -271,7 +271,9 @@ class HookedEncoderDecoder(HookedRootModule):
         decoder_attention_mask = self._check_mask(decoder_attention_mask, dec_tokens, "decoder_attention_mask")
         return tokens.to(device), attention_mask, dec_tokens.to(device), decoder_attention_mask, labels
 
-    def _tokens_and_mask(self, value: TextOrTokens, what: str, prepend_start: bool = False) -> tuple[Tensor, Tensor | None]:
+    def _tokens_and_mask(
+        self, value: TextOrTokens, what: str, prepend_start: bool = False
+    ) -> tuple[Tensor, Tensor | None]:
         if isinstance(value, str) or (isinstance(value, (list, tuple)) and value and isinstance(value[0], str)):
             if self.tokenizer is None:
                 raise ValueError(
@@ -291,7 +293,9 @@ class HookedEncoderDecoder(HookedRootModule):
             try:
                 value = torch.as_tensor(value)
             except Exception as err:
-                raise TypeError(f"{what} must be token ids (a LongTensor [batch, pos]) or text, got {type(value).__name__}") from err
+                raise TypeError(
+                    f"{what} must be token ids (a LongTensor [batch, pos]) or text, got {type(value).__name__}"
+                ) from err
         if value.is_floating_point() or value.is_complex() or value.dtype == torch.bool:
             raise TypeError(f"{what} must hold integer token ids, got dtype {value.dtype}")
         if value.ndim == 1:
@@ -403,7 +407,7 @@ class HookedEncoderDecoder(HookedRootModule):
         device: str | torch.device | None = None,
         dtype: torch.dtype = torch.float32,
         **kwargs: Any,
-    ) -> "HookedEncoderDecoder":
+    ) -> HookedEncoderDecoder:
         """Load a T5-family model: a Hugging Face hub name, a local `save_pretrained` directory, or a live HF
         model (`hf_model=`). Weights load through safetensors (or `torch.load(weights_only=True)`).
         `fold_ln=True` folds the RMSNorm weights into the following weights after loading (see `fold_ln`)."""
@@ -414,13 +418,14 @@ class HookedEncoderDecoder(HookedRootModule):
         if hf_model is None and is_builtin(model_name):
             model = load_builtin(cls, model_name, device=device, dtype=dtype, **kwargs)
         else:
-            model = load_pretrained(cls, model_name, hf_model=hf_model, tokenizer=tokenizer, device=device, dtype=dtype,
-                                    **kwargs)
+            model = load_pretrained(
+                cls, model_name, hf_model=hf_model, tokenizer=tokenizer, device=device, dtype=dtype, **kwargs
+            )
         if fold_ln:
             model.fold_ln()
         return model
 
-    def to(self, *args: Any, **kwargs: Any) -> "HookedEncoderDecoder":
+    def to(self, *args: Any, **kwargs: Any) -> HookedEncoderDecoder:
         """nn.Module.to, keeping `cfg.device` / `cfg.dtype` in step (`print_details` is accepted, as TL)."""
         kwargs.pop("print_details", None)
         result = super().to(*args, **kwargs)
@@ -428,13 +433,19 @@ class HookedEncoderDecoder(HookedRootModule):
         self.cfg.dtype = self.embed.W_E.dtype
         return result
 
-    def cpu(self) -> "HookedEncoderDecoder":
+    def cpu(self) -> HookedEncoderDecoder:
         return self.to("cpu")
 
-    def cuda(self, device: int | str | torch.device | None = None) -> "HookedEncoderDecoder":
-        return self.to(torch.device("cuda") if device is None else torch.device("cuda", device) if isinstance(device, int) else device)
+    def cuda(self, device: int | str | torch.device | None = None) -> HookedEncoderDecoder:
+        return self.to(
+            torch.device("cuda")
+            if device is None
+            else torch.device("cuda", device)
+            if isinstance(device, int)
+            else device
+        )
 
-    def mps(self) -> "HookedEncoderDecoder":
+    def mps(self) -> HookedEncoderDecoder:
         return self.to("mps")
 
     # ---- weights, TransformerLens names --------------------------------------------------
@@ -508,7 +519,7 @@ class HookedEncoderDecoder(HookedRootModule):
         return FactoredMatrix(self.W_V_cross, self.W_O_cross)
 
     def all_head_labels(self, stack: Literal["encoder", "decoder", "cross"] | None = None) -> list[str]:
-        """"L{l}H{h}" per head. Without `stack`, in the order of the stacked weights (encoder layers,
+        """ "L{l}H{h}" per head. Without `stack`, in the order of the stacked weights (encoder layers,
         then decoder layers); with it, layer indices within that stack."""
         layers = {
             None: self.cfg.n_layers + self.cfg.n_decoder_layers,
@@ -519,4 +530,3 @@ class HookedEncoderDecoder(HookedRootModule):
         if stack not in layers:
             raise ValueError(f"stack={stack!r}; valid: None, 'encoder', 'decoder', 'cross'")
         return [f"L{layer}H{head}" for layer in range(layers[stack]) for head in range(self.cfg.n_heads)]
-

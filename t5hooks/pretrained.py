@@ -21,10 +21,20 @@ ASSETS = Path(__file__).resolve().parent / "assets"
 def tiny_config(**overrides: Any) -> HookedT5Config:
     """A small byte-level T5 v1.1-style architecture (gated GELU, untied unembedding)."""
     values = dict(
-        d_model=128, d_head=32, n_heads=4, d_mlp=256, n_layers=2, n_decoder_layers=2,
-        d_vocab=ByteTokenizer.vocab_size, act_fn="gelu_new", gated_mlp=True,
-        relative_attention_num_buckets=32, relative_attention_max_distance=64,
-        tie_word_embeddings=False, scale_logits=False, seed=0,
+        d_model=128,
+        d_head=32,
+        n_heads=4,
+        d_mlp=256,
+        n_layers=2,
+        n_decoder_layers=2,
+        d_vocab=ByteTokenizer.vocab_size,
+        act_fn="gelu_new",
+        gated_mlp=True,
+        relative_attention_num_buckets=32,
+        relative_attention_max_distance=64,
+        tie_word_embeddings=False,
+        scale_logits=False,
+        seed=0,
     )
     values.update(overrides)
     return HookedT5Config(**values)
@@ -45,8 +55,13 @@ def is_builtin(name: str) -> bool:
     return name in BUILTIN_MODELS
 
 
-def load_builtin(model_cls: type, name: str, device: str | torch.device | None = None,
-                 dtype: torch.dtype = torch.float32, **overrides: Any):
+def load_builtin(
+    model_cls: type,
+    name: str,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
+    **overrides: Any,
+):
     if name == TRAINED_TINY:
         return load_tiny(model_cls, ASSETS / "t5hooks-tiny.safetensors", device=device, dtype=dtype, **overrides)
     if name == RANDOM_TINY:
@@ -73,8 +88,9 @@ def load_tiny(model_cls, path: str | Path, device=None, dtype: torch.dtype = tor
 
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata()
-    cfg = HookedT5Config.from_dict({**json.loads(meta["config"]), "dtype": dtype,
-                                    "device": None if device is None else str(device), **overrides})
+    cfg = HookedT5Config.from_dict(
+        {**json.loads(meta["config"]), "dtype": dtype, "device": None if device is None else str(device), **overrides}
+    )
     model = build_with_weights(model_cls, cfg, load_file(str(path)), ByteTokenizer(), what=str(path))
     model.info = json.loads(meta["info"])
     return model.eval()

@@ -45,7 +45,10 @@ class ByteTokenizer:
         ids = [r + [self.pad_token_id] * (width - len(r)) for r in rows]
         mask = [[1] * len(r) + [0] * (width - len(r)) for r in rows]
         if return_tensors == "pt":
-            return {"input_ids": torch.tensor(ids, dtype=torch.long), "attention_mask": torch.tensor(mask, dtype=torch.long)}
+            return {
+                "input_ids": torch.tensor(ids, dtype=torch.long),
+                "attention_mask": torch.tensor(mask, dtype=torch.long),
+            }
         if return_tensors is not None:
             raise ValueError(f"return_tensors={return_tensors!r}; ByteTokenizer supports 'pt' or None")
         return {"input_ids": ids, "attention_mask": mask}
@@ -85,5 +88,7 @@ class ByteTokenizer:
             text.append(pending.decode("utf-8", errors="replace"))
         return "".join(text)
 
-    def batch_decode(self, batch: Sequence[Sequence[int]] | torch.Tensor, skip_special_tokens: bool = False) -> list[str]:
+    def batch_decode(
+        self, batch: Sequence[Sequence[int]] | torch.Tensor, skip_special_tokens: bool = False
+    ) -> list[str]:
         return [self.decode(row, skip_special_tokens) for row in batch]

@@ -12,17 +12,35 @@ VARIANTS = {
     # T5 v1.0: ReLU MLP, tied embeddings, logits scaled by d_model**-0.5
     "t5_v1_0": dict(vocab_size=128, feed_forward_proj="relu", tie_word_embeddings=True, num_layers=2),
     # T5 v1.1 / Flan-T5: gated-GELU, untied lm_head, encoder deeper than decoder
-    "t5_v1_1": dict(vocab_size=128, feed_forward_proj="gated-gelu", tie_word_embeddings=False, num_layers=3, num_decoder_layers=2),
+    "t5_v1_1": dict(
+        vocab_size=128, feed_forward_proj="gated-gelu", tie_word_embeddings=False, num_layers=3, num_decoder_layers=2
+    ),
     # ByT5: byte vocabulary (384), deep encoder / shallow decoder
-    "byt5": dict(vocab_size=384, feed_forward_proj="gated-gelu", tie_word_embeddings=False, num_layers=3, num_decoder_layers=1),
+    "byt5": dict(
+        vocab_size=384, feed_forward_proj="gated-gelu", tie_word_embeddings=False, num_layers=3, num_decoder_layers=1
+    ),
     # mT5: 250k vocabulary
     "mt5": dict(vocab_size=250112, feed_forward_proj="gated-gelu", tie_word_embeddings=False, num_layers=2, d_model=16),
     # gated SiLU MLP, unusual bucket settings
-    "gated_silu": dict(vocab_size=96, feed_forward_proj="gated-silu", tie_word_embeddings=False, num_layers=2,
-                       relative_attention_num_buckets=16, relative_attention_max_distance=40),
+    "gated_silu": dict(
+        vocab_size=96,
+        feed_forward_proj="gated-silu",
+        tie_word_embeddings=False,
+        num_layers=2,
+        relative_attention_num_buckets=16,
+        relative_attention_max_distance=40,
+    ),
 }
-BASE = dict(d_model=32, d_kv=8, d_ff=48, num_heads=4, relative_attention_num_buckets=8,
-            relative_attention_max_distance=20, dropout_rate=0.0, decoder_start_token_id=0)
+BASE = dict(
+    d_model=32,
+    d_kv=8,
+    d_ff=48,
+    num_heads=4,
+    relative_attention_num_buckets=8,
+    relative_attention_max_distance=20,
+    dropout_rate=0.0,
+    decoder_start_token_id=0,
+)
 
 
 def hf_t5(variant: str, seed: int = 0) -> T5ForConditionalGeneration:
@@ -45,8 +63,15 @@ def hooked_from(hf_model: T5ForConditionalGeneration, **kwargs) -> HookedEncoder
     return HookedEncoderDecoder.from_pretrained("test-model", hf_model=hf_model, **kwargs)
 
 
-def random_batch(vocab: int, batch: int, enc_len: int, dec_len: int, seed: int = 0, pad_encoder: bool = True,
-                 pad_decoder: bool = False):
+def random_batch(
+    vocab: int,
+    batch: int,
+    enc_len: int,
+    dec_len: int,
+    seed: int = 0,
+    pad_encoder: bool = True,
+    pad_decoder: bool = False,
+):
     """Tokens avoiding special ids, with right padding of decreasing length per row."""
     g = torch.Generator().manual_seed(seed)
     tokens = torch.randint(3, vocab, (batch, enc_len), generator=g)

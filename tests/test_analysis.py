@@ -112,8 +112,12 @@ def test_apply_ln_to_stack_reproduces_t5_norm_outputs(run, stack):
     torch.testing.assert_close(cache.apply_ln_to_stack(final, stack, recompute_ln=True)[0], expected, atol=1e-5, rtol=0)
     for l in range(n):
         mlp_read = cache.accumulated_resid(stack, l, mlp_input=True)[-1:]
-        torch.testing.assert_close(cache.apply_ln_to_stack(mlp_read, stack, l, mlp_input=True)[0],
-                                   cache[f"{stack}.{l}.hook_mlp_in"], atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            cache.apply_ln_to_stack(mlp_read, stack, l, mlp_input=True)[0],
+            cache[f"{stack}.{l}.hook_mlp_in"],
+            atol=1e-5,
+            rtol=0,
+        )
         ln1 = cache.apply_ln_to_stack(cache[f"{stack}.{l}.hook_resid_pre"][None], stack, l)[0]
         w = model.mod_dict[f"{stack}.{l}.ln1"].w
         torch.testing.assert_close(ln1, cache[f"{stack}.{l}.ln1.hook_normalized"] * w, atol=1e-5, rtol=0)

@@ -10,9 +10,23 @@ from t5hooks import HookedEncoderDecoder, HookedT5Config
 
 
 def tiny(**kw):
-    cfg = HookedT5Config(d_model=16, d_head=4, n_heads=2, d_mlp=24, n_layers=2, n_decoder_layers=3, d_vocab=40,
-                         gated_mlp=True, act_fn="gelu_new", tie_word_embeddings=False, scale_logits=False,
-                         relative_attention_num_buckets=8, relative_attention_max_distance=16, seed=0, **kw)
+    cfg = HookedT5Config(
+        d_model=16,
+        d_head=4,
+        n_heads=2,
+        d_mlp=24,
+        n_layers=2,
+        n_decoder_layers=3,
+        d_vocab=40,
+        gated_mlp=True,
+        act_fn="gelu_new",
+        tie_word_embeddings=False,
+        scale_logits=False,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=16,
+        seed=0,
+        **kw,
+    )
     return HookedEncoderDecoder(cfg)
 
 
@@ -54,20 +68,34 @@ def test_patches_replace_and_add_match_python_hooks(model):
     tokens, dec, mask, dec_mask = inputs(model)
     steer = torch.randn(16)
     replacement = torch.randn(2, 7, 16)
-    cap = model.capture(["decoder.1.hook_mlp_out", "decoder.2.hook_resid_post"],
-                        patch=["encoder.1.hook_resid_mid", "decoder.1.hook_mlp_out"],
-                        patch_mode={"encoder.1.hook_resid_mid": "replace", "decoder.*.hook_mlp_out": "add"})
-    out = cap(tokens, dec, mask, dec_mask, patches={"encoder.1.hook_resid_mid": replacement, "decoder.1.hook_mlp_out": steer})
-    hooks = [("encoder.1.hook_resid_mid", lambda x, hook: replacement), ("decoder.1.hook_mlp_out", lambda x, hook: x + steer)]
+    cap = model.capture(
+        ["decoder.1.hook_mlp_out", "decoder.2.hook_resid_post"],
+        patch=["encoder.1.hook_resid_mid", "decoder.1.hook_mlp_out"],
+        patch_mode={"encoder.1.hook_resid_mid": "replace", "decoder.*.hook_mlp_out": "add"},
+    )
+    out = cap(
+        tokens, dec, mask, dec_mask, patches={"encoder.1.hook_resid_mid": replacement, "decoder.1.hook_mlp_out": steer}
+    )
+    hooks = [
+        ("encoder.1.hook_resid_mid", lambda x, hook: replacement),
+        ("decoder.1.hook_mlp_out", lambda x, hook: x + steer),
+    ]
     with model.hooks(fwd_hooks=hooks):
-        logits, cache = model.run_with_cache(tokens, dec, one_zero_attention_mask=mask, decoder_attention_mask=dec_mask,
-                                             names_filter=["decoder.1.hook_mlp_out", "decoder.2.hook_resid_post"])
+        logits, cache = model.run_with_cache(
+            tokens,
+            dec,
+            one_zero_attention_mask=mask,
+            decoder_attention_mask=dec_mask,
+            names_filter=["decoder.1.hook_mlp_out", "decoder.2.hook_resid_post"],
+        )
     torch.testing.assert_close(out["logits"], logits, atol=1e-6, rtol=0)
     # a name both patched and captured returns the patched value
     torch.testing.assert_close(out["decoder.1.hook_mlp_out"], cache["decoder.1.hook_mlp_out"], atol=1e-6, rtol=0)
     unsteered = model.capture(["decoder.1.hook_mlp_out"], patch=["encoder.1.hook_resid_mid"])
     clean = unsteered(tokens, dec, mask, dec_mask, patches={"encoder.1.hook_resid_mid": replacement})
-    torch.testing.assert_close(out["decoder.1.hook_mlp_out"], clean["decoder.1.hook_mlp_out"] + steer, atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        out["decoder.1.hook_mlp_out"], clean["decoder.1.hook_mlp_out"] + steer, atol=1e-6, rtol=0
+    )
 
 
 def test_labels_give_loss(model):
@@ -76,7 +104,9 @@ def test_labels_give_loss(model):
     labels[1, 3:] = -100
     out = model.capture(RESID)(tokens, one_zero_attention_mask=mask, labels=labels)
     assert list(out)[:2] == ["logits", "loss"]
-    torch.testing.assert_close(out["loss"], model(tokens, one_zero_attention_mask=mask, labels=labels, return_type="loss"))
+    torch.testing.assert_close(
+        out["loss"], model(tokens, one_zero_attention_mask=mask, labels=labels, return_type="loss")
+    )
 
 
 def test_capture_errors(model):
@@ -101,16 +131,26 @@ def test_capture_errors(model):
         add(tokens, dec, patches={"hook_embed": torch.zeros(3)})
 
 
-@pytest.mark.parametrize("names,patch,mode", [
-    (RESID, (), "replace"),
-    (["*.hook_pattern"], (), "replace"),
-    (RESID + ["decoder.0.cross_attn.hook_pattern"], ["encoder.0.hook_resid_mid", "decoder.1.hook_mlp_out"],
-     {"encoder.0.hook_resid_mid": "replace", "decoder.1.hook_mlp_out": "add"}),
-])
+@pytest.mark.parametrize(
+    "names,patch,mode",
+    [
+        (RESID, (), "replace"),
+        (["*.hook_pattern"], (), "replace"),
+        (
+            RESID + ["decoder.0.cross_attn.hook_pattern"],
+            ["encoder.0.hook_resid_mid", "decoder.1.hook_mlp_out"],
+            {"encoder.0.hook_resid_mid": "replace", "decoder.1.hook_mlp_out": "add"},
+        ),
+    ],
+)
 def test_no_graph_breaks(model, names, patch, mode):
     tokens, dec, mask, dec_mask = inputs(model)
     cap = model.capture(names, patch=patch, patch_mode=mode)
-    patches = {"encoder.0.hook_resid_mid": torch.randn(2, 7, 16), "decoder.1.hook_mlp_out": torch.randn(16)} if patch else None
+    patches = (
+        {"encoder.0.hook_resid_mid": torch.randn(2, 7, 16), "decoder.1.hook_mlp_out": torch.randn(16)}
+        if patch
+        else None
+    )
     torch._dynamo.reset()
     explanation = torch._dynamo.explain(cap)(tokens, dec, mask, dec_mask, patches)
     assert explanation.graph_break_count == 0, explanation.break_reasons
@@ -150,7 +190,9 @@ def test_compiled_training_step_matches_eager_and_compiles_once():
 def test_inductor_compiled_capture_matches_eager():
     torch._dynamo.reset()
     model = tiny()
-    cap = model.capture(RESID + ["decoder.*.cross_attn.hook_pattern"], patch=["decoder.1.hook_mlp_out"], patch_mode="add")
+    cap = model.capture(
+        RESID + ["decoder.*.cross_attn.hook_pattern"], patch=["decoder.1.hook_mlp_out"], patch_mode="add"
+    )
     compiled = torch.compile(cap, fullgraph=True)
     steer = torch.randn(16)
     args = inputs(model)

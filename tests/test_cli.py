@@ -13,8 +13,14 @@ def t5hooks(*args, timeout=300, cwd=None, offline=False):
     env = {**os.environ, "TRITON_INTERPRET": "0"}
     if offline:
         env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    return subprocess.run([sys.executable, "-m", "t5hooks.apps.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, env=env, cwd=cwd)
+    return subprocess.run(
+        [sys.executable, "-m", "t5hooks.apps.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=cwd,
+    )
 
 
 @pytest.mark.parametrize("sub", [None, *SUBCOMMANDS])
@@ -41,12 +47,15 @@ def test_run_summarises_and_saves(tmp_path):
     assert "encoder.0.hook_resid_post" in load_file(out)
 
 
-@pytest.mark.parametrize("args,message", [
-    (["run", "--capture", "encoder.0.hook_resid_psot"], "did you mean"),
-    (["run", "--tokens", "1 2 x"], "integers"),
-    (["run", "--tokens", "999999"], "valid ids"),
-    (["run", "--model", "/nonexistent/dir"], "could not load model"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["run", "--capture", "encoder.0.hook_resid_psot"], "did you mean"),
+        (["run", "--tokens", "1 2 x"], "integers"),
+        (["run", "--tokens", "999999"], "valid ids"),
+        (["run", "--model", "/nonexistent/dir"], "could not load model"),
+    ],
+)
 def test_bad_input_exits_nonzero_with_a_clear_message(args, message):
     result = t5hooks(*args)
     assert result.returncode == 2

@@ -20,8 +20,21 @@ def run(args, tmp_path):
 
 def test_two_process_ddp_matches_single_process(tmp_path):
     single = run([str(SCRIPT), "--steps", "4", "--out", "single.safetensors"], tmp_path)
-    ddp = run(["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(SCRIPT),
-               "--steps", "4", "--out", "ddp.safetensors"], tmp_path)
+    ddp = run(
+        [
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            str(SCRIPT),
+            "--steps",
+            "4",
+            "--out",
+            "ddp.safetensors",
+        ],
+        tmp_path,
+    )
     assert "step   3" in single and "step   3" in ddp
     a, b = load_file(tmp_path / "single.safetensors"), load_file(tmp_path / "ddp.safetensors")
     assert a.keys() == b.keys()

@@ -15,15 +15,29 @@ from t5hooks.export import (
     to_torchscript,
 )
 
-CAPTURE = ["encoder.*.hook_resid_post", "decoder.*.hook_resid_post", "decoder.*.cross_attn.hook_pattern",
-           "decoder.0.attn.rel_pos_hook"]
+CAPTURE = [
+    "encoder.*.hook_resid_post",
+    "decoder.*.hook_resid_post",
+    "decoder.*.cross_attn.hook_pattern",
+    "decoder.0.attn.rel_pos_hook",
+]
 PATCH = ["encoder.0.hook_resid_mid", "decoder.1.hook_mlp_out"]
 MODES = {"encoder.0.hook_resid_mid": "replace", "decoder.1.hook_mlp_out": "add"}
 
 
 def tiny():
-    cfg = HookedT5Config(d_model=16, d_head=4, n_heads=2, d_mlp=24, n_layers=2, n_decoder_layers=3, d_vocab=40,
-                         relative_attention_num_buckets=8, relative_attention_max_distance=16, seed=0)
+    cfg = HookedT5Config(
+        d_model=16,
+        d_head=4,
+        n_heads=2,
+        d_mlp=24,
+        n_layers=2,
+        n_decoder_layers=3,
+        d_vocab=40,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=16,
+        seed=0,
+    )
     return HookedEncoderDecoder(cfg).eval()
 
 

@@ -71,7 +71,7 @@ def test_AB_BA_T():
         assert t.shape == torch.Size([3, 6, 6])
         close(t.AB, f.AB.transpose(-2, -1))
     with pytest.raises(ValueError, match="ldim == rdim"):
-        fm(l=6, r=5).BA
+        _ = fm(l=6, r=5).BA
 
 
 # ---------------------------------------------------------------- SVD and friends
@@ -180,7 +180,7 @@ def test_eigenvalues_match_dense(l, m):
 
 def test_eigenvalues_need_square():
     with pytest.raises(ValueError, match="ldim == rdim"):
-        fm(l=6, r=5).eigenvalues
+        _ = fm(l=6, r=5).eigenvalues
 
 
 # ---------------------------------------------------------------- corner

@@ -16,9 +16,22 @@ pytestmark = pytest.mark.skipif(
 
 
 def pair():
-    cfg = dict(d_model=32, d_head=16, n_heads=2, d_mlp=48, n_layers=2, n_decoder_layers=2, d_vocab=50, gated_mlp=True,
-               act_fn="gelu_new", tie_word_embeddings=False, scale_logits=False, relative_attention_num_buckets=8,
-               relative_attention_max_distance=12, seed=0)
+    cfg = dict(
+        d_model=32,
+        d_head=16,
+        n_heads=2,
+        d_mlp=48,
+        n_layers=2,
+        n_decoder_layers=2,
+        d_vocab=50,
+        gated_mlp=True,
+        act_fn="gelu_new",
+        tie_word_embeddings=False,
+        scale_logits=False,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=12,
+        seed=0,
+    )
     eager = HookedEncoderDecoder(HookedT5Config(**cfg, attn_impl="eager"))
     fused = HookedEncoderDecoder(HookedT5Config(**cfg, attn_impl="fused"))
     fused.load_state_dict(eager.state_dict())
@@ -45,8 +58,12 @@ def test_fused_forward_and_gradients_match_eager(kernel_calls):
     eager, fused = pair()
     tokens, mask, dec, dec_mask = random_batch(50, 2, 13, 7, pad_decoder=True)
     labels = dec.masked_fill(dec_mask == 0, -100)
-    loss_e = eager(tokens, dec, one_zero_attention_mask=mask, decoder_attention_mask=dec_mask, labels=labels, return_type="loss")
-    loss_f = fused(tokens, dec, one_zero_attention_mask=mask, decoder_attention_mask=dec_mask, labels=labels, return_type="loss")
+    loss_e = eager(
+        tokens, dec, one_zero_attention_mask=mask, decoder_attention_mask=dec_mask, labels=labels, return_type="loss"
+    )
+    loss_f = fused(
+        tokens, dec, one_zero_attention_mask=mask, decoder_attention_mask=dec_mask, labels=labels, return_type="loss"
+    )
     assert len(kernel_calls) == 2 + 2 * 2 and set(kernel_calls) == {"triton"}  # every attention fused
     torch.testing.assert_close(loss_f, loss_e, atol=1e-5, rtol=0)
     loss_e.backward()
@@ -65,10 +82,18 @@ def test_only_hooked_layers_fall_back_to_materialised_attention(kernel_calls):
         torch.testing.assert_close(out[name], ref[name], atol=1e-5, rtol=0)
     kernel_calls.clear()
     with torch.no_grad():
-        patched = fused.run_with_hooks(tokens, dec, one_zero_attention_mask=mask,
-                                       fwd_hooks=[("encoder.0.attn.rel_pos_hook", lambda b, hook: b * 0)])
-        expected = eager.run_with_hooks(tokens, dec, one_zero_attention_mask=mask,
-                                        fwd_hooks=[("encoder.0.attn.rel_pos_hook", lambda b, hook: b * 0)])
+        patched = fused.run_with_hooks(
+            tokens,
+            dec,
+            one_zero_attention_mask=mask,
+            fwd_hooks=[("encoder.0.attn.rel_pos_hook", lambda b, hook: b * 0)],
+        )
+        expected = eager.run_with_hooks(
+            tokens,
+            dec,
+            one_zero_attention_mask=mask,
+            fwd_hooks=[("encoder.0.attn.rel_pos_hook", lambda b, hook: b * 0)],
+        )
     assert len(kernel_calls) == 4  # the patched encoder bias forces both encoder layers to materialise
     torch.testing.assert_close(patched, expected, atol=1e-5, rtol=0)
 
@@ -76,8 +101,10 @@ def test_only_hooked_layers_fall_back_to_materialised_attention(kernel_calls):
 def test_fused_generation_with_kv_cache_matches_eager():
     eager, fused = pair()
     tokens, mask, _, _ = random_batch(50, 2, 9, 2)
-    assert torch.equal(fused.generate(tokens, 6, one_zero_attention_mask=mask, stop_at_eos=False),
-                       eager.generate(tokens, 6, one_zero_attention_mask=mask, stop_at_eos=False))
+    assert torch.equal(
+        fused.generate(tokens, 6, one_zero_attention_mask=mask, stop_at_eos=False),
+        eager.generate(tokens, 6, one_zero_attention_mask=mask, stop_at_eos=False),
+    )
 
 
 def test_compiled_capture_runs_through_the_kernel_without_graph_breaks():

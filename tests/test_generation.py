@@ -63,14 +63,22 @@ def test_hooks_fire_at_every_step_and_steer(pair):
 def test_return_cache_gives_every_step(pair):
     _, model = pair
     tokens, mask, _, _ = random_batch(model.cfg.d_vocab, 2, 9, 2)
-    out, steps = model.generate(tokens, 5, one_zero_attention_mask=mask, stop_at_eos=False, return_cache=True,
-                                names_filter=["hook_encoder_out", "decoder.*.hook_resid_post", "decoder.0.attn.hook_pattern"])
+    out, steps = model.generate(
+        tokens,
+        5,
+        one_zero_attention_mask=mask,
+        stop_at_eos=False,
+        return_cache=True,
+        names_filter=["hook_encoder_out", "decoder.*.hook_resid_post", "decoder.0.attn.hook_pattern"],
+    )
     assert len(steps) == 5
     assert "hook_encoder_out" in steps[0] and "hook_encoder_out" not in steps[1]
     for t, step in enumerate(steps):
         assert step["decoder.0.attn.hook_pattern"].shape == (2, model.cfg.n_heads, 1, t + 1)
     # the last step's residual equals the full-sequence run's at that position
-    _, cache = model.run_with_cache(tokens, out[:, :-1], one_zero_attention_mask=mask, names_filter="decoder.*.hook_resid_post")
+    _, cache = model.run_with_cache(
+        tokens, out[:, :-1], one_zero_attention_mask=mask, names_filter="decoder.*.hook_resid_post"
+    )
     last = f"decoder.{model.cfg.n_decoder_layers - 1}.hook_resid_post"
     torch.testing.assert_close(steps[-1][last][:, 0], cache[last][:, -1], atol=1e-5, rtol=0)
 
@@ -84,7 +92,9 @@ def test_sampling_is_seeded_and_respects_top_k(pair):
     top1 = model.generate(tokens, 8, one_zero_attention_mask=mask, do_sample=True, top_k=1, seed=2, stop_at_eos=False)
     greedy = model.generate(tokens, 8, one_zero_attention_mask=mask, stop_at_eos=False)
     assert torch.equal(top1, greedy)
-    tiny_p = model.generate(tokens, 8, one_zero_attention_mask=mask, do_sample=True, top_p=1e-6, seed=3, stop_at_eos=False)
+    tiny_p = model.generate(
+        tokens, 8, one_zero_attention_mask=mask, do_sample=True, top_p=1e-6, seed=3, stop_at_eos=False
+    )
     assert torch.equal(tiny_p, greedy)
     with pytest.raises(ValueError, match="temperature"):
         model.generate(tokens, 3, do_sample=True, temperature=0)

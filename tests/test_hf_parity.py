@@ -30,7 +30,9 @@ def compare_to_hf(variant: str, dec_len: int, pad_decoder: bool, batch: int = 3,
 
     torch.testing.assert_close(logits, ref.logits, atol=ATOL, rtol=0)
     # HF hidden states: the embedding, the output of every block but the last, then the final-norm output.
-    enc_names = ["hook_embed"] + [f"encoder.{l}.hook_resid_post" for l in range(cfg.n_layers - 1)] + ["hook_encoder_out"]
+    enc_names = (
+        ["hook_embed"] + [f"encoder.{l}.hook_resid_post" for l in range(cfg.n_layers - 1)] + ["hook_encoder_out"]
+    )
     assert len(ref.encoder_hidden_states) == len(enc_names)
     for name, hidden in zip(enc_names, ref.encoder_hidden_states):
         torch.testing.assert_close(cache[name], hidden, atol=ATOL, rtol=0, msg=name)
@@ -41,10 +43,16 @@ def compare_to_hf(variant: str, dec_len: int, pad_decoder: bool, batch: int = 3,
     torch.testing.assert_close(final, ref.decoder_hidden_states[-1], atol=ATOL, rtol=0)
     torch.testing.assert_close(cache["hook_encoder_out"], ref.encoder_last_hidden_state, atol=ATOL, rtol=0)
     for layer in range(cfg.n_layers):
-        torch.testing.assert_close(cache[f"encoder.{layer}.attn.hook_pattern"], ref.encoder_attentions[layer], atol=ATOL, rtol=0)
+        torch.testing.assert_close(
+            cache[f"encoder.{layer}.attn.hook_pattern"], ref.encoder_attentions[layer], atol=ATOL, rtol=0
+        )
     for layer in range(cfg.n_decoder_layers):
-        torch.testing.assert_close(cache[f"decoder.{layer}.attn.hook_pattern"], ref.decoder_attentions[layer], atol=ATOL, rtol=0)
-        torch.testing.assert_close(cache[f"decoder.{layer}.cross_attn.hook_pattern"], ref.cross_attentions[layer], atol=ATOL, rtol=0)
+        torch.testing.assert_close(
+            cache[f"decoder.{layer}.attn.hook_pattern"], ref.decoder_attentions[layer], atol=ATOL, rtol=0
+        )
+        torch.testing.assert_close(
+            cache[f"decoder.{layer}.cross_attn.hook_pattern"], ref.cross_attentions[layer], atol=ATOL, rtol=0
+        )
     return model, cache
 
 

@@ -1,7 +1,5 @@
 """The hook API: every hook point fires, lifecycle of hooks, caching, and clear errors on bad input."""
 
-import warnings
-
 import pytest
 import torch
 from t5_fixtures import hf_t5, hooked_from, random_batch
@@ -10,9 +8,22 @@ from t5hooks import ActivationCache, HookedEncoderDecoder, HookedT5Config, HookP
 
 
 def tiny(gated=False, use_attn_result=False, **kw):
-    cfg = HookedT5Config(d_model=16, d_head=4, n_heads=2, d_mlp=24, n_layers=2, n_decoder_layers=3, d_vocab=40,
-                         gated_mlp=gated, act_fn="gelu_new" if gated else "relu", use_attn_result=use_attn_result,
-                         relative_attention_num_buckets=8, relative_attention_max_distance=16, seed=0, **kw)
+    cfg = HookedT5Config(
+        d_model=16,
+        d_head=4,
+        n_heads=2,
+        d_mlp=24,
+        n_layers=2,
+        n_decoder_layers=3,
+        d_vocab=40,
+        gated_mlp=gated,
+        act_fn="gelu_new" if gated else "relu",
+        use_attn_result=use_attn_result,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=16,
+        seed=0,
+        **kw,
+    )
     return HookedEncoderDecoder(cfg)
 
 
@@ -58,7 +69,9 @@ def test_attn_result_sums_to_attn_out():
     model = tiny(use_attn_result=True)
     tokens, mask, dec = batch(model)
     _, cache = model.run_with_cache(tokens, dec, one_zero_attention_mask=mask)
-    torch.testing.assert_close(cache["encoder.1.attn.hook_result"].sum(2), cache["encoder.1.hook_attn_out"], atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        cache["encoder.1.attn.hook_result"].sum(2), cache["encoder.1.hook_attn_out"], atol=1e-5, rtol=0
+    )
     model.set_use_attn_result(False)
     assert "encoder.1.attn.hook_result" not in model.hook_dict
 
@@ -89,6 +102,7 @@ def test_hooks_context_nesting_and_permanent_hooks():
     def tag(label):
         def fn(x, hook):
             calls.append(label)
+
         return fn
 
     model.add_perma_hook("hook_embed", tag("perma"))
@@ -143,8 +157,9 @@ def test_backward_hooks_see_gradients():
         loss.backward()
     torch.testing.assert_close(grads[name], acts[name].grad)
     # gradient caching
-    loss, cache = model.run_with_cache(tokens, dec, labels=labels, return_type="loss", incl_bwd=True,
-                                       names_filter="encoder.1.hook_resid_mid")
+    loss, cache = model.run_with_cache(
+        tokens, dec, labels=labels, return_type="loss", incl_bwd=True, names_filter="encoder.1.hook_resid_mid"
+    )
     torch.testing.assert_close(cache[name + "_grad"], grads[name], atol=1e-6, rtol=0)
     with pytest.warns(UserWarning, match="before any backward"):
         model.run_with_hooks(tokens, dec, bwd_hooks=[(name, save_grad)])

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from t5hooks.kernels import prep, reference_relbias_attention, relative_position_bucket, relbias_attention
+from t5hooks.kernels import reference_relbias_attention, relative_position_bucket, relbias_attention
 from t5hooks.kernels.reference import (
     allowed_keys,
     bias_and_mask,
@@ -77,7 +77,9 @@ def make_inputs(case: Case, seed: int = 0):
     # a wrong bias on a few entries would hardly change the output
     qk_std = case.head_dim**-0.25
     q, k, v = sequence(case.q_len, qk_std), sequence(case.k_len, qk_std), sequence(case.k_len)
-    table = (torch.randn(case.num_buckets, case.heads, generator=gen) * case.bias_std).to(DEVICE) if case.table else None
+    table = (
+        (torch.randn(case.num_buckets, case.heads, generator=gen) * case.bias_std).to(DEVICE) if case.table else None
+    )
     mask = None
     if case.padding is not None:
         mask = torch.ones(case.batch, case.k_len, dtype=torch.bool)
@@ -116,16 +118,36 @@ CASES = {
     # T5 bucketing squeezed (8 buckets, max distance 8) so that 16x16 tiles are far on both sides
     "encoder-far-tiles": Case(q_len=45, k_len=45, num_buckets=8, max_distance=8),
     "encoder-t5-buckets-padded": Case(padding="right"),
-    "decoder-causal": Case(q_len=41, k_len=41, head_dim=16, bidirectional=False, causal=True, num_buckets=8, max_distance=12),
-    "decoder-kv-cache": Case(q_len=19, k_len=50, q_offset=31, bidirectional=False, causal=True, num_buckets=8,
-                             max_distance=16, padding="left"),  # fmt: skip
+    "decoder-causal": Case(
+        q_len=41, k_len=41, head_dim=16, bidirectional=False, causal=True, num_buckets=8, max_distance=12
+    ),
+    "decoder-kv-cache": Case(
+        q_len=19,
+        k_len=50,
+        q_offset=31,
+        bidirectional=False,
+        causal=True,
+        num_buckets=8,
+        max_distance=16,
+        padding="left",
+    ),  # fmt: skip
     "cross-attention": Case(q_len=23, k_len=41, table=False, padding="ragged"),
     "causal-no-table": Case(q_len=35, k_len=35, table=False, causal=True, q_offset=0),
-    "unidirectional-not-causal": Case(q_len=29, k_len=35, bidirectional=False, num_buckets=16, max_distance=20, q_offset=3),
-    "strided-scaled-d64": Case(q_len=33, k_len=27, head_dim=64, strided=True, scale=0.125, num_buckets=16, max_distance=24),
-    "head-dim-24": Case(batch=1, q_len=30, k_len=30, head_dim=24, num_buckets=8, max_distance=10, causal=True, bidirectional=False),
-    "fp16-padded": Case(q_len=33, k_len=47, head_dim=64, dtype=torch.float16, num_buckets=16, max_distance=16, padding="right"),
-    "fp16-causal": Case(q_len=40, k_len=40, dtype=torch.float16, causal=True, bidirectional=False, num_buckets=8, max_distance=10),
+    "unidirectional-not-causal": Case(
+        q_len=29, k_len=35, bidirectional=False, num_buckets=16, max_distance=20, q_offset=3
+    ),
+    "strided-scaled-d64": Case(
+        q_len=33, k_len=27, head_dim=64, strided=True, scale=0.125, num_buckets=16, max_distance=24
+    ),
+    "head-dim-24": Case(
+        batch=1, q_len=30, k_len=30, head_dim=24, num_buckets=8, max_distance=10, causal=True, bidirectional=False
+    ),
+    "fp16-padded": Case(
+        q_len=33, k_len=47, head_dim=64, dtype=torch.float16, num_buckets=16, max_distance=16, padding="right"
+    ),
+    "fp16-causal": Case(
+        q_len=40, k_len=40, dtype=torch.float16, causal=True, bidirectional=False, num_buckets=8, max_distance=10
+    ),
 }
 
 
@@ -148,7 +170,10 @@ def random_case(seed: int) -> Case:
 ALL_CASES = CASES | {f"random-{seed}": random_case(seed) for seed in range(6)}  # 4, 5: Q <= 4 (decode kernel)
 
 
-@pytest.mark.parametrize("num_buckets,max_distance,bidirectional", [(32, 128, True), (32, 128, False), (8, 8, True), (6, 5, False), (16, 40, True)])
+@pytest.mark.parametrize(
+    "num_buckets,max_distance,bidirectional",
+    [(32, 128, True), (32, 128, False), (8, 8, True), (6, 5, False), (16, 40, True)],
+)
 def test_distance_clamp_is_exact(num_buckets, max_distance, bidirectional):
     """The kernels' premise: bucket(r) == bucket(clamp(r, -max_distance, max_distance)) for every r."""
     r = torch.arange(-5 * max_distance, 5 * max_distance + 1)
@@ -202,7 +227,9 @@ def score_gradient_per_bucket(case: Case, q, k, v, table, mask, grad_out):
 
     def per_bucket(x):  # [B,H,Q,K] -> [NB,H]
         per_pair = x.sum(0).permute(1, 2, 0).reshape(-1, case.heads)  # [Q*K,H]
-        return torch.zeros(case.num_buckets, case.heads, dtype=x.dtype, device=x.device).index_add_(0, buckets, per_pair)
+        return torch.zeros(case.num_buckets, case.heads, dtype=x.dtype, device=x.device).index_add_(
+            0, buckets, per_pair
+        )
 
     return per_bucket(d_scores), per_bucket(d_scores.abs())
 
@@ -317,7 +344,9 @@ def test_custom_op_under_torch_compile_fullgraph():
     q, k, v, table, mask = make_inputs(case)
 
     def loss(q, k, v, table):
-        return relbias_attention(q, k, v, table, key_padding_mask=mask, backend="triton", **case.options()).square().sum()
+        return (
+            relbias_attention(q, k, v, table, key_padding_mask=mask, backend="triton", **case.options()).square().sum()
+        )
 
     torch._dynamo.reset()
     compiled = torch.compile(loss, fullgraph=True)  # fullgraph: any graph break is an error
@@ -369,20 +398,33 @@ BAD_ARGUMENTS = {
     "heads": (_bad(q=torch.empty(2, 3, 5, 16, device="meta")), "number of heads"),
     "head dim": (_bad(q=torch.empty(2, 4, 5, 8, device="meta")), "head dim"),
     "dtype": (_bad(q=torch.empty(2, 4, 5, 16, device="meta", dtype=torch.float16)), "share one floating dtype"),
-    "integer dtype": (_bad(**{n: torch.empty(2, 4, 7, 16, dtype=torch.long, device="meta") for n in "qkv"}), "floating dtype"),
+    "integer dtype": (
+        _bad(**{n: torch.empty(2, 4, 7, 16, dtype=torch.long, device="meta") for n in "qkv"}),
+        "floating dtype",
+    ),
     "device": (_bad(q=torch.empty(2, 4, 5, 16)), "one device"),
     "backend": (_bad(backend="cuda"), "backend must be one of 'auto', 'triton', 'reference'"),
-    "table heads": (_bad(rel_bias_table=torch.empty(32, 3, device="meta")), r"rel_bias_table must be \[num_buckets, H\] = \[32, 4\]"),
+    "table heads": (
+        _bad(rel_bias_table=torch.empty(32, 3, device="meta")),
+        r"rel_bias_table must be \[num_buckets, H\] = \[32, 4\]",
+    ),
     "table buckets": (_bad(num_buckets=16), r"rel_bias_table must be \[num_buckets, H\] = \[16, 4\]"),
     "table rank": (_bad(rel_bias_table=torch.empty(32, device="meta")), "rel_bias_table must be a"),
-    "mask shape": (_bad(key_padding_mask=torch.empty(2, 5, device="meta")), r"key_padding_mask must be \[B, K\] = \[2, 7\]"),
+    "mask shape": (
+        _bad(key_padding_mask=torch.empty(2, 5, device="meta")),
+        r"key_padding_mask must be \[B, K\] = \[2, 7\]",
+    ),
     "q_offset": (_bad(q_offset=-1), "q_offset must be an int >= 0"),
     "max_distance": (_bad(max_distance=8), "max_distance must be an int greater than the 8 exact distances"),
     "num_buckets": (_bad(num_buckets=3, rel_bias_table=None), "num_buckets must be an int >= 4"),
-    "triton float64": (_bad(**{n: torch.empty(2, 4, 7, 16, dtype=torch.float64, device="meta") for n in "qkv"},
-                            backend="triton"), "supports float16, bfloat16 and float32"),  # fmt: skip
-    "triton head dim": (_bad(**{n: torch.empty(2, 4, 7, 256, device="meta") for n in "qkv"}, backend="triton"),
-                        "head dims up to 128"),  # fmt: skip
+    "triton float64": (
+        _bad(**{n: torch.empty(2, 4, 7, 16, dtype=torch.float64, device="meta") for n in "qkv"}, backend="triton"),
+        "supports float16, bfloat16 and float32",
+    ),  # fmt: skip
+    "triton head dim": (
+        _bad(**{n: torch.empty(2, 4, 7, 256, device="meta") for n in "qkv"}, backend="triton"),
+        "head dims up to 128",
+    ),  # fmt: skip
 }
 
 
@@ -498,7 +540,9 @@ def test_bench_reports_failures_with_their_reason():
 
     case = bench.quick_cases()[0]
     builders = bench.BUILDERS | {"broken": broken}
-    entry = bench.run_case(case, torch.device("cpu"), torch.float32, ["reference", "broken"], quick=True, builders=builders)
+    entry = bench.run_case(
+        case, torch.device("cpu"), torch.float32, ["reference", "broken"], quick=True, builders=builders
+    )
     by_impl = {(r["impl"], r["mode"]): r for r in entry["results"]}
     assert by_impl[("reference", "fwd")]["status"] == "ok"
     assert by_impl[("broken", "fwd")] == {"impl": "broken", "mode": "fwd", "status": "failed",

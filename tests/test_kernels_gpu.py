@@ -28,13 +28,28 @@ FWD_TOL = {torch.bfloat16: 2e-2, torch.float16: 4e-3, torch.float32: 1e-5}
 GRAD_TOL = {torch.bfloat16: 6e-2, torch.float16: 1.5e-2, torch.float32: 1e-4}
 
 CASES = {
-    "encoder-L1000-bf16": Case(batch=2, heads=4, q_len=1000, k_len=1000, head_dim=64, dtype=torch.bfloat16, padding="right"),
+    "encoder-L1000-bf16": Case(
+        batch=2, heads=4, q_len=1000, k_len=1000, head_dim=64, dtype=torch.bfloat16, padding="right"
+    ),
     "encoder-L777-d128-fp16": Case(batch=2, heads=4, q_len=777, k_len=777, head_dim=128, dtype=torch.float16),
-    "decoder-L600-bf16": Case(batch=2, heads=4, q_len=600, k_len=600, head_dim=64, dtype=torch.bfloat16, causal=True,
-                              bidirectional=False),  # fmt: skip
-    "decoder-chunk-after-cache-fp16": Case(batch=2, heads=4, q_len=300, k_len=900, q_offset=600, head_dim=64,
-                                           dtype=torch.float16, causal=True, bidirectional=False, padding="left"),  # fmt: skip
-    "cross-bf16": Case(batch=2, heads=4, q_len=333, k_len=1000, head_dim=64, dtype=torch.bfloat16, table=False, padding="ragged"),
+    "decoder-L600-bf16": Case(
+        batch=2, heads=4, q_len=600, k_len=600, head_dim=64, dtype=torch.bfloat16, causal=True, bidirectional=False
+    ),  # fmt: skip
+    "decoder-chunk-after-cache-fp16": Case(
+        batch=2,
+        heads=4,
+        q_len=300,
+        k_len=900,
+        q_offset=600,
+        head_dim=64,
+        dtype=torch.float16,
+        causal=True,
+        bidirectional=False,
+        padding="left",
+    ),  # fmt: skip
+    "cross-bf16": Case(
+        batch=2, heads=4, q_len=333, k_len=1000, head_dim=64, dtype=torch.bfloat16, table=False, padding="ragged"
+    ),
     "encoder-L2048-fp32": Case(batch=1, heads=2, q_len=2048, k_len=2048, head_dim=64, padding="right"),
 }
 
@@ -125,11 +140,18 @@ def test_compile_fullgraph_on_cuda():
     q, k, v, table, mask = make_inputs(case)
 
     def loss(q, k, v, table):
-        return relbias_attention(q, k, v, table, key_padding_mask=mask, backend="triton", **case.options()).float().square().sum()
+        return (
+            relbias_attention(q, k, v, table, key_padding_mask=mask, backend="triton", **case.options())
+            .float()
+            .square()
+            .sum()
+        )
 
     torch._dynamo.reset()
     compiled = torch.compile(loss, fullgraph=True)
     leaves = [x.clone().requires_grad_() for x in (q, k, v, table)]
     eager_leaves = [x.clone().requires_grad_() for x in (q, k, v, table)]
-    for a, b in zip(torch.autograd.grad(compiled(*leaves), leaves), torch.autograd.grad(loss(*eager_leaves), eager_leaves)):
+    for a, b in zip(
+        torch.autograd.grad(compiled(*leaves), leaves), torch.autograd.grad(loss(*eager_leaves), eager_leaves)
+    ):
         torch.testing.assert_close(a, b)

@@ -52,7 +52,10 @@ def test_local_directory_bin_and_sharded(tmp_path):
     shard_dir.mkdir()
     shutil.copy(tmp_path / "st" / "config.json", shard_dir / "config.json")
     keys = sorted(state)
-    halves = {"model-00001-of-00002.safetensors": keys[: len(keys) // 2], "model-00002-of-00002.safetensors": keys[len(keys) // 2 :]}
+    halves = {
+        "model-00001-of-00002.safetensors": keys[: len(keys) // 2],
+        "model-00002-of-00002.safetensors": keys[len(keys) // 2 :],
+    }
     weight_map = {}
     for file, names in halves.items():
         save_file({k: state[k].contiguous() for k in names}, shard_dir / file)

@@ -22,21 +22,36 @@ from t5hooks.export.ort import _resolve_shape
 
 D_MODEL, VOCAB, BUCKETS, MAX_DISTANCE = 16, 40, 8, 16
 CAPTURE = [
-    "encoder.0.attn.rel_pos_hook", "decoder.0.attn.rel_pos_hook",  # distance-0 buckets
+    "encoder.0.attn.rel_pos_hook",
+    "decoder.0.attn.rel_pos_hook",  # distance-0 buckets
     "encoder.0.hook_resid_mid",  # replaced by a patch and captured: the output is the patch input
-    "encoder.*.hook_resid_pre", "encoder.*.hook_resid_post",  # encoder.0.hook_resid_post is encoder.1.hook_resid_pre
-    "decoder.*.hook_resid_pre", "decoder.*.hook_resid_post",
+    "encoder.*.hook_resid_pre",
+    "encoder.*.hook_resid_post",  # encoder.0.hook_resid_post is encoder.1.hook_resid_pre
+    "decoder.*.hook_resid_pre",
+    "decoder.*.hook_resid_post",
     "decoder.1.hook_mlp_out",  # "add"-patched and captured
-    "decoder.*.cross_attn.hook_pattern", "decoder.1.attn.hook_attn_scores", "hook_encoder_out",
+    "decoder.*.cross_attn.hook_pattern",
+    "decoder.1.attn.hook_attn_scores",
+    "hook_encoder_out",
 ]
 PATCH = {"encoder.0.hook_resid_mid": "replace", "decoder.1.hook_mlp_out": "add"}
 
 
 def tiny(n_layers=2, n_decoder_layers=2, **overrides):
     """Few layers: export time grows with the number of traced ops."""
-    cfg = HookedT5Config(d_model=D_MODEL, d_head=4, n_heads=2, d_mlp=24, n_layers=n_layers,
-                         n_decoder_layers=n_decoder_layers, d_vocab=VOCAB, relative_attention_num_buckets=BUCKETS,
-                         relative_attention_max_distance=MAX_DISTANCE, seed=0, **overrides)
+    cfg = HookedT5Config(
+        d_model=D_MODEL,
+        d_head=4,
+        n_heads=2,
+        d_mlp=24,
+        n_layers=n_layers,
+        n_decoder_layers=n_decoder_layers,
+        d_vocab=VOCAB,
+        relative_attention_num_buckets=BUCKETS,
+        relative_attention_max_distance=MAX_DISTANCE,
+        seed=0,
+        **overrides,
+    )
     return HookedEncoderDecoder(cfg).eval()
 
 
@@ -68,9 +83,14 @@ def test_graph_io_names_and_checker(model, exported):
     onnx.checker.check_model(str(path))
     names = model.capture(CAPTURE).names
     assert [o.name for o in graph.output] == ["logits", *names]
-    assert [i.name for i in graph.input] == ["input", "decoder_input", "one_zero_attention_mask",
-                                             "decoder_attention_mask", "patch.encoder.0.hook_resid_mid",
-                                             "patch.decoder.1.hook_mlp_out"]
+    assert [i.name for i in graph.input] == [
+        "input",
+        "decoder_input",
+        "one_zero_attention_mask",
+        "decoder_attention_mask",
+        "patch.encoder.0.hook_resid_mid",
+        "patch.decoder.1.hook_mlp_out",
+    ]
     assert runner.output_names == ["logits", *names]
     shapes = {o.name: [d.dim_param or d.dim_value for d in o.type.tensor_type.shape.dim] for o in graph.output}
     assert shapes["logits"] == ["batch", "decoder", VOCAB]
@@ -81,8 +101,10 @@ def test_graph_io_names_and_checker(model, exported):
 def test_same_tensor_under_two_names_gets_two_outputs(exported):
     path, runner = exported
     producers = {out: node for node in onnx.load(str(path)).graph.node for out in node.output}
-    for a, b in [("encoder.0.hook_resid_post", "encoder.1.hook_resid_pre"),
-                 ("decoder.0.hook_resid_post", "decoder.1.hook_resid_pre")]:
+    for a, b in [
+        ("encoder.0.hook_resid_post", "encoder.1.hook_resid_pre"),
+        ("decoder.0.hook_resid_post", "decoder.1.hook_resid_pre"),
+    ]:
         assert producers[a] is not producers[b]  # two values, each produced by its own node
         assert "Identity" in (producers[a].op_type, producers[b].op_type)
     tokens, dec, mask, dec_mask, patches = inputs(2, 6, 3)
@@ -138,16 +160,20 @@ def test_parity_with_eager_at_new_shapes(model, exported, batch, enc, dec):
     for name, value in expected.items():
         np.testing.assert_allclose(got[name], value.detach().numpy(), atol=1e-4, rtol=0, err_msg=name)
         # what the CUDA path preallocates from the input sizes
-        assert _resolve_shape(runner.output_shapes[name], {"batch": batch, "encoder": enc, "decoder": dec}) == \
-            got[name].shape
+        assert (
+            _resolve_shape(runner.output_shapes[name], {"batch": batch, "encoder": enc, "decoder": dec})
+            == got[name].shape
+        )
 
 
 def test_patches_match_eager_hooks(model, exported):
     """ORT with patch inputs == the plain model with Python hooks doing the same replace / add."""
     _, runner = exported
     tokens, dec_tokens, mask, dec_mask, patches = inputs(2, 7, 4, seed=9)
-    hooks = [("encoder.0.hook_resid_mid", lambda x, hook: patches["encoder.0.hook_resid_mid"]),
-             ("decoder.1.hook_mlp_out", lambda x, hook: x + patches["decoder.1.hook_mlp_out"])]
+    hooks = [
+        ("encoder.0.hook_resid_mid", lambda x, hook: patches["encoder.0.hook_resid_mid"]),
+        ("decoder.1.hook_mlp_out", lambda x, hook: x + patches["decoder.1.hook_mlp_out"]),
+    ]
     with torch.no_grad():
         expected = model.run_with_hooks(tokens, dec_tokens, mask, dec_mask, fwd_hooks=hooks)
         unpatched = model(tokens, dec_tokens, mask, dec_mask)
@@ -181,17 +207,22 @@ def test_distance_zero_buckets_have_no_inf_or_nan(model, exported, tmp_path):
     names = [o.name for o in session.get_outputs()]
     for batch, enc, dec in [(1, 1, 1), (2, 3, 1), (1, 40, 2)]:
         tokens, dec_tokens, mask, dec_mask, patches = inputs(batch, enc, dec)
-        feeds = {"input": tokens.numpy(), "decoder_input": dec_tokens.numpy(), "one_zero_attention_mask": mask.numpy(),
-                 "decoder_attention_mask": dec_mask.numpy(),
-                 "patch.encoder.0.hook_resid_mid": patches["encoder.0.hook_resid_mid"].numpy(),
-                 "patch.decoder.1.hook_mlp_out": patches["decoder.1.hook_mlp_out"].numpy()}
+        feeds = {
+            "input": tokens.numpy(),
+            "decoder_input": dec_tokens.numpy(),
+            "one_zero_attention_mask": mask.numpy(),
+            "decoder_attention_mask": dec_mask.numpy(),
+            "patch.encoder.0.hook_resid_mid": patches["encoder.0.hook_resid_mid"].numpy(),
+            "patch.decoder.1.hook_mlp_out": patches["decoder.1.hook_mlp_out"].numpy(),
+        }
         out = dict(zip(names, session.run(None, feeds)))
         for name in names:
             assert np.isfinite(out[name]).all(), f"{name} not finite at batch {batch}, enc {enc}, dec {dec}"
         for stack, length, bidirectional in (("encoder", enc, True), ("decoder", dec, False)):
             pos = torch.arange(length)
-            buckets = T5Attention._relative_position_bucket(pos[None, :] - pos[:, None], bidirectional=bidirectional,
-                                                            num_buckets=BUCKETS, max_distance=MAX_DISTANCE)
+            buckets = T5Attention._relative_position_bucket(
+                pos[None, :] - pos[:, None], bidirectional=bidirectional, num_buckets=BUCKETS, max_distance=MAX_DISTANCE
+            )
             table = getattr(model, stack)[0].attn.rel_bias_table.detach()
             expected = table[buckets].permute(2, 0, 1)[None].numpy()
             np.testing.assert_array_equal(out[f"{stack}.0.attn.rel_pos_hook"], expected)
@@ -229,8 +260,9 @@ def test_fp16_external_data_and_fused_attention_falls_back_while_exporting(tmp_p
     for name, value in expected.items():
         assert got[name].dtype == np.float16
         scale = float(value.abs().max())
-        np.testing.assert_allclose(got[name].astype(np.float32), value.detach().numpy(), atol=1e-2 * scale, rtol=0,
-                                   err_msg=name)
+        np.testing.assert_allclose(
+            got[name].astype(np.float32), value.detach().numpy(), atol=1e-2 * scale, rtol=0, err_msg=name
+        )
 
 
 # ---- errors --------------------------------------------------------------------------------------------
@@ -250,11 +282,17 @@ def test_runner_rejects_bad_inputs_clearly(exported):
     with pytest.raises(TypeError, match="patch.encoder.0.hook_resid_mid must be floating point"):
         integer_patch = torch.zeros(2, 5, D_MODEL, dtype=torch.long)
         runner(tokens, dec, patches={**patches, "encoder.0.hook_resid_mid": integer_patch})
-    with pytest.raises(ValueError, match=r"input has rank 1 \(shape \(5,\)\); expected rank 2: "
-                                         r"input: int64\[batch, encoder\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"input has rank 1 \(shape \(5,\)\); expected rank 2: "
+        r"input: int64\[batch, encoder\]",
+    ):
         runner(tokens[0], dec, patches=patches)
-    with pytest.raises(ValueError, match=r"one_zero_attention_mask axis 1 \('encoder'\) has size 4 but input has "
-                                         r"'encoder' = 5"):
+    with pytest.raises(
+        ValueError,
+        match=r"one_zero_attention_mask axis 1 \('encoder'\) has size 4 but input has "
+        r"'encoder' = 5",
+    ):
         runner(tokens, dec, mask[:, :4], patches=patches)
     with pytest.raises(ValueError, match="fixes it to 16"):
         runner(tokens, dec, patches={**patches, "encoder.0.hook_resid_mid": torch.zeros(2, 5, 8)})
@@ -284,9 +322,19 @@ def checkpoint(tmp_path_factory):
     from transformers import T5Config, T5ForConditionalGeneration
 
     torch.manual_seed(0)
-    cfg = T5Config(vocab_size=64, d_model=16, d_kv=4, d_ff=24, num_heads=2, num_layers=1, num_decoder_layers=1,
-                   relative_attention_num_buckets=8, relative_attention_max_distance=16, dropout_rate=0.0,
-                   decoder_start_token_id=0)
+    cfg = T5Config(
+        vocab_size=64,
+        d_model=16,
+        d_kv=4,
+        d_ff=24,
+        num_heads=2,
+        num_layers=1,
+        num_decoder_layers=1,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=16,
+        dropout_rate=0.0,
+        decoder_start_token_id=0,
+    )
     directory = tmp_path_factory.mktemp("checkpoint")
     T5ForConditionalGeneration(cfg).eval().save_pretrained(directory)
     return directory
@@ -294,27 +342,40 @@ def checkpoint(tmp_path_factory):
 
 def export_command(*args):
     """`t5hooks export ...` in a fresh process (the installed entry point is `t5hooks.apps.cli:main`)."""
-    return subprocess.run([sys.executable, "-m", "t5hooks.apps.cli", "export", *args], capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "t5hooks.apps.cli", "export", *args], capture_output=True, text=True, timeout=300
+    )
 
 
 @pytest.mark.parametrize("fmt,suffix", [("onnx", ".onnx"), ("pt2", ".pt2")])
 def test_export_command_writes_and_verifies(checkpoint, tmp_path, fmt, suffix):
     out = tmp_path / f"model{suffix}"
-    result = export_command("--format", fmt, "--model", str(checkpoint), "--capture", "decoder.*.hook_resid_post",
-                            "encoder.0.attn.hook_pattern", "--patch", "decoder.0.hook_mlp_out", "--patch-mode", "add",
-                            "--out", str(out))
+    result = export_command(
+        "--format",
+        fmt,
+        "--model",
+        str(checkpoint),
+        "--capture",
+        "decoder.*.hook_resid_post",
+        "encoder.0.attn.hook_pattern",
+        "--patch",
+        "decoder.0.hook_mlp_out",
+        "--patch-mode",
+        "add",
+        "--out",
+        str(out),
+    )
     assert result.returncode == 0, result.stderr
     assert "matches eager on a fresh input" in result.stdout and out.is_file()
 
 
 def test_export_command_fails_cleanly_on_bad_input(checkpoint, tmp_path):
-    result = export_command("--model", str(checkpoint), "--capture", "decoder.*.hook_resid_psot",
-                            "--out", str(tmp_path / "m.onnx"))
+    result = export_command(
+        "--model", str(checkpoint), "--capture", "decoder.*.hook_resid_psot", "--out", str(tmp_path / "m.onnx")
+    )
     assert result.returncode == 2
     assert result.stderr.startswith("t5hooks export: error: no hook point matches 'decoder.*.hook_resid_psot'")
     assert "Traceback" not in result.stderr and not (tmp_path / "m.onnx").exists()
-
 
 
 def test_export_command_reports_a_mismatch(checkpoint, tmp_path, capsys, monkeypatch):
@@ -326,8 +387,18 @@ def test_export_command_reports_a_mismatch(checkpoint, tmp_path, capsys, monkeyp
         return lambda *inputs: {k: v + (1.0 if k == "logits" else 0.0) for k, v in run(*inputs).items()}
 
     monkeypatch.setattr(command, "_export_and_load", corrupted)
-    code = command.main(["--format", "torchscript", "--model", str(checkpoint), "--capture", "hook_encoder_out",
-                         "--out", str(tmp_path / "m.pt")])
+    code = command.main(
+        [
+            "--format",
+            "torchscript",
+            "--model",
+            str(checkpoint),
+            "--capture",
+            "hook_encoder_out",
+            "--out",
+            str(tmp_path / "m.pt"),
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 1 and "disagrees with eager" in err and "logits: max |diff| 1.000e+00" in err
     assert "hook_encoder_out" not in err  # only the output that differs is listed

@@ -27,9 +27,20 @@ CAPTURE = [
 @pytest.fixture(scope="module")
 def model():
     # T5 v1.1 style (untied unembedding): with these random weights greedy decoding gives varied tokens
-    cfg = HookedT5Config(d_model=32, d_head=4, n_heads=2, d_mlp=32, n_layers=1, n_decoder_layers=2, d_vocab=VOCAB,
-                         relative_attention_num_buckets=8, relative_attention_max_distance=16, seed=3,
-                         tie_word_embeddings=False, scale_logits=False)
+    cfg = HookedT5Config(
+        d_model=32,
+        d_head=4,
+        n_heads=2,
+        d_mlp=32,
+        n_layers=1,
+        n_decoder_layers=2,
+        d_vocab=VOCAB,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=16,
+        seed=3,
+        tie_word_embeddings=False,
+        scale_logits=False,
+    )
     return HookedEncoderDecoder(cfg).eval()
 
 
@@ -54,15 +65,41 @@ def test_graph_names(generator):
     decoder = onnx.load(str(generator.decoder.path)).graph
     assert [i.name for i in encoder.input] == ["input", "one_zero_attention_mask"]
     assert [o.name for o in encoder.output] == [
-        "encoder_out", "cross.0.key", "cross.0.value", "cross.1.key", "cross.1.value",
-        "encoder.0.hook_resid_post", "hook_encoder_out", "decoder.0.cross_attn.hook_k", "decoder.1.cross_attn.hook_k"]
+        "encoder_out",
+        "cross.0.key",
+        "cross.0.value",
+        "cross.1.key",
+        "cross.1.value",
+        "encoder.0.hook_resid_post",
+        "hook_encoder_out",
+        "decoder.0.cross_attn.hook_k",
+        "decoder.1.cross_attn.hook_k",
+    ]
     assert [i.name for i in decoder.input] == [
-        "decoder_input", "one_zero_attention_mask", "past.0.key", "past.0.value", "past.1.key", "past.1.value",
-        "cross.0.key", "cross.0.value", "cross.1.key", "cross.1.value"]
+        "decoder_input",
+        "one_zero_attention_mask",
+        "past.0.key",
+        "past.0.value",
+        "past.1.key",
+        "past.1.value",
+        "cross.0.key",
+        "cross.0.value",
+        "cross.1.key",
+        "cross.1.value",
+    ]
     assert [o.name for o in decoder.output] == [
-        "logits", "present.0.key", "present.0.value", "present.1.key", "present.1.value",
-        "decoder.0.attn.rel_pos_hook", "decoder.0.attn.hook_pattern", "decoder.0.hook_resid_post",
-        "decoder.1.cross_attn.hook_pattern", "decoder.1.hook_resid_post", "unembed.hook_in"]
+        "logits",
+        "present.0.key",
+        "present.0.value",
+        "present.1.key",
+        "present.1.value",
+        "decoder.0.attn.rel_pos_hook",
+        "decoder.0.attn.hook_pattern",
+        "decoder.0.hook_resid_post",
+        "decoder.1.cross_attn.hook_pattern",
+        "decoder.1.hook_resid_post",
+        "unembed.hook_in",
+    ]
     dims = {o.name: [d.dim_param or d.dim_value for d in o.type.tensor_type.shape.dim] for o in decoder.output}
     assert dims["present.0.key"] == ["batch", 2, "past + 1", 4]
     assert dims["decoder.0.attn.hook_pattern"] == ["batch", 2, 1, "past + 1"]
@@ -71,6 +108,7 @@ def test_graph_names(generator):
 def test_greedy_tokens_and_step_activations_match_model_generate(model, generator):
     tokens, mask = padded_batch()
     free = model.generate(tokens, 8, one_zero_attention_mask=mask, stop_at_eos=False)
+
     # An EOS id that one row emits early and the other rows never do: that row stops and is padded.
     def elsewhere(row):
         return set(free[[r for r in range(len(free)) if r != row], 1:].flatten().tolist())
@@ -78,8 +116,9 @@ def test_greedy_tokens_and_step_activations_match_model_generate(model, generato
     choices = [(row, t) for row in range(len(free)) for t in free[row, 1:4].tolist() if t not in elsewhere(row)]
     assert choices, f"no row-specific token to use as EOS in {free.tolist()}"
     row, eos = choices[0]
-    expected, caches = model.generate(tokens, 8, one_zero_attention_mask=mask, eos_token_id=eos, return_cache=True,
-                                      names_filter=CAPTURE)
+    expected, caches = model.generate(
+        tokens, 8, one_zero_attention_mask=mask, eos_token_id=eos, return_cache=True, names_filter=CAPTURE
+    )
     result = generator.generate(tokens, 8, one_zero_attention_mask=mask, eos_token_id=eos)
     np.testing.assert_array_equal(result.tokens, expected.numpy())
     assert (result.tokens[row] == eos).any() and result.tokens[row, -1] == model.cfg.pad_token_id
@@ -119,14 +158,23 @@ def test_output_shapes_resolve_from_input_axes(generator):
     tokens, mask = padded_batch(batch=2, enc=5)
     encoded = generator.encoder(input=tokens, one_zero_attention_mask=mask)
     past = np.zeros((2, 2, 3, 4), dtype=np.float32)
-    step_feeds = {"decoder_input": np.zeros((2, 1), dtype=np.int64), "one_zero_attention_mask": mask.numpy(),
-                  **{f"past.{layer}.{kv}": past for layer in range(2) for kv in ("key", "value")},
-                  **{name: value for name, value in encoded.items() if name.startswith("cross.")}}
+    step_feeds = {
+        "decoder_input": np.zeros((2, 1), dtype=np.int64),
+        "one_zero_attention_mask": mask.numpy(),
+        **{f"past.{layer}.{kv}": past for layer in range(2) for kv in ("key", "value")},
+        **{name: value for name, value in encoded.items() if name.startswith("cross.")},
+    }
     encoder_feeds = {"input": tokens.numpy(), "one_zero_attention_mask": mask.numpy()}
-    for runner, feeds, outputs in ((generator.encoder, encoder_feeds, encoded),
-                                   (generator.decoder, step_feeds, generator.decoder.run(step_feeds))):
-        sizes = {dim: size for name, spec in runner.inputs.items()
-                 for dim, size in zip(spec.shape, feeds[name].shape) if isinstance(dim, str)}
+    for runner, feeds, outputs in (
+        (generator.encoder, encoder_feeds, encoded),
+        (generator.decoder, step_feeds, generator.decoder.run(step_feeds)),
+    ):
+        sizes = {
+            dim: size
+            for name, spec in runner.inputs.items()
+            for dim, size in zip(spec.shape, feeds[name].shape)
+            if isinstance(dim, str)
+        }
         for name, value in outputs.items():
             assert _resolve_shape(runner.output_shapes[name], sizes) == value.shape, name
 

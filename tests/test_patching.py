@@ -100,9 +100,22 @@ def test_edge_attributions_sum_to_each_query_position_of_the_cross_attention(mod
 def near_linear():
     """A smooth (gated-GELU) model and two prompts whose only difference is one token with an embedding 3% away
     from the other's, so every activation moves a little and metrics are close to linear in each of them."""
-    cfg = HookedT5Config(d_model=32, d_head=8, n_heads=4, d_mlp=48, n_layers=2, n_decoder_layers=2, d_vocab=64,
-                         gated_mlp=True, act_fn="gelu_new", relative_attention_num_buckets=8,
-                         relative_attention_max_distance=16, tie_word_embeddings=False, scale_logits=False, seed=0)
+    cfg = HookedT5Config(
+        d_model=32,
+        d_head=8,
+        n_heads=4,
+        d_mlp=48,
+        n_layers=2,
+        n_decoder_layers=2,
+        d_vocab=64,
+        gated_mlp=True,
+        act_fn="gelu_new",
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=16,
+        tie_word_embeddings=False,
+        scale_logits=False,
+        seed=0,
+    )
     model = HookedEncoderDecoder(cfg)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():

@@ -30,7 +30,9 @@ def test_decoder_bias_uses_unidirectional_buckets(model):
     """Decoder position bias must use one-sided buckets: future keys share bucket 0, and the past gets all
     `num_buckets` buckets (a bidirectional decoder bias was hidden for years by one-token decoder tests)."""
     tokens, _, dec, _ = random_batch(model.cfg.d_vocab, 1, 5, 30)
-    _, cache = model.run_with_cache(tokens, dec, names_filter=["decoder.0.attn.rel_pos_hook", "encoder.0.attn.rel_pos_hook"])
+    _, cache = model.run_with_cache(
+        tokens, dec, names_filter=["decoder.0.attn.rel_pos_hook", "encoder.0.attn.rel_pos_hook"]
+    )
     table = model.decoder[0].attn.rel_bias_table
     rel = torch.arange(30)[None, :] - torch.arange(30)[:, None]
     nb, md = model.cfg.relative_attention_num_buckets, model.cfg.relative_attention_max_distance
@@ -65,7 +67,9 @@ def test_decoder_attention_mask_pads_decoder_keys(model):
     other = dec.clone()
     other[0, 1:3] = 50
     with torch.no_grad():
-        a, cache = model.run_with_cache(tokens, dec, decoder_attention_mask=dec_mask, names_filter="decoder.0.attn.hook_pattern")
+        a, cache = model.run_with_cache(
+            tokens, dec, decoder_attention_mask=dec_mask, names_filter="decoder.0.attn.hook_pattern"
+        )
         b = model(tokens, other, decoder_attention_mask=dec_mask)
     torch.testing.assert_close(a[:, 3:], b[:, 3:], atol=1e-6, rtol=0)
     assert torch.all(cache["decoder.0.attn.hook_pattern"][0, :, 3:, 1:3] == 0)

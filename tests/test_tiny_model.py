@@ -3,8 +3,8 @@
 import torch
 
 from t5hooks import HookedEncoderDecoder
-from t5hooks.pretrained import ASSETS
 from t5hooks.apps.train_tiny import exact_match_accuracy, held_out_words, make_batch, mirror_attention, train_tiny
+from t5hooks.pretrained import ASSETS
 
 
 def test_embedded_model_loads_offline_and_is_accurate_on_held_out_strings():

@@ -14,7 +14,11 @@ def test_weight_views_have_transformer_lens_shapes_and_share_storage():
     assert model.W_Q_cross.shape == (2, H, dm, dh) and model.W_O_cross.shape == (2, H, dh, dm)
     assert model.W_in.shape == model.W_gate.shape == (L, dm, dmlp) and model.W_out.shape == (L, dmlp, dm)
     assert model.b_in.shape == (L, dmlp) and model.b_out.shape == (L, dm)
-    assert model.W_E.shape == (cfg.d_vocab, dm) and model.W_U.shape == (dm, cfg.d_vocab) and model.b_U.shape == (cfg.d_vocab,)
+    assert (
+        model.W_E.shape == (cfg.d_vocab, dm)
+        and model.W_U.shape == (dm, cfg.d_vocab)
+        and model.b_U.shape == (cfg.d_vocab,)
+    )
     assert model.W_pos is None
     assert model.QK.shape == (L, H, dm, dm) and model.OV.shape == (L, H, dm, dm)
     assert model.QK_cross.shape == (2, H, dm, dm)
@@ -31,14 +35,20 @@ def test_weight_views_reproduce_hooked_activations():
     tokens, mask, dec, _ = random_batch(model.cfg.d_vocab, 2, 7, 4)
     _, cache = model.run_with_cache(tokens, dec, one_zero_attention_mask=mask)
     x = cache["encoder.1.ln1.hook_normalized"] * model.encoder[1].ln1.w
-    torch.testing.assert_close(torch.einsum("bpm,hmd->bphd", x, model.encoder[1].attn.W_Q), cache["encoder.1.attn.hook_q"],
-                               atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        torch.einsum("bpm,hmd->bphd", x, model.encoder[1].attn.W_Q), cache["encoder.1.attn.hook_q"], atol=1e-5, rtol=0
+    )
     enc = cache["hook_encoder_out"]
-    torch.testing.assert_close(torch.einsum("bpm,hmd->bphd", enc, model.W_K_cross[0]), cache["decoder.0.cross_attn.hook_k"],
-                               atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        torch.einsum("bpm,hmd->bphd", enc, model.W_K_cross[0]), cache["decoder.0.cross_attn.hook_k"], atol=1e-5, rtol=0
+    )
     z = cache["decoder.1.attn.hook_z"]
-    torch.testing.assert_close(torch.einsum("bphd,hdm->bpm", z, model.W_O[model.cfg.n_layers + 1]),
-                               cache["decoder.1.hook_attn_out"], atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        torch.einsum("bphd,hdm->bpm", z, model.W_O[model.cfg.n_layers + 1]),
+        cache["decoder.1.hook_attn_out"],
+        atol=1e-5,
+        rtol=0,
+    )
     mlp_in = cache["encoder.0.hook_mlp_in"]
     torch.testing.assert_close(mlp_in @ model.W_in[0], cache["encoder.0.mlp.hook_pre"], atol=1e-5, rtol=0)
     # QK circuit: the query-key bilinear form of layer 0 head 1 gives the (unbiased) scores

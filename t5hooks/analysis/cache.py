@@ -31,18 +31,43 @@ AttnKind = Literal["self", "cross"]
 SliceInput = Union[None, int, slice, tuple, Sequence[int], Tensor]
 
 # ---- short activation names ----------------------------------------------------------------
-_BLOCK_ACTS = ("resid_pre", "resid_mid", "resid_mid_cross", "resid_post", "attn_out", "cross_attn_out", "mlp_out",
-               "mlp_in")
+_BLOCK_ACTS = (
+    "resid_pre",
+    "resid_mid",
+    "resid_mid_cross",
+    "resid_post",
+    "attn_out",
+    "cross_attn_out",
+    "mlp_out",
+    "mlp_in",
+)
 _ATTN_ACTS = ("q", "k", "v", "z", "pattern", "attn_scores", "result")
 _MLP_ACTS = ("pre", "pre_linear", "post")
 _NORM_ACTS = ("scale", "normalized")
 _ALIASES = {
-    "attn": "pattern", "attn_logits": "attn_scores", "query": "q", "key": "k", "value": "v",
-    "mlp_pre": "pre", "mlp_post": "post", "rel_pos_bias": "rel_pos", "unembed": "unembed_in",
+    "attn": "pattern",
+    "attn_logits": "attn_scores",
+    "query": "q",
+    "key": "k",
+    "value": "v",
+    "mlp_pre": "pre",
+    "mlp_post": "post",
+    "rel_pos_bias": "rel_pos",
+    "unembed": "unembed_in",
 }
 _DECODER_ONLY = ("resid_mid_cross", "cross_attn_out")
-SHORT_NAMES = (*_BLOCK_ACTS, *_ATTN_ACTS, *_MLP_ACTS, *_NORM_ACTS, "embed", "decoder_embed", "encoder_out",
-               "unembed_in", "rel_pos", *_ALIASES)
+SHORT_NAMES = (
+    *_BLOCK_ACTS,
+    *_ATTN_ACTS,
+    *_MLP_ACTS,
+    *_NORM_ACTS,
+    "embed",
+    "decoder_embed",
+    "encoder_out",
+    "unembed_in",
+    "rel_pos",
+    *_ALIASES,
+)
 
 
 def act_name(
@@ -208,14 +233,14 @@ class ActivationCache(Mapping):
             raise KeyError(str(err)) from err
 
     # ---- moving ------------------------------------------------------------------------
-    def to(self, device: str | torch.device, move_model: bool = False) -> "ActivationCache":
+    def to(self, device: str | torch.device, move_model: bool = False) -> ActivationCache:
         """Move every activation (and optionally the model) to `device`; returns self."""
         self.cache_dict = {name: t.to(device) for name, t in self.cache_dict.items()}
         if move_model:
             self.model.to(device)
         return self
 
-    def remove_batch_dim(self) -> "ActivationCache":
+    def remove_batch_dim(self) -> ActivationCache:
         """Drop the batch dimension of a batch-of-one cache in place; returns self."""
         if not self.has_batch_dim:
             return self
@@ -343,8 +368,9 @@ class ActivationCache(Mapping):
                 labels.append(f"{l}_{mid.removeprefix('resid_')}")
         components = torch.stack([apply_slice(self[name], pos_slice, dim=-2) for name in names])
         if apply_ln:
-            components = self.apply_ln_to_stack(components, stack, layer, mlp_input, cross_attn_input,
-                                                pos_slice=pos_slice, recompute_ln=layer == n)
+            components = self.apply_ln_to_stack(
+                components, stack, layer, mlp_input, cross_attn_input, pos_slice=pos_slice, recompute_ln=layer == n
+            )
         return (components, labels) if return_labels else components
 
     def decompose_resid(
@@ -402,8 +428,9 @@ class ActivationCache(Mapping):
         like = apply_slice(self[act_name("embed", stack=stack)], pos_slice, dim=-2)
         return like.new_zeros((0, *like.shape))
 
-    def _with_remainder(self, components: Tensor, labels: list[str], stack: str, layer: int,
-                        pos_slice: SliceInput) -> Tensor:
+    def _with_remainder(
+        self, components: Tensor, labels: list[str], stack: str, layer: int, pos_slice: SliceInput
+    ) -> Tensor:
         """Append "remainder": the residual stream read at the input of `layer` minus the components' sum."""
         n = self._n_layers(stack)
         name = act_name("resid_post", n - 1, stack) if layer == n else act_name("resid_pre", layer, stack)
@@ -411,8 +438,17 @@ class ActivationCache(Mapping):
         labels.append("remainder")
         return torch.cat([components, (resid - components.sum(0))[None]])
 
-    def _finish_per_unit(self, components: Tensor, labels: list[str], stack: str, layer: int, pos_slice: SliceInput,
-                         incl_remainder: bool, apply_ln: bool, return_labels: bool) -> Tensor | tuple[Tensor, list[str]]:
+    def _finish_per_unit(
+        self,
+        components: Tensor,
+        labels: list[str],
+        stack: str,
+        layer: int,
+        pos_slice: SliceInput,
+        incl_remainder: bool,
+        apply_ln: bool,
+        return_labels: bool,
+    ) -> Tensor | tuple[Tensor, list[str]]:
         """The shared tail of the per-head / per-neuron stacks: remainder, normalisation, labels."""
         if incl_remainder:
             components = self._with_remainder(components, labels, stack, layer, pos_slice)
@@ -457,8 +493,9 @@ class ActivationCache(Mapping):
             parts.append(result.movedim(-2, 0))
             labels.extend(f"L{l}H{h}{suffix}" for h in range(H))
         components = torch.cat(parts) if parts else self._stack([], stack, pos_slice)
-        return self._finish_per_unit(components, labels, stack, layer, pos_slice, incl_remainder, apply_ln,
-                                     return_labels)
+        return self._finish_per_unit(
+            components, labels, stack, layer, pos_slice, incl_remainder, apply_ln, return_labels
+        )
 
     def stack_neuron_results(
         self,
@@ -485,8 +522,9 @@ class ActivationCache(Mapping):
             parts.append((post[..., None] * W_out).movedim(-2, 0))
             labels.extend(f"L{l}N{n}" for n in neuron_ids)
         components = torch.cat(parts) if parts else self._stack([], stack, pos_slice)
-        return self._finish_per_unit(components, labels, stack, layer, pos_slice, incl_remainder, apply_ln,
-                                     return_labels)
+        return self._finish_per_unit(
+            components, labels, stack, layer, pos_slice, incl_remainder, apply_ln, return_labels
+        )
 
     def get_full_resid_decomposition(
         self,
@@ -519,8 +557,11 @@ class ActivationCache(Mapping):
         if expand_neurons:
             add(self.stack_neuron_results(stack, layer, pos_slice=pos_slice, return_labels=True))
         else:
-            add(self.decompose_resid(stack, layer, mode="mlp", pos_slice=pos_slice, incl_embeds=False,
-                                     return_labels=True))
+            add(
+                self.decompose_resid(
+                    stack, layer, mode="mlp", pos_slice=pos_slice, incl_embeds=False, return_labels=True
+                )
+            )
         parts.append(apply_slice(self[act_name("embed", stack=stack)], pos_slice, dim=-2)[None])
         labels.append("embed")
         components = torch.cat(parts)
@@ -528,8 +569,14 @@ class ActivationCache(Mapping):
             components = self.apply_ln_to_stack(components, stack, layer, mlp_input, cross_attn_input, pos_slice)
         return (components, labels) if return_labels else components
 
-    def stack_activation(self, activation_name: str, stack: Stack, layer: int | None = None,
-                         attn: AttnKind = "self", ln: str | None = None) -> Tensor:  # [layers, ...]
+    def stack_activation(
+        self,
+        activation_name: str,
+        stack: Stack,
+        layer: int | None = None,
+        attn: AttnKind = "self",
+        ln: str | None = None,
+    ) -> Tensor:  # [layers, ...]
         """One activation (short name, see `act_name`) stacked over the layers of `stack` before `layer`."""
         layer = self._resolve_layer(stack, layer)
         if layer == 0:
@@ -579,10 +626,15 @@ class ActivationCache(Mapping):
                     f"and {tuple(wrong.shape[:-1])}"
                 )
             directions = directions - wrong
-        normalised = self.apply_ln_to_stack(residual_stack, "decoder", None, pos_slice=pos_slice,
-                                            batch_slice=batch_slice, has_batch_dim=has_batch_dim)
-        if (has_batch_dim and normalised.ndim == 4 and directions.ndim == 2
-                and directions.shape[0] == normalised.shape[1]):
+        normalised = self.apply_ln_to_stack(
+            residual_stack, "decoder", None, pos_slice=pos_slice, batch_slice=batch_slice, has_batch_dim=has_batch_dim
+        )
+        if (
+            has_batch_dim
+            and normalised.ndim == 4
+            and directions.ndim == 2
+            and directions.shape[0] == normalised.shape[1]
+        ):
             directions = directions.unsqueeze(-2)  # one token per example, broadcast over positions
         try:
             return (normalised * directions).sum(-1)

@@ -14,7 +14,7 @@ returns ``(U, S, Vh)`` where ``Vh`` is really ``V`` (``[..., rdim, k]``), so tha
 from __future__ import annotations
 
 import numbers
-from typing import Any, Optional, Union
+from typing import Any, Union
 
 import torch
 
@@ -32,12 +32,10 @@ def _broadcast_leading(a: torch.Size, b: torch.Size, what: str) -> torch.Size:
     try:
         return torch.broadcast_shapes(a, b)
     except RuntimeError as exc:
-        raise ValueError(
-            f"{what}: leading (batch) dims must be broadcastable, got {tuple(a)} and {tuple(b)}"
-        ) from exc
+        raise ValueError(f"{what}: leading (batch) dims must be broadcastable, got {tuple(a)} and {tuple(b)}") from exc
 
 
-def _as_int(i: Any) -> Optional[int]:
+def _as_int(i: Any) -> int | None:
     """The index as a Python int if it is a single integer (int, numpy int, 0-d int tensor)."""
     if isinstance(i, bool):
         return None
@@ -72,8 +70,7 @@ class FactoredMatrix:
     def __init__(self, A: torch.Tensor, B: torch.Tensor) -> None:
         if not isinstance(A, torch.Tensor) or not isinstance(B, torch.Tensor):
             raise TypeError(
-                f"FactoredMatrix factors must be torch.Tensor, got {type(A).__name__} and "
-                f"{type(B).__name__}"
+                f"FactoredMatrix factors must be torch.Tensor, got {type(A).__name__} and {type(B).__name__}"
             )
         if A.ndim < 2 or B.ndim < 2:
             raise ValueError(
@@ -103,7 +100,7 @@ class FactoredMatrix:
         self.A: torch.Tensor = A.broadcast_to((*leading, self.ldim, self.mdim))
         self.B: torch.Tensor = B.broadcast_to((*leading, self.mdim, self.rdim))
         # ((A, B, A._version, B._version), (U, S, Vh)) of the last svd() call.
-        self._svd_cache: Optional[tuple[tuple, tuple[torch.Tensor, ...]]] = None
+        self._svd_cache: tuple[tuple, tuple[torch.Tensor, ...]] | None = None
 
     # ------------------------------------------------------------------ basic views
 
@@ -357,9 +354,7 @@ class FactoredMatrix:
             raise IndexError("an index can only have a single ellipsis ('...')")
         n_used = sum(consumed(i) for i in idx)
         if n_used > self.ndim:
-            raise IndexError(
-                f"too many indices for FactoredMatrix of shape {tuple(self.shape)}: {n_used} given"
-            )
+            raise IndexError(f"too many indices for FactoredMatrix of shape {tuple(self.shape)}: {n_used} given")
         if n_ellipsis:
             at = next(j for j, i in enumerate(idx) if i is Ellipsis)
             fill = (slice(None),) * (self.ndim - n_used)

@@ -36,7 +36,7 @@ class LabelledGrid:
                 f"{len(self.col_labels)} column labels"
             )
 
-    def plot(self, path: str | None = None, **kwargs: Any) -> "Figure":
+    def plot(self, path: str | None = None, **kwargs: Any) -> Figure:
         """Heatmap (see `plotting.heatmap` for options); saved as PNG when `path` is given."""
         from .plotting import heatmap
 
@@ -45,7 +45,7 @@ class LabelledGrid:
 
 
 def token_labels(model: Any, tokens: Tensor, other: Tensor | None = None) -> list[str]:
-    """"{pos}:{token}" per position of a 1-D token row ("{pos}" without a tokenizer); where `other` (a
+    """ "{pos}:{token}" per position of a 1-D token row ("{pos}" without a tokenizer); where `other` (a
     second row, e.g. the corrupted prompt) differs, "{pos}:{token}/{other token}"."""
     tokens = torch.as_tensor(tokens).flatten()
     if model.tokenizer is None:
@@ -67,14 +67,20 @@ class LogitLens:
     top_values: Tensor  # [points, batch, pos, k] the largest logits
     top_ids: Tensor  # [points, batch, pos, k] their token ids
 
-    def table(self, model: Any, batch_index: int = 0, positions: Sequence[int] | None = None,
-              decoder_tokens: Tensor | None = None) -> str:
+    def table(
+        self,
+        model: Any,
+        batch_index: int = 0,
+        positions: Sequence[int] | None = None,
+        decoder_tokens: Tensor | None = None,
+    ) -> str:
         """Text table of the top-k tokens per point (see `format_logit_lens`)."""
         return format_logit_lens(self, model, batch_index, positions, decoder_tokens)
 
 
-def logit_lens(model: Any, cache: ActivationCache, k: int = 5, incl_mid: bool = False,
-               pos_slice: SliceInput = None) -> LogitLens:
+def logit_lens(
+    model: Any, cache: ActivationCache, k: int = 5, incl_mid: bool = False, pos_slice: SliceInput = None
+) -> LogitLens:
     """Logit lens over the decoder: the residual stream at every block input ("{l}_pre", with `incl_mid` also
     after self- and cross-attention) and the final one, each normalised by its own RMS with the final norm,
     scaled as T5 scales logits, and multiplied by `W_U`. The "final_post" point reproduces the logits.
@@ -86,8 +92,9 @@ def logit_lens(model: Any, cache: ActivationCache, k: int = 5, incl_mid: bool = 
     if isinstance(pos_slice, int) and not isinstance(pos_slice, bool):
         pos_slice = [pos_slice]  # keep the pos dimension so the result is always [points, batch, pos, vocab]
     with torch.no_grad():
-        resid, labels = cache.accumulated_resid("decoder", incl_mid=incl_mid, apply_ln=True, pos_slice=pos_slice,
-                                                return_labels=True)  # [points, batch, pos, d_model]
+        resid, labels = cache.accumulated_resid(
+            "decoder", incl_mid=incl_mid, apply_ln=True, pos_slice=pos_slice, return_labels=True
+        )  # [points, batch, pos, d_model]
         if not cache.has_batch_dim:
             resid = resid.unsqueeze(1)
         logits = resid @ model.W_U.to(resid.dtype)  # [points, batch, pos, d_vocab]
@@ -97,12 +104,19 @@ def logit_lens(model: Any, cache: ActivationCache, k: int = 5, incl_mid: bool = 
 
 def _check_cache_model(model: Any, cache: ActivationCache) -> None:
     if cache.model is not model:
-        raise ValueError("this cache was made by a different model (e.g. before fold_ln or with other weights); "
-                         "pass the model whose run_with_cache produced it")
+        raise ValueError(
+            "this cache was made by a different model (e.g. before fold_ln or with other weights); "
+            "pass the model whose run_with_cache produced it"
+        )
 
 
-def format_logit_lens(lens: LogitLens, model: Any, batch_index: int = 0, positions: Sequence[int] | None = None,
-                      decoder_tokens: Tensor | None = None) -> str:
+def format_logit_lens(
+    lens: LogitLens,
+    model: Any,
+    batch_index: int = 0,
+    positions: Sequence[int] | None = None,
+    decoder_tokens: Tensor | None = None,
+) -> str:
     """One table per decoder position: a row per residual point with its top-k next tokens and their
     probabilities under that point's read-out. Token strings come from the model's tokenizer (ids without one).
     `decoder_tokens` (`[batch, pos]`, the decoder input) labels each position with the token it reads.
@@ -158,6 +172,9 @@ def head_logit_attribution(
     L, H = model.cfg.n_decoder_layers, model.cfg.n_heads
     what = "logit difference" if incorrect_tokens is not None else "logit"
     kind = "cross-attention" if attn == "cross" else "self-attention"
-    return LabelledGrid(attrs.reshape(L, H), [f"L{l}" for l in range(L)], [f"H{h}" for h in range(H)],
-                        title=f"Decoder {kind} heads: direct {what} attribution at position {pos}")
-
+    return LabelledGrid(
+        attrs.reshape(L, H),
+        [f"L{l}" for l in range(L)],
+        [f"H{h}" for h in range(H)],
+        title=f"Decoder {kind} heads: direct {what} attribution at position {pos}",
+    )

@@ -44,14 +44,22 @@ from typing import Any, Literal, Union
 import torch
 from torch import Tensor
 
-from .lens import LabelledGrid, token_labels
 from .cache import ATTN_KINDS, STACKS, act_name
+from .lens import LabelledGrid, token_labels
 
 Metric = Callable[[Tensor], Union[Tensor, float]]  # logits [batch, dec_pos, d_vocab] -> scalar
 Method = Literal["activation", "attribution"]
 Gradient = Literal["corrupted", "mean"]
-RESIDUAL_SITES = ("resid_pre", "resid_mid", "resid_mid_cross", "resid_post", "attn_out", "cross_attn_out",
-                  "mlp_out", "mlp_in")
+RESIDUAL_SITES = (
+    "resid_pre",
+    "resid_mid",
+    "resid_mid_cross",
+    "resid_post",
+    "attn_out",
+    "cross_attn_out",
+    "mlp_out",
+    "mlp_in",
+)
 
 
 @dataclass
@@ -91,8 +99,9 @@ class PatchingResult(LabelledGrid):
             kwargs.setdefault("colorbar_label", "(patched - corrupted) / (clean - corrupted)")
             return heatmap(self.normalized(), self.row_labels, self.col_labels, path=path, **kwargs)
         kwargs.setdefault("center", self.corrupted_metric)
-        kwargs.setdefault("colorbar_label",
-                          f"metric (clean {self.clean_metric:.3g}, corrupted {self.corrupted_metric:.3g})")
+        kwargs.setdefault(
+            "colorbar_label", f"metric (clean {self.clean_metric:.3g}, corrupted {self.corrupted_metric:.3g})"
+        )
         return heatmap(self.values, self.row_labels, self.col_labels, path=path, **kwargs)
 
 
@@ -129,8 +138,18 @@ def patch_residual(
             targets.append(_Target(name, lambda diff=diff: diff))
     tokens = refs.position_tokens("encoder" if stack == "encoder" else "decoder")
     cols = tokens if per_position else ["all"]
-    return _run(model, refs, targets, metric, [f"L{l}" for l in layers], cols,
-                f"{stack} {site} patching", method, batch_rows, compile)
+    return _run(
+        model,
+        refs,
+        targets,
+        metric,
+        [f"L{l}" for l in layers],
+        cols,
+        f"{stack} {site} patching",
+        method,
+        batch_rows,
+        compile,
+    )
 
 
 def patch_heads(
@@ -171,8 +190,18 @@ def patch_heads(
     if per_position:
         rows = [f"L{l}H{h}" for l in layers for h in range(H)]
         return _run(model, refs, targets, metric, rows, refs.position_tokens(stack), title, method, batch_rows, compile)
-    return _run(model, refs, targets, metric, [f"L{l}" for l in layers], [f"H{h}" for h in range(H)], title,
-                method, batch_rows, compile)
+    return _run(
+        model,
+        refs,
+        targets,
+        metric,
+        [f"L{l}" for l in layers],
+        [f"H{h}" for h in range(H)],
+        title,
+        method,
+        batch_rows,
+        compile,
+    )
 
 
 def patch_cross_attn_edges(
@@ -211,8 +240,7 @@ def patch_cross_attn_edges(
             rows.append(f"L{l} {dec_labels[q]}")
             targets.extend(_Target(z_name, _edge_delta(message, q, k, head)) for k in range(E))
     title = "cross-attention edge patching" + ("" if head is None else f", head {head}")
-    return _run(model, refs, targets, metric, rows, refs.position_tokens("encoder"), title, method, batch_rows,
-                compile)
+    return _run(model, refs, targets, metric, rows, refs.position_tokens("encoder"), title, method, batch_rows, compile)
 
 
 # ---- targets ------------------------------------------------------------------------------------
@@ -257,8 +285,17 @@ class _References:
     """The clean and corrupted runs: metrics, the activations the targets need, and (for attribution) the
     metric's gradient with respect to the patched activations."""
 
-    def __init__(self, model: Any, clean: RunLike, corrupted: RunLike, metric: Metric, names: list[str],
-                 method: str, gradient: str, grad_names: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        model: Any,
+        clean: RunLike,
+        corrupted: RunLike,
+        metric: Metric,
+        names: list[str],
+        method: str,
+        gradient: str,
+        grad_names: list[str] | None = None,
+    ) -> None:
         _check("method", method, ("activation", "attribution"))
         _check("gradient", gradient, ("corrupted", "mean"))
         self.model = model
@@ -278,8 +315,9 @@ class _References:
         self.metrics: dict[str, float] = {}
         # One module for both reference runs: capture what the targets need, and add a zero "patch" to each
         # patched activation so its gradient is the gradient of that patch (leaf tensors: no parameter grads).
-        capture = model.capture(list(dict.fromkeys(names + grad_names)), patch=grad_names if want_grads else (),
-                                patch_mode="add")
+        capture = model.capture(
+            list(dict.fromkeys(names + grad_names)), patch=grad_names if want_grads else (), patch_mode="add"
+        )
         zero = {n: torch.zeros(()) for n in capture.patch_names}
         with torch.no_grad():
             out = capture(**self.clean_inputs, patches=zero or None)
@@ -293,7 +331,8 @@ class _References:
             return
         shapes = {n: self._acts["clean"][n] for n in grad_names}
         self._acts["corrupted"], self.metrics["corrupted"], self.grads = _run_with_grads(
-            capture, self.corrupted_inputs, metric, shapes)
+            capture, self.corrupted_inputs, metric, shapes
+        )
         if gradient == "mean":
             _, _, clean_grads = _run_with_grads(capture, self.clean_inputs, metric, shapes)
             self.grads = {n: (self.grads[n] + clean_grads[n]) / 2 for n in grad_names}
@@ -317,8 +356,10 @@ def _run_with_grads(capture: Any, inputs: dict[str, Tensor | None], metric: Metr
         out = capture(**inputs, patches=zeros)
         value = metric(out["logits"])
         if not isinstance(value, Tensor) or value.numel() != 1 or not value.requires_grad:
-            raise ValueError("attribution patching needs a metric that returns a differentiable scalar tensor "
-                             "of the logits (e.g. a logit difference, not a Python float)")
+            raise ValueError(
+                "attribution patching needs a metric that returns a differentiable scalar tensor "
+                "of the logits (e.g. a logit difference, not a Python float)"
+            )
         grads = torch.autograd.grad(value, list(zeros.values()))
     acts = {n: t.detach() for n, t in out.items()}
     return acts, float(value.detach()), dict(zip(zeros, grads))
@@ -335,26 +376,45 @@ def _prepare(model: Any, run: RunLike) -> dict[str, Tensor | None]:
         run = RunInputs(*run)
     else:
         run = RunInputs(run)
-    tokens, mask, dec, dec_mask, _ = model.prepare_inputs(run.input, run.decoder_input, run.one_zero_attention_mask,
-                                                          run.decoder_attention_mask)
+    tokens, mask, dec, dec_mask, _ = model.prepare_inputs(
+        run.input, run.decoder_input, run.one_zero_attention_mask, run.decoder_attention_mask
+    )
     return {"input": tokens, "decoder_input": dec, "one_zero_attention_mask": mask, "decoder_attention_mask": dec_mask}
 
 
 # ---- evaluation ---------------------------------------------------------------------------------
-def _run(model: Any, refs: _References, targets: list[_Target], metric: Metric, row_labels: list[str],
-         col_labels: list[str], title: str, method: str, batch_rows: int, compile: bool | str) -> PatchingResult:
+def _run(
+    model: Any,
+    refs: _References,
+    targets: list[_Target],
+    metric: Metric,
+    row_labels: list[str],
+    col_labels: list[str],
+    title: str,
+    method: str,
+    batch_rows: int,
+    compile: bool | str,
+) -> PatchingResult:
     if method == "activation":
         values = _activation_sweep(model, refs, targets, metric, batch_rows, compile)
     else:
-        values = torch.tensor([refs.metrics["corrupted"] + float((refs.grads[t.name] * t.delta()).sum())
-                               for t in targets])
-    return PatchingResult(values.view(len(row_labels), len(col_labels)), row_labels, col_labels,
-                          title=f"{title} ({method})", clean_metric=refs.metrics["clean"],
-                          corrupted_metric=refs.metrics["corrupted"], method=method)
+        values = torch.tensor(
+            [refs.metrics["corrupted"] + float((refs.grads[t.name] * t.delta()).sum()) for t in targets]
+        )
+    return PatchingResult(
+        values.view(len(row_labels), len(col_labels)),
+        row_labels,
+        col_labels,
+        title=f"{title} ({method})",
+        clean_metric=refs.metrics["clean"],
+        corrupted_metric=refs.metrics["corrupted"],
+        method=method,
+    )
 
 
-def _activation_sweep(model: Any, refs: _References, targets: list[_Target], metric: Metric, batch_rows: int,
-                      compile: bool | str) -> Tensor:  # [targets]
+def _activation_sweep(
+    model: Any, refs: _References, targets: list[_Target], metric: Metric, batch_rows: int, compile: bool | str
+) -> Tensor:  # [targets]
     """Run every target's patch, `batch_rows` targets per forward, through one capture module."""
     if batch_rows < 1:
         raise ValueError(f"batch_rows must be >= 1, got {batch_rows}")
@@ -369,10 +429,10 @@ def _activation_sweep(model: Any, refs: _References, targets: list[_Target], met
     B = refs.corrupted_inputs["input"].shape[0]
     values = []
     for start in range(0, len(targets), rows):
-        chunk = targets[start:start + rows]  # the last chunk is padded with unpatched rows: shapes stay fixed
+        chunk = targets[start : start + rows]  # the last chunk is padded with unpatched rows: shapes stay fixed
         patches = {n: corrupted[n].new_zeros((rows * B, *corrupted[n].shape[1:])) for n in names}
         for i, target in enumerate(chunk):
-            patches[target.name][i * B:(i + 1) * B] = target.delta()
+            patches[target.name][i * B : (i + 1) * B] = target.delta()
         with torch.no_grad():
             logits = runner(**inputs, patches=patches)["logits"]
         logits = logits.view(rows, B, *logits.shape[1:])  # [rows, batch, dec_pos, d_vocab]

@@ -35,7 +35,7 @@ def heatmap(
     figsize: tuple[float, float] | None = None,
     path: str | Path | None = None,
     dpi: int = 120,
-) -> "Figure":
+) -> Figure:
     """A labelled heatmap of a 2-D tensor; saved as PNG to `path` when given. Returns the Figure.
 
     With `center` (default 0) the colour scale is symmetric around it (a diverging map: red helps, blue
@@ -86,8 +86,9 @@ def heatmap(
                 value = float(data[r, c])
                 if math.isfinite(value):
                     dark = abs(value - (center if center is not None else (vmin + vmax) / 2)) > 0.6 * (vmax - vmin) / 2
-                    ax.text(c, r, f"{value:.2g}", ha="center", va="center", fontsize=7,
-                            color="white" if dark else "black")
+                    ax.text(
+                        c, r, f"{value:.2g}", ha="center", va="center", fontsize=7, color="white" if dark else "black"
+                    )
     if path is not None:
         fig.savefig(path, dpi=dpi)
     return fig

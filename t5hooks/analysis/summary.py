@@ -66,7 +66,14 @@ def strongest_attention_links(
             h, rem = divmod(index, Q * K)
             qi, ki = divmod(rem, K)
             kind = "cross" if cross else "self"
-            links.append((value, f"{stack}.{name.split('.')[1]} {kind} H{h}", _tok(query_tokens, q_side, qi), _tok(key_tokens, k_side, ki)))
+            links.append(
+                (
+                    value,
+                    f"{stack}.{name.split('.')[1]} {kind} H{h}",
+                    _tok(query_tokens, q_side, qi),
+                    _tok(key_tokens, k_side, ki),
+                )
+            )
     links.sort(key=lambda row: -row[0])
     rows = [(where, f"{q} -> {kk}", f"{v:.3f}") for v, where, q, kk in links[:k]]
     return format_table(rows, ("layer / head", "query -> key", "weight"))

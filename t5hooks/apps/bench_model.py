@@ -28,7 +28,9 @@ from t5hooks.hook_points import HookPoint
 RESID = ["encoder.*.hook_resid_post", "decoder.*.hook_resid_post"]
 
 
-def interleaved_medians(rows: list[tuple[str, Callable[[], object]]], repeats: int, warmup: int = 2) -> dict[str, float]:
+def interleaved_medians(
+    rows: list[tuple[str, Callable[[], object]]], repeats: int, warmup: int = 2
+) -> dict[str, float]:
     """Median ms per row, timing the rows round-robin so drift in the machine's load hits every row alike."""
     for _, fn in rows:
         for _ in range(warmup):
@@ -64,16 +66,22 @@ def without_hook_points(fn: Callable[[], object]) -> Callable[[], object]:
     def run():
         with bypassed_hook_points():
             return fn()
+
     return run
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="t5hooks bench model", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="t5hooks bench model", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="small shapes and few repeats (a smoke test)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
-                        help="default: float32 on CPU, bfloat16 on CUDA")
+    parser.add_argument(
+        "--dtype",
+        default=None,
+        choices=["float32", "float16", "bfloat16"],
+        help="default: float32 on CPU, bfloat16 on CUDA",
+    )
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile rows (slow to compile on CPU)")
     args = parser.parse_args(argv)
@@ -87,8 +95,9 @@ def main(argv: list[str] | None = None) -> int:
     hf = T5ForConditionalGeneration._from_config(cfg, attn_implementation="eager").to(device, dtype).eval()
     hf_sdpa = T5ForConditionalGeneration._from_config(cfg, attn_implementation="sdpa").to(device, dtype).eval()
     hf_sdpa.load_state_dict(hf.state_dict())
-    model = HookedEncoderDecoder.from_pretrained("t5-small-shape", hf_model=hf, dtype=dtype, device=device,
-                                                 attn_impl="eager").eval()
+    model = HookedEncoderDecoder.from_pretrained(
+        "t5-small-shape", hf_model=hf, dtype=dtype, device=device, attn_impl="eager"
+    ).eval()
     tokens = torch.randint(3, cfg.vocab_size, (batch, enc), device=device)
     dec_tokens = torch.randint(3, cfg.vocab_size, (batch, dec), device=device)
     compile_s = 0.0
@@ -106,13 +115,17 @@ def main(argv: list[str] | None = None) -> int:
         ("HF sdpa forward", lambda: hf_sdpa(input_ids=tokens, decoder_input_ids=dec_tokens)),
         ("t5hooks forward (hook points idle)", lambda: model(tokens, dec_tokens)),
         ("t5hooks forward, hook points bypassed", without_hook_points(lambda: model(tokens, dec_tokens))),
-        ("t5hooks run_with_cache (all hook_resid_post)", lambda: model.run_with_cache(tokens, dec_tokens, names_filter=RESID)),
+        (
+            "t5hooks run_with_cache (all hook_resid_post)",
+            lambda: model.run_with_cache(tokens, dec_tokens, names_filter=RESID),
+        ),
     ]
     cap_resid = model.capture(RESID)
     forward.append(("capture module, eager (all hook_resid_post)", lambda: cap_resid(tokens, dec_tokens)))
     if device.type == "cuda":
-        fused = HookedEncoderDecoder.from_pretrained("t5-small-shape", hf_model=hf, dtype=dtype, device=device,
-                                                     attn_impl="fused").eval()
+        fused = HookedEncoderDecoder.from_pretrained(
+            "t5-small-shape", hf_model=hf, dtype=dtype, device=device, attn_impl="fused"
+        ).eval()
         forward.append(("t5hooks forward, fused attention", lambda: fused(tokens, dec_tokens)))
     with torch.inference_mode():
         if not args.no_compile:
@@ -133,10 +146,13 @@ def main(argv: list[str] | None = None) -> int:
             model.zero_grad(set_to_none=True)
             out = cap(tokens, labels=labels)
             (out["loss"] + 1e-3 * sum(out[n].abs().mean() for n in out if n.endswith("resid_post"))).backward()
+
         return step
 
-    training = [("HF eager training step (LM loss)", hf_step),
-                ("t5hooks step (LM loss + L1 on resid_post)", ours_step(model.capture(RESID)))]
+    training = [
+        ("HF eager training step (LM loss)", hf_step),
+        ("t5hooks step (LM loss + L1 on resid_post)", ours_step(model.capture(RESID))),
+    ]
     if not args.no_compile:
         train_fn = torch.compile(model.capture(RESID), fullgraph=True)
         start = time.perf_counter()
@@ -148,20 +164,30 @@ def main(argv: list[str] | None = None) -> int:
     ours, bare = fwd_ms["t5hooks forward (hook points idle)"], fwd_ms["t5hooks forward, hook points bypassed"]
     cached = fwd_ms["t5hooks run_with_cache (all hook_resid_post)"]
     baseline = {"fwd": rows[0][1], "step": next(ms for name, ms, _ in rows if name.startswith("HF eager training"))}
-    machine = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.machine()} CPU, {args.threads} threads"
-    print(f"\nt5-small shape (d_model {cfg.d_model}, {cfg.num_layers}+{cfg.num_decoder_layers} layers), {str(dtype)[6:]}, "
-          f"batch {batch}, encoder {enc}, decoder {dec}; median of {repeats} interleaved runs")
+    machine = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"{platform.machine()} CPU, {args.threads} threads"
+    )
+    print(
+        f"\nt5-small shape (d_model {cfg.d_model}, {cfg.num_layers}+{cfg.num_decoder_layers} layers), {str(dtype)[6:]}, "
+        f"batch {batch}, encoder {enc}, decoder {dec}; median of {repeats} interleaved runs"
+    )
     print(f"{machine}; torch {torch.__version__}, transformers {transformers.__version__}")
     width = max(len(name) for name, _, _ in rows)
     print(f"{'':{width}}  {'ms':>8}  {'vs HF eager':>11}")
     for name, ms, kind in rows:
         print(f"{name:{width}}  {ms:8.2f}  {baseline[kind] / ms:10.2f}x")
-    print(f"hook points with nothing attached cost {100 * (ours / bare - 1):+.1f}% over bypassed; "
-          f"caching all resid_post {100 * (cached / ours - 1):+.1f}%")
+    print(
+        f"hook points with nothing attached cost {100 * (ours / bare - 1):+.1f}% over bypassed; "
+        f"caching all resid_post {100 * (cached / ours - 1):+.1f}%"
+    )
     if not args.no_compile:
-        print(f"compiled capture: all hook_resid_post cost "
-              f"{100 * (fwd_ms['compiled capture (all hook_resid_post)'] / fwd_ms['compiled capture, nothing captured'] - 1):+.1f}% "
-              f"over capturing nothing (torch.compile took {compile_s:.0f} s in all)")
+        print(
+            f"compiled capture: all hook_resid_post cost "
+            f"{100 * (fwd_ms['compiled capture (all hook_resid_post)'] / fwd_ms['compiled capture, nothing captured'] - 1):+.1f}% "
+            f"over capturing nothing (torch.compile took {compile_s:.0f} s in all)"
+        )
     return 0
 
 

@@ -44,8 +44,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     from ..pretrained import describe
 
     print(f"model: {label} — {describe(label)}")
-    print(f"       {model.cfg.n_layers} encoder + {model.cfg.n_decoder_layers} decoder layers, d_model {model.cfg.d_model}, "
-          f"{model.cfg.n_heads} heads, vocab {model.cfg.d_vocab}")
+    print(
+        f"       {model.cfg.n_layers} encoder + {model.cfg.n_decoder_layers} decoder layers, d_model {model.cfg.d_model}, "
+        f"{model.cfg.n_heads} heads, vocab {model.cfg.d_vocab}"
+    )
     if args.tokens is not None:
         tokens = parse_tokens(args.tokens, "tokens")
     else:
@@ -73,13 +75,21 @@ def cmd_run(args: argparse.Namespace) -> int:
     enc_toks, dec_toks = str_tokens(tokens), str_tokens(dec)
     print(f"input:   {len(enc_toks)} tokens {''.join(enc_toks) if model.tokenizer else enc_toks}")
     print(f"decoder: {len(dec_toks)} tokens {dec_toks}")
-    print(f"cached:  {len(cache)} activations, {sum(t.numel() * t.element_size() for t in cache.values()) / 1e6:.2f} MB\n")
+    print(
+        f"cached:  {len(cache)} activations, {sum(t.numel() * t.element_size() for t in cache.values()) / 1e6:.2f} MB\n"
+    )
     show = args.show or ["hook_embed", "*.hook_resid_post", "hook_encoder_out", "unembed.hook_in"]
     print(activation_table(cache, show))
     if any(n.endswith("hook_pattern") for n in cache):
         print("\nstrongest attention links")
-        print(strongest_attention_links(cache, {"encoder": enc_toks, "decoder": dec_toks},
-                                        {"encoder": enc_toks, "decoder": dec_toks}, k=args.top_links))
+        print(
+            strongest_attention_links(
+                cache,
+                {"encoder": enc_toks, "decoder": dec_toks},
+                {"encoder": enc_toks, "decoder": dec_toks},
+                k=args.top_links,
+            )
+        )
     decode = (lambda i: model.to_str_tokens([i])[0]) if model.tokenizer is not None else str
     print("\nnext-token predictions")
     print(top_predictions(logits, decode))
@@ -104,8 +114,14 @@ def cmd_train_tiny(args: argparse.Namespace) -> int:
 
     if args.steps < 1 or args.batch_size < 1:
         raise CliError("--steps and --batch-size must be positive")
-    _, accuracy = train_tiny(out=args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                             compile=not args.no_compile)
+    _, accuracy = train_tiny(
+        out=args.out,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        compile=not args.no_compile,
+    )
     print(f"wrote {args.out}" if args.out else "(not saved: pass --out FILE.safetensors)")
     return 0 if accuracy >= args.min_accuracy else 1
 
@@ -120,35 +136,54 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="t5hooks", description="Hooked T5 encoder-decoders: look inside, run fast.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    run = sub.add_parser("run", help="run a model with the cache and summarise its activations",
-                         description="Run one input through a model with every (or the chosen) hook point cached, "
-                                     "and print shapes, norms, the strongest attention links and predictions.")
-    run.add_argument("--model", default=None, help="hub name, local directory or built-in name (default: built-in tiny model)")
+    run = sub.add_parser(
+        "run",
+        help="run a model with the cache and summarise its activations",
+        description="Run one input through a model with every (or the chosen) hook point cached, "
+        "and print shapes, norms, the strongest attention links and predictions.",
+    )
+    run.add_argument(
+        "--model", default=None, help="hub name, local directory or built-in name (default: built-in tiny model)"
+    )
     src = run.add_mutually_exclusive_group()
     src.add_argument("--text", default="hooked", help="input text (default: %(default)r)")
     src.add_argument("--tokens", default=None, help="input token ids instead of text, e.g. '5 6 7 1'")
     dsrc = run.add_mutually_exclusive_group()
     dsrc.add_argument("--decoder-text", default=None, help="decoder prefix text (default: just the start token)")
     dsrc.add_argument("--decoder-tokens", default=None, help="decoder input token ids (start token included)")
-    run.add_argument("--capture", nargs="+", default=None, metavar="PATTERN", help="hook names or globs to cache (default: all)")
-    run.add_argument("--show", nargs="+", default=None, metavar="PATTERN", help="which cached names to tabulate (default: residual stream)")
+    run.add_argument(
+        "--capture", nargs="+", default=None, metavar="PATTERN", help="hook names or globs to cache (default: all)"
+    )
+    run.add_argument(
+        "--show",
+        nargs="+",
+        default=None,
+        metavar="PATTERN",
+        help="which cached names to tabulate (default: residual stream)",
+    )
     run.add_argument("--top-links", type=int, default=8, help="attention links to list (default: %(default)s)")
     run.add_argument("--save", default=None, metavar="FILE.safetensors", help="save the cached activations")
     run.add_argument("--device", default=None, help="cpu, cuda, ...")
     run.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     run.set_defaults(func=cmd_run)
 
-    demo = sub.add_parser("demo", help="a guided tour on the embedded model (offline)",
-                          description="Load the embedded t5hooks-tiny model, answer an example, show its cross-attention "
-                                      "alignment (PNG + ASCII), find the most important head by ablation, export ONNX "
-                                      "with captured activations and check ONNX Runtime parity, then time it all.")
+    demo = sub.add_parser(
+        "demo",
+        help="a guided tour on the embedded model (offline)",
+        description="Load the embedded t5hooks-tiny model, answer an example, show its cross-attention "
+        "alignment (PNG + ASCII), find the most important head by ablation, export ONNX "
+        "with captured activations and check ONNX Runtime parity, then time it all.",
+    )
     demo.add_argument("--out", default="t5hooks-demo", help="folder for the PNG and ONNX files (default: %(default)s)")
     demo.add_argument("--word", default="interpret", help="lowercase word to reverse (default: %(default)s)")
     demo.set_defaults(func=cmd_demo)
 
-    train = sub.add_parser("train-tiny", help="train the embedded tiny model (string reversal, a few minutes on CPU)",
-                           description="Train t5hooks-tiny from scratch with a torch.compile'd capture module; reports "
-                                       "held-out exact-match accuracy. Exit status 1 if it is below --min-accuracy.")
+    train = sub.add_parser(
+        "train-tiny",
+        help="train the embedded tiny model (string reversal, a few minutes on CPU)",
+        description="Train t5hooks-tiny from scratch with a torch.compile'd capture module; reports "
+        "held-out exact-match accuracy. Exit status 1 if it is below --min-accuracy.",
+    )
     train.add_argument("--out", default=None, metavar="FILE.safetensors", help="where to write the weights")
     train.add_argument("--steps", type=int, default=1200)
     train.add_argument("--batch-size", type=int, default=128)
@@ -162,8 +197,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     register_export(sub)
 
-    bench = sub.add_parser("bench", help="benchmarks: 'attention' (kernels side by side), 'model' (whole model vs HF)",
-                           description="Run a benchmark; arguments after the benchmark name go to it (try `t5hooks bench attention --help`).")
+    bench = sub.add_parser(
+        "bench",
+        help="benchmarks: 'attention' (kernels side by side), 'model' (whole model vs HF)",
+        description="Run a benchmark; arguments after the benchmark name go to it (try `t5hooks bench attention --help`).",
+    )
     bench.add_argument("what", choices=["attention", "model"], help="which benchmark")
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for the benchmark")
     bench.set_defaults(func=cmd_bench)

@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..components import lm_loss
 from ..analysis.summary import format_table
+from ..components import lm_loss
 
 SHADES = " .:-=+*#%@"
 
@@ -51,8 +51,10 @@ def run_demo(out_dir: str | Path | None = None, word: str = "interpret") -> int:
     out.mkdir(parents=True, exist_ok=True)
     model = HookedEncoderDecoder.from_pretrained(TRAINED_TINY)
     info = getattr(model, "info", {})
-    print(f"1. model: {TRAINED_TINY} — {info.get('task', 'tiny T5')}; held-out exact match "
-          f"{info.get('held_out_accuracy', float('nan')):.1%}; {sum(p.numel() for p in model.parameters()):,} parameters")
+    print(
+        f"1. model: {TRAINED_TINY} — {info.get('task', 'tiny T5')}; held-out exact match "
+        f"{info.get('held_out_accuracy', float('nan')):.1%}; {sum(p.numel() for p in model.parameters()):,} parameters"
+    )
 
     answer = model.generate(word, max_new_tokens=len(word) + 2)
     print(f"   {word!r} -> {answer!r}")
@@ -76,10 +78,22 @@ def run_demo(out_dir: str | Path | None = None, word: str = "interpret") -> int:
     from ..analysis.plotting import heatmap
 
     png = out / "cross_attention.png"
-    heatmap(pattern, dec_labels, enc_labels, title=f"{best_name} head {best_head}", xlabel="encoder token",
-            ylabel="decoder input", colorbar_label="attention", cmap="Blues", center=None, path=png)
-    print(f"\n2. cross-attention of {best_name} head {best_head}: {best_mass:.0%} of the mass sits on the mirror "
-          f"position (anti-diagonal). PNG: {png}")
+    heatmap(
+        pattern,
+        dec_labels,
+        enc_labels,
+        title=f"{best_name} head {best_head}",
+        xlabel="encoder token",
+        ylabel="decoder input",
+        colorbar_label="attention",
+        cmap="Blues",
+        center=None,
+        path=png,
+    )
+    print(
+        f"\n2. cross-attention of {best_name} head {best_head}: {best_mass:.0%} of the mass sits on the mirror "
+        f"position (anti-diagonal). PNG: {png}"
+    )
     print(ascii_heatmap(pattern, dec_labels, enc_labels))
 
     # 3. which head matters most: zero each head's z in turn on 200 held-out words (teacher-forced)
@@ -99,12 +113,16 @@ def run_demo(out_dir: str | Path | None = None, word: str = "interpret") -> int:
             z = z.clone()
             z[:, :, head] = 0
             return z
+
         return hook
 
     base = answer_log_prob([])
     results = []
-    for stack, attn, layers in (("encoder", "attn", model.cfg.n_layers), ("decoder", "attn", model.cfg.n_decoder_layers),
-                                ("decoder", "cross_attn", model.cfg.n_decoder_layers)):
+    for stack, attn, layers in (
+        ("encoder", "attn", model.cfg.n_layers),
+        ("decoder", "attn", model.cfg.n_decoder_layers),
+        ("decoder", "cross_attn", model.cfg.n_decoder_layers),
+    ):
         for layer in range(layers):
             for head in range(model.cfg.n_heads):
                 hook = (f"{stack}.{layer}.{attn}.hook_z", zero_head(head))
@@ -114,9 +132,11 @@ def run_demo(out_dir: str | Path | None = None, word: str = "interpret") -> int:
     with model.hooks(fwd_hooks=[worst_hook]):
         ablated_accuracy = exact_match_accuracy(model, words)
         ablated_answer = model.generate(word, max_new_tokens=len(word) + 2)
-    print(f"\n3. zeroing one head at a time on {len(words)} held-out words: {worst_hook[0]} head {worst_head} hurts most. "
-          f"Mean log-prob of the answers {base:.3f} -> {worst_lp:.3f}; exact-match accuracy "
-          f"{exact_match_accuracy(model, words):.1%} -> {ablated_accuracy:.1%}; {word!r} -> {ablated_answer!r}")
+    print(
+        f"\n3. zeroing one head at a time on {len(words)} held-out words: {worst_hook[0]} head {worst_head} hurts most. "
+        f"Mean log-prob of the answers {base:.3f} -> {worst_lp:.3f}; exact-match accuracy "
+        f"{exact_match_accuracy(model, words):.1%} -> {ablated_accuracy:.1%}; {word!r} -> {ablated_answer!r}"
+    )
     rows = [(f"{hook[0]} H{head}", f"{lp - base:+.3f}") for lp, hook, head in results[:5]]
     print(format_table(rows, ("head zeroed", "change in mean log-prob")))
 
@@ -132,8 +152,10 @@ def run_demo(out_dir: str | Path | None = None, word: str = "interpret") -> int:
     with torch.no_grad():
         eager_out = model.capture(capture)(probe, probe_dec, mask)
     worst = max(float((torch.as_tensor(ort_out[k]) - eager_out[k]).abs().max()) for k in eager_out)
-    print(f"\n4. ONNX export {onnx_path.name}: outputs {list(ort_out)[:3]} ... ({len(ort_out)} in all); "
-          f"ONNX Runtime vs eager max |diff| {worst:.2e} {'OK' if worst < 1e-4 else 'MISMATCH'}")
+    print(
+        f"\n4. ONNX export {onnx_path.name}: outputs {list(ort_out)[:3]} ... ({len(ort_out)} in all); "
+        f"ONNX Runtime vs eager max |diff| {worst:.2e} {'OK' if worst < 1e-4 else 'MISMATCH'}"
+    )
     if worst >= 1e-4:
         return 1
 
@@ -142,10 +164,19 @@ def run_demo(out_dir: str | Path | None = None, word: str = "interpret") -> int:
     with torch.inference_mode():
         timings = [
             ("eager forward", median_ms(lambda: model(probe, probe_dec, one_zero_attention_mask=mask))),
-            ("run_with_cache (all hook points)", median_ms(lambda: model.run_with_cache(probe, probe_dec, one_zero_attention_mask=mask))),
+            (
+                "run_with_cache (all hook points)",
+                median_ms(lambda: model.run_with_cache(probe, probe_dec, one_zero_attention_mask=mask)),
+            ),
             ("capture module (patterns + resid_post)", median_ms(lambda: cap(probe, probe_dec, mask))),
-            ("ONNX Runtime (same outputs)", median_ms(lambda: runner(input=probe, decoder_input=probe_dec, one_zero_attention_mask=mask))),
-            ("generate 12 tokens (batch 2)", median_ms(lambda: model.generate(["hooks", "onnx runtime"], 12), repeats=3)),
+            (
+                "ONNX Runtime (same outputs)",
+                median_ms(lambda: runner(input=probe, decoder_input=probe_dec, one_zero_attention_mask=mask)),
+            ),
+            (
+                "generate 12 tokens (batch 2)",
+                median_ms(lambda: model.generate(["hooks", "onnx runtime"], 12), repeats=3),
+            ),
         ]
     print("\n5. timings (CPU, batch 2, median ms)")
     print(format_table([(name, f"{ms:.2f}") for name, ms in timings], ("what", "ms")))

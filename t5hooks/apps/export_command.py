@@ -34,26 +34,42 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "export",
         help="export a model whose captured activations are graph outputs (onnx, pt2, torchscript), "
-             "checked against eager",
+        "checked against eager",
         description="Export a model with the chosen hook points as named outputs (and patch inputs), load the file "
-                    "back, and check it against eager PyTorch on a fresh input (other shapes, padding, random "
-                    "patches). Exit status 0 on success, 1 on a mismatch, 2 on bad arguments.",
+        "back, and check it against eager PyTorch on a fresh input (other shapes, padding, random "
+        "patches). Exit status 0 on success, 1 on a mismatch, 2 on bad arguments.",
     )
     parser.add_argument("--format", choices=FORMATS, default="onnx", help="file format (default: %(default)s)")
-    parser.add_argument("--capture", nargs="+", default=[], metavar="PATTERN",
-                        help="hook names or globs to return as outputs, e.g. 'encoder.*.hook_resid_post'")
-    parser.add_argument("--patch", nargs="+", default=[], metavar="PATTERN",
-                        help="hook names or globs that get a patch input")
-    parser.add_argument("--patch-mode", choices=PATCH_MODES, default="replace",
-                        help="'replace' the activation or 'add' to it (default: %(default)s)")
-    parser.add_argument("--model", default=None,
-                        help="hub name, local directory or built-in name (default: the built-in tiny model)")
-    parser.add_argument("--out", required=True, metavar="PATH",
-                        help="output file: .onnx, .pt2, or .pt/.ts for torchscript")
-    parser.add_argument("--dtype", choices=list(TOLERANCE), default="float32",
-                        help="exported weights (default: %(default)s)")
-    parser.add_argument("--static", action="store_true", help="fix all shapes to the example's (default: dynamic "
-                                                              "batch, encoder and decoder lengths)")
+    parser.add_argument(
+        "--capture",
+        nargs="+",
+        default=[],
+        metavar="PATTERN",
+        help="hook names or globs to return as outputs, e.g. 'encoder.*.hook_resid_post'",
+    )
+    parser.add_argument(
+        "--patch", nargs="+", default=[], metavar="PATTERN", help="hook names or globs that get a patch input"
+    )
+    parser.add_argument(
+        "--patch-mode",
+        choices=PATCH_MODES,
+        default="replace",
+        help="'replace' the activation or 'add' to it (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--model", default=None, help="hub name, local directory or built-in name (default: the built-in tiny model)"
+    )
+    parser.add_argument(
+        "--out", required=True, metavar="PATH", help="output file: .onnx, .pt2, or .pt/.ts for torchscript"
+    )
+    parser.add_argument(
+        "--dtype", choices=list(TOLERANCE), default="float32", help="exported weights (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--static",
+        action="store_true",
+        help="fix all shapes to the example's (default: dynamic batch, encoder and decoder lengths)",
+    )
     parser.add_argument("--atol", type=float, default=None, help="override the absolute tolerance of the check")
     parser.set_defaults(func=run_export)
     return parser
@@ -78,8 +94,10 @@ def run_export(args: argparse.Namespace) -> int:
 
     exported_model = model_in_dtype(model, args.dtype)
     target = exported_model.capture(capture, patch=patch, patch_mode=args.patch_mode).eval()
-    print(f"exporting {model.cfg.model_name} as {args.format} ({args.dtype}): logits + {len(capture)} captured, "
-          f"{len(patch)} patched ({args.patch_mode}) -> {out}")
+    print(
+        f"exporting {model.cfg.model_name} as {args.format} ({args.dtype}): logits + {len(capture)} captured, "
+        f"{len(patch)} patched ({args.patch_mode}) -> {out}"
+    )
     run = _export_and_load(args.format, target, out, dynamic=not args.static)
 
     inputs = _fresh_inputs(cap, static=args.static)
@@ -93,14 +111,18 @@ def run_export(args: argparse.Namespace) -> int:
     B, E, D = inputs[0].shape[0], inputs[0].shape[1], inputs[1].shape[1]
     backend = "ONNX Runtime" if args.format == "onnx" else f"loaded {args.format}"
     if report:
-        print(f"t5hooks export: error: {backend} disagrees with eager on a fresh input (batch {B}, encoder {E}, "
-              f"decoder {D}):\n" + "\n".join(report) + f"\n{out} was written but should not be trusted",
-              file=sys.stderr)
+        print(
+            f"t5hooks export: error: {backend} disagrees with eager on a fresh input (batch {B}, encoder {E}, "
+            f"decoder {D}):\n" + "\n".join(report) + f"\n{out} was written but should not be trusted",
+            file=sys.stderr,
+        )
         return 1
     worst = max(float(np.abs(got[k] - expected[k]).max()) for k in expected)
     patched = f"{len(patch)} random patches" if patch else "no patches"
-    print(f"ok: {backend} matches eager on a fresh input (batch {B}, encoder {E}, decoder {D}, padded, {patched}): "
-          f"{len(expected)} outputs, max |diff| {worst:.2e}")
+    print(
+        f"ok: {backend} matches eager on a fresh input (batch {B}, encoder {E}, decoder {D}, padded, {patched}): "
+        f"{len(expected)} outputs, max |diff| {worst:.2e}"
+    )
     print(f"wrote {out}")
     return 0
 
@@ -177,8 +199,8 @@ def _fresh_inputs(cap: Any, static: bool) -> tuple[Any, ...]:
     dec = torch.randint(0, cfg.d_vocab, (B, D), generator=g)
     mask = torch.ones(B, E, dtype=torch.long)
     dec_mask = torch.ones(B, D, dtype=torch.long)
-    mask[-1, E // 2:] = 0
-    dec_mask[-1, D // 2 + 1:] = 0
+    mask[-1, E // 2 :] = 0
+    dec_mask[-1, D // 2 + 1 :] = 0
     patches = {}
     if cap.patch_modes:
         shapes = activation_shapes(cap, tokens, dec)

@@ -35,10 +35,21 @@ def tiny_trained_config(**overrides) -> HookedT5Config:
     """The architecture of t5hooks-tiny: 2+2 layers, d_model 128, gated GELU, 64 position buckets (so every
     distance in a training string has its own bucket)."""
     values = dict(
-        d_model=128, d_head=32, n_heads=4, d_mlp=256, n_layers=2, n_decoder_layers=2,
-        d_vocab=ByteTokenizer.vocab_size, act_fn="gelu_new", gated_mlp=True,
-        relative_attention_num_buckets=64, relative_attention_max_distance=64,
-        tie_word_embeddings=False, scale_logits=False, seed=0, model_name="t5hooks-tiny",
+        d_model=128,
+        d_head=32,
+        n_heads=4,
+        d_mlp=256,
+        n_layers=2,
+        n_decoder_layers=2,
+        d_vocab=ByteTokenizer.vocab_size,
+        act_fn="gelu_new",
+        gated_mlp=True,
+        relative_attention_num_buckets=64,
+        relative_attention_max_distance=64,
+        tie_word_embeddings=False,
+        scale_logits=False,
+        seed=0,
+        model_name="t5hooks-tiny",
     )
     values.update(overrides)
     return HookedT5Config(**values)
@@ -151,11 +162,21 @@ def train_tiny(
     accuracy = exact_match_accuracy(model, sorted(held_out))
     minutes = (time.perf_counter() - start) / 60
     if progress:
-        print(f"trained {steps} steps in {minutes:.1f} min; held-out exact-match accuracy {accuracy:.2%} "
-              f"({len(held_out)} strings)")
+        print(
+            f"trained {steps} steps in {minutes:.1f} min; held-out exact-match accuracy {accuracy:.2%} "
+            f"({len(held_out)} strings)"
+        )
     if out is not None:
-        save_tiny(model, out, {"held_out_accuracy": accuracy, "train_minutes": round(minutes, 2), "steps": steps,
-                               "task": f"reverse lowercase strings of {MIN_LEN}-{MAX_LEN} characters"})
+        save_tiny(
+            model,
+            out,
+            {
+                "held_out_accuracy": accuracy,
+                "train_minutes": round(minutes, 2),
+                "steps": steps,
+                "task": f"reverse lowercase strings of {MIN_LEN}-{MAX_LEN} characters",
+            },
+        )
     return model, accuracy
 
 

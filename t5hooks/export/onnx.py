@@ -107,10 +107,21 @@ class _FlatCapture(nn.Module):
         super().__init__()
         self.cap = cap
 
-    def forward(self, input: Tensor, decoder_input: Tensor, one_zero_attention_mask: Tensor,
-                decoder_attention_mask: Tensor, *patches: Tensor) -> tuple[Tensor, ...]:
-        out = self.cap(input, decoder_input, one_zero_attention_mask, decoder_attention_mask,
-                       dict(zip(self.cap.patch_names, patches)))
+    def forward(
+        self,
+        input: Tensor,
+        decoder_input: Tensor,
+        one_zero_attention_mask: Tensor,
+        decoder_attention_mask: Tensor,
+        *patches: Tensor,
+    ) -> tuple[Tensor, ...]:
+        out = self.cap(
+            input,
+            decoder_input,
+            one_zero_attention_mask,
+            decoder_attention_mask,
+            dict(zip(self.cap.patch_names, patches)),
+        )
         return tuple(out.values())
 
 
@@ -120,8 +131,9 @@ class _FlatCapture(nn.Module):
 def export_graph(module: nn.Module, args: tuple[Any, ...], shapes: Any, opset: int | None) -> Any:
     """`torch.onnx.export(dynamo=True)` of an eval-mode module, quietly; returns the ONNXProgram."""
     with _quiet_exporter():
-        program = torch.onnx.export(module.eval(), args, dynamo=True, dynamic_shapes=shapes, opset_version=opset,
-                                    verbose=False, optimize=True)
+        program = torch.onnx.export(
+            module.eval(), args, dynamo=True, dynamic_shapes=shapes, opset_version=opset, verbose=False, optimize=True
+        )
     if program is None:  # pragma: no cover - dynamo=True always returns a program
         raise RuntimeError("torch.onnx.export returned no program")
     return program
@@ -211,8 +223,18 @@ def write_metadata(model: ir.Model, graph_kind: str, cfg: Any, **extra: Any) -> 
     """What the runner and generator need to know, as JSON in the model's metadata_props."""
     props = {
         "graph": graph_kind,
-        "config": {k: getattr(cfg, k) for k in ("d_vocab", "n_decoder_layers", "n_heads", "d_head", "pad_token_id",
-                                                "eos_token_id", "decoder_start_token_id")},
+        "config": {
+            k: getattr(cfg, k)
+            for k in (
+                "d_vocab",
+                "n_decoder_layers",
+                "n_heads",
+                "d_head",
+                "pad_token_id",
+                "eos_token_id",
+                "decoder_start_token_id",
+            )
+        },
         "dtype": str(cfg.dtype).removeprefix("torch."),
         **extra,
     }
@@ -223,15 +245,17 @@ def write_metadata(model: ir.Model, graph_kind: str, cfg: Any, **extra: Any) -> 
 
 def read_metadata(props: Mapping[str, str]) -> dict[str, Any]:
     """Inverse of `write_metadata` (keys without the prefix); other metadata is ignored."""
-    return {k[len(METADATA_PREFIX):]: json.loads(v) for k, v in props.items() if k.startswith(METADATA_PREFIX)}
+    return {k[len(METADATA_PREFIX) :]: json.loads(v) for k, v in props.items() if k.startswith(METADATA_PREFIX)}
 
 
 def save_checked(model: ir.Model, path: Path, external_data: bool | None) -> None:
     """Save (weights in `<path>.data` when asked or when over the threshold) and run `onnx.checker`."""
     data_path = path.with_name(path.name + ".data")
     if external_data is None:
-        external_data = sum(v.const_value.nbytes for v in model.graph.initializers.values()
-                            if v.const_value is not None) > EXTERNAL_DATA_THRESHOLD
+        external_data = (
+            sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+            > EXTERNAL_DATA_THRESHOLD
+        )
     if data_path.exists():
         data_path.unlink()  # never leave a stale weights file next to a new graph
     ir.save(model, path, external_data=data_path.name if external_data else None)

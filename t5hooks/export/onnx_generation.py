@@ -73,8 +73,9 @@ class DecoderStepGraph(nn.Module):
         super().__init__()
         self.model, self.names = model, tuple(names)
 
-    def forward(self, decoder_input: Tensor, one_zero_attention_mask: Tensor, past: list[Tensor],
-                cross: list[Tensor]) -> tuple[Tensor, ...]:
+    def forward(
+        self, decoder_input: Tensor, one_zero_attention_mask: Tensor, past: list[Tensor], cross: list[Tensor]
+    ) -> tuple[Tensor, ...]:
 
         n_layers = len(self.model.decoder)
         cache = DecoderCache(n_layers)
@@ -87,8 +88,14 @@ class DecoderStepGraph(nn.Module):
         return (logits, *present, *(io.outputs[n] for n in self.names))
 
 
-def to_onnx_generator(model: Any, directory: str | os.PathLike, capture: NameFilter = (), *,
-                      dtype: torch.dtype | str | None = None, opset: int | None = None) -> Path:
+def to_onnx_generator(
+    model: Any,
+    directory: str | os.PathLike,
+    capture: NameFilter = (),
+    *,
+    dtype: torch.dtype | str | None = None,
+    opset: int | None = None,
+) -> Path:
     """Write `encoder.onnx` and `decoder.onnx` for `OnnxGenerator` into `directory` (created if needed).
 
     `capture`: hook names or globs to return during generation (see the module docstring for which
@@ -118,8 +125,10 @@ def to_onnx_generator(model: Any, directory: str | os.PathLike, capture: NameFil
     encoder = export_graph(EncoderGraph(model, encoder_names), (tokens, mask), encoder_shapes, opset)
     encoder_outputs = ["encoder_out", *cache_names(L, "cross"), *encoder_names]
     name_graph_io(encoder.model.graph, ["input", "one_zero_attention_mask"], encoder_outputs)
-    _label(encoder.model.graph.outputs, [(BATCH, ENC, None), *[CACHE_AXES["cross"]] * (2 * L),
-                                         *map(activation_axes, encoder_names)])
+    _label(
+        encoder.model.graph.outputs,
+        [(BATCH, ENC, None), *[CACHE_AXES["cross"]] * (2 * L), *map(activation_axes, encoder_names)],
+    )
     write_metadata(encoder.model, "encoder", cfg, capture=encoder_names)
     save_checked(encoder.model, directory / ENCODER_FILE, None)
 
@@ -127,14 +136,22 @@ def to_onnx_generator(model: Any, directory: str | os.PathLike, capture: NameFil
         return [torch.randn(2, H, length, d, generator=g).to(device=device, dtype=float_dtype) for _ in range(2 * L)]
 
     step_args = (torch.randint(0, cfg.d_vocab, (2, 1), generator=g).to(device), mask, kv(3), kv(7))
-    step_shapes = ({0: dims[BATCH]}, axes_spec(INPUT_AXES["one_zero_attention_mask"], dims),
-                   [axes_spec(CACHE_AXES["past"], dims)] * (2 * L), [axes_spec(CACHE_AXES["cross"], dims)] * (2 * L))
+    step_shapes = (
+        {0: dims[BATCH]},
+        axes_spec(INPUT_AXES["one_zero_attention_mask"], dims),
+        [axes_spec(CACHE_AXES["past"], dims)] * (2 * L),
+        [axes_spec(CACHE_AXES["cross"], dims)] * (2 * L),
+    )
     step = export_graph(DecoderStepGraph(model, decoder_names), step_args, step_shapes, opset)
-    name_graph_io(step.model.graph,
-                  ["decoder_input", "one_zero_attention_mask", *cache_names(L, "past"), *cache_names(L, "cross")],
-                  ["logits", *cache_names(L, "present"), *decoder_names])
-    _label(step.model.graph.outputs, [(BATCH, None, None), *[CACHE_AXES["present"]] * (2 * L),
-                                      *map(step_activation_axes, decoder_names)])
+    name_graph_io(
+        step.model.graph,
+        ["decoder_input", "one_zero_attention_mask", *cache_names(L, "past"), *cache_names(L, "cross")],
+        ["logits", *cache_names(L, "present"), *decoder_names],
+    )
+    _label(
+        step.model.graph.outputs,
+        [(BATCH, None, None), *[CACHE_AXES["present"]] * (2 * L), *map(step_activation_axes, decoder_names)],
+    )
     write_metadata(step.model, "decoder_step", cfg, capture=decoder_names)
     save_checked(step.model, directory / DECODER_FILE, None)
     return directory
@@ -179,13 +196,16 @@ class OnnxGenerator:
     exports and loads in one call.
     """
 
-    def __init__(self, directory: str | os.PathLike, providers: Sequence[Any] | None = None, *,
-                 threads: int | None = None) -> None:
+    def __init__(
+        self, directory: str | os.PathLike, providers: Sequence[Any] | None = None, *, threads: int | None = None
+    ) -> None:
         directory = Path(directory)
         for file in (ENCODER_FILE, DECODER_FILE):
             if not (directory / file).is_file():
-                raise FileNotFoundError(f"{str(directory / file)!r} not found: write the graphs with "
-                                        f"to_onnx_generator(model, {str(directory)!r}, capture=...)")
+                raise FileNotFoundError(
+                    f"{str(directory / file)!r} not found: write the graphs with "
+                    f"to_onnx_generator(model, {str(directory)!r}, capture=...)"
+                )
         self.encoder = OnnxRunner(directory / ENCODER_FILE, providers, threads=threads)
         self.decoder = OnnxRunner(directory / DECODER_FILE, providers, threads=threads)
         self.config = self.decoder.metadata["config"]
@@ -196,24 +216,41 @@ class OnnxGenerator:
         self._cache_dtype = {np.dtype(np.float32): torch.float32, np.dtype(np.float16): torch.float16}[past.dtype]
 
     @classmethod
-    def export(cls, model: Any, directory: str | os.PathLike, capture: NameFilter = (), *,
-               dtype: torch.dtype | str | None = None, opset: int | None = None,
-               providers: Sequence[Any] | None = None) -> OnnxGenerator:
+    def export(
+        cls,
+        model: Any,
+        directory: str | os.PathLike,
+        capture: NameFilter = (),
+        *,
+        dtype: torch.dtype | str | None = None,
+        opset: int | None = None,
+        providers: Sequence[Any] | None = None,
+    ) -> OnnxGenerator:
         return cls(to_onnx_generator(model, directory, capture, dtype=dtype, opset=opset), providers)
 
     @property
     def capture(self) -> dict[str, list[str]]:
         return {"encoder": self.encoder.metadata["capture"], "decoder": self.decoder.metadata["capture"]}
 
-    def generate(self, input: Any, max_new_tokens: int = 20, *, one_zero_attention_mask: Any = None,
-                 eos_token_id: int | None = None, stop_at_eos: bool = True) -> OnnxGeneration:
+    def generate(
+        self,
+        input: Any,
+        max_new_tokens: int = 20,
+        *,
+        one_zero_attention_mask: Any = None,
+        eos_token_id: int | None = None,
+        stop_at_eos: bool = True,
+    ) -> OnnxGeneration:
         """Greedy tokens for `input` `[B,E]` (padded rows need `one_zero_attention_mask`): argmax each
         step; a row that emitted EOS continues with the pad token; stops when all rows have (as HF)."""
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
         tokens = self._user_tensor(input, "input", "integer token ids")
-        mask = torch.ones_like(tokens) if one_zero_attention_mask is None else \
-            self._user_tensor(one_zero_attention_mask, "one_zero_attention_mask", "a 0/1 (or bool) mask")
+        mask = (
+            torch.ones_like(tokens)
+            if one_zero_attention_mask is None
+            else self._user_tensor(one_zero_attention_mask, "one_zero_attention_mask", "a 0/1 (or bool) mask")
+        )
         eos = int(self.config["eos_token_id"] if eos_token_id is None else eos_token_id)
         pad, start = int(self.config["pad_token_id"]), int(self.config["decoder_start_token_id"])
         B = tokens.shape[0]
@@ -249,15 +286,16 @@ class OnnxGenerator:
 
     def _user_tensor(self, value: Any, what: str, holds: str) -> Tensor:
         tensor = value if isinstance(value, Tensor) else torch.as_tensor(np.asarray(value))
-        bad_dtype = tensor.is_floating_point() or tensor.is_complex() or \
-            (tensor.dtype == torch.bool and what == "input")
+        bad_dtype = (
+            tensor.is_floating_point() or tensor.is_complex() or (tensor.dtype == torch.bool and what == "input")
+        )
         if bad_dtype or tensor.ndim != 2 or 0 in tensor.shape:
-            raise ValueError(f"{what} must hold {holds} of shape [batch, pos] (batch, pos >= 1); "
-                             f"got dtype {tensor.dtype}, shape {tuple(tensor.shape)}")
+            raise ValueError(
+                f"{what} must hold {holds} of shape [batch, pos] (batch, pos >= 1); "
+                f"got dtype {tensor.dtype}, shape {tuple(tensor.shape)}"
+            )
         return tensor.long().to(self.device)
 
 
 def _numpy(value: Any) -> np.ndarray:
     return value.detach().cpu().numpy() if isinstance(value, Tensor) else np.asarray(value)
-
-

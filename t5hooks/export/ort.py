@@ -32,9 +32,14 @@ ORT_TYPES = {
     "tensor(float16)": np.dtype(np.float16),
     "tensor(double)": np.dtype(np.float64),
 }
-TORCH_DTYPES = {np.dtype(np.int64): torch.int64, np.dtype(np.int32): torch.int32, np.dtype(np.bool_): torch.bool,
-                np.dtype(np.float32): torch.float32, np.dtype(np.float16): torch.float16,
-                np.dtype(np.float64): torch.float64}
+TORCH_DTYPES = {
+    np.dtype(np.int64): torch.int64,
+    np.dtype(np.int32): torch.int32,
+    np.dtype(np.bool_): torch.bool,
+    np.dtype(np.float32): torch.float32,
+    np.dtype(np.float16): torch.float16,
+    np.dtype(np.float64): torch.float64,
+}
 TOKEN_INPUTS = ("input", "decoder_input")
 # Masks the runner fills with ones when they are not given: mask name -> the tokens it masks.
 DEFAULT_MASKS = {"one_zero_attention_mask": "input", "decoder_attention_mask": "decoder_input"}
@@ -83,14 +88,23 @@ class OnnxRunner:
     Every input is checked against the graph (names, dtypes, ranks, sizes) before running.
     """
 
-    def __init__(self, path: str | os.PathLike, providers: Sequence[Any] | None = None, *,
-                 options: ort.SessionOptions | None = None, threads: int | None = None) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        providers: Sequence[Any] | None = None,
+        *,
+        options: ort.SessionOptions | None = None,
+        threads: int | None = None,
+    ) -> None:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"no ONNX file at {str(path)!r}")
         self.path = path
-        self.session = ort.InferenceSession(str(path), sess_options=options or session_options(threads),
-                                            providers=list(providers) if providers is not None else default_providers())
+        self.session = ort.InferenceSession(
+            str(path),
+            sess_options=options or session_options(threads),
+            providers=list(providers) if providers is not None else default_providers(),
+        )
         self.inputs = {i.name: _spec(i) for i in self.session.get_inputs()}
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.output_shapes = {o.name: tuple(o.shape) for o in self.session.get_outputs()}
@@ -101,23 +115,38 @@ class OnnxRunner:
     @property
     def patch_names(self) -> list[str]:
         """Hook names this graph takes patches for."""
-        return [n[len(PATCH_PREFIX):] for n in self.inputs if n.startswith(PATCH_PREFIX)]
+        return [n[len(PATCH_PREFIX) :] for n in self.inputs if n.startswith(PATCH_PREFIX)]
 
     def __repr__(self) -> str:
-        return (f"OnnxRunner({str(self.path)!r}, providers={self.session.get_providers()}, "
-                f"inputs={list(self.inputs)}, outputs={len(self.output_names)})")
+        return (
+            f"OnnxRunner({str(self.path)!r}, providers={self.session.get_providers()}, "
+            f"inputs={list(self.inputs)}, outputs={len(self.output_names)})"
+        )
 
-    def __call__(self, input: Array | None = None, decoder_input: Array | None = None,
-                 one_zero_attention_mask: Array | None = None, decoder_attention_mask: Array | None = None,
-                 patches: Mapping[str, Array] | None = None, **inputs: Array) -> dict[str, Any]:
-        given = {"input": input, "decoder_input": decoder_input, "one_zero_attention_mask": one_zero_attention_mask,
-                 "decoder_attention_mask": decoder_attention_mask, **inputs}
+    def __call__(
+        self,
+        input: Array | None = None,
+        decoder_input: Array | None = None,
+        one_zero_attention_mask: Array | None = None,
+        decoder_attention_mask: Array | None = None,
+        patches: Mapping[str, Array] | None = None,
+        **inputs: Array,
+    ) -> dict[str, Any]:
+        given = {
+            "input": input,
+            "decoder_input": decoder_input,
+            "one_zero_attention_mask": one_zero_attention_mask,
+            "decoder_attention_mask": decoder_attention_mask,
+            **inputs,
+        }
         feeds = {k: v for k, v in given.items() if v is not None}
         for name, value in (patches or {}).items():
             key = name if name.startswith(PATCH_PREFIX) else PATCH_PREFIX + name
             if key not in self.inputs:
-                raise ValueError(f"no patch input for {name!r}; this graph takes patches for "
-                                 f"{self.patch_names or 'nothing (exported without patch=...)'}")
+                raise ValueError(
+                    f"no patch input for {name!r}; this graph takes patches for "
+                    f"{self.patch_names or 'nothing (exported without patch=...)'}"
+                )
             if key in feeds:
                 raise ValueError(f"patch {name!r} given twice (in patches= and as {key}=)")
             feeds[key] = value
@@ -143,18 +172,20 @@ class OnnxRunner:
         self._fill_defaults(out)
         missing = [n for n in self.inputs if n not in out]
         if missing:
-            patches = [n[len(PATCH_PREFIX):] for n in missing if n.startswith(PATCH_PREFIX)]
+            patches = [n[len(PATCH_PREFIX) :] for n in missing if n.startswith(PATCH_PREFIX)]
             others = [n for n in missing if not n.startswith(PATCH_PREFIX)]
             parts = []
             if patches:
-                parts.append(f"missing patches for {patches} (pass patches={{name: tensor}}; this graph was "
-                             f"exported with patch inputs {self.patch_names})")
+                parts.append(
+                    f"missing patches for {patches} (pass patches={{name: tensor}}; this graph was "
+                    f"exported with patch inputs {self.patch_names})"
+                )
             if others:
                 parts.append(f"missing inputs {others}")
             raise ValueError("; ".join(parts) + f"; this graph's inputs: {self.describe_inputs()}")
         modes = self.metadata.get("patch_modes", {})
         for name in self.inputs:
-            if name.startswith(PATCH_PREFIX) and modes.get(name[len(PATCH_PREFIX):]) == "add":
+            if name.startswith(PATCH_PREFIX) and modes.get(name[len(PATCH_PREFIX) :]) == "add":
                 out[name] = _left_pad_rank(out[name], len(self.inputs[name].shape))
         sizes: dict[str, tuple[int, str]] = {}
         for name, spec in self.inputs.items():
@@ -180,25 +211,30 @@ class OnnxRunner:
             allowed = "iu" if spec.name in TOKEN_INPUTS else "iub"
             if dtype.kind not in allowed:
                 what = "token ids" if spec.name in TOKEN_INPUTS else "0/1 (or bool)"
-                raise TypeError(f"{spec.name} must hold integer {what}, got dtype {dtype.name}; "
-                                f"expected {spec.describe()}")
+                raise TypeError(
+                    f"{spec.name} must hold integer {what}, got dtype {dtype.name}; expected {spec.describe()}"
+                )
         elif spec.dtype.kind == "f":
             if dtype.kind != "f":
                 raise TypeError(f"{spec.name} must be floating point ({spec.dtype.name}), got dtype {dtype.name}")
         shape = tuple(value.shape)
         if len(shape) != len(spec.shape):
-            raise ValueError(f"{spec.name} has rank {len(shape)} (shape {shape}); expected rank {len(spec.shape)}: "
-                             f"{spec.describe()}")
+            raise ValueError(
+                f"{spec.name} has rank {len(shape)} (shape {shape}); expected rank {len(spec.shape)}: {spec.describe()}"
+            )
         for axis, (size, dim) in enumerate(zip(shape, spec.shape)):
             if isinstance(dim, int):
                 if size != dim:
-                    raise ValueError(f"{spec.name} has size {size} on axis {axis}; the graph fixes it to {dim}: "
-                                     f"{spec.describe()}")
+                    raise ValueError(
+                        f"{spec.name} has size {size} on axis {axis}; the graph fixes it to {dim}: {spec.describe()}"
+                    )
             elif isinstance(dim, str):
                 if dim in sizes and sizes[dim][0] != size:
                     first_size, first_input = sizes[dim]
-                    raise ValueError(f"{spec.name} axis {axis} ({dim!r}) has size {size} but {first_input} has "
-                                     f"{dim!r} = {first_size}; inputs must agree on {dim!r}")
+                    raise ValueError(
+                        f"{spec.name} axis {axis} ({dim!r}) has size {size} but {first_input} has "
+                        f"{dim!r} = {first_size}; inputs must agree on {dim!r}"
+                    )
                 sizes.setdefault(dim, (size, spec.name))
         if spec.name in TOKEN_INPUTS and int(np.prod(shape)) > 0:
             self._check_token_range(spec.name, value)
@@ -227,8 +263,9 @@ class OnnxRunner:
                 if isinstance(dim, str):
                     sizes[dim] = size
             if tensor.numel() == 0:  # e.g. the empty KV cache of the first step: no buffer to point at
-                empty = ort.OrtValue.ortvalue_from_shape_and_type(tuple(tensor.shape), spec.dtype.type, "cuda",
-                                                                  device.index or 0)
+                empty = ort.OrtValue.ortvalue_from_shape_and_type(
+                    tuple(tensor.shape), spec.dtype.type, "cuda", device.index or 0
+                )
                 keep.append(empty)
                 binding.bind_ortvalue_input(name, empty)
                 continue
@@ -243,16 +280,20 @@ class OnnxRunner:
                 continue
             tensor = torch.empty(shape, dtype=TORCH_DTYPES[self.output_dtypes[name]], device=device)
             outputs[name] = tensor
-            binding.bind_output(name, "cuda", device.index or 0, self.output_dtypes[name].type, shape,
-                                tensor.data_ptr())
+            binding.bind_output(
+                name, "cuda", device.index or 0, self.output_dtypes[name].type, shape, tensor.data_ptr()
+            )
         torch.cuda.current_stream(device).synchronize()  # inputs written by torch are ready for ORT's stream
         self.session.run_with_iobinding(binding)
         binding.synchronize_outputs()
         if unresolved:  # shapes the graph does not spell in input axes: ORT allocated them on the device
             produced = dict(zip(self.output_names, binding.get_outputs()))
             for name in unresolved:
-                outputs[name] = torch.from_dlpack(produced[name]) if hasattr(produced[name], "__dlpack__") \
+                outputs[name] = (
+                    torch.from_dlpack(produced[name])
+                    if hasattr(produced[name], "__dlpack__")
                     else torch.from_numpy(produced[name].numpy()).to(device)
+                )
         return {name: outputs[name] for name in self.output_names}
 
 

@@ -23,7 +23,9 @@ from .axes import BATCH, DEC, ENC, INPUT_AXES, PAST, patch_axes
 INPUT_NAMES = ("input", "decoder_input", "one_zero_attention_mask", "decoder_attention_mask")
 
 
-def as_capture(model: Any, capture: NameFilter = (), patch: NameFilter = (), patch_mode: Any = "replace") -> CaptureModule:
+def as_capture(
+    model: Any, capture: NameFilter = (), patch: NameFilter = (), patch_mode: Any = "replace"
+) -> CaptureModule:
     """A CaptureModule given either a model (built here) or a ready CaptureModule (returned as is)."""
     if isinstance(model, CaptureModule):
         if capture or patch:
@@ -32,8 +34,9 @@ def as_capture(model: Any, capture: NameFilter = (), patch: NameFilter = (), pat
     return model.capture(capture, patch=patch, patch_mode=patch_mode)
 
 
-def example_inputs(cap: CaptureModule, batch: int = 2, enc_len: int = 7, dec_len: int = 5,
-                   patches: Mapping[str, Tensor] | None = None) -> tuple[Any, ...]:
+def example_inputs(
+    cap: CaptureModule, batch: int = 2, enc_len: int = 7, dec_len: int = 5, patches: Mapping[str, Tensor] | None = None
+) -> tuple[Any, ...]:
     """Example `(input, decoder_input, mask, decoder_mask, patches)` for tracing: in-range ids, an all-ones
     mask, and zero patches ("replace": the activation's shape; "add": its shape with every varying axis 1)."""
     model = cap.model
@@ -49,7 +52,9 @@ def example_inputs(cap: CaptureModule, batch: int = 2, enc_len: int = 7, dec_len
         for name, mode in cap.patch_modes.items():
             shape = shapes[name]
             if mode == "add":
-                shape = tuple(1 if axis is not None else size for axis, size in zip(patch_axes(name, "replace", shape), shape))
+                shape = tuple(
+                    1 if axis is not None else size for axis, size in zip(patch_axes(name, "replace", shape), shape)
+                )
             patches[name] = torch.zeros(shape, dtype=model.W_E.dtype, device=device)
     return tokens, dec, mask, dec_mask, dict(patches or {})
 
@@ -77,13 +82,21 @@ def dynamic_shapes(cap: CaptureModule, patches: Mapping[str, Tensor]) -> tuple[A
     """`torch.export` dynamic-shape spec: batch, encoder and decoder lengths vary (each >= 1)."""
     dims = export_dims()
     inputs = tuple(axes_spec(INPUT_AXES[name], dims) for name in INPUT_NAMES)
-    patch_spec = {name: axes_spec(patch_axes(name, cap.patch_modes[name], tuple(t.shape)), dims)
-                  for name, t in patches.items()}
+    patch_spec = {
+        name: axes_spec(patch_axes(name, cap.patch_modes[name], tuple(t.shape)), dims) for name, t in patches.items()
+    }
     return (*inputs, patch_spec)
 
 
-def to_exported_program(model: Any, capture: NameFilter = (), patch: NameFilter = (), patch_mode: Any = "replace", *,
-                        dynamic: bool = True, example: tuple[Any, ...] | None = None) -> ExportedProgram:
+def to_exported_program(
+    model: Any,
+    capture: NameFilter = (),
+    patch: NameFilter = (),
+    patch_mode: Any = "replace",
+    *,
+    dynamic: bool = True,
+    example: tuple[Any, ...] | None = None,
+) -> ExportedProgram:
     """`torch.export` a capture module. Inputs: (input, decoder_input, one_zero_attention_mask,
     decoder_attention_mask, patches dict); outputs: the capture module's dict. With `dynamic`, batch,
     encoder and decoder lengths may change at run time."""
@@ -107,8 +120,14 @@ def load_exported(path: str | Path) -> ExportedProgram:
     return torch.export.load(str(path))
 
 
-def to_torchscript(model: Any, capture: NameFilter = (), patch: NameFilter = (), patch_mode: Any = "replace", *,
-                   example: tuple[Any, ...] | None = None) -> torch.jit.ScriptModule:
+def to_torchscript(
+    model: Any,
+    capture: NameFilter = (),
+    patch: NameFilter = (),
+    patch_mode: Any = "replace",
+    *,
+    example: tuple[Any, ...] | None = None,
+) -> torch.jit.ScriptModule:
     """Trace a capture module to TorchScript (same inputs and dict output as `to_exported_program`; without
     patches the traced module takes only the first four).
 

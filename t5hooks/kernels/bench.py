@@ -157,7 +157,9 @@ def build_sdpa_float_bias(case: Case, mask: Tensor | None) -> Callable:
             table, case.q_len, case.k_len, bidirectional=case.bidirectional,
             max_distance=case.max_distance, q_offset=case.q_offset,
         )  # fmt: skip
-        allowed = allowed_keys(mask, case.q_len, case.k_len, causal=case.causal, q_offset=case.q_offset, device=q.device)
+        allowed = allowed_keys(
+            mask, case.q_len, case.k_len, causal=case.causal, q_offset=case.q_offset, device=q.device
+        )
         return sdpa(q, k, v, attn_mask=bias_and_mask(bias, allowed, dtype=q.dtype), scale=1.0)
 
     return run
@@ -205,7 +207,9 @@ def build_sdpa_no_bias(case: Case, mask: Tensor | None) -> Callable:
     attn_mask = None
     if mask is not None or (case.causal and not is_causal):
         device = mask.device if mask is not None else None
-        attn_mask = allowed_keys(mask, case.q_len, case.k_len, causal=case.causal, q_offset=case.q_offset, device=device)
+        attn_mask = allowed_keys(
+            mask, case.q_len, case.k_len, causal=case.causal, q_offset=case.q_offset, device=device
+        )
 
     def run(q, k, v, table):
         m = attn_mask.to(q.device) if attn_mask is not None else None
@@ -315,7 +319,7 @@ def measure(
                 leaves = [x.detach().requires_grad_() for x in (q, k, v, table)]
                 grad_out = torch.randn_like(truth).to(q.dtype)
 
-                def call():
+                def call(leaves=leaves, grad_out=grad_out):
                     out = fn(*leaves)
                     return torch.autograd.grad(out, leaves, grad_out, allow_unused=True)  # no-bias: table unused
 
@@ -371,7 +375,9 @@ def environment(device: torch.device, dtype: torch.dtype) -> dict:
     except ImportError:
         triton_version = None
     env = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()})",
+        "device": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"CPU ({platform.processor() or platform.machine()})",
         "device_type": device.type,
         "dtype": str(dtype).removeprefix("torch."),
         "torch": torch.__version__,
@@ -447,7 +453,9 @@ def main(argv: list[str] | None = None) -> int:
         prog="t5hooks bench attention",
         description="Benchmark fused relative-bias attention (Triton) against eager, SDPA and FlexAttention.",
     )
-    parser.add_argument("--quick", action="store_true", help="tiny shapes, few repetitions (smoke test; forced without CUDA)")
+    parser.add_argument(
+        "--quick", action="store_true", help="tiny shapes, few repetitions (smoke test; forced without CUDA)"
+    )
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default bf16 on CUDA, fp32 on CPU")
     parser.add_argument("--cases", nargs="+", default=None, help="subset of case names to run")

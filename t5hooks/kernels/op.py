@@ -14,7 +14,6 @@ without triton installed.
 import functools
 import importlib.util
 import numbers
-from typing import Optional
 
 import torch
 from torch import Tensor
@@ -32,13 +31,13 @@ def relbias_attention(
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    rel_bias_table: Optional[Tensor] = None,
+    rel_bias_table: Tensor | None = None,
     *,
     bidirectional: bool = True,
     num_buckets: int = 32,
     max_distance: int = 128,
     causal: bool = False,
-    key_padding_mask: Optional[Tensor] = None,
+    key_padding_mask: Tensor | None = None,
     q_offset: "int | Tensor" = 0,
     scale: float = 1.0,
     backend: str = "auto",
@@ -96,8 +95,8 @@ def check_arguments(
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    rel_bias_table: Optional[Tensor],
-    key_padding_mask: Optional[Tensor],
+    rel_bias_table: Tensor | None,
+    key_padding_mask: Tensor | None,
     *,
     bidirectional: bool,
     num_buckets: int,
@@ -141,7 +140,9 @@ def check_arguments(
     if rel_bias_table is not None:
         if not isinstance(rel_bias_table, Tensor) or rel_bias_table.dim() != 2:
             got = tuple(rel_bias_table.shape) if isinstance(rel_bias_table, Tensor) else type(rel_bias_table).__name__
-            raise ValueError(f"rel_bias_table must be a [num_buckets, H] = [{num_buckets}, {n_heads}] tensor; got {got}")
+            raise ValueError(
+                f"rel_bias_table must be a [num_buckets, H] = [{num_buckets}, {n_heads}] tensor; got {got}"
+            )
         if tuple(rel_bias_table.shape) != (num_buckets, n_heads):
             raise ValueError(
                 f"rel_bias_table must be [num_buckets, H] = [{num_buckets}, {n_heads}]; got {tuple(rel_bias_table.shape)}"
@@ -152,7 +153,11 @@ def check_arguments(
             raise ValueError(f"rel_bias_table must be on q's device {q.device}; got {rel_bias_table.device}")
     if key_padding_mask is not None:
         if not isinstance(key_padding_mask, Tensor) or tuple(key_padding_mask.shape) != (batch, k_len):
-            got = tuple(key_padding_mask.shape) if isinstance(key_padding_mask, Tensor) else type(key_padding_mask).__name__
+            got = (
+                tuple(key_padding_mask.shape)
+                if isinstance(key_padding_mask, Tensor)
+                else type(key_padding_mask).__name__
+            )
             raise ValueError(f"key_padding_mask must be [B, K] = [{batch}, {k_len}] (1 = attend); got {got}")
         if key_padding_mask.device != q.device:
             raise ValueError(f"key_padding_mask must be on q's device {q.device}; got {key_padding_mask.device}")
@@ -233,8 +238,8 @@ def relbias_attention_op(
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    rel_bias_table: Optional[Tensor],
-    key_padding_mask: Optional[Tensor],
+    rel_bias_table: Tensor | None,
+    key_padding_mask: Tensor | None,
     bidirectional: bool,
     num_buckets: int,
     max_distance: int,
@@ -272,8 +277,8 @@ def relbias_attention_backward_op(
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    rel_bias_table: Optional[Tensor],
-    key_padding_mask: Optional[Tensor],
+    rel_bias_table: Tensor | None,
+    key_padding_mask: Tensor | None,
     out: Tensor,
     lse: Tensor,
     bidirectional: bool,

@@ -54,9 +54,7 @@ def key_block_ranges(
 
 
 @triton.jit
-def query_block_ranges(
-    n0, q_offset, q_hi, bound, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr
-):
+def query_block_ranges(n0, q_offset, q_hi, bound, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
     """Query-block boundaries `lo <= near_lo <= near_hi <= q_hi` for the keys `n0 .. n0+BLOCK_N-1`.
 
     `[lo, near_lo)`: every distance >= bound (keys far ahead of these queries), `[near_lo, near_hi)`:
@@ -121,10 +119,27 @@ def load_key_ok(key_mask_row, k_pos, k_len, HAS_KPM: tl.constexpr):
 
 @triton.jit
 def key_tile_scores(
-    q, k_base, v_base, stride_kn, stride_vn, key_mask_row, bias_row, far_bias, q_pos, k_pos, offs_d, k_len, bound,
+    q,
+    k_base,
+    v_base,
+    stride_kn,
+    stride_vn,
+    key_mask_row,
+    bias_row,
+    far_bias,
+    q_pos,
+    k_pos,
+    offs_d,
+    k_len,
+    bound,
     scale_log2e,
-    NEAR: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr,
-    MASK_KEYS: tl.constexpr, HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    NEAR: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_KPM: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    MASK_KEYS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """Load the K/V tile at key positions `k_pos` `[BN]` and score the query tile `q` `[BM,D]` against it:
     returns k, v `[BN,D]` and `s = q k^T * scale + bias`, masked, `[BM,BN]` in log2 units (shared by the

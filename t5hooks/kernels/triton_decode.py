@@ -23,7 +23,6 @@ from torch import Tensor
 from .triton_common import LN2, LOG2E
 from .triton_forward import COMPILE_OPTIONS
 
-
 #: Queries per (batch, head) up to which `relbias_attention` takes this path instead of the forward kernel.
 DECODE_MAX_QUERIES = 4
 
