@@ -32,6 +32,17 @@ ACT_FNS = {
 }
 
 
+RESID = ("batch", "pos", "d_model")  # residual-stream-shaped activations
+REL_POS_NOTE = "the position bias hook lives on layer 0 only: encoder.0.attn.rel_pos_hook, decoder.0.attn.rel_pos_hook"
+RESULT_NOTE = "hook_result exists only with cfg.use_attn_result=True; call model.set_use_attn_result(True)"
+PRE_LINEAR_NOTE = "hook_pre_linear exists only in gated MLPs: T5 v1.1, mT5, ByT5"
+
+
+def result_hook() -> HookPoint:
+    """The per-head attention output `hook_result` (only with `cfg.use_attn_result`)."""
+    return HookPoint(("batch", "pos", "head", "d_model"), note=RESULT_NOTE)
+
+
 def clamp_fp16(x: Tensor) -> Tensor:
     """Hugging Face's fp16 overflow guard after every residual add: clamp to the finite range
     (1000 below the maximum once anything has overflowed)."""
@@ -60,12 +71,13 @@ def fused_backend(device: torch.device) -> str:
 class RMSNorm(nn.Module):
     """T5's LayerNorm: scale by the root mean square (variance in fp32), no mean subtraction, no bias."""
 
-    def __init__(self, cfg: HookedT5Config) -> None:
+    def __init__(self, cfg: HookedT5Config, stack: str | None = None) -> None:
         super().__init__()
+        self.hook_stack = stack  # None: inherited from the enclosing block
         self.eps = cfg.layer_norm_eps
         self.w = nn.Parameter(torch.ones(cfg.d_model, dtype=cfg.dtype))
-        self.hook_scale = HookPoint()  # [B,pos,1]  sqrt(mean(x^2) + eps), fp32
-        self.hook_normalized = HookPoint()  # [B,pos,d_model]  x / scale
+        self.hook_scale = HookPoint(("batch", "pos", "1"))  # sqrt(mean(x^2) + eps), fp32
+        self.hook_normalized = HookPoint(("batch", "pos", "d_model"))  # x / scale
 
     def forward(self, x: Tensor, io: HookIO | None = None) -> Tensor:
         scale = self.hook_scale(torch.sqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps), io)
@@ -109,6 +121,7 @@ class Attention(nn.Module):
             raise ValueError(f"attention kind must be 'encoder', 'decoder' or 'cross', got {kind!r}")
         self.cfg = cfg
         self.kind = kind
+        self.hook_key_stack = "decoder" if kind == "decoder" else "encoder"  # whose positions the keys are
         inner = cfg.n_heads * cfg.d_head
         self.q_proj = nn.Parameter(torch.empty(inner, cfg.d_model, dtype=cfg.dtype))  # nn.Linear layout
         self.k_proj = nn.Parameter(torch.empty(inner, cfg.d_model, dtype=cfg.dtype))
@@ -118,17 +131,19 @@ class Attention(nn.Module):
             self.rel_bias_table = nn.Parameter(
                 torch.empty(cfg.relative_attention_num_buckets, cfg.n_heads, dtype=cfg.dtype)
             )
-            self.rel_pos_hook = HookPoint()  # [1,H,Q,K]
+            self.rel_pos_hook = HookPoint(("1", "head", "pos", "key_pos"), note=REL_POS_NOTE)  # shared by the stack
         else:
             self.rel_bias_table = None
-        self.hook_q = HookPoint()  # [B,Q,H,d_head]
-        self.hook_k = HookPoint()  # [B,K,H,d_head]
-        self.hook_v = HookPoint()  # [B,K,H,d_head]
-        self.hook_attn_scores = HookPoint()  # [B,H,Q,K] after bias and mask, before softmax
-        self.hook_pattern = HookPoint()  # [B,H,Q,K]
-        self.hook_z = HookPoint()  # [B,Q,H,d_head]
+        # Keys and values are projected from this call's positions (self) or from the encoder output (cross).
+        kv_pos = "key_pos" if kind == "cross" else "pos"
+        self.hook_q = HookPoint(("batch", "pos", "head", "d_head"))
+        self.hook_k = HookPoint(("batch", kv_pos, "head", "d_head"))
+        self.hook_v = HookPoint(("batch", kv_pos, "head", "d_head"))
+        self.hook_attn_scores = HookPoint(("batch", "head", "pos", "key_pos"))  # after bias and mask, before softmax
+        self.hook_pattern = HookPoint(("batch", "head", "pos", "key_pos"))
+        self.hook_z = HookPoint(("batch", "pos", "head", "d_head"))
         if cfg.use_attn_result:
-            self.hook_result = HookPoint()  # [B,Q,H,d_model]
+            self.hook_result = result_hook()
 
     # ---- TransformerLens-shaped views of the weights ----------------------------------
     @property
@@ -299,10 +314,10 @@ class MLP(nn.Module):
             self.gate_proj = None
         self.in_proj = nn.Parameter(torch.empty(cfg.d_mlp, cfg.d_model, dtype=cfg.dtype))  # HF wi / wi_1
         self.out_proj = nn.Parameter(torch.empty(cfg.d_model, cfg.d_mlp, dtype=cfg.dtype))  # HF wo
-        self.hook_pre = HookPoint()  # [B,pos,d_mlp] activation input
+        self.hook_pre = HookPoint(("batch", "pos", "d_mlp"))  # activation input
         if cfg.gated_mlp:
-            self.hook_pre_linear = HookPoint()  # [B,pos,d_mlp] the linear (ungated) branch
-        self.hook_post = HookPoint()  # [B,pos,d_mlp]
+            self.hook_pre_linear = HookPoint(("batch", "pos", "d_mlp"), note=PRE_LINEAR_NOTE)  # the linear branch
+        self.hook_post = HookPoint(("batch", "pos", "d_mlp"))
 
     @property
     def W_in(self) -> Tensor:  # [d_model, d_mlp]
@@ -338,19 +353,21 @@ class MLP(nn.Module):
 class EncoderBlock(nn.Module):
     """Pre-norm block: resid += attn(ln1(resid)); resid += mlp(ln2(resid))."""
 
+    hook_stack = "encoder"
+
     def __init__(self, cfg: HookedT5Config, layer: int) -> None:
         super().__init__()
         self.layer = layer
-        self.hook_resid_pre = HookPoint()  # [B,E,d_model]
+        self.hook_resid_pre = HookPoint(RESID)
         self.ln1 = RMSNorm(cfg)
         self.attn = Attention(cfg, "encoder", has_relative_bias=layer == 0)
-        self.hook_attn_out = HookPoint()
-        self.hook_resid_mid = HookPoint()
+        self.hook_attn_out = HookPoint(RESID)
+        self.hook_resid_mid = HookPoint(RESID)
         self.ln2 = RMSNorm(cfg)
-        self.hook_mlp_in = HookPoint()
+        self.hook_mlp_in = HookPoint(RESID)
         self.mlp = MLP(cfg)
-        self.hook_mlp_out = HookPoint()
-        self.hook_resid_post = HookPoint()
+        self.hook_mlp_out = HookPoint(RESID)
+        self.hook_resid_post = HookPoint(RESID)
 
     def forward(self, resid: Tensor, ctx: AttentionContext, io: HookIO | None = None) -> Tensor:
         resid = self.hook_resid_pre(resid, io)
@@ -364,23 +381,25 @@ class EncoderBlock(nn.Module):
 class DecoderBlock(nn.Module):
     """Causal self-attention, cross-attention over the encoder output, MLP; each pre-normed."""
 
+    hook_stack = "decoder"
+
     def __init__(self, cfg: HookedT5Config, layer: int) -> None:
         super().__init__()
         self.layer = layer
-        self.hook_resid_pre = HookPoint()  # [B,D,d_model]
+        self.hook_resid_pre = HookPoint(RESID)
         self.ln1 = RMSNorm(cfg)
         self.attn = Attention(cfg, "decoder", has_relative_bias=layer == 0)
-        self.hook_attn_out = HookPoint()
-        self.hook_resid_mid = HookPoint()
+        self.hook_attn_out = HookPoint(RESID)
+        self.hook_resid_mid = HookPoint(RESID)
         self.ln2 = RMSNorm(cfg)
         self.cross_attn = Attention(cfg, "cross")
-        self.hook_cross_attn_out = HookPoint()
-        self.hook_resid_mid_cross = HookPoint()
+        self.hook_cross_attn_out = HookPoint(RESID)
+        self.hook_resid_mid_cross = HookPoint(RESID)
         self.ln3 = RMSNorm(cfg)
-        self.hook_mlp_in = HookPoint()
+        self.hook_mlp_in = HookPoint(RESID)
         self.mlp = MLP(cfg)
-        self.hook_mlp_out = HookPoint()
-        self.hook_resid_post = HookPoint()
+        self.hook_mlp_out = HookPoint(RESID)
+        self.hook_resid_post = HookPoint(RESID)
 
     def forward(
         self,
