@@ -373,10 +373,9 @@ class HookedEncoderDecoder(HookedRootModule):
                 if tokens.shape[0] != 1:
                     raise ValueError(f"to_str_tokens takes one sequence, got a batch of {tokens.shape[0]}")
                 tokens = tokens[0]
-        from .tokenizer import ByteTokenizer
-
-        if isinstance(self.tokenizer, ByteTokenizer):  # one byte per token: name it, do not decode it alone
-            return self.tokenizer.convert_ids_to_tokens(tokens.tolist())
+        label = getattr(self.tokenizer, "str_tokens", None)  # a tokenizer that labels its own tokens
+        if callable(label):
+            return label(tokens.tolist())
         return [self.tokenizer.decode([t]) for t in tokens.tolist()]
 
     # ---- caching, capture --------------------------------------------------------------
