@@ -8,7 +8,6 @@ properties over the same storage. Every forward takes an optional `HookIO` (see 
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -17,7 +16,7 @@ from torch import Tensor, nn
 
 from .config import HookedT5Config
 from .hook_points import HookIO, HookPoint
-from .kernels.op import TRITON_AVAILABLE  # looked up once, not on every forward
+from .kernels.policy import fuses_by_default, layer_backend
 from .kernels.reference import allowed_keys, bias_and_mask, masked_softmax, position_bias, rows_with_keys
 from .kv_cache import KVCache
 
@@ -56,16 +55,6 @@ def clamp_fp16(x: Tensor) -> Tensor:
 def lm_loss(logits: Tensor, labels: Tensor) -> Tensor:
     """Mean cross-entropy over label positions that are not -100 (computed in fp32)."""
     return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
-
-
-def fused_backend(device: torch.device) -> str:
-    """The `relbias_attention` backend of a fused layer: "auto" (Triton on CUDA, the reference elsewhere and
-    while exporting), or "triton" on CPU under `TRITON_INTERPRET=1`, which is how CPU-only CI runs the model
-    through the kernels."""
-    interpreted = os.environ.get("TRITON_INTERPRET") == "1" and device.type != "cuda"
-    if interpreted and TRITON_AVAILABLE and not torch.compiler.is_exporting():
-        return "triton"
-    return "auto"
 
 
 class RMSNorm(nn.Module):
@@ -194,7 +183,7 @@ class Attention(nn.Module):
 
     def wants_fused(self, device: torch.device) -> bool:
         impl = self.cfg.attn_impl
-        return impl == "fused" or (impl == "auto" and device.type == "cuda" and TRITON_AVAILABLE)
+        return impl == "fused" or (impl == "auto" and fuses_by_default(device))
 
     def needs_scores(self, io: HookIO | None, device: torch.device) -> bool:
         """Must this layer materialise its scores? (eager impl, or its scores/pattern are hooked, captured or patched)"""
@@ -257,7 +246,7 @@ class Attention(nn.Module):
                 key_padding_mask=ctx.key_padding_mask,
                 q_offset=ctx.q_offset,
                 scale=1.0,
-                backend=fused_backend(x.device),
+                backend=layer_backend(x.device),
             )
         z = self.hook_z(z.transpose(1, 2), io)  # [B,Q,H,d]
         if self.cfg.use_attn_result:

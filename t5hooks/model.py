@@ -75,6 +75,7 @@ class HookedEncoderDecoder(HookedRootModule):
             cfg = HookedT5Config.from_dict(cfg)
         if not isinstance(cfg, HookedT5Config):
             raise TypeError(f"cfg must be a HookedT5Config or dict, got {type(cfg).__name__}")
+        cfg = cfg.copy()  # the model's own: moving or converting it never changes the caller's config
         self.cfg = cfg
         self.tokenizer = tokenizer
         # Modules are defined in forward order, so hook_dict (and capture outputs) follow the computation.
@@ -431,9 +432,14 @@ class HookedEncoderDecoder(HookedRootModule):
         return model
 
     def to(self, *args: Any, **kwargs: Any) -> HookedEncoderDecoder:
-        """nn.Module.to, keeping `cfg.device` / `cfg.dtype` in step (`print_details` is accepted, as TL)."""
+        """nn.Module.to (`print_details` is accepted, as TL)."""
         kwargs.pop("print_details", None)
-        result = super().to(*args, **kwargs)
+        return super().to(*args, **kwargs)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> HookedEncoderDecoder:
+        """Every move or conversion (`to`, `half`, `bfloat16`, `float`, `cuda`, ...) keeps the run options
+        `cfg.device` / `cfg.dtype` in step with the weights (`cfg` is the model's own copy)."""
+        result = super()._apply(fn, recurse)
         self.cfg.device = str(self.embed.W_E.device)
         self.cfg.dtype = self.embed.W_E.dtype
         return result
