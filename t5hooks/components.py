@@ -246,7 +246,7 @@ class Attention(nn.Module):
                 key_padding_mask=ctx.key_padding_mask,
                 q_offset=ctx.q_offset,
                 scale=1.0,
-                backend=layer_backend(x.device),
+                backend=layer_backend(x.device, self.cfg.attn_impl),
             )
         z = self.hook_z(z.transpose(1, 2), io)  # [B,Q,H,d]
         if self.cfg.use_attn_result:

@@ -403,7 +403,7 @@ BAD_ARGUMENTS = {
         "floating dtype",
     ),
     "device": (_bad(q=torch.empty(2, 4, 5, 16)), "one device"),
-    "backend": (_bad(backend="cuda"), "backend must be one of 'auto', 'triton', 'reference'"),
+    "backend": (_bad(backend="cuda"), "backend must be one of 'auto', 'triton', 'sdpa', 'reference'"),
     "table heads": (
         _bad(rel_bias_table=torch.empty(32, 3, device="meta")),
         r"rel_bias_table must be \[num_buckets, H\] = \[32, 4\]",

@@ -47,7 +47,7 @@ def test_set_use_attn_result_changes_only_this_model():
 def test_backend_is_decided_once_at_import(monkeypatch):
     cpu = torch.device("cpu")
     decided = policy.layer_backend(cpu)
-    assert decided == ("triton" if policy.INTERPRETED else "auto")
+    assert decided == ("triton" if policy.INTERPRETED else "sdpa")
     monkeypatch.setenv("TRITON_INTERPRET", "0" if policy.INTERPRETED else "1")  # too late to matter
     assert policy.layer_backend(cpu) == decided
-    assert not policy.fuses_by_default(cpu)
+    assert policy.fuses_by_default(cpu)  # on CPU through SDPA

@@ -53,7 +53,7 @@ def test_encoder_padding_masks_self_and_cross_attention(model):
     other[mask == 0] = 77  # change only padded positions
     with torch.no_grad():
         a, cache_a = model.run_with_cache(tokens, dec, one_zero_attention_mask=mask, names_filter="*pattern")
-        b = model(other, dec, one_zero_attention_mask=mask)
+        b, _ = model.run_with_cache(other, dec, one_zero_attention_mask=mask, names_filter="*pattern")
     torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
     pad_keys = mask[1] == 0
     assert torch.all(cache_a["encoder.0.attn.hook_pattern"][1][..., pad_keys] == 0)
@@ -70,7 +70,9 @@ def test_decoder_attention_mask_pads_decoder_keys(model):
         a, cache = model.run_with_cache(
             tokens, dec, decoder_attention_mask=dec_mask, names_filter="decoder.0.attn.hook_pattern"
         )
-        b = model(tokens, other, decoder_attention_mask=dec_mask)
+        b, _ = model.run_with_cache(
+            tokens, other, decoder_attention_mask=dec_mask, names_filter="decoder.0.attn.hook_pattern"
+        )
     torch.testing.assert_close(a[:, 3:], b[:, 3:], atol=1e-6, rtol=0)
     assert torch.all(cache["decoder.0.attn.hook_pattern"][0, :, 3:, 1:3] == 0)
 

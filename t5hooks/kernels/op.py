@@ -20,8 +20,9 @@ from torch import Tensor
 from . import prep
 from .policy import TRITON_AVAILABLE
 from .reference import reference_relbias_attention
+from .sdpa import sdpa_relbias_attention
 
-BACKENDS = ("auto", "triton", "reference")
+BACKENDS = ("auto", "triton", "sdpa", "reference")
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 KERNEL_MAX_HEAD_DIM = 128
 
@@ -51,7 +52,9 @@ def relbias_attention(
     give zeros. T5 uses `scale=1.0`. The softmax runs in fp32.
 
     `backend`: "triton" runs the fused kernels (grads for q, k, v and the table; on CPU only
-    under `TRITON_INTERPRET=1`); "reference" the plain-PyTorch path; "auto" (default) the kernels
+    under `TRITON_INTERPRET=1`); "sdpa" PyTorch's `scaled_dot_product_attention` with the bias and
+    mask as one additive term (what fused layers run on CPU); "reference" the plain-PyTorch
+    path; "auto" (default) the kernels
     for CUDA fp16/bf16/fp32 tensors with d <= 128 when triton is installed, else the reference,
     and always the reference while `torch.export` traces (exported graphs hold standard ops).
     With the kernels, `q_offset` must be a Python int (a tensor is read with `int()`).
@@ -68,7 +71,8 @@ def relbias_attention(
             bidirectional, num_buckets, max_distance, causal, int(q_offset), float(scale),
         )  # fmt: skip
         return out
-    return reference_relbias_attention(
+    attention = sdpa_relbias_attention if backend == "sdpa" else reference_relbias_attention
+    return attention(
         q, k, v, rel_bias_table,
         bidirectional=bidirectional, max_distance=max_distance, causal=causal,
         key_padding_mask=key_padding_mask, q_offset=q_offset, scale=scale,
@@ -79,7 +83,7 @@ def use_kernels(backend: str, q: Tensor) -> bool:
     """Whether `backend` (already checked) resolves to the Triton kernels for these inputs."""
     if backend == "triton":
         return True
-    if backend == "reference":
+    if backend in ("reference", "sdpa"):
         return False
     return (
         TRITON_AVAILABLE
