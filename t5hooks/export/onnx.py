@@ -61,6 +61,8 @@ def to_onnx(
     opset: int | None = None,
     external_data: bool | None = None,
     example: tuple[Any, ...] | None = None,
+    optimize: bool = False,
+    quantize: str | None = None,
 ) -> Path:
     """Export `model` (a HookedEncoderDecoder, or a ready `model.capture(...)`) to an ONNX file.
 
@@ -71,9 +73,14 @@ def to_onnx(
     With `dynamic`, batch, encoder and decoder lengths vary (decoder length 1 included).
     `dtype`: "float32" or "float16" (the weights are converted on a copy; default: the model's).
     `external_data`: weights in `<path>.data` (default: only when they exceed 1 GiB).
+    `optimize`: fuse RMSNorm and GELU with ONNX Runtime's transformer optimiser (outputs kept, checked);
+    `quantize="int8"`: int8 weight matmuls, activations quantised per call (opt-in: changes the numbers).
+    Both see `t5hooks.export.ort_optimize`; neither works with external data (graphs over 2 GiB).
     Returns the path. Raises ValueError for unknown hook names, a bad path or dtype.
     """
     path = _checked_path(path)
+    if quantize is not None and quantize != "int8":
+        raise ValueError(f"quantize={quantize!r}; valid: 'int8' or None")
     cap = _capture_in_dtype(as_capture(model, capture, patch, patch_mode), dtype).eval()
     args = example if example is not None else example_inputs(cap)
     patches = args[4]
@@ -97,6 +104,15 @@ def to_onnx(
             set_axes(value, output_axes(value.name, cap.model.layout))
     write_metadata(program.model, "forward", cap.model.cfg, capture=list(cap.names), patch_modes=cap.patch_modes)
     save_checked(program.model, path, external_data)
+    if optimize or quantize:
+        if path.with_name(path.name + ".data").exists():
+            raise ValueError("optimize= and quantize= need a graph under 2 GiB (this one has external data)")
+        from .ort_optimize import optimize_onnx, quantize_onnx
+
+        if optimize:
+            optimize_onnx(path)
+        if quantize:
+            quantize_onnx(path, mode=quantize)
     return path
 
 

@@ -65,16 +65,33 @@ def default_providers() -> list[str]:
     return ["CPUExecutionProvider"]
 
 
-def session_options(threads: int | None = None, dynamic_block_base: int = 4) -> ort.SessionOptions:
-    """All graph optimisations; `threads` intra-op threads (default: ONNX Runtime's choice); parallel loops
-    split into dynamically sized blocks (`session.dynamic_block_base`; 0 = ORT's static split), which balances
-    the threads better: about 7% faster on the t5-small forward on 2 CPU cores, neutral for decoding steps."""
+GRAPH_OPTIMIZATION_LEVELS = {
+    "disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+
+
+def session_options(
+    threads: int | None = None, dynamic_block_base: int = 4, *, level: str = "all", spinning: bool = True
+) -> ort.SessionOptions:
+    """Session options: graph optimisations at `level` ("disabled", "basic", "extended", "all"; default all);
+    `threads` intra-op threads (default: ONNX Runtime's choice); parallel loops split into dynamically sized
+    blocks (`session.dynamic_block_base`; 0 = ORT's static split), which balances the threads better: about
+    7% faster on the t5-small forward on 2 CPU cores, neutral for decoding steps. `spinning=False` stops idle
+    worker threads from busy-waiting (`session.intra_op.allow_spinning`): kinder to a machine shared with other
+    processes. benchmarks/cpu.py times each of these."""
+    if level not in GRAPH_OPTIMIZATION_LEVELS:
+        raise ValueError(f"level={level!r}; valid: {', '.join(GRAPH_OPTIMIZATION_LEVELS)}")
     options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.graph_optimization_level = GRAPH_OPTIMIZATION_LEVELS[level]
     if threads is not None:
         options.intra_op_num_threads = threads
     if dynamic_block_base > 0:
         options.add_session_config_entry("session.dynamic_block_base", str(dynamic_block_base))
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return options
 
 
