@@ -2,6 +2,7 @@
 
 from .analysis.cache import ActivationCache, act_name
 from .analysis.factored_matrix import FactoredMatrix
+from .capture import compile_capture
 from .config import HookedT5Config
 from .hook_points import HookedRootModule, HookIO, HookPoint
 from .model import HookedEncoderDecoder
@@ -11,6 +12,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ActivationCache",
     "act_name",
+    "compile_capture",
     "FactoredMatrix",
     "HookIO",
     "HookPoint",

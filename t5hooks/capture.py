@@ -8,9 +8,12 @@ Python constants: the forward is plain tensor code that returns a dict. It runs 
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from .components import lm_loss
@@ -110,3 +113,40 @@ def _patch_modes(patch_names: tuple[str, ...], patch_mode: str | Mapping[str, st
     if unset:
         raise ValueError(f"patch_mode gives no mode for {unset}; valid modes: {', '.join(PATCH_MODES)}")
     return {name: modes[name] for name in patch_names}
+
+
+def compile_capture(
+    cap: CaptureModule,
+    *,
+    freeze: bool = False,
+    max_autotune: bool = False,
+    bf16: bool = False,
+    dynamic: bool | None = None,
+) -> Callable[..., dict[str, Tensor]]:
+    """`torch.compile(cap, fullgraph=True)` for inference, with the CPU levers measured in benchmarks/cpu.py.
+
+    `freeze`: inductor freezing (weights become constants of the graph; with oneDNN weight prepacking on
+    CPU); the compiled function runs under `torch.no_grad()` and does not see later changes to the weights
+    (build a new one after training). `max_autotune`: inductor's GEMM templates, benchmarked at compile
+    time (much slower to compile). `bf16`: bfloat16 autocast (a CPU with AVX512-BF16 or AMX runs its
+    matmuls natively); outputs come back in float32 and differ from fp32 by bf16 rounding (~1e-2 relative,
+    measured in benchmarks/RESULTS.md). Without levers this is plain `torch.compile(cap, fullgraph=True)`.
+    """
+    options: dict[str, Any] = {}
+    if freeze:
+        options.update({"freezing": True, "cpp.weight_prepack": True})
+    if max_autotune:
+        options["max_autotune"] = True
+    compiled = torch.compile(cap, fullgraph=True, dynamic=dynamic, options=options or None)
+    device_type = next(cap.model.parameters()).device.type
+
+    def run(*args: Any, **kwargs: Any) -> dict[str, Tensor]:
+        with torch.no_grad() if freeze else contextlib.nullcontext():
+            if not bf16:
+                return compiled(*args, **kwargs)
+            with torch.autocast(device_type, dtype=torch.bfloat16):
+                out = compiled(*args, **kwargs)
+            return {name: value.float() for name, value in out.items()}
+
+    run.compiled = compiled  # type: ignore[attr-defined]
+    return run
