@@ -31,7 +31,7 @@ def test_help(sub):
 
 
 def test_bench_subcommand_help_reaches_the_benchmarks():
-    for what in ("attention", "model"):
+    for what in ("attention", "model", "cpu"):
         result = t5hooks("bench", what, "--help")
         assert result.returncode == 0, result.stderr
         assert "usage:" in result.stdout

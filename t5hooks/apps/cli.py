@@ -104,6 +104,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from ..kernels.bench import main as bench_attention
 
         return bench_attention(args.rest)
+    if args.what == "cpu":
+        from .bench_cpu import main as bench_cpu
+
+        return bench_cpu(args.rest)
     from .bench_model import main as bench_model
 
     return bench_model(args.rest)
@@ -199,10 +203,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser(
         "bench",
-        help="benchmarks: 'attention' (kernels side by side), 'model' (whole model vs HF)",
+        help="benchmarks: 'attention' (kernels side by side), 'model' (whole model vs HF), "
+        "'cpu' (every CPU fast path vs HF, with GEMM GFLOP/s)",
         description="Run a benchmark; arguments after the benchmark name go to it (try `t5hooks bench attention --help`).",
     )
-    bench.add_argument("what", choices=["attention", "model"], help="which benchmark")
+    bench.add_argument("what", choices=["attention", "model", "cpu"], help="which benchmark")
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for the benchmark")
     bench.set_defaults(func=cmd_bench)
     return parser

@@ -1,0 +1,407 @@
+"""CPU benchmark (`t5hooks bench cpu`, or `python benchmarks/cpu.py`): every CPU fast path against HF eager.
+
+Shape: t5-small (6+6 layers, d_model 512, d_ff 2048, 8 heads) as a T5 v1.1-style model (gated GELU,
+untied head) built from `transformers.T5Config` with random weights, fp32; batch 8, encoder 128
+(padded rows of 128 down to 72 tokens), decoder 32. Prints, in one process:
+
+* the machine (CPU model, the SIMD/AMX flags that decide which kernels run, cores, load average)
+  and versions (torch with MKL/oneDNN, numpy with its BLAS, onnxruntime, transformers);
+* the achieved GFLOP/s of the model's largest GEMM (1024x512x2048, the MLP input projection)
+  in torch (MKL), torch under inductor freezing (oneDNN, prepacked), torch bf16, numpy (its BLAS)
+  and ONNX Runtime (MLAS), so "GEMM-bound at the limit" is a measured claim;
+* forward rows, interleaved (A, B, C, A, B, C, ...) so the load of other processes falls on every
+  row alike: HF eager / sdpa, t5hooks eager (materialised and SDPA attention), caching every
+  `hook_resid_post`, the compiled capture module (all `hook_resid_post`) with each lever as its
+  own row, ONNX Runtime with each lever as its own row; median ms, ratio to HF eager, the model's
+  effective GFLOP/s, and max |logits - HF eager logits| (bf16 and int8 rows show their error);
+* greedy generation rows (HF `generate`, t5hooks `generate`, the ONNX Runtime generator), the
+  same tokens asserted.
+
+    t5hooks bench cpu                      # everything (compiling takes minutes on 2 cores)
+    t5hooks bench cpu --skip max-autotune  # leave out rows whose name contains a word (gemm-autotune: the
+                                           # max-autotune GEMM row; generate; ORT; freezing; bf16 ...)
+    t5hooks bench cpu --quick              # tiny shapes, few repeats (smoke test)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+RESID = ["encoder.*.hook_resid_post", "decoder.*.hook_resid_post"]
+FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8")
+
+
+# ---- machine and versions ---------------------------------------------------------------------
+
+
+def cpu_info() -> dict[str, Any]:
+    """Model name, the flags in FLAGS that are present, logical cores, MHz (from /proc/cpuinfo)."""
+    info: dict[str, Any] = {"model": platform.processor() or platform.machine(), "flags": [], "mhz": None}
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        text = ""
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key, value = key.strip(), value.strip()
+        if key == "model name":
+            info["model"] = value
+        elif key == "flags" and not info["flags"]:
+            present = set(value.split())
+            info["flags"] = [f for f in FLAGS if f in present]
+        elif key == "cpu MHz" and info["mhz"] is None:
+            info["mhz"] = float(value)
+    info["cores"] = os.cpu_count()
+    return info
+
+
+def has_native_bf16() -> bool:
+    return bool({"avx512_bf16", "amx_bf16"} & set(cpu_info()["flags"]))
+
+
+def versions() -> str:
+    import onnxruntime as ort
+    import transformers
+
+    blas = "?"
+    try:
+        deps = np.show_config(mode="dicts")["Build Dependencies"]["blas"]
+        blas = f"{deps.get('name', '?')} {deps.get('version', '')}".strip()
+    except Exception:  # noqa: BLE001 - numpy builds differ in what they report
+        pass
+    config = torch.__config__.show()
+    mkldnn = next((line.split(" v", 1)[1].split()[0] for line in config.splitlines() if "MKL-DNN v" in line), "?")
+    return (
+        f"python {platform.python_version()}, torch {torch.__version__} (MKL {torch.backends.mkl.is_available()}, "
+        f"oneDNN {mkldnn}, CPU capability {torch.backends.cpu.get_cpu_capability()}), numpy {np.__version__} "
+        f"({blas}), onnxruntime {ort.__version__}, transformers {transformers.__version__}"
+    )
+
+
+# ---- timing ------------------------------------------------------------------------------------
+
+
+def interleaved(rows: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, float]:
+    """Median seconds per row, timing the rows round-robin so drift in the machine's load hits every row alike."""
+    for fn in rows.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in rows}
+    for _ in range(repeats):
+        for name, fn in rows.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+# ---- GEMM ceiling ------------------------------------------------------------------------------
+
+
+def gemm_rows(m: int, k: int, n: int, threads: int, skip: Callable[[str], bool]) -> dict[str, Callable[[], object]]:
+    """`[m,k] @ [k,n]` in each library the model can run on."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(m, k, generator=g)
+    w = torch.randn(n, k, generator=g) / k**0.5  # nn.Linear layout
+    rows: dict[str, Callable[[], object]] = {}
+    with torch.no_grad():
+        rows["torch fp32 (F.linear, MKL)"] = lambda: torch.nn.functional.linear(x, w)
+        if not skip("freezing"):
+            frozen = torch.compile(lin_for(w), options={"freezing": True, "cpp.weight_prepack": True})
+            rows["torch fp32 (inductor freezing, oneDNN prepacked)"] = no_grad(frozen, x)
+        if not skip("gemm-autotune"):
+            tuned = torch.compile(lin_for(w), options={"freezing": True, "max_autotune": True})
+            try:
+                rows["torch fp32 (inductor max-autotune GEMM template)"] = no_grad(tuned, x)
+            except Exception as err:  # noqa: BLE001 - reported, not fatal
+                print(f"max-autotune GEMM failed: {type(err).__name__}: {str(err).splitlines()[0][:200]}")
+        if has_native_bf16():
+            xb, wb = x.bfloat16(), w.bfloat16()
+            rows["torch bf16 (F.linear, oneDNN)"] = lambda: torch.nn.functional.linear(xb, wb)
+    xn, wtn = x.numpy(), np.ascontiguousarray(w.numpy().T)
+    rows["numpy fp32 (matmul, its BLAS)"] = lambda: xn @ wtn
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])],
+        "gemm",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [m, k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [m, n])],
+        [numpy_helper.from_array(wtn, "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    rows["onnxruntime fp32 (MatMul, MLAS)"] = lambda: session.run(None, {"x": xn})
+    del onnx
+    return rows
+
+
+def no_grad(fn: Callable[[torch.Tensor], object], x: torch.Tensor) -> Callable[[], object]:
+    """`fn(x)` under no_grad (freezing applies only there), called once now: compiling is not timed."""
+
+    def run() -> object:
+        with torch.no_grad():
+            return fn(x)
+
+    run()
+    return run
+
+
+def lin_for(w: torch.Tensor) -> torch.nn.Linear:
+    lin = torch.nn.Linear(w.shape[1], w.shape[0], bias=False)
+    lin.weight.data.copy_(w)
+    return lin.eval()
+
+
+# ---- model ---------------------------------------------------------------------------------------
+
+
+def forward_flops(cfg: Any, batch: int, enc: int, dec: int) -> float:
+    """Multiply-adds x 2 of every matmul of one forward (projections, attention, MLP, unembedding)."""
+    d, inner, ff, vocab = cfg.d_model, cfg.num_heads * cfg.d_kv, cfg.d_ff, cfg.vocab_size
+    mlp_mats = 3 if cfg.is_gated_act else 2
+    enc_tokens, dec_tokens = batch * enc, batch * dec
+    encoder = cfg.num_layers * (enc_tokens * (4 * d * inner + mlp_mats * d * ff) + 2 * batch * enc * enc * inner)
+    decoder = cfg.num_decoder_layers * (
+        dec_tokens * (4 * d * inner + 2 * d * inner + mlp_mats * d * ff)  # self q,k,v,o + cross q,o
+        + enc_tokens * 2 * d * inner  # cross k,v over the encoder output
+        + 2 * batch * dec * dec * inner
+        + 2 * batch * dec * enc * inner
+    )
+    return 2.0 * (encoder + decoder + dec_tokens * d * vocab)
+
+
+def build(quick: bool) -> tuple[Any, Any, tuple[int, int, int]]:
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    small = dict(num_layers=2, d_model=64, d_ff=128, num_heads=4, d_kv=16, vocab_size=256) if quick else {}
+    cfg = T5Config(
+        feed_forward_proj="gated-gelu", tie_word_embeddings=False, dropout_rate=0.0, decoder_start_token_id=0, **small
+    )
+    torch.manual_seed(0)
+    hf = T5ForConditionalGeneration._from_config(cfg, attn_implementation="eager").eval()
+    with torch.no_grad():  # transformers ties lm_head at init: give it its own weights (v1.1 is untied)
+        hf.lm_head.weight = torch.nn.Parameter(torch.randn_like(hf.lm_head.weight) * cfg.d_model**-0.5)
+    return hf, cfg, ((2, 24, 8) if quick else (8, 128, 32))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="t5hooks bench cpu", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="tiny shapes and few repeats (a smoke test)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch and ORT threads")
+    parser.add_argument("--repeats", type=int, default=None, help="timed runs per forward row (default 8)")
+    parser.add_argument("--new-tokens", type=int, default=32, help="greedy tokens in the generation rows")
+    parser.add_argument("--skip", nargs="*", default=[], metavar="WORD", help="leave out rows naming WORD")
+    parser.add_argument("--workdir", default=None, help="where to write the ONNX files (default: a temp dir)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    skip_words = [w.lower() for w in args.skip]
+
+    def skip(name: str) -> bool:
+        return any(w in name.lower() for w in skip_words)
+
+    repeats = args.repeats or (2 if args.quick else 8)
+    from transformers import T5ForConditionalGeneration
+
+    from ..capture import compile_capture
+    from ..export import OnnxRunner, to_onnx
+    from ..export.ort import session_options
+    from ..model import HookedEncoderDecoder
+
+    hf, cfg, (batch, enc, dec) = build(args.quick)
+    hf_sdpa = T5ForConditionalGeneration._from_config(cfg, attn_implementation="sdpa").eval()
+    hf_sdpa.lm_head.weight = torch.nn.Parameter(torch.empty_like(hf_sdpa.lm_head.weight))  # untie, as in `build`
+    hf_sdpa.load_state_dict(hf.state_dict())
+    ours = HookedEncoderDecoder.from_pretrained("t5-small-shape", hf_model=hf).eval()  # attn_impl auto: SDPA on CPU
+    materialised = HookedEncoderDecoder.from_pretrained("t5-small-shape", hf_model=hf, attn_impl="eager").eval()
+    g = torch.Generator().manual_seed(1)
+    tokens = torch.randint(2, cfg.vocab_size, (batch, enc), generator=g)
+    mask = torch.ones(batch, enc, dtype=torch.long)
+    for row in range(batch):  # a realistic padded batch: rows of enc down to enc - 7 * enc / 16 tokens
+        cut = enc - row * enc // 16
+        mask[row, cut:] = 0
+        tokens[row, cut:] = 0
+    dec_tokens = torch.randint(2, cfg.vocab_size, (batch, dec), generator=g)
+    dec_tokens[:, 0] = cfg.decoder_start_token_id
+    tok_np, mask_np, dec_np = tokens.numpy(), mask.numpy(), dec_tokens.numpy()
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="t5hooks-bench-cpu-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+
+    cpu = cpu_info()
+    print(f"machine: {cpu['model']}, {cpu['cores']} logical cores, {cpu['mhz'] or '?'} MHz listed")
+    print(f"flags: {' '.join(cpu['flags']) or 'none of ' + ' '.join(FLAGS)}")
+    print(f"versions: {versions()}")
+    print(f"threads: torch {torch.get_num_threads()}, ORT intra-op {args.threads}")
+    print(f"load average at start: {' / '.join(f'{x:.2f}' for x in os.getloadavg())} (1 / 5 / 15 min)", flush=True)
+
+    # ---- GEMM ceiling
+    m, k, n = batch * enc, cfg.d_model, cfg.d_ff
+    gemm = interleaved(gemm_rows(m, k, n, args.threads, skip), repeats=max(5, 3 * repeats))
+    print(f"\nGEMM [{m}x{k}] @ [{k}x{n}] (the MLP input projection), median of interleaved runs:")
+    for name, seconds in gemm.items():
+        print(f"  {name:52} {2 * m * k * n / seconds / 1e9:7.1f} GFLOP/s  ({seconds * 1e3:.2f} ms)")
+
+    # ---- forward rows
+    compile_s: dict[str, float] = {}
+
+    def compiled_row(name: str, model: Any, **levers: Any) -> Callable[[], Any]:
+        fn = compile_capture(model.capture(RESID), **levers)
+        start = time.perf_counter()
+        fn(tokens, dec_tokens, mask)
+        compile_s[name] = time.perf_counter() - start
+        return lambda: fn(tokens, dec_tokens, mask)
+
+    def onnx_row(name: str, file: Path, **runner_options: Any) -> Callable[[], Any]:
+        runner = OnnxRunner(file, ["CPUExecutionProvider"], **runner_options)
+        return lambda: runner(tok_np, dec_np, mask_np)
+
+    rows: dict[str, Callable[[], Any]] = {
+        "HF eager": lambda: hf(input_ids=tokens, attention_mask=mask, decoder_input_ids=dec_tokens).logits,
+        "HF sdpa": lambda: hf_sdpa(input_ids=tokens, attention_mask=mask, decoder_input_ids=dec_tokens).logits,
+        "t5hooks eager, materialised attention": lambda: materialised(tokens, dec_tokens, mask),
+        "t5hooks eager (SDPA attention)": lambda: ours(tokens, dec_tokens, mask),
+        "t5hooks eager + cache all resid_post": lambda: ours.run_with_cache(
+            tokens, dec_tokens, one_zero_attention_mask=mask, names_filter=RESID
+        )[0],
+    }
+    levers = {
+        "compiled capture, materialised attention": (materialised, {}),
+        "compiled capture (SDPA attention)": (ours, {}),
+        "compiled + freezing (oneDNN prepack)": (ours, {"freeze": True}),
+        "compiled + freezing + max-autotune": (ours, {"freeze": True, "max_autotune": True}),
+    }
+    if has_native_bf16():
+        levers["compiled + freezing + bf16 autocast"] = (ours, {"freeze": True, "bf16": True})
+    with torch.inference_mode():
+        for name, (model, options) in levers.items():
+            if skip(name):
+                continue
+            print(f"compiling: {name} ...", flush=True)
+            try:
+                rows[name] = compiled_row(name, model, **options)
+            except Exception as err:  # noqa: BLE001 - a lever that does not compile here is reported, not fatal
+                print(f"  failed: {type(err).__name__}: {str(err).splitlines()[0][:200]}", flush=True)
+
+    export_s: dict[str, float] = {}
+    exported: dict[str, Path] = {}
+    if not skip("ORT"):
+        from ..export.ort_optimize import optimize_onnx, quantize_onnx
+
+        print("exporting: ORT ...", flush=True)
+        start = time.perf_counter()
+        exported["ORT"] = to_onnx(ours, workdir / "t5_fp32.onnx", capture=RESID)
+        export_s["ORT"] = time.perf_counter() - start
+        rewrites = {
+            "ORT, transformer optimiser": ("t5_opt.onnx", optimize_onnx),
+            "ORT int8 dynamic (opt-in)": ("t5_int8.onnx", quantize_onnx),
+        }
+        for name, (file, rewrite) in rewrites.items():
+            if not skip(name):
+                start = time.perf_counter()
+                exported[name] = rewrite(exported["ORT"], workdir / file)  # what to_onnx(optimize/quantize=) runs
+                export_s[name] = time.perf_counter() - start
+    if "ORT" in exported:
+        for level in ("basic", "extended", "all"):
+            name = f"ORT fp32, {level} graph optimisations"
+            if not skip(name):
+                rows[name] = onnx_row(name, exported["ORT"], options=session_options(args.threads, level=level))
+        name = "ORT fp32, all, no thread spinning"
+        if not skip(name):
+            rows[name] = onnx_row(name, exported["ORT"], options=session_options(args.threads, spinning=False))
+    for name in ("ORT, transformer optimiser", "ORT int8 dynamic (opt-in)"):
+        if name in exported:
+            rows[name] = onnx_row(name, exported[name], options=session_options(args.threads))
+
+    with torch.inference_mode():
+        reference = hf(input_ids=tokens, attention_mask=mask, decoder_input_ids=dec_tokens).logits.float().numpy()
+        errors = {}
+        for name, fn in rows.items():
+            out = fn()
+            logits = out["logits"] if isinstance(out, dict) else out
+            logits = logits.float().numpy() if isinstance(logits, torch.Tensor) else np.asarray(logits)
+            errors[name] = float(np.abs(logits - reference).max())
+        load_before = os.getloadavg()[0]
+        print(f"timing {len(rows)} forward rows x {repeats} interleaved runs ...", flush=True)
+        forward = interleaved(rows, repeats)
+        load_after = os.getloadavg()[0]
+
+    flops = forward_flops(cfg, batch, enc, dec)
+    print(
+        f"\nforward: t5-small shape, T5 v1.1-style (gated GELU, untied), random weights, fp32; batch {batch}, "
+        f"encoder {enc} (padded rows), decoder {dec}; compiled and ORT rows capture all {2 * cfg.num_layers} "
+        f"hook_resid_post; {flops / 1e9:.1f} GFLOP per forward; median of {repeats} interleaved runs; "
+        f"load average {load_before:.1f} -> {load_after:.1f}"
+    )
+    base = forward["HF eager"]
+    width = max(map(len, forward))
+    print(f"{'':{width}}  {'ms':>8}  {'vs HF eager':>11}  {'GFLOP/s':>8}  {'max |dlogits|':>13}")
+    for name, seconds in forward.items():
+        print(
+            f"{name:{width}}  {seconds * 1e3:8.1f}  {base / seconds:10.2f}x  {flops / seconds / 1e9:8.1f}  "
+            f"{errors[name]:13.1e}"
+        )
+    if compile_s:
+        print("compile time (first call): " + ", ".join(f"{k} {v:.0f} s" for k, v in compile_s.items()))
+    if export_s:
+        print("export / rewrite time: " + ", ".join(f"{k} {v:.0f} s" for k, v in export_s.items()))
+
+    # ---- generation
+    if not skip("generate"):
+        generation_rows(args, hf, ours, tokens, mask, workdir)
+    return 0
+
+
+def generation_rows(args: Any, hf: Any, ours: Any, tokens: Any, mask: Any, workdir: Path) -> None:
+    from ..export import OnnxGenerator, to_onnx_generator
+
+    new = args.new_tokens
+    print("exporting: the ORT generator's graphs ...", flush=True)
+    to_onnx_generator(ours, workdir / "generator")
+    generator = OnnxGenerator(workdir / "generator", ["CPUExecutionProvider"], threads=args.threads)
+    tok_np, mask_np = tokens.numpy(), mask.numpy()
+    with torch.inference_mode():
+        rows = {
+            "HF generate (greedy)": lambda: hf.generate(
+                input_ids=tokens, attention_mask=mask, max_new_tokens=new, do_sample=False, num_beams=1
+            ),
+            "t5hooks generate": lambda: ours.generate(tokens, new, one_zero_attention_mask=mask),
+            "ORT generator (encoder + KV-cached step)": lambda: torch.as_tensor(
+                generator.generate(tok_np, new, one_zero_attention_mask=mask_np).tokens
+            ),
+        }
+        results = {name: fn() for name, fn in rows.items()}
+        first = results["HF generate (greedy)"]
+        same = all(torch.equal(torch.as_tensor(r), first) for r in results.values())
+        if not same:
+            shapes = {k: tuple(torch.as_tensor(v).shape) for k, v in results.items()}
+            print(f"generation disagrees: {shapes}", file=sys.stderr)
+            raise SystemExit(1)
+        times = interleaved(rows, max(1, (args.repeats or (2 if args.quick else 8)) // 2))
+    base = times["HF generate (greedy)"]
+    print(f"\ngenerate: greedy, {new} new tokens ({tuple(first.shape)} incl. start), same tokens in every row")
+    width = max(map(len, times))
+    for name, seconds in times.items():
+        print(f"{name:{width}}  {seconds * 1e3:8.1f} ms  {base / seconds:6.2f}x")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
