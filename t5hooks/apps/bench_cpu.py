@@ -366,11 +366,13 @@ def main(argv: list[str] | None = None) -> int:
 
     # ---- generation
     if not skip("generate"):
-        generation_rows(args, hf, ours, tokens, mask, workdir)
+        generation_rows(args, hf, ours, tokens, mask, workdir, skip)
     return 0
 
 
-def generation_rows(args: Any, hf: Any, ours: Any, tokens: Any, mask: Any, workdir: Path) -> None:
+def generation_rows(
+    args: Any, hf: Any, ours: Any, tokens: Any, mask: Any, workdir: Path, skip: Callable[[str], bool]
+) -> None:
     from ..export import OnnxGenerator, to_onnx_generator
 
     new = args.new_tokens
@@ -391,16 +393,90 @@ def generation_rows(args: Any, hf: Any, ours: Any, tokens: Any, mask: Any, workd
         results = {name: fn() for name, fn in rows.items()}
         first = results["HF generate (greedy)"]
         same = all(torch.equal(torch.as_tensor(r), first) for r in results.values())
+        beam_note = ""
+        if not skip("beam"):
+            print("exporting: ORT's BeamSearch graph (onnxruntime.transformers.convert_generation) ...", flush=True)
+            try:
+                beam = ort_beam_search(hf, workdir / "ort_beam_search", args.threads)
+            except Exception as err:  # noqa: BLE001 - reported with its reason, not fatal
+                beam_note = (
+                    f"ORT BeamSearch op: not run: {type(err).__name__}: {str(err).strip().splitlines()[-1][:300]}"
+                )
+            else:
+                name = "ORT BeamSearch op (convert_generation), num_beams=1"
+                rows[name] = lambda: beam(tok_np, new)
+                theirs = torch.as_tensor(rows[name]())
+                if theirs.shape != first.shape:
+                    beam_note = f"ORT BeamSearch op: {tuple(theirs.shape)} tokens vs HF's {tuple(first.shape)}"
+                else:
+                    same_rows = (theirs == first).all(dim=1)
+                    unpadded = mask.all(dim=1)
+                    beam_note = (
+                        f"ORT BeamSearch op: tokens identical to HF on {int(same_rows.sum())} of {len(same_rows)} rows "
+                        f"({int(same_rows[unpadded].sum())} of the {int(unpadded.sum())} unpadded rows; the graph has "
+                        "no attention-mask input, so padded rows attend to their padding)"
+                    )
         if not same:
             shapes = {k: tuple(torch.as_tensor(v).shape) for k, v in results.items()}
             print(f"generation disagrees: {shapes}", file=sys.stderr)
             raise SystemExit(1)
         times = interleaved(rows, max(1, (args.repeats or (2 if args.quick else 8)) // 2))
     base = times["HF generate (greedy)"]
-    print(f"\ngenerate: greedy, {new} new tokens ({tuple(first.shape)} incl. start), same tokens in every row")
+    print(
+        f"\ngenerate: greedy, {new} new tokens ({tuple(first.shape)} incl. start), same tokens in the t5hooks, ORT generator and HF rows"
+    )
+    if beam_note:
+        print(beam_note)
     width = max(map(len, times))
     for name, seconds in times.items():
         print(f"{name:{width}}  {seconds * 1e3:8.1f} ms  {base / seconds:6.2f}x")
+
+
+def ort_beam_search(hf: Any, directory: Path, threads: int) -> Callable[[np.ndarray, int], np.ndarray]:
+    """ONNX Runtime's own T5 generation graph (one `BeamSearch` node over encoder/decoder subgraphs), written
+    by `onnxruntime.transformers.convert_generation` from the HF model saved here (offline). Its exporter is
+    TorchScript-based at opset 12, which cannot export SDPA: the saved config asks for eager attention.
+    Padding is read from the pad token (0); returns `run(tokens, new_tokens) -> [B, 1 + new_tokens]`."""
+    import json
+    import subprocess
+
+    import onnxruntime as ort
+
+    from ..export.ort import session_options
+
+    directory.mkdir(parents=True, exist_ok=True)
+    hf.save_pretrained(directory / "hf")
+    config_path = directory / "hf" / "config.json"
+    config = json.loads(config_path.read_text())
+    config["_attn_implementation"] = config["attn_implementation"] = "eager"
+    config_path.write_text(json.dumps(config))
+    out = directory / "t5_beam_search.onnx"
+    result = subprocess.run(
+        [sys.executable, "-m", "onnxruntime.transformers.convert_generation", "-m", str(directory / "hf")]
+        + ["--model_type", "t5", "--output", str(out), "--disable_parity", "--disable_perf_test"],
+        capture_output=True,
+        text=True,
+        cwd=directory,
+        timeout=1800,
+    )
+    if result.returncode != 0 or not out.is_file():
+        raise RuntimeError(result.stderr.strip() or result.stdout.strip() or "convert_generation wrote nothing")
+    session = ort.InferenceSession(str(out), session_options(threads), providers=["CPUExecutionProvider"])
+
+    def run(tokens: np.ndarray, new_tokens: int) -> np.ndarray:
+        one = lambda v, dtype=np.int32: np.array([v], dtype=dtype)  # noqa: E731
+        feeds = {
+            "input_ids": tokens.astype(np.int32),
+            "max_length": one(new_tokens + 1),
+            "min_length": one(1),
+            "num_beams": one(1),
+            "num_return_sequences": one(1),
+            "length_penalty": one(1.0, np.float32),
+            "repetition_penalty": one(1.0, np.float32),
+        }
+        return session.run(None, feeds)[0][:, 0, :].astype(np.int64)
+
+    return run
 
 
 if __name__ == "__main__":
