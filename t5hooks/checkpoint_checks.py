@@ -13,6 +13,7 @@ import math
 import os
 import pickle
 import re
+import warnings
 import zipfile
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path, PurePosixPath, PureWindowsPath
@@ -206,13 +207,18 @@ def read_torch_pickle(file: Path) -> dict[str, Tensor]:
     (pre-zip) files read whole. Anything that needs more than tensors is refused as unsafe."""
     mmap = zipfile.is_zipfile(file)
     try:
-        state = torch.load(file, map_location="cpu", weights_only=True, mmap=mmap)
+        with warnings.catch_warnings():  # torch's notes on pickle protocols: the error below says what matters
+            warnings.simplefilter("ignore", UserWarning)
+            state = torch.load(file, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
-        reason = next((line.strip() for line in str(err).splitlines() if "GLOBAL" in line or "Unsupported" in line),
-                      "it holds Python objects, not only tensors")  # fmt: skip
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        needs_code = next((line for line in lines if "GLOBAL" in line), None)
+        if needs_code is None:  # not code, just not a tensor pickle (junk, a raw pickle, a truncated file)
+            detail = next((line for line in lines if "Unsupported" in line or "Invalid" in line), lines[-1])
+            raise CheckpointError(f"{file}: not a readable PyTorch checkpoint ({detail})") from None
         raise UnsafeCheckpointError(
-            f"{file} is not a safe checkpoint: {reason.rstrip('.')}. Loading it would run code from the file, so "
-            f"it was not loaded; convert it to safetensors where you trust it (load it there, then "
+            f"{file} is not a safe checkpoint: {needs_code.rstrip('.')}. Loading it would run code from the file, "
+            f"so it was not loaded; convert it to safetensors where you trust it (load it there, then "
             f"safetensors.torch.save_file(state_dict, 'model.safetensors'))"
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError) as err:

@@ -407,7 +407,8 @@ def test_old_format_pickle_checkpoints_load(hf_model, checkpoint):
     torch.testing.assert_close(model(tokens), expected(tokens), rtol=0, atol=0)
 
 
-def test_a_pickle_that_needs_code_is_refused_without_running_it(checkpoint, tmp_path, capsys):
+@pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "legacy"])
+def test_a_pickle_that_needs_code_is_refused_without_running_it(checkpoint, tmp_path, capsys, zip_format):
     marker = tmp_path / "pwned"
 
     class Payload:
@@ -415,12 +416,17 @@ def test_a_pickle_that_needs_code_is_refused_without_running_it(checkpoint, tmp_
             return (os.system, (f"touch {marker}",))
 
     (checkpoint / "model.safetensors").unlink()
-    torch.save({"shared.weight": Payload()}, checkpoint / "pytorch_model.bin")
+    bin_file = checkpoint / "pytorch_model.bin"
+    torch.save({"shared.weight": Payload()}, bin_file, _use_new_zipfile_serialization=zip_format)
     with pytest.raises(UnsafeCheckpointError, match="not a safe checkpoint.*convert it to safetensors"):
         HookedEncoderDecoder.from_pretrained(str(checkpoint))
     code, _, err = run_cli(capsys, "run", "--model", str(checkpoint))
     assert code == 2
     assert_one_line(err, "not a safe checkpoint", "safetensors", "system")
+    bin_file.write_bytes(b"\x00 not a pickle")
+    code, _, err = run_cli(capsys, "run", "--model", str(checkpoint))
+    assert code == 2
+    assert_one_line(err, "not a readable PyTorch checkpoint")
     assert not marker.exists()
 
 
