@@ -65,17 +65,20 @@ def check_writable(final: str | Path, *, overwrite: bool = True) -> Path:
 
 
 @contextlib.contextmanager
-def atomic_path(final: str | Path, *, overwrite: bool = True) -> Iterator[Path]:
+def atomic_path(final: str | Path, *, overwrite: bool = True, clean_stale: bool = True) -> Iterator[Path]:
     """Yield a temporary path to write; on a clean exit it is renamed onto `final`, on an error removed.
 
     Verify inside the `with` block: an exception there keeps the previous `final` untouched.
     `overwrite=False` refuses (FileExistsError) when `final` already exists, before anything is written.
+    `clean_stale` first removes temporary files a killed writer left for `final` (it lists the directory:
+    writers of many files into one directory may pass False and call `remove_stale_temps` once).
     """
     final = Path(final)
     if not overwrite and final.exists():
         raise FileExistsError(f"{final} already exists (pass overwrite=True / --force to replace it)")
     final.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(final)
+    if clean_stale:
+        remove_stale_temps(final)
     tmp = temp_path_for(final)
     try:
         yield tmp
@@ -196,7 +199,7 @@ _rename = os.replace  # the commit point (tests replace it to kill a writer betw
 
 
 def _alive(pid: int) -> bool:
-    if pid == os.getpid():
+    if pid == os.getpid() or os.name == "nt":  # on Windows os.kill(pid, 0) would send CTRL_C: never probe
         return True
     try:
         os.kill(pid, 0)

@@ -352,6 +352,14 @@ def test_usage_errors_are_one_line_with_exit_status_2(capsys, monkeypatch, args,
     assert_one_line(err, f"t5hooks {args[0]}: error:", *fragments)
 
 
+def test_argument_errors_are_one_line(capsys):
+    for args in (["run", "--dtype", "float64"], ["export"], ["bogus-command"]):
+        with pytest.raises(SystemExit) as exit_:
+            cli.main(args)
+        assert exit_.value.code == 2
+        assert_one_line(capsys.readouterr().err, "error:", "--help")
+
+
 def test_runtime_failures_exit_1_and_debug_shows_the_traceback(capsys, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("kernel exploded\nsecond line of detail")

@@ -163,8 +163,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args.out, word=args.word)
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line (what was wrong, where to see what is valid), exit status 2."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="t5hooks", description="Hooked T5 encoder-decoders: look inside, run fast.")
+    parser = OneLineParser(prog="t5hooks", description="Hooked T5 encoder-decoders: look inside, run fast.")
     parser.add_argument("--debug", action="store_true", help="show the traceback of a failure")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
