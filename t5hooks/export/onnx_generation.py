@@ -223,11 +223,18 @@ class OnnxGenerator:
     """Greedy decoding with the graphs `to_onnx_generator` wrote: same tokens as `model.generate`.
 
     `OnnxGenerator(directory, providers=None)`; `OnnxGenerator.export(model, directory, capture=...)`
-    exports and loads in one call.
+    exports and loads in one call. The directory's manifest is checked first (ArtefactError for an
+    interrupted export or graphs of two models); `check_hashes=False` skips the SHA-256 of each file
+    (sizes and model fingerprints are still checked), for multi-GB graphs you trust.
     """
 
     def __init__(
-        self, directory: str | os.PathLike, providers: Sequence[Any] | None = None, *, threads: int | None = None
+        self,
+        directory: str | os.PathLike,
+        providers: Sequence[Any] | None = None,
+        *,
+        threads: int | None = None,
+        check_hashes: bool = True,
     ) -> None:
         directory = Path(directory)
         for file in (ENCODER_FILE, DECODER_FILE):
@@ -236,7 +243,7 @@ class OnnxGenerator:
                     f"{str(directory / file)!r} not found: write the graphs with "
                     f"to_onnx_generator(model, {str(directory)!r}, capture=...)"
                 )
-        manifest = verify_manifest(directory, kind=MANIFEST_KIND)
+        manifest = verify_manifest(directory, kind=MANIFEST_KIND, hashes=check_hashes)
         self.encoder = OnnxRunner(directory / ENCODER_FILE, providers, threads=threads)
         self.decoder = OnnxRunner(directory / DECODER_FILE, providers, threads=threads)
         prints = {
