@@ -107,6 +107,7 @@ def test_fused_generation_with_kv_cache_matches_eager():
     )
 
 
+@pytest.mark.slow
 def test_compiled_capture_runs_through_the_kernel_without_graph_breaks():
     torch._dynamo.reset()
     _, fused = pair()
