@@ -19,7 +19,9 @@ ASSETS = Path(__file__).resolve().parent / "assets"
 
 
 def tiny_config(**overrides: Any) -> HookedT5Config:
-    """A small byte-level T5 v1.1-style architecture (gated GELU, untied unembedding)."""
+    """The architecture of the embedded models (t5hooks-tiny, and t5hooks-tiny-random with seeded random
+    weights): byte-level, 2+2 layers, d_model 128, gated GELU, untied unembedding, 64 position buckets (so
+    every distance in a training string has its own bucket). The shipped weights carry their own copy of it."""
     values = dict(
         d_model=128,
         d_head=32,
@@ -30,11 +32,12 @@ def tiny_config(**overrides: Any) -> HookedT5Config:
         d_vocab=ByteTokenizer.vocab_size,
         act_fn="gelu_new",
         gated_mlp=True,
-        relative_attention_num_buckets=32,
+        relative_attention_num_buckets=64,
         relative_attention_max_distance=64,
         tie_word_embeddings=False,
         scale_logits=False,
         seed=0,
+        model_name=TRAINED_TINY,
     )
     values.update(overrides)
     return HookedT5Config(**values)
@@ -70,14 +73,21 @@ def load_builtin(
     raise ValueError(f"unknown built-in model {name!r}; built in: {', '.join(BUILTIN_MODELS)}")
 
 
-def save_tiny(model, path: str | Path, info: dict) -> Path:
-    """Weights as fp32 safetensors with the config and training facts in the metadata."""
+def save_tiny(model, path: str | Path, info: dict, *, overwrite: bool = True) -> Path:
+    """Weights as safetensors with the config and training facts in the metadata, written atomically and
+    read back (config and every tensor) before taking the final name."""
+    from .atomic import atomic_path
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     cfg = model.cfg.to_dict()
     cfg.pop("device", None)
     metadata = {"config": json.dumps(cfg), "info": json.dumps(info)}
-    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(path), metadata=metadata)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    with atomic_path(path, overwrite=overwrite) as tmp:
+        save_file(state, str(tmp), metadata=metadata)
+        back = load_file(str(tmp))
+        if sorted(back) != sorted(state) or any(not torch.equal(back[k], v) for k, v in state.items()):
+            raise RuntimeError(f"{path}: the written weights do not read back as written")
     return path
 
 

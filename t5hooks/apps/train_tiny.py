@@ -5,7 +5,12 @@ the cross-attention learns an anti-diagonal alignment. The training step runs th
 module under `torch.compile`, reading the cross-attention patterns as explicit outputs to
 report how much attention mass sits on the mirror position.
 
-    t5hooks train-tiny --out t5hooks/assets/t5hooks-tiny.safetensors
+    t5hooks train-tiny --out my-tiny.safetensors
+
+`--out` is checked before training and written (atomically) only when the held-out accuracy reaches
+`--min-accuracy`. Load the result with `load_tiny(HookedEncoderDecoder, "my-tiny.safetensors")`.
+The shipped weights in `t5hooks/assets/` are replaced only by a maintainer, deliberately
+(`--out t5hooks/assets/t5hooks-tiny.safetensors --force`), never by accident.
 """
 
 from __future__ import annotations
@@ -20,8 +25,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..config import HookedT5Config
-from ..pretrained import save_tiny
+from ..pretrained import save_tiny, tiny_config
 from ..tokenizer import ByteTokenizer
 
 ALPHABET = string.ascii_lowercase
@@ -29,30 +33,6 @@ MIN_LEN, MAX_LEN = 2, 10
 PAD_TO = MAX_LEN + 1  # bytes + EOS
 HELD_OUT_SEED = 1234
 HELD_OUT_SIZE = 1000
-
-
-def tiny_trained_config(**overrides) -> HookedT5Config:
-    """The architecture of t5hooks-tiny: 2+2 layers, d_model 128, gated GELU, 64 position buckets (so every
-    distance in a training string has its own bucket)."""
-    values = dict(
-        d_model=128,
-        d_head=32,
-        n_heads=4,
-        d_mlp=256,
-        n_layers=2,
-        n_decoder_layers=2,
-        d_vocab=ByteTokenizer.vocab_size,
-        act_fn="gelu_new",
-        gated_mlp=True,
-        relative_attention_num_buckets=64,
-        relative_attention_max_distance=64,
-        tie_word_embeddings=False,
-        scale_logits=False,
-        seed=0,
-        model_name="t5hooks-tiny",
-    )
-    values.update(overrides)
-    return HookedT5Config(**values)
 
 
 def random_word(rng: random.Random) -> str:
@@ -119,15 +99,24 @@ def train_tiny(
     seed: int = 0,
     compile: bool = True,
     progress: bool = True,
+    min_accuracy: float = 0.0,
+    overwrite: bool = True,
 ):
-    """Train t5hooks-tiny from scratch; returns (model, held-out accuracy). Writes safetensors to `out` if given."""
+    """Train t5hooks-tiny from scratch; returns (model, held-out accuracy).
+
+    With `out`, writes safetensors there (atomically) only if the accuracy is at least `min_accuracy`;
+    `out` is checked for writability before training (`overwrite=False`: it must not exist yet)."""
+    from ..atomic import check_writable
     from ..model import HookedEncoderDecoder
+
+    if out is not None:
+        check_writable(out, overwrite=overwrite)
 
     torch.manual_seed(seed)
     rng = random.Random(seed)
     tokenizer = ByteTokenizer()
     held_out = set(held_out_words())
-    model = HookedEncoderDecoder(tiny_trained_config(seed=seed), tokenizer=tokenizer)
+    model = HookedEncoderDecoder(tiny_config(seed=seed), tokenizer=tokenizer)
     cross = [f"decoder.{l}.cross_attn.hook_pattern" for l in range(model.cfg.n_decoder_layers)]
     cap = model.capture(cross)
     step_fn = torch.compile(cap, fullgraph=True) if compile else cap
@@ -166,7 +155,7 @@ def train_tiny(
             f"trained {steps} steps in {minutes:.1f} min; held-out exact-match accuracy {accuracy:.2%} "
             f"({len(held_out)} strings)"
         )
-    if out is not None:
+    if out is not None and accuracy >= min_accuracy:
         save_tiny(
             model,
             out,
@@ -176,6 +165,7 @@ def train_tiny(
                 "steps": steps,
                 "task": f"reverse lowercase strings of {MIN_LEN}-{MAX_LEN} characters",
             },
+            overwrite=overwrite,
         )
     return model, accuracy
 

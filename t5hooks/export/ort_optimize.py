@@ -39,7 +39,7 @@ def optimize_onnx(path: str | os.PathLike, out: str | os.PathLike | None = None)
 
     path = Path(path)
     out = Path(out) if out is not None else path
-    model = onnx.load(str(path))
+    model = _load_inline(path)
     outputs = [o.name for o in model.graph.output]
     cfg = _metadata(model).get("config", {})
     options = FusionOptions("t5")
@@ -77,7 +77,7 @@ def quantize_onnx(path: str | os.PathLike, out: str | os.PathLike | None = None,
 
     path = Path(path)
     out = Path(out) if out is not None else path
-    model = onnx.load(str(path))
+    model = _load_inline(path)
     outputs = [o.name for o in model.graph.output]
     props = {p.key: p.value for p in model.metadata_props}
     with atomic_path(out) as tmp:
@@ -100,6 +100,16 @@ def quantize_onnx(path: str | os.PathLike, out: str | os.PathLike | None = None,
 
         ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])  # quantised ops are ORT's
     return out
+
+
+def _load_inline(path: Path) -> onnx.ModelProto:
+    """The graph with its weights inside; a graph with external data (over 2 GiB) cannot be rewritten here."""
+    from onnx.external_data_helper import uses_external_data
+
+    model = onnx.load(str(path), load_external_data=False)
+    if any(uses_external_data(t) for t in model.graph.initializer):
+        raise ValueError(f"{path}: optimize and quantize need a graph under 2 GiB with its weights inside")
+    return model
 
 
 def _metadata(model: onnx.ModelProto) -> dict:
