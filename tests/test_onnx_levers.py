@@ -101,15 +101,15 @@ def test_session_options_levels_and_spinning():
 
 
 def test_export_command_optimize_and_quantize(tmp_path, capsys):
-    from t5hooks.apps import export_command as command
+    from t5hooks.apps.cli import main
 
     out = tmp_path / "tiny_int8.onnx"
-    code = command.main(
-        ["--capture", "decoder.*.hook_resid_post", "--optimize", "--quantize", "int8", "--out", str(out)]
+    code = main(
+        ["export", "--capture", "decoder.*.hook_resid_post", "--optimize", "--quantize", "int8", "--out", str(out)]
     )
     stdout = capsys.readouterr().out
     assert code == 0 and "int8 logits pick eager's token at" in stdout and out.is_file()
     kinds = op_types(out)
     assert "MatMulInteger" in kinds and "SimplifiedLayerNormalization" in kinds
-    assert command.main(["--format", "pt2", "--optimize", "--out", str(tmp_path / "m.pt2")]) == 2
+    assert main(["export", "--format", "pt2", "--optimize", "--out", str(tmp_path / "m.pt2")]) == 2
     assert "--optimize and --quantize apply to --format onnx" in capsys.readouterr().err

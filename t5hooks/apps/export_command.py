@@ -88,7 +88,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         choices=["int8"],
         default=None,
         help="onnx: int8 weight matmuls (dynamic quantisation; opt-in, changes the numbers: checked by the share of "
-        f"positions whose logits pick eager's token, >= {MIN_INT8_AGREEMENT:.0%}, instead of a tolerance)",
+        f"positions whose logits pick eager's token, >= {MIN_INT8_AGREEMENT * 100:.0f}%%, instead of a tolerance)",
     )
     parser.set_defaults(func=run_export)
     return parser
