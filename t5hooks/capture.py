@@ -10,11 +10,17 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Mapping
+from typing import Any
 
+import torch
+import torch._dynamo
 from torch import Tensor, nn
+from torch._dynamo.eval_frame import skip_code
 
 from .components import lm_loss
 from .hook_points import PATCH_MODES, HookIO, NameFilter
+
+SEQUENCE_INPUTS = ("input", "decoder_input", "one_zero_attention_mask", "decoder_attention_mask", "labels")
 
 
 class CaptureModule(nn.Module):
@@ -40,6 +46,20 @@ class CaptureModule(nn.Module):
         patch_names = tuple(model.resolve_names(patch)) if _nonempty(patch) else ()
         self.patch_modes: dict[str, str] = _patch_modes(patch_names, patch_mode)
         self._capture_set = frozenset(self.names)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> dict[str, Tensor]:
+        """Eagerly (outside any trace): mark the sequence axes of the token and mask inputs dynamic, each with
+        its own symbol, so `torch.compile(cap, dynamic=True)` never ties the encoder and decoder lengths (duck
+        sizing would, when a first batch has E == D, and recompile at the next E != D). This frame itself is
+        never compiled (see `skip_code` below); inside an outer compile or export it is traced as usual."""
+        if not (torch.compiler.is_compiling() or torch.compiler.is_exporting()):
+            values = list(args[:4])  # no generator here: its frame would be compiled on its own
+            for key in SEQUENCE_INPUTS:
+                values.append(kwargs.get(key))
+            for value in values:
+                if isinstance(value, Tensor) and value.ndim == 2 and value.shape[1] > 1:
+                    torch._dynamo.maybe_mark_dynamic(value, 1)
+        return super().__call__(*args, **kwargs)
 
     @property
     def patch_names(self) -> tuple[str, ...]:
@@ -110,3 +130,8 @@ def _patch_modes(patch_names: tuple[str, ...], patch_mode: str | Mapping[str, st
     if unset:
         raise ValueError(f"patch_mode gives no mode for {unset}; valid modes: {', '.join(PATCH_MODES)}")
     return {name: modes[name] for name in patch_names}
+
+
+# `torch.compile(cap)` enters through `CaptureModule.__call__`: run that frame eagerly (it only marks dynamic axes)
+# and compile what it calls. Inlined into an outer compile or export, it is traced as any other function.
+skip_code(CaptureModule.__call__.__code__)

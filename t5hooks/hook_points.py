@@ -326,7 +326,10 @@ class HookedRootModule(nn.Module):
         fwd = self._resolve_hook_list(fwd_hooks, "fwd")
         bwd = self._resolve_hook_list(bwd_hooks, "bwd")
         self.context_level += 1
-        level = self.context_level
+        # A fresh id per context (not the nesting depth): hooks a context left behind (reset_hooks_end=False)
+        # belong to no later context, so a later context's exit never removes them.
+        self._context_ids = getattr(self, "_context_ids", 0) + 1
+        level = self._context_ids
         try:
             for name, fn in fwd:
                 self.hook_dict[name].add_hook(fn, dir="fwd", level=level)

@@ -15,11 +15,11 @@ Folded pairs:
                                weight, `cfg.tie_word_embeddings` False, `W_E` unchanged)
 
 Logits, residual streams (`*.hook_resid_*`), attention internals (q, k, v, scores, pattern, z),
-`hook_scale` and `hook_normalized` are unchanged. Hooks right after a norm lose the norm's weight:
-`hook_mlp_in`, `unembed.hook_in`, and `hook_encoder_out`, which becomes the *normalised* encoder output
+`hook_scale`, `hook_normalized` and `hook_mlp_in` (pre-norm) are unchanged. Hooks right after a norm lose
+the norm's weight: `unembed.hook_in`, and `hook_encoder_out`, which becomes the *normalised* encoder output
 (equal to `encoder_final_ln.hook_normalized`), as does `model.encode(...)`; multiply by the original
 encoder final-norm weight to recover the unfolded value. Patches written for an unfolded model's
-`hook_encoder_out` / `hook_mlp_in` do not carry over.
+`hook_encoder_out` do not carry over.
 
 Parameters are replaced by new tensors, never modified in place: weights shared with another model
 (e.g. a Hugging Face model loaded with `from_pretrained(hf_model=...)`) stay intact, and optimisers
@@ -79,3 +79,29 @@ def _scale_columns(weight: Tensor, w: Tensor) -> Tensor:  # [out, d_model] * [d_
 
 def _new_parameter(value: Tensor, like: nn.Parameter) -> nn.Parameter:
     return nn.Parameter(value, requires_grad=like.requires_grad)
+
+
+@torch.no_grad()
+def refactor_attention(attn: nn.Module) -> None:
+    """TransformerLens's `refactor_factored_attn_matrices` for one T5 attention layer (no biases to move).
+
+    Per head, `W_Q W_K^T = U S V^T` becomes `W_Q = U sqrt(S)`, `W_K = V sqrt(S)`, and `W_V W_O = U S V^T`
+    becomes `W_V = U sqrt(S)`, `W_O = sqrt(S) V^T`: the products, so every score and output, are unchanged.
+    """
+    from .factored_matrix import FactoredMatrix
+
+    H, d = attn.cfg.n_heads, attn.cfg.d_head
+
+    def to_proj(W: Tensor) -> Tensor:  # [H, d_model, d_head] -> nn.Linear layout [H*d_head, d_model]
+        return W.transpose(1, 2).reshape(H * d, -1)
+
+    U, S, V = FactoredMatrix(attn.W_Q.float(), attn.W_K.float().transpose(1, 2)).svd()  # [H,m,d] [H,d] [H,m,d]
+    root = S.sqrt()[:, None, :]
+    new_q, new_k = to_proj(U * root), to_proj(V * root)
+    U, S, V = FactoredMatrix(attn.W_V.float(), attn.W_O.float()).svd()
+    root = S.sqrt()[:, None, :]
+    new_v = to_proj(U * root)
+    new_o = (V * root).transpose(1, 2).reshape(H * d, -1).T  # W_O = sqrt(S) V^T [H,d,m] -> [m, H*d]
+    for name, value in (("q_proj", new_q), ("k_proj", new_k), ("v_proj", new_v), ("o_proj", new_o)):
+        old = getattr(attn, name)
+        setattr(attn, name, _new_parameter(value.to(old.dtype).contiguous(), old))

@@ -59,8 +59,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     elif args.decoder_text is not None:
         if model.tokenizer is None:
             raise CliError("this model has no tokenizer: pass --decoder-tokens")
-        body = model.to_tokens(args.decoder_text, move_to_device=False)[:, :-1]  # drop EOS: the model continues it
-        dec = torch.cat([torch.full((1, 1), model.cfg.decoder_start_token_id), body], dim=1)
+        dec = model.to_decoder_tokens(args.decoder_text, move_to_device=False)  # start token, text, no EOS
     else:
         dec = torch.full((1, 1), model.cfg.decoder_start_token_id)
     names = model.resolve_names(args.capture) if args.capture else None  # validates patterns early

@@ -44,6 +44,8 @@ def example_inputs(
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, model.cfg.d_vocab, (batch, enc_len), generator=g).to(device)
     dec = torch.randint(0, model.cfg.d_vocab, (batch, dec_len), generator=g).to(device)
+    pad = model.cfg.pad_token_id  # no pad ids: padding is what the masks say
+    tokens, dec = (t.masked_fill(t == pad, (pad + 1) % model.cfg.d_vocab) for t in (tokens, dec))
     mask = torch.ones(batch, enc_len, dtype=torch.long, device=device)
     dec_mask = torch.ones(batch, dec_len, dtype=torch.long, device=device)
     if patches is None and cap.patch_modes:
