@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import logging
 import warnings
 from collections.abc import Sequence
@@ -13,9 +15,18 @@ from torch import Tensor, nn
 
 from .analysis.cache import ActivationCache
 from .analysis.factored_matrix import FactoredMatrix
-from .components import Attention, DecoderBlock, EncoderBlock, RMSNorm, attention_context, lm_loss
+from .components import (
+    RESID,
+    Attention,
+    DecoderBlock,
+    EncoderBlock,
+    RMSNorm,
+    attention_context,
+    lm_loss,
+    optional_hook,
+)
 from .config import HookedT5Config
-from .hook_points import HookedRootModule, HookIO, HookPoint, NameFilter, is_tracing
+from .hook_points import HookedRootModule, HookIO, HookLayout, HookPoint, NameFilter, is_tracing, set_default_layout
 from .kv_cache import DecoderCache
 
 TextOrTokens = Union[Tensor, str, Sequence[str]]
@@ -71,8 +82,8 @@ class Unembed(nn.Module):
         self.lm_head = (
             None if cfg.tie_word_embeddings else nn.Parameter(torch.empty(cfg.d_vocab, cfg.d_model, dtype=cfg.dtype))
         )  # [d_vocab, d_model], HF lm_head layout
-        self.hook_in = HookPoint()  # [B,D,d_model] after the scaling
-        self.hook_out = HookPoint()  # [B,D,d_vocab] the logits
+        self.hook_in = HookPoint(("batch", "pos", "d_model"), stack="decoder", alias="unembed_in")  # after scaling
+        self.hook_out = HookPoint(("batch", "pos", "d_vocab"), stack="decoder")  # the logits
 
     def forward(self, resid: Tensor, tied_weight: Tensor, io: HookIO | None = None) -> Tensor:
         if self.scale is not None:
@@ -94,20 +105,23 @@ class HookedEncoderDecoder(HookedRootModule):
         if isinstance(cfg, dict):
             cfg = HookedT5Config.from_dict({**cfg, **kwargs})
         elif isinstance(cfg, HookedT5Config) and kwargs:
-            cfg = HookedT5Config.from_dict({**{f: getattr(cfg, f) for f in cfg.__dataclass_fields__}, **kwargs})
+            cfg = HookedT5Config.from_dict(
+                {**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}, **kwargs}
+            )
         if not isinstance(cfg, HookedT5Config):
             raise TypeError(f"cfg must be a HookedT5Config or dict, got {type(cfg).__name__}")
+        cfg = cfg.copy()  # the model's own: moving or converting it never changes the caller's config
         self.cfg = cfg
         self.tokenizer = tokenizer
         # Modules are defined in forward order, so hook_dict (and capture outputs) follow the computation.
         self.embed = Embed(cfg)
-        self.hook_embed = HookPoint()  # [B,E,d_model]
+        self.hook_embed = HookPoint(RESID, stack="encoder")
         self.encoder = nn.ModuleList(EncoderBlock(cfg, layer) for layer in range(cfg.n_layers))
-        self.encoder_final_ln = RMSNorm(cfg)
-        self.hook_encoder_out = HookPoint()  # [B,E,d_model] what cross-attention reads
-        self.hook_decoder_embed = HookPoint()  # [B,D,d_model]
+        self.encoder_final_ln = RMSNorm(cfg, stack="encoder")
+        self.hook_encoder_out = HookPoint(RESID, stack="encoder")  # what cross-attention reads
+        self.hook_decoder_embed = HookPoint(RESID, stack="decoder", alias="embed")
         self.decoder = nn.ModuleList(DecoderBlock(cfg, layer) for layer in range(cfg.n_decoder_layers))
-        self.decoder_final_ln = RMSNorm(cfg)
+        self.decoder_final_ln = RMSNorm(cfg, stack="decoder")
         self.unembed = Unembed(cfg)
         self.init_weights()
         if move_to_device and cfg.device is not None:
@@ -177,10 +191,11 @@ class HookedEncoderDecoder(HookedRootModule):
         )
 
     def _toggle_hooks(self, modules: list[nn.Module], names: list[str], on: bool) -> None:
+        """Add (with the axes their constructor declares) or remove optional hook points, then re-index."""
         for module in modules:
             for name in names:
                 if on and not hasattr(module, name):
-                    setattr(module, name, HookPoint())
+                    setattr(module, name, optional_hook(module, name))
                 elif not on and hasattr(module, name):
                     delattr(module, name)
         self.setup()
@@ -193,25 +208,10 @@ class HookedEncoderDecoder(HookedRootModule):
 
         return fold_layer_norms(self)
 
-    def _name_hint(self, name: str) -> str:
-        if name.endswith("hook_result") and not self.cfg.use_attn_result:
-            return "(hook_result exists only with cfg.use_attn_result=True; call model.set_use_attn_result(True))"
-        switches = {
-            "hook_mlp_in": ("use_hook_mlp_in", "set_use_hook_mlp_in"),
-            "hook_attn_in": ("use_attn_in", "set_use_attn_in"),
-            "hook_cross_attn_in": ("use_attn_in", "set_use_attn_in"),
-            "hook_q_input": ("use_split_qkv_input", "set_use_split_qkv_input"),
-            "hook_k_input": ("use_split_qkv_input", "set_use_split_qkv_input"),
-            "hook_v_input": ("use_split_qkv_input", "set_use_split_qkv_input"),
-        }
-        for suffix, (flag, setter) in switches.items():
-            if name.endswith(suffix) and not getattr(self.cfg, flag):
-                return f"({suffix} exists only with cfg.{flag}=True; call model.{setter}(True))"
-        if name.endswith("hook_pre_linear") and not self.cfg.gated_mlp:
-            return "(hook_pre_linear exists only in gated MLPs: T5 v1.1, mT5, ByT5)"
-        if "rel_pos_hook" in name:
-            return "(the position bias hook lives on layer 0 only: encoder.0.attn.rel_pos_hook, decoder.0.attn.rel_pos_hook)"
-        return ""
+    @classmethod
+    def reference_layout(cls) -> HookLayout:
+        """The hook layout with every optional point on (gated MLP, `use_attn_result`), from a tiny model."""
+        return _reference_layout()
 
     # ---- forward -----------------------------------------------------------------------
     def encode(self, tokens: Tensor, attention_mask: Tensor | None = None, io: HookIO | None = None) -> Tensor:
@@ -487,10 +487,9 @@ class HookedEncoderDecoder(HookedRootModule):
                 if tokens.shape[0] != 1:
                     return [self.to_str_tokens(row) for row in tokens]
                 tokens = tokens[0]
-        from .tokenizer import ByteTokenizer
-
-        if isinstance(self.tokenizer, ByteTokenizer):  # one byte per token: name it, do not decode it alone
-            return self.tokenizer.convert_ids_to_tokens(tokens.tolist())
+        label = getattr(self.tokenizer, "str_tokens", None)  # a tokenizer that labels its own tokens
+        if callable(label):
+            return label(tokens.tolist())
         return [self.tokenizer.decode([t]) for t in tokens.tolist()]
 
     def to_single_token(self, string: str) -> int:
@@ -701,23 +700,13 @@ class HookedEncoderDecoder(HookedRootModule):
         `W_Q W_K^T`, and W_V, W_O by `U sqrt(S)`, `sqrt(S) V^T` of `W_V W_O` (self- and cross-attention). The
         circuits QK and OV, hence every output, are unchanged (T5 has no biases to move); q, k, v and z change.
         Returns self."""
-        from .analysis.fold import refactor_attention
-
         for attn in self.attention_layers():
-            refactor_attention(attn)
+            _refactor_attention(attn)
         return self
 
     def set_tokenizer(self, tokenizer: Any) -> None:
         """Use `tokenizer` (any Hugging Face tokenizer) for text inputs."""
         self.tokenizer = tokenizer
-
-    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> HookedEncoderDecoder:
-        """Every move or cast (`to`, `half`, `bfloat16`, `cuda`, ...) keeps `cfg.device` / `cfg.dtype` in step."""
-        result = super()._apply(fn, *args, **kwargs)
-        if self.embed.W_E.device.type != "meta":
-            self.cfg.device = str(self.embed.W_E.device)
-            self.cfg.dtype = self.embed.W_E.dtype
-        return result
 
     def to(self, *args: Any, print_details: bool = True, **kwargs: Any) -> HookedEncoderDecoder:
         """nn.Module.to; also the reference's `to(device_or_dtype, print_details)` (details are logged at info)."""
@@ -726,6 +715,14 @@ class HookedEncoderDecoder(HookedRootModule):
         result = super().to(*args, **kwargs)
         if print_details:
             logging.getLogger(__name__).info("moved model to %s, %s", self.cfg.device, self.cfg.dtype)
+        return result
+
+    def _apply(self, fn: Any, recurse: bool = True) -> HookedEncoderDecoder:
+        """Every move or conversion (`to`, `half`, `bfloat16`, `float`, `cuda`, ...) keeps the run options
+        `cfg.device` / `cfg.dtype` in step with the weights (`cfg` is the model's own copy)."""
+        result = super()._apply(fn, recurse)
+        self.cfg.device = str(self.embed.W_E.device)
+        self.cfg.dtype = self.embed.W_E.dtype
         return result
 
     def cpu(self) -> HookedEncoderDecoder:
@@ -825,3 +822,47 @@ class HookedEncoderDecoder(HookedRootModule):
         if stack not in layers:
             raise ValueError(f"stack={stack!r}; valid: None, 'encoder', 'decoder', 'cross'")
         return [f"L{layer}H{head}" for layer in range(layers[stack]) for head in range(self.cfg.n_heads)]
+
+
+@functools.cache
+@torch.no_grad()
+def _refactor_attention(attn: nn.Module) -> None:
+    """TransformerLens's `refactor_factored_attn_matrices` for one T5 attention layer (no biases to move).
+
+    Per head, `W_Q W_K^T = U S V^T` becomes `W_Q = U sqrt(S)`, `W_K = V sqrt(S)`, and `W_V W_O = U S V^T`
+    becomes `W_V = U sqrt(S)`, `W_O = sqrt(S) V^T`: the products, so every score and output, are unchanged.
+    """
+    H, d = attn.cfg.n_heads, attn.cfg.d_head
+
+    def to_proj(W: Tensor) -> Tensor:  # [H, d_model, d_head] -> nn.Linear layout [H*d_head, d_model]
+        return W.transpose(1, 2).reshape(H * d, -1)
+
+    U, S, V = FactoredMatrix(attn.W_Q.float(), attn.W_K.float().transpose(1, 2)).svd()  # [H,m,d] [H,d] [H,m,d]
+    root = S.sqrt()[:, None, :]
+    new_q, new_k = to_proj(U * root), to_proj(V * root)
+    U, S, V = FactoredMatrix(attn.W_V.float(), attn.W_O.float()).svd()
+    root = S.sqrt()[:, None, :]
+    new_v = to_proj(U * root)
+    new_o = (V * root).transpose(1, 2).reshape(H * d, -1).T  # W_O = sqrt(S) V^T [H,d,m] -> [m, H*d]
+    for name, value in (("q_proj", new_q), ("k_proj", new_k), ("v_proj", new_v), ("o_proj", new_o)):
+        old = getattr(attn, name)
+        setattr(attn, name, nn.Parameter(value.to(old.dtype).contiguous(), requires_grad=old.requires_grad))
+
+
+def _reference_layout() -> HookLayout:
+    cfg = HookedT5Config(
+        d_model=8,
+        d_head=4,
+        n_heads=2,
+        d_mlp=8,
+        n_layers=2,
+        d_vocab=8,
+        gated_mlp=True,
+        use_attn_result=True,
+        use_attn_in=True,
+        use_split_qkv_input=True,
+    )
+    return HookedEncoderDecoder(cfg).layout
+
+
+set_default_layout(_reference_layout)

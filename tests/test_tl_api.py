@@ -65,7 +65,11 @@ def test_from_pretrained_signature_and_processing_switches(hf):
     for name, value in plain.state_dict().items():
         assert torch.equal(noop.state_dict()[name], value), name  # exact identities for T5
 
-    for kwargs in [dict(fold_ln=True), dict(refactor_factored_attn_matrices=True), dict(fold_ln=True, refactor_factored_attn_matrices=True)]:
+    for kwargs in [
+        dict(fold_ln=True),
+        dict(refactor_factored_attn_matrices=True),
+        dict(fold_ln=True, refactor_factored_attn_matrices=True),
+    ]:
         processed = hooked_from(hf, **kwargs)
         with torch.no_grad():
             torch.testing.assert_close(processed(tokens, dec, "logits", mask), ref, atol=1e-4, rtol=0)

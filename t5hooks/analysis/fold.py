@@ -79,29 +79,3 @@ def _scale_columns(weight: Tensor, w: Tensor) -> Tensor:  # [out, d_model] * [d_
 
 def _new_parameter(value: Tensor, like: nn.Parameter) -> nn.Parameter:
     return nn.Parameter(value, requires_grad=like.requires_grad)
-
-
-@torch.no_grad()
-def refactor_attention(attn: nn.Module) -> None:
-    """TransformerLens's `refactor_factored_attn_matrices` for one T5 attention layer (no biases to move).
-
-    Per head, `W_Q W_K^T = U S V^T` becomes `W_Q = U sqrt(S)`, `W_K = V sqrt(S)`, and `W_V W_O = U S V^T`
-    becomes `W_V = U sqrt(S)`, `W_O = sqrt(S) V^T`: the products, so every score and output, are unchanged.
-    """
-    from .factored_matrix import FactoredMatrix
-
-    H, d = attn.cfg.n_heads, attn.cfg.d_head
-
-    def to_proj(W: Tensor) -> Tensor:  # [H, d_model, d_head] -> nn.Linear layout [H*d_head, d_model]
-        return W.transpose(1, 2).reshape(H * d, -1)
-
-    U, S, V = FactoredMatrix(attn.W_Q.float(), attn.W_K.float().transpose(1, 2)).svd()  # [H,m,d] [H,d] [H,m,d]
-    root = S.sqrt()[:, None, :]
-    new_q, new_k = to_proj(U * root), to_proj(V * root)
-    U, S, V = FactoredMatrix(attn.W_V.float(), attn.W_O.float()).svd()
-    root = S.sqrt()[:, None, :]
-    new_v = to_proj(U * root)
-    new_o = (V * root).transpose(1, 2).reshape(H * d, -1).T  # W_O = sqrt(S) V^T [H,d,m] -> [m, H*d]
-    for name, value in (("q_proj", new_q), ("k_proj", new_k), ("v_proj", new_v), ("o_proj", new_o)):
-        old = getattr(attn, name)
-        setattr(attn, name, _new_parameter(value.to(old.dtype).contiguous(), old))
