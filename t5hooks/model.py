@@ -824,7 +824,6 @@ class HookedEncoderDecoder(HookedRootModule):
         return [f"L{layer}H{head}" for layer in range(layers[stack]) for head in range(self.cfg.n_heads)]
 
 
-@functools.cache
 @torch.no_grad()
 def _refactor_attention(attn: nn.Module) -> None:
     """TransformerLens's `refactor_factored_attn_matrices` for one T5 attention layer (no biases to move).
@@ -849,6 +848,7 @@ def _refactor_attention(attn: nn.Module) -> None:
         setattr(attn, name, nn.Parameter(value.to(old.dtype).contiguous(), requires_grad=old.requires_grad))
 
 
+@functools.cache
 def _reference_layout() -> HookLayout:
     cfg = HookedT5Config(
         d_model=8,
