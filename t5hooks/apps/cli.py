@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -104,6 +105,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from ..kernels.bench import main as bench_attention
 
         return bench_attention(args.rest)
+    if args.what == "extract":
+        from .bench_extract import main as bench_extract
+
+        return bench_extract(args.rest)
     from .bench_model import main as bench_model
 
     return bench_model(args.rest)
@@ -130,6 +135,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
     return run_demo(args.out, word=args.word)
+
+
+def register_extract_command(sub: Any) -> None:
+    from .extract_command import register
+
+    register(sub)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -196,13 +207,15 @@ def build_parser() -> argparse.ArgumentParser:
     from .export_command import register as register_export
 
     register_export(sub)
+    register_extract_command(sub)
 
     bench = sub.add_parser(
         "bench",
-        help="benchmarks: 'attention' (kernels side by side), 'model' (whole model vs HF)",
+        help="benchmarks: 'attention' (kernels side by side), 'model' (whole model vs HF), "
+        "'extract' (corpus extraction vs a hand-rolled HF hook loop)",
         description="Run a benchmark; arguments after the benchmark name go to it (try `t5hooks bench attention --help`).",
     )
-    bench.add_argument("what", choices=["attention", "model"], help="which benchmark")
+    bench.add_argument("what", choices=["attention", "model", "extract"], help="which benchmark")
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for the benchmark")
     bench.set_defaults(func=cmd_bench)
     return parser
