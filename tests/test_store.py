@@ -278,3 +278,28 @@ def test_batches_shuffled_deterministic_and_ddp_disjoint(model: HookedEncoderDec
     assert not as_rows(torch.cat(ranks[0] + ranks[1])) - stored  # the ranks' rows are disjoint
     with pytest.raises(ValueError, match="no hook"):
         next(store.batches("encoder.0.hook_mlp_out", 4))
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_equal_one(model: HookedEncoderDecoder, tmp_path: Path) -> None:
+    """`torchrun --nproc_per_node=2 ... t5hooks extract` (gloo, CPU): each rank writes its own slice; together
+    they hold exactly the rows of a one-process run."""
+    (tmp_path / "c.txt").write_text("\n".join(corpus(24, seed=7)) + "\n")
+    hooks = ["encoder.1.hook_resid_post", "decoder.0.hook_attn_out"]
+    args = ["extract", str(tmp_path / "c.txt"), str(tmp_path / "two"), "--hooks", *hooks]
+    args += ["--backend", "eager", "--window", "5", "--token-budget", "64", "--no-progress"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    run = subprocess.run([*cmd, "-m", "t5hooks.apps.cli", *args], env=env, cwd=ROOT, capture_output=True, text=True,
+                         timeout=180)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    two = ActivationStore(tmp_path / "two")
+    assert two.complete and two.world_size == 2 and {s["rank"] for s in two.shards} == {0, 1}
+    extract(model, tmp_path / "c.txt", hooks, tmp_path / "one", window=5, token_budget=64, backend="eager",
+            progress=False)  # fmt: skip
+    one = ActivationStore(tmp_path / "one")
+    for name in hooks:
+        a, b = one.load(name), two.load(name)  # both sorted by (doc, pos)
+        for column in ("doc", "pos", "token_id"):
+            assert torch.equal(a[column], b[column])
+        torch.testing.assert_close(a["acts"], b["acts"], atol=1e-5, rtol=1e-5)

@@ -75,6 +75,7 @@ def run_extract(args: argparse.Namespace) -> int:
         ).eval()
     except OSError as err:
         raise ValueError(f"could not load model {args.model!r}: {err}") from err
+    started_group = _init_process_group(device)
     summary = extract(
         model,
         args.source,
@@ -98,4 +99,21 @@ def run_extract(args: argparse.Namespace) -> int:
     print(summary.line())
     if summary.saelens_dir is not None:
         print(f"SAELens dataset: {summary.saelens_dir} (cached_activations_path)")
+    if started_group:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
     return 0
+
+
+def _init_process_group(device: str | None) -> bool:
+    """Under torchrun (WORLD_SIZE > 1) join the process group (gloo on CPU, nccl on CUDA): ranks slice the
+    corpus by themselves; the group is only the barrier before rank 0 packs a SAELens dataset."""
+    import os
+
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available() or dist.is_initialized():
+        return False
+    dist.init_process_group(backend="nccl" if device and device.startswith("cuda") else "gloo")
+    return True
