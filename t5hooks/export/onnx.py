@@ -94,7 +94,7 @@ def to_onnx(
     name_graph_io(graph, input_names, output_names)
     if dynamic:
         for value in graph.outputs:
-            set_axes(value, output_axes(value.name))
+            set_axes(value, output_axes(value.name, cap.model.layout))
     write_metadata(program.model, "forward", cap.model.cfg, capture=list(cap.names), patch_modes=cap.patch_modes)
     save_checked(program.model, path, external_data)
     return path

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import platform
 import statistics
 import sys
@@ -38,6 +37,7 @@ from torch import Tensor
 
 from . import prep
 from .op import relbias_attention
+from .policy import INTERPRETED
 from .reference import allowed_keys, bias_and_mask, position_bias, reference_relbias_attention
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -283,7 +283,7 @@ def peak_extra_mib(fn: Callable[[], object], device: torch.device) -> float | No
 
 
 def skip_reason(impl: str, case: Case, device: torch.device) -> str | None:
-    if impl == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+    if impl == "triton" and device.type != "cuda" and not INTERPRETED:
         return "no CUDA device and TRITON_INTERPRET is not set (set TRITON_INTERPRET=1 to use the interpreter)"
     return None
 
@@ -384,7 +384,7 @@ def environment(device: torch.device, dtype: torch.dtype) -> dict:
         "triton": triton_version,
         "cuda": torch.version.cuda,
         "python": platform.python_version(),
-        "triton_interpret": os.environ.get("TRITON_INTERPRET") == "1",
+        "triton_interpret": INTERPRETED,
         "cpu_threads": torch.get_num_threads(),
     }
     if device.type == "cuda":
