@@ -57,14 +57,15 @@ def test_plan_batches_respects_budget_and_covers_every_prompt() -> None:
         plan_batches(lengths, 0)
 
 
-def test_token_axis() -> None:
-    assert token_axis("encoder.3.hook_resid_post") == "encoder"
-    assert token_axis("hook_embed") == "encoder" and token_axis("hook_encoder_out") == "encoder"
-    assert token_axis("decoder.0.cross_attn.hook_k") == "encoder"
-    assert token_axis("decoder.0.cross_attn.hook_q") == "decoder"
-    assert token_axis("hook_decoder_embed") == "decoder" and token_axis("unembed.hook_in") == "decoder"
-    with pytest.raises(ValueError, match="not a per-token"):
-        token_axis("encoder.0.attn.hook_pattern")
+def test_token_axis(model: HookedEncoderDecoder) -> None:
+    assert token_axis(model, "encoder.1.hook_resid_post") == "encoder"
+    assert token_axis(model, "hook_embed") == "encoder" and token_axis(model, "hook_encoder_out") == "encoder"
+    assert token_axis(model, "decoder.0.cross_attn.hook_k") == "encoder"
+    assert token_axis(model, "decoder.0.cross_attn.hook_q") == "decoder"
+    assert token_axis(model, "hook_decoder_embed") == "decoder" and token_axis(model, "unembed.hook_in") == "decoder"
+    for name in ("encoder.0.attn.hook_pattern", "decoder.1.cross_attn.hook_attn_scores", "encoder.0.attn.rel_pos_hook"):
+        with pytest.raises(ValueError, match="not a per-token"):
+            token_axis(model, name)
 
 
 def test_rows_equal_run_with_cache(model: HookedEncoderDecoder, tmp_path: Path) -> None:
@@ -303,3 +304,12 @@ def test_torchrun_two_processes_equal_one(model: HookedEncoderDecoder, tmp_path:
         for column in ("doc", "pos", "token_id"):
             assert torch.equal(a[column], b[column])
         torch.testing.assert_close(a["acts"], b["acts"], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_bench_extract_quick_runs_and_outputs_agree(capsys: pytest.CaptureFixture[str]) -> None:
+    from t5hooks.apps.bench_extract import main
+
+    assert main(["--quick", "--backend", "eager", "--prompts", "24"]) == 0  # exit 1 if the outputs disagree
+    out = capsys.readouterr().out
+    assert "speed-up:" in out and "same outputs: max |extract - HF hooks|" in out

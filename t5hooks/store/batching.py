@@ -10,19 +10,26 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 
-def plan_batches(lengths: Sequence[int], token_budget: int, max_batch: int | None = None) -> list[list[int]]:
-    """Indices into `lengths`, grouped: each group's `len(group) * max(length)` <= `token_budget`
-    (a single longer prompt forms its own batch). Deterministic: sorted by (length, index)."""
+def plan_batches(
+    lengths: Sequence[int], token_budget: int, max_batch: int | None = None, length_slack: float = 0.25
+) -> list[list[int]]:
+    """Indices into `lengths`, grouped: each group's `len(group) * max(length)` <= `token_budget` (a single
+    longer prompt forms its own batch), and its longest prompt is at most `length_slack` (+8 tokens) longer
+    than its shortest, so no prompt is padded by much. Deterministic: sorted by (length, index)."""
     if token_budget < 1:
         raise ValueError(f"token_budget must be positive, got {token_budget}")
     order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
     batches: list[list[int]] = []
     current: list[int] = []
     for i in order:  # ascending: the newest member is the longest
-        fits = (len(current) + 1) * lengths[i] <= token_budget and (max_batch is None or len(current) < max_batch)
-        if current and not fits:
-            batches.append(current)
-            current = []
+        if current:
+            shortest = lengths[current[0]]
+            fits = (len(current) + 1) * lengths[i] <= token_budget
+            fits &= lengths[i] <= shortest * (1 + length_slack) + 8
+            fits &= max_batch is None or len(current) < max_batch
+            if not fits:
+                batches.append(current)
+                current = []
         current.append(i)
     if current:
         batches.append(current)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import tempfile
 import time
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from itertools import islice
@@ -142,7 +143,7 @@ def extract(
     if getattr(model, "tokenizer", None) is None:
         raise ValueError("extract tokenises text with the model's tokenizer; this model has none (tokenizer=...)")
     resolved = _resolve_names(model, names)
-    axes = {name: token_axis(name) for name in resolved}
+    axes = {name: token_axis(model, name) for name in resolved}
     rank, world_size = _rank_and_world(rank, world_size)
     src = open_source(source, field, decoder_field, split=split, streaming=streaming)
     storage = storage_dtype_name(dtype, _model_dtype(model))
@@ -176,8 +177,8 @@ def extract(
     summary = ExtractSummary(out_dir=root, rank=rank, world_size=world_size)
     summary.windows_resumed = len(state["windows"])
     if not state.get("complete"):
-        start_id = getattr(model.cfg, "decoder_start_token_id", 0)
-        runner = _Runner(model, shapes, backend, _needs_decoder(model, axes, src), start_id)
+        weights = config["model"]["weights_sample_sha256"]
+        runner = _runner_for(model, shapes, backend, _needs_decoder(model, axes, src), weights)
         _extract_windows(
             runner, model, src, axes, store_dir, progress_path, state, summary, t_start,
             rank=rank, world_size=world_size, window=window, storage=STORAGE_DTYPES[storage],
@@ -326,6 +327,22 @@ def _run_window(
             rows[key] = torch.cat(parts[key])[order]
     real = sum(lengths)
     return rows, real, padded_tokens(lengths, batches)
+
+
+_RUNNERS: weakref.WeakKeyDictionary[Any, dict[tuple, _Runner]] = weakref.WeakKeyDictionary()
+
+
+def _runner_for(
+    model: Any, shapes: dict[str, tuple[int, ...]], backend: str, needs_decoder: bool, weights: str
+) -> _Runner:
+    """One runner per (model, hooks, backend, weights) and process: later extract calls reuse the compiled graph
+    or the ONNX session (an exported snapshot of the weights, hence the weights' hash in the key)."""
+    key = (tuple(shapes), backend, needs_decoder, weights)
+    runners = _RUNNERS.setdefault(model, {})
+    if key not in runners:
+        start_id = getattr(model.cfg, "decoder_start_token_id", 0)
+        runners[key] = _Runner(model, shapes, backend, needs_decoder, start_id)
+    return runners[key]
 
 
 class _Runner:

@@ -44,7 +44,6 @@ INDEX_COLUMNS = ("doc", "pos", "token_id")
 AXES = ("encoder", "decoder")
 STORAGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16", "float": "float32"}
-NOT_PER_TOKEN = ("hook_attn_scores", "hook_pattern", "rel_pos_hook")
 
 
 def storage_dtype_name(dtype: torch.dtype | str | None, default: torch.dtype) -> str:
@@ -57,20 +56,17 @@ def storage_dtype_name(dtype: torch.dtype | str | None, default: torch.dtype) ->
     return name
 
 
-def token_axis(name: str) -> str:
-    """Which token stream a hook's dim 1 runs over: "encoder" or "decoder". Attention patterns are per
-    (query, key) pair, not per token, and cannot be stored as token rows."""
-    leaf = name.rsplit(".", 1)[-1]
-    if leaf in NOT_PER_TOKEN:
+def token_axis(model: Any, name: str) -> str:
+    """Which token stream a hook's rows belong to, from the model's hook registry: "encoder" or "decoder"
+    (the stack its dim 1 counts; cross-attention keys/values count encoder positions). Attention scores,
+    patterns and position biases are per (query, key) pair, not per token: a ValueError."""
+    labels = model.layout.spec(name).position_axes()  # e.g. ("batch", "encoder", None)
+    if len(labels) < 2 or labels[0] != "batch" or labels[1] not in AXES or any(a in AXES for a in labels[2:]):
         raise ValueError(
-            f"{name!r} is not a per-token activation ([batch, heads, query, key]); the store keeps one row per "
-            f"token: choose hook_q/k/v/z, hook_result, residual, MLP or norm hooks"
+            f"{name!r} is not a per-token activation; the store keeps one row per token: choose hook_q/k/v/z, "
+            f"hook_result, residual, MLP or norm hooks (not attention scores, patterns or position biases)"
         )
-    if name.startswith(("hook_embed", "encoder.", "encoder_final_ln.", "hook_encoder_out")):
-        return "encoder"
-    if ".cross_attn." in name and leaf in ("hook_k", "hook_v"):
-        return "encoder"  # cross-attention keys/values are computed from the encoder output
-    return "decoder"
+    return labels[1]
 
 
 def index_key(axis: str, column: str) -> str:
