@@ -71,6 +71,25 @@ class CaptureModule(nn.Module):
             out[name] = io.outputs[name]
         return out
 
+    def encode(
+        self,
+        input: Tensor,
+        one_zero_attention_mask: Tensor | None = None,
+        patches: Mapping[str, Tensor] | None = None,
+    ) -> dict[str, Tensor]:
+        """Only the encoder stack, no decoder pass: `{name: activation}` for the captured names, which must all
+        be computed by the encoder (`hook_embed`, `encoder.*`, `encoder_final_ln.*`, `hook_encoder_out`).
+        For bulk extraction of encoder activations (T5 text encoders); compiles and exports like `forward`."""
+        model = self.model
+        tokens, mask, *_ = model.prepare_inputs(input, None, one_zero_attention_mask)
+        self._check_patches(patches)
+        io = HookIO(self._capture_set, self.patch_modes, patches)
+        model.encode(tokens, mask, io)
+        missing = [name for name in self.names if name not in io.outputs]
+        if missing:
+            raise ValueError(f"encode() runs only the encoder; {missing} are computed by the decoder: use forward")
+        return {name: io.outputs[name] for name in self.names}
+
     def _check_patches(self, patches: Mapping[str, Tensor] | None) -> None:
         given = set(patches or {})
         expected = set(self.patch_modes)

@@ -127,7 +127,10 @@ def test_sources_agree(model: HookedEncoderDecoder, tmp_path: Path) -> None:
 def test_storage_dtypes_and_encoder_only_hooks(model: HookedEncoderDecoder, tmp_path: Path) -> None:
     texts = corpus(6, seed=2)
     extract(model, texts, "hook_encoder_out", tmp_path / "f32", backend="eager", progress=False)
-    ref = ActivationStore(tmp_path / "f32").load("hook_encoder_out")
+    ref = ActivationStore(tmp_path / "f32").load("hook_encoder_out")  # the encoder alone ran (no decoder hook)
+    for doc, text in enumerate(texts):
+        _, cache = model.run_with_cache(text, names_filter="hook_encoder_out")
+        torch.testing.assert_close(ref["acts"][ref["doc"] == doc], cache["hook_encoder_out"][0])
     for dtype in ("bf16", "float16"):
         extract(model, texts, "hook_encoder_out", tmp_path / dtype, dtype=dtype, backend="eager", progress=False)
         store = ActivationStore(tmp_path / dtype)
@@ -157,8 +160,11 @@ def test_compiled_and_onnx_backends_equal_eager(backend: str, tmp_path: Path) ->
     extract(model, texts, names, tmp_path / "eager", backend="eager", **kw)
     ref = ActivationStore(tmp_path / "eager")
     extract(model, texts, names, tmp_path / backend, backend=backend, **kw)
-    store = ActivationStore(tmp_path / backend)
-    for name in names:
+    stores = {name: ActivationStore(tmp_path / backend) for name in names}
+    if backend == "compile":  # encoder hooks only: the compiled encoder stack alone (CaptureModule.encode)
+        extract(model, texts, names[:1], tmp_path / "encoder_only", backend=backend, **kw)
+        stores["encoder.0.hook_resid_post"] = ActivationStore(tmp_path / "encoder_only")
+    for name, store in stores.items():
         got, want = store.load(name), ref.load(name)
         assert torch.equal(got["doc"], want["doc"]) and torch.equal(got["pos"], want["pos"])
         torch.testing.assert_close(got["acts"], want["acts"], atol=1e-4, rtol=1e-4)

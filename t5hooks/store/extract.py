@@ -359,6 +359,7 @@ class _Runner:
         self.names, self.shapes = list(shapes), shapes
         self.backend, self.needs_decoder, self.start_id = backend, needs_decoder, start_id
         self.device = next(model.parameters()).device
+        self.encoder_only = False
         if backend == "onnx":
             from ..export import OnnxRunner, to_onnx
 
@@ -368,7 +369,10 @@ class _Runner:
             self.needs_decoder = True  # the graph always takes a decoder input
         else:
             cap = model.capture(self.names).eval()
-            self.fn = torch.compile(cap, fullgraph=True, dynamic=True) if backend == "compile" else cap
+            # only encoder-stack hooks and no decoder input: run the encoder alone (no decoder, no logits)
+            self.encoder_only = not needs_decoder and hasattr(cap, "encode") and _encoder_stack_only(model, self.names)
+            fn = cap.encode if self.encoder_only else cap
+            self.fn = torch.compile(fn, fullgraph=True, dynamic=True) if backend == "compile" else fn
 
     def run(self, items: list[_Encoded], pad_id: int) -> tuple[dict[str, Tensor], dict[str, tuple[Tensor, Tensor]]]:
         tokens, mask = _pad([e.tokens for e in items], pad_id)  # [B,E]
@@ -385,6 +389,8 @@ class _Runner:
             feeds = dict(input=tokens, decoder_input=dec, one_zero_attention_mask=mask.long())
             feeds["decoder_attention_mask"] = dec_mask.long()
             out = {k: torch.from_numpy(v) for k, v in self.fn(**feeds).items()}
+        elif self.encoder_only:
+            out = self.fn(tokens.to(self.device), mask.long().to(self.device))
         else:
             d = self.device
             args = (tokens.to(d), dec.to(d) if self.needs_decoder else None, mask.long().to(d))
@@ -491,6 +497,11 @@ def _needs_decoder(model: Any, axes: dict[str, str], src: Source) -> bool:
     an encoder-decoder otherwise runs its default one-token decoder (encoder-only models run none)."""
     has_decoder = getattr(model.cfg, "n_decoder_layers", 0) > 0 and hasattr(model, "decode")
     return has_decoder and ("decoder" in axes.values() or src.has_decoder)
+
+
+def _encoder_stack_only(model: Any, names: list[str]) -> bool:
+    layout = getattr(model, "layout", None)
+    return layout is not None and all(layout.spec(name).stack == "encoder" for name in names)
 
 
 def _probe_shapes(model: Any, names: list[str], axes: dict[str, str]) -> dict[str, tuple[int, ...]]:
