@@ -319,3 +319,17 @@ def test_bench_extract_quick_runs_and_outputs_agree(capsys: pytest.CaptureFixtur
     assert main(["--quick", "--backend", "eager", "--prompts", "24"]) == 0  # exit 1 if the outputs disagree
     out = capsys.readouterr().out
     assert "speed-up:" in out and "same outputs: max |extract - HF hooks|" in out
+
+
+def test_cli_extract(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from t5hooks.apps.cli import main
+
+    (tmp_path / "c.txt").write_text("first prompt\n\nthird one\n")
+    args = ["extract", str(tmp_path / "c.txt"), str(tmp_path / "out"), "--hooks", "encoder.*.hook_mlp_out"]
+    args += ["--backend", "eager", "--no-progress", "--dtype", "bf16"]
+    assert main(args) == 2
+    assert "prompt 1 (line 2) is empty" in capsys.readouterr().err
+    assert main([*args, "--skip-empty"]) == 0
+    assert "extracted 2 prompts, 23 real tokens" in capsys.readouterr().out
+    store = ActivationStore(tmp_path / "out")
+    assert store.dtype == torch.bfloat16 and store.load("encoder.1.hook_mlp_out")["doc"].unique().tolist() == [0, 2]
