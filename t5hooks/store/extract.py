@@ -124,7 +124,8 @@ def extract(
     hooks in one forward). Prompts longer than `max_tokens` are an error unless `truncate`; empty prompts
     are an error unless `skip_empty`. `dtype`: storage dtype (float32 / bfloat16 / float16; default the
     model's). Batches hold at most `token_budget` padded tokens, bucketed by length within a look-ahead
-    `window` of prompts (also the shard size). `backend`: "compile" (torch.compile, fullgraph), "eager",
+    `window` of prompts (also the shard size; memory holds one window's rows: about
+    `window * mean_tokens * sum(d) * bytes`, so lower it for many wide hooks). `backend`: "compile" (torch.compile, fullgraph), "eager",
     or "onnx" (exported once, run in ONNX Runtime). `format="saelens"` also packs the store into SAELens's
     cached-activations dataset (`context_size` tokens per row) in `out_dir`; the resumable native store
     then lives in `out_dir/native`. Re-running the same call resumes; a different model, hook set, source
