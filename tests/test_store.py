@@ -312,7 +312,6 @@ def test_torchrun_two_processes_equal_one(model: HookedEncoderDecoder, tmp_path:
         torch.testing.assert_close(a["acts"], b["acts"], atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.slow
 def test_bench_extract_quick_runs_and_outputs_agree(capsys: pytest.CaptureFixture[str]) -> None:
     from t5hooks.apps.bench_extract import main
 
