@@ -100,28 +100,33 @@ def test_rows_equal_run_with_cache(model: HookedEncoderDecoder, tmp_path: Path) 
     assert store.num_rows("hook_encoder_out") == summary.real_tokens
 
 
-def test_sources_agree(model: HookedEncoderDecoder, tmp_path: Path) -> None:
-    """Text file, JSONL, a `datasets` Dataset, a saved dataset directory streamed: the same rows as a list."""
+def test_file_sources_agree_with_a_list(model: HookedEncoderDecoder, tmp_path: Path) -> None:
+    """A text file and a JSONL file give the same rows as the prompts as a list."""
     texts = corpus(12, seed=1)
     (tmp_path / "c.txt").write_text("\n".join(texts) + "\n")
     (tmp_path / "c.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
-    runs = {"list": texts, "txt": tmp_path / "c.txt", "jsonl": tmp_path / "c.jsonl"}
-    datasets = pytest.importorskip("datasets")
+    ref = rows_of(model, texts, tmp_path / "list")
+    for label in ("c.txt", "c.jsonl"):
+        rows = rows_of(model, tmp_path / label, tmp_path / f"store-{label}")
+        assert all(torch.equal(rows[k], ref[k]) for k in ref), label
+
+
+def test_datasets_sources_agree_with_a_list(model: HookedEncoderDecoder, tmp_path: Path) -> None:
+    """A `datasets` Dataset object, and its save_to_disk directory streamed: the same rows as a list."""
+    datasets = pytest.importorskip("datasets")  # the `store` extra
+    texts = corpus(12, seed=1)
+    ref = rows_of(model, texts, tmp_path / "list")
     ds = datasets.Dataset.from_dict({"text": texts})
     ds.save_to_disk(str(tmp_path / "saved"))
-    runs["dataset"] = ds
-    kw = dict(window=5, token_budget=80, backend="eager", progress=False)
-    ref = None
-    for label, source in runs.items():
-        extract(model, source, "encoder.1.hook_resid_post", tmp_path / label, **kw)
-        rows = ActivationStore(tmp_path / label).load("encoder.1.hook_resid_post")
-        if ref is None:
-            ref = rows
-        for key in rows:
-            assert torch.equal(rows[key], ref[key]), (label, key)
-    extract(model, str(tmp_path / "saved"), "encoder.1.hook_resid_post", tmp_path / "streamed", streaming=True, **kw)
-    rows = ActivationStore(tmp_path / "streamed").load("encoder.1.hook_resid_post")
-    assert all(torch.equal(rows[k], ref[k]) for k in rows)
+    for label, source, streaming in (("object", ds, False), ("streamed", str(tmp_path / "saved"), True)):
+        rows = rows_of(model, source, tmp_path / label, streaming=streaming)
+        assert all(torch.equal(rows[k], ref[k]) for k in ref), label
+
+
+def rows_of(model: HookedEncoderDecoder, source: object, out: Path, **kw: object) -> dict[str, torch.Tensor]:
+    extract(model, source, "encoder.1.hook_resid_post", out, window=5, token_budget=80, backend="eager",
+            progress=False, **kw)  # fmt: skip
+    return ActivationStore(out).load("encoder.1.hook_resid_post")
 
 
 def test_storage_dtypes_and_encoder_only_hooks(model: HookedEncoderDecoder, tmp_path: Path) -> None:
