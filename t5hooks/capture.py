@@ -71,25 +71,6 @@ class CaptureModule(nn.Module):
             out[name] = io.outputs[name]
         return out
 
-    def encode(
-        self,
-        input: Tensor,
-        one_zero_attention_mask: Tensor | None = None,
-        patches: Mapping[str, Tensor] | None = None,
-    ) -> dict[str, Tensor]:
-        """Only the encoder stack, no decoder pass: `{name: activation}` for the captured names, which must all
-        be computed by the encoder (`hook_embed`, `encoder.*`, `encoder_final_ln.*`, `hook_encoder_out`).
-        For bulk extraction of encoder activations (T5 text encoders); compiles and exports like `forward`."""
-        model = self.model
-        tokens, mask, *_ = model.prepare_inputs(input, None, one_zero_attention_mask)
-        self._check_patches(patches)
-        io = HookIO(self._capture_set, self.patch_modes, patches)
-        model.encode(tokens, mask, io)
-        missing = [name for name in self.names if name not in io.outputs]
-        if missing:
-            raise ValueError(f"encode() runs only the encoder; {missing} are computed by the decoder: use forward")
-        return {name: io.outputs[name] for name in self.names}
-
     def _check_patches(self, patches: Mapping[str, Tensor] | None) -> None:
         given = set(patches or {})
         expected = set(self.patch_modes)
@@ -104,6 +85,41 @@ class CaptureModule(nn.Module):
                     f"(fixed when it was built: model.capture(names, patch=...))"
                 )
             raise ValueError("; ".join(parts))
+
+
+class EncoderCaptureModule(nn.Module):
+    """`cap(input, one_zero_attention_mask, patches=...) -> {"last_hidden_state": ..., **captured}`: only the
+    encoder stack runs (no decoder pass, no logits), for capture sets the encoder computes (`hook_embed`,
+    `encoder.*`, `encoder_final_ln.*`, `hook_encoder_out`); same capture / patch rules as `CaptureModule`.
+    Bulk extraction of encoder activations (T5 text encoders) runs it, compiled."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        names: NameFilter = (),
+        patch: NameFilter = (),
+        patch_mode: str | Mapping[str, str] = "replace",
+    ) -> None:
+        super().__init__()
+        self.capture = CaptureModule(model, names, patch=patch, patch_mode=patch_mode)  # the same name rules
+        self.model, self.names = model, self.capture.names
+        decoder_side = [n for n in (*self.names, *self.capture.patch_names) if model.layout.spec(n).stack != "encoder"]
+        if decoder_side:
+            raise ValueError(f"{decoder_side} are computed by the decoder; capture them with model.capture(...)")
+
+    def forward(
+        self,
+        input: Tensor,
+        one_zero_attention_mask: Tensor | None = None,
+        patches: Mapping[str, Tensor] | None = None,
+    ) -> dict[str, Tensor]:
+        tokens, mask, *_ = self.model.prepare_inputs(input, None, one_zero_attention_mask)
+        self.capture._check_patches(patches)
+        io = HookIO(self.capture._capture_set, self.capture.patch_modes, patches)
+        out = {"last_hidden_state": self.model.encode(tokens, mask, io)}  # [B,E,d_model]
+        for name in self.names:
+            out[name] = io.outputs[name]
+        return out
 
 
 def _nonempty(names: NameFilter) -> bool:

@@ -63,6 +63,10 @@ def test_token_axis(model: HookedEncoderDecoder) -> None:
     assert token_axis(model, "decoder.0.cross_attn.hook_k") == "encoder"
     assert token_axis(model, "decoder.0.cross_attn.hook_q") == "decoder"
     assert token_axis(model, "hook_decoder_embed") == "decoder" and token_axis(model, "unembed.hook_in") == "decoder"
+    from t5hooks.capture import EncoderCaptureModule  # what extract runs for encoder-stack hooks
+
+    with pytest.raises(ValueError, match="computed by the decoder"):
+        EncoderCaptureModule(model, ["hook_embed", "decoder.0.cross_attn.hook_k"])
     for name in ("encoder.0.attn.hook_pattern", "decoder.1.cross_attn.hook_attn_scores", "encoder.0.attn.rel_pos_hook"):
         with pytest.raises(ValueError, match="not a per-token"):
             token_axis(model, name)

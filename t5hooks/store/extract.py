@@ -369,11 +369,15 @@ class _Runner:
             self.fn = OnnxRunner(path, providers=["CPUExecutionProvider"])
             self.needs_decoder = True  # the graph always takes a decoder input
         else:
-            cap = model.capture(self.names).eval()
             # only encoder-stack hooks and no decoder input: run the encoder alone (no decoder, no logits)
-            self.encoder_only = not needs_decoder and hasattr(cap, "encode") and _encoder_stack_only(model, self.names)
-            fn = cap.encode if self.encoder_only else cap
-            self.fn = torch.compile(fn, fullgraph=True, dynamic=True) if backend == "compile" else fn
+            self.encoder_only = not needs_decoder and _encoder_stack_only(model, self.names)
+            if self.encoder_only and hasattr(model, "decode"):
+                from ..capture import EncoderCaptureModule
+
+                cap = EncoderCaptureModule(model, self.names).eval()
+            else:
+                cap = model.capture(self.names).eval()  # an encoder-only model's capture runs just the encoder
+            self.fn = torch.compile(cap, fullgraph=True, dynamic=True) if backend == "compile" else cap
 
     def run(self, items: list[_Encoded], pad_id: int) -> tuple[dict[str, Tensor], dict[str, tuple[Tensor, Tensor]]]:
         tokens, mask = _pad([e.tokens for e in items], pad_id)  # [B,E]
@@ -391,7 +395,7 @@ class _Runner:
             feeds["decoder_attention_mask"] = dec_mask.long()
             out = {k: torch.from_numpy(v) for k, v in self.fn(**feeds).items()}
         elif self.encoder_only:
-            out = self.fn(tokens.to(self.device), mask.long().to(self.device))
+            out = self.fn(tokens.to(self.device), one_zero_attention_mask=mask.long().to(self.device))
         else:
             d = self.device
             args = (tokens.to(d), dec.to(d) if self.needs_decoder else None, mask.long().to(d))
