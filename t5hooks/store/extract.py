@@ -1,8 +1,9 @@
 """extract(): run a corpus through a model's capture module and store the activations of real tokens.
 
 The corpus is read in windows of `window` prompts (per rank). Each window is tokenised, sorted by length
-and cut into token-budget batches (batching.py), run through `model.capture(names)` (compiled, eager, or an
-exported ONNX graph in ONNX Runtime), and its real-token rows are written as one shard, ordered by (doc, pos).
+and cut into token-budget batches (batching.py), run through `model.capture(names)` (the encoder stack alone,
+`EncoderCaptureModule`, when only encoder hooks are asked for; compiled, eager, or an exported ONNX graph in
+ONNX Runtime), and its real-token rows are written as one shard, ordered by (doc, pos).
 A window is the unit of resumption: its shard is renamed into place, then the rank's progress file records
 the window's input range. Killed at any point and re-run, extraction continues after the last recorded
 window, and because windows and batches are a pure function of the source, the final store equals an
