@@ -47,6 +47,7 @@ from .format import (
 from .sources import Prompt, Source, open_source
 
 BACKENDS = ("compile", "eager", "onnx")
+MANIFEST_WAIT_S = 600.0  # how long ranks > 0 wait for rank 0 to create the store (it loads and probes first)
 FORMATS = ("native", "saelens")
 
 
@@ -532,8 +533,11 @@ def _probe_shapes(model: Any, names: list[str], axes: dict[str, str]) -> dict[st
 
 
 def _open_store(store_dir: Path, root: Path, config: dict[str, Any], format: str, rank: int) -> None:
-    """Create the store, or check that the existing one was made by the same model / hooks / source / settings."""
+    """Create the store, or check that the existing one was made by the same model / hooks / source / settings.
+    Only rank 0 creates it (and cleans its stale temp files); the other ranks wait for its manifest."""
     manifest_path = store_dir / MANIFEST
+    if rank != 0:
+        _wait_for(manifest_path, MANIFEST_WAIT_S)
     if manifest_path.exists():
         manifest = read_json(manifest_path)
         if manifest.get("format") != FORMAT_NAME:
@@ -548,9 +552,7 @@ def _open_store(store_dir: Path, root: Path, config: dict[str, Any], format: str
     for folder in {root, store_dir}:
         if folder.exists() and not folder.is_dir():
             raise ValueError(f"out_dir {folder} exists and is not a directory")
-        ours = lambda e: (
-            e.name.startswith((".", "progress-", "shard-")) or e.name in (MANIFEST, "native")
-        )  # other ranks
+        ours = lambda e: e.name.startswith((".", "progress-", "shard-")) or e.name in (MANIFEST, "native")
         foreign = [e.name for e in folder.iterdir() if not ours(e)] if folder.is_dir() else []
         if foreign:
             raise ValueError(
@@ -561,6 +563,14 @@ def _open_store(store_dir: Path, root: Path, config: dict[str, Any], format: str
     write_json(
         manifest_path, {"format": FORMAT_NAME, "version": FORMAT_VERSION, "output_format": format, "config": config}
     )
+
+
+def _wait_for(path: Path, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not path.exists():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"rank 0 did not create {path} within {timeout_s:.0f} s (see rank 0's error)")
+        time.sleep(0.05)
 
 
 def _check_windows(windows: list[dict[str, Any]], path: Path) -> None:
