@@ -62,19 +62,13 @@ def run_extract(args: argparse.Namespace) -> int:
 
     import torch
 
-    from ..model import HookedEncoderDecoder
-    from ..pretrained import DEFAULT_MODEL
     from ..store import extract
+    from .common import load_model
 
     device = args.device
     if device is None and "LOCAL_RANK" in os.environ and torch.cuda.is_available():
         device = f"cuda:{int(os.environ['LOCAL_RANK'])}"  # one GPU per torchrun process
-    try:
-        model = HookedEncoderDecoder.from_pretrained(
-            args.model or DEFAULT_MODEL, device=device, dtype=getattr(torch, args.model_dtype)
-        ).eval()
-    except OSError as err:
-        raise ValueError(f"could not load model {args.model!r}: {err}") from err
+    model = load_model(args.model, device, args.model_dtype)
     started_group = _init_process_group(device)
     summary = extract(
         model,
