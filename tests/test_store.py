@@ -201,8 +201,10 @@ def test_resume_after_sigkill_equals_uninterrupted(model: HookedEncoderDecoder, 
     assert killed.returncode == -9, killed.stderr[-2000:]
     partial = ActivationStore(tmp_path / "resumed")
     assert len(partial.shards) == 2 and not partial.complete
-    # a half-written shard of the next window, as a kill during the write would leave it
-    (tmp_path / "resumed" / ".shard-00000-000002.safetensors.tmp-1-deadbeef").write_bytes(b"\0" * 100)
+    # a half-written shard of the next window, as a kill during the write would leave it (the writer's pid is dead)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / "resumed" / f".shard-00000-000002.tmp-{int(dead.stdout)}-deadbeef.safetensors"
+    stale.write_bytes(b"\0" * 100)
     names = ["encoder.*.hook_resid_post", "decoder.0.hook_resid_post"]
     kw = dict(window=6, token_budget=64, backend="eager", progress=False)
     summary = extract(model, tmp_path / "c.txt", names, tmp_path / "resumed", **kw)

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..atomic import remove_stale_temps
 from .batching import padded_tokens, plan_batches
 from .format import (
     AXES,
@@ -37,7 +38,6 @@ from .format import (
     model_fingerprint,
     progress_name,
     read_json,
-    remove_stale_temp_files,
     shard_name,
     storage_dtype_name,
     token_axis,
@@ -172,10 +172,14 @@ def extract(
     }
     _open_store(store_dir, root, config, format, rank)
     progress_path = store_dir / progress_name(rank, world_size)
-    remove_stale_temp_files(store_dir, [f"shard-{rank:05d}-", progress_path.name, *([MANIFEST] if rank == 0 else [])])
     state = read_json(progress_path) if progress_path.exists() else {"rank": rank, "world_size": world_size}
     state.setdefault("windows", [])
     _check_windows(state["windows"], progress_path)
+    # what a killed run of this rank may have left half-written: the next shard, the progress file (manifest: rank 0)
+    for final in [store_dir / shard_name(rank, len(state["windows"])), progress_path]:
+        remove_stale_temps(final)
+    if rank == 0:
+        remove_stale_temps(store_dir / MANIFEST)
 
     summary = ExtractSummary(out_dir=root, rank=rank, world_size=world_size)
     summary.windows_resumed = len(state["windows"])

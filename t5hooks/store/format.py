@@ -21,10 +21,8 @@ second dimension runs over: "encoder" (encoder positions; cross-attention keys/v
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -103,7 +101,7 @@ def _jsonable(value: Any) -> Any:
 
 def write_json(path: Path, data: Mapping[str, Any]) -> None:
     text = json.dumps(data, indent=1, sort_keys=False, ensure_ascii=False)
-    with atomic_path(path) as tmp:
+    with atomic_path(path, clean_stale=False) as tmp:  # the store cleans stale temps once, at start
         tmp.write_text(text + "\n", encoding="utf-8")
         json.loads(tmp.read_text(encoding="utf-8"))  # verify before the rename
 
@@ -135,7 +133,7 @@ def _short(value: Any, limit: int = 80) -> str:
 def write_shard(path: Path, tensors: Mapping[str, Tensor], metadata: Mapping[str, Any]) -> None:
     """One shard, atomically; verified (header readable, every tensor present) before the rename."""
     data = {name: t.contiguous() for name, t in tensors.items()}
-    with atomic_path(path) as tmp:
+    with atomic_path(path, clean_stale=False) as tmp:
         save_file(data, str(tmp), metadata={"t5hooks": json.dumps(metadata)})
         with safe_open(str(tmp), framework="pt") as f:
             missing = set(data) - set(f.keys())
@@ -146,12 +144,3 @@ def write_shard(path: Path, tensors: Mapping[str, Tensor], metadata: Mapping[str
 def read_shard(path: Path, names: Iterable[str]) -> dict[str, Tensor]:
     with safe_open(str(path), framework="pt") as f:
         return {name: f.get_tensor(name) for name in names}
-
-
-def remove_stale_temp_files(out_dir: Path, prefixes: Iterable[str]) -> None:
-    """Temp files a killed run left beside its targets (`.shard-00000-….tmp-<pid>-<id>`); only this rank's."""
-    prefixes = tuple(f".{p}" for p in prefixes)
-    for entry in out_dir.iterdir():
-        if entry.name.startswith(prefixes) and ".tmp-" in entry.name:
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(entry)
