@@ -313,7 +313,7 @@ def train_saes(
                 for key, value in reconstruction_metrics(batch[hook].float(), o["x_hat"], o["features"]).items():
                     row[f"{hook}/{key}"] = value
                 row[f"{hook}/dead_fraction"] = float(trainer.dead_masks()[hook].float().mean())
-                row[f"{hook}/loss"] = float(o["loss"])
+                row[f"{hook}/loss"] = float(o["loss"].detach())
             if evaluate is not None:
                 row.update(evaluate(trainer.saes))
             metrics.append(row)
