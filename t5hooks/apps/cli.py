@@ -194,8 +194,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=cmd_train_tiny)
 
     from .export_command import register as register_export
+    from .train_command import register as register_train
 
     register_export(sub)
+    register_train(sub)
 
     bench = sub.add_parser(
         "bench",
