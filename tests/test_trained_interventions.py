@@ -1,11 +1,12 @@
 """Trained interventions: DAS rotation math against pyvene's LowRankRotatedSpaceIntervention on the same
-weights (outputs and gradients), against a float64 reference of the documented formula, and in one compiled
-base+source forward; a linear probe learns character identity on t5hooks-tiny; a steering vector trains."""
+weights (outputs and gradients) and a float64 reference of the documented formula; DAS on t5hooks-tiny, base and
+source in one compiled forward; a linear probe learns character identity on t5hooks-tiny; a steering vector trains."""
 
 import random
 
 import pytest
 import torch
+import torch._dynamo
 
 from t5hooks import HookedEncoderDecoder
 from t5hooks.apps.train_tiny import make_batch, random_word
@@ -116,29 +117,41 @@ def das_batches(model, position, seed=0, size=32):
 
 
 @pytest.mark.slow
-def test_das_finds_the_character_subspace_in_one_compiled_forward(tiny):
+def test_das_finds_the_character_subspace(tiny):
     """Interchanging a learned subspace of the embedding at position 1 swaps that character in the reversal."""
     hook, position = "encoder.0.hook_resid_pre", 1
-    result = train_das(tiny, hook, das_batches(tiny, position), k=32, positions=[position], steps=150, lr=1e-2)
+    result = train_das(
+        tiny, hook, das_batches(tiny, position), k=32, positions=[position], steps=150, lr=1e-2, compile=False
+    )
     das = result.interventions[hook]
     batch = next(das_batches(tiny, position, seed=1))
+    cap = CaptureModule(tiny, [], intervene={hook: das})
     with torch.no_grad():
-        out = CaptureModule(tiny, [], intervene={hook: das})(**interchange_inputs(tiny, batch))
+        out = cap(**interchange_inputs(tiny, batch))
     labels = batch["labels"]
     pred = out["logits"][: labels.shape[0]].argmax(-1)
     accuracy = ((pred == labels) | (labels == -100)).all(1).float().mean()  # interchange intervention accuracy
     assert accuracy > 0.85
+    # base and source in one compiled forward: no graph break, same logits as eager
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(cap)(**interchange_inputs(tiny, batch))
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1
+    compiled = torch.compile(cap, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        torch.testing.assert_close(
+            compiled(**interchange_inputs(tiny, batch))["logits"], out["logits"], atol=1e-5, rtol=0
+        )
 
 
 def test_steering_vector_trains(tiny):
     rng = random.Random(0)
 
-    def batches():  # steer towards outputting the word unreversed
+    def batches():  # steer every output character to "x"
         while True:
             words = [random_word(rng) for _ in range(16)]
             b = make_batch(words, tiny.tokenizer)
-            forward = make_batch([w[::-1] for w in words], tiny.tokenizer)  # its reversal is the word itself
-            yield {"input": b.tokens, "one_zero_attention_mask": b.mask, "labels": forward.labels}
+            target = make_batch(["x" * len(w) for w in words], tiny.tokenizer)
+            yield {"input": b.tokens, "one_zero_attention_mask": b.mask, "labels": target.labels}
 
     result = train_steering(tiny, "decoder.0.hook_resid_post", batches(), steps=30, lr=5e-2, compile=False)
     assert result.losses[-1] < 0.7 * result.losses[0]

@@ -194,10 +194,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=cmd_train_tiny)
 
     from .export_command import register as register_export
+    from .sae_demo import register as register_sae_demo
     from .train_command import register as register_train
 
     register_export(sub)
     register_train(sub)
+    register_sae_demo(sub)
 
     bench = sub.add_parser(
         "bench",
