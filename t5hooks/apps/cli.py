@@ -104,6 +104,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from ..kernels.bench import main as bench_attention
 
         return bench_attention(args.rest)
+    if args.what == "sae":
+        from .bench_sae import run as bench_sae
+
+        return bench_sae(args.rest)
     from .bench_model import main as bench_model
 
     return bench_model(args.rest)
@@ -203,10 +207,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser(
         "bench",
-        help="benchmarks: 'attention' (kernels side by side), 'model' (whole model vs HF)",
+        help="benchmarks: 'attention' (kernels side by side), 'model' (whole model vs HF), 'sae' (SAE training vs SAELens)",
         description="Run a benchmark; arguments after the benchmark name go to it (try `t5hooks bench attention --help`).",
     )
-    bench.add_argument("what", choices=["attention", "model"], help="which benchmark")
+    bench.add_argument("what", choices=["attention", "model", "sae"], help="which benchmark")
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for the benchmark")
     bench.set_defaults(func=cmd_bench)
     return parser

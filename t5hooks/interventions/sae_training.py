@@ -157,10 +157,15 @@ class SAETrainer:
     def train_step(self, batch: Mapping[str, Tensor]) -> dict[str, dict]:
         cfg = self.cfg
         batch = {h: batch[h].float() for h in self.saes}
+        distributed = dist.is_available() and dist.is_initialized()
         if not self._initialised_b_dec:  # b_dec starts at the data mean (geometric-median stand-in)
             with torch.no_grad():
                 for hook, sae in self.saes.items():
-                    sae.b_dec.copy_(batch[hook].mean(0))
+                    mean = batch[hook].mean(0)
+                    if distributed:  # every rank starts from the same (global) mean
+                        dist.all_reduce(mean)
+                        mean /= dist.get_world_size()
+                    sae.b_dec.copy_(mean)
             self._initialised_b_dec = True
         for group in self.optimizer.param_groups:
             group["lr"] = cfg.lr * lr_factor(self.step, cfg)
@@ -170,7 +175,8 @@ class SAETrainer:
         self.optimizer.zero_grad(set_to_none=True)
         total.backward()
         fired = {h: (o["features"] > 0).any(0) for h, o in out.items()}
-        if dist.is_available() and dist.is_initialized():
+        n_tokens = next(iter(batch.values())).shape[0]
+        if distributed:  # what DistributedDataParallel does: average gradients; plus global dead-feature counts
             world = dist.get_world_size()
             for p in self.params:
                 dist.all_reduce(p.grad)
@@ -179,11 +185,13 @@ class SAETrainer:
                 f = fired[h].to(torch.int32)
                 dist.all_reduce(f, op=dist.ReduceOp.MAX)
                 fired[h] = f.bool()
+            count = torch.tensor(n_tokens)
+            dist.all_reduce(count)
+            n_tokens = int(count)
         if cfg.architecture != "standard":
             for sae in self.saes.values():
                 _remove_parallel_grad(sae)
         self.optimizer.step()
-        n_tokens = next(iter(batch.values())).shape[0]
         for hook, sae in self.saes.items():
             if cfg.architecture != "standard":
                 with torch.no_grad():
