@@ -47,15 +47,17 @@ def cycling(x: Tensor, batch_size: int) -> Iterator[Tensor]:
 
 def saelens_run(x: Tensor, args: argparse.Namespace) -> float:
     import sae_lens
+    from sae_lens.config import LoggingConfig, SAETrainerConfig
 
     cfg = sae_lens.TopKTrainingSAEConfig(d_in=x.shape[1], d_sae=args.d_sae, k=args.k)
     sae = sae_lens.TopKTrainingSAE(cfg)
-    trainer_cfg = sae_lens.SAETrainerConfig(
+    trainer_cfg = SAETrainerConfig(
         total_training_samples=args.steps * args.batch_size,
         train_batch_size_samples=args.batch_size,
         lr=args.lr,
+        lr_end=args.lr,  # constant schedule, as the t5hooks rows
         device="cpu",
-        logger=sae_lens.LoggingConfig(log_to_wandb=False),
+        logger=LoggingConfig(log_to_wandb=False),
     )
     trainer = sae_lens.SAETrainer(trainer_cfg, sae, cycling(x, args.batch_size))
     start = time.perf_counter()

@@ -88,7 +88,7 @@ def sae_loss(sae: SAE, x: Tensor, cfg: SAETrainConfig, dead: Tensor | None, l1_s
     if cfg.architecture == "standard":
         sparsity = (features * sae.W_dec.norm(dim=1)).sum(-1).mean()
         loss = loss + l1_scale * cfg.l1_coefficient * sparsity
-    elif dead is not None:
+    elif dead is not None and (torch.compiler.is_compiling() or bool(dead.any())):  # eager: skip when none dead
         loss = loss + cfg.aux_coefficient * topk_aux_loss(sae, pre, x - x_hat.detach(), dead, cfg.aux_k)
     return {"loss": loss, "features": features, "x_hat": x_hat}
 
