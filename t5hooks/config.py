@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -20,6 +21,9 @@ class HookedT5Config:
     `tie_word_embeddings` decides whether the unembedding shares the embedding matrix;
     `scale_logits` whether the final residual is multiplied by `d_model**-0.5` before it
     (T5 v1.0 does both, v1.1/Flan/mT5/ByT5 neither).
+
+    The fields in `RUN_OPTIONS` say how one copy of the model runs, not what the model is. A model
+    keeps its own copy of the config it is built from, and `.to()` / `.half()` update that copy.
     """
 
     d_model: int = 512
@@ -48,6 +52,8 @@ class HookedT5Config:
     model_name: str = "custom"
     original_architecture: str = "T5ForConditionalGeneration"
     extra: dict[str, Any] = field(default_factory=dict)
+
+    RUN_OPTIONS: ClassVar[tuple[str, ...]] = ("dtype", "device", "attn_impl", "use_attn_result", "seed")
 
     def __post_init__(self) -> None:
         if self.n_decoder_layers is None:
@@ -79,6 +85,10 @@ class HookedT5Config:
     @property
     def n_layers_total(self) -> int:
         return self.n_layers + self.n_decoder_layers
+
+    def copy(self, **changes: Any) -> HookedT5Config:
+        """An independent copy (`extra` included), with `changes` applied and validated."""
+        return dataclasses.replace(self, **{"extra": copy.deepcopy(self.extra), **changes})
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)

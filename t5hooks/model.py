@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any, Literal, Union
 
@@ -11,9 +12,18 @@ from torch import Tensor, nn
 
 from .analysis.cache import ActivationCache
 from .analysis.factored_matrix import FactoredMatrix
-from .components import Attention, DecoderBlock, EncoderBlock, RMSNorm, attention_context, lm_loss
+from .components import (
+    RESID,
+    Attention,
+    DecoderBlock,
+    EncoderBlock,
+    RMSNorm,
+    attention_context,
+    lm_loss,
+    result_hook,
+)
 from .config import HookedT5Config
-from .hook_points import HookedRootModule, HookIO, HookPoint, NameFilter, is_tracing
+from .hook_points import HookedRootModule, HookIO, HookLayout, HookPoint, NameFilter, is_tracing, set_default_layout
 from .kv_cache import DecoderCache
 
 TextOrTokens = Union[Tensor, str, Sequence[str]]
@@ -43,7 +53,7 @@ class Unembed(nn.Module):
         self.lm_head = (
             None if cfg.tie_word_embeddings else nn.Parameter(torch.empty(cfg.d_vocab, cfg.d_model, dtype=cfg.dtype))
         )  # [d_vocab, d_model], HF lm_head layout
-        self.hook_in = HookPoint()  # [B,D,d_model] after the scaling
+        self.hook_in = HookPoint(("batch", "pos", "d_model"), stack="decoder", alias="unembed_in")  # after scaling
 
     def forward(self, resid: Tensor, tied_weight: Tensor, io: HookIO | None = None) -> Tensor:
         if self.scale is not None:
@@ -65,17 +75,18 @@ class HookedEncoderDecoder(HookedRootModule):
             cfg = HookedT5Config.from_dict(cfg)
         if not isinstance(cfg, HookedT5Config):
             raise TypeError(f"cfg must be a HookedT5Config or dict, got {type(cfg).__name__}")
+        cfg = cfg.copy()  # the model's own: moving or converting it never changes the caller's config
         self.cfg = cfg
         self.tokenizer = tokenizer
         # Modules are defined in forward order, so hook_dict (and capture outputs) follow the computation.
         self.embed = Embed(cfg)
-        self.hook_embed = HookPoint()  # [B,E,d_model]
+        self.hook_embed = HookPoint(RESID, stack="encoder")
         self.encoder = nn.ModuleList(EncoderBlock(cfg, layer) for layer in range(cfg.n_layers))
-        self.encoder_final_ln = RMSNorm(cfg)
-        self.hook_encoder_out = HookPoint()  # [B,E,d_model] what cross-attention reads
-        self.hook_decoder_embed = HookPoint()  # [B,D,d_model]
+        self.encoder_final_ln = RMSNorm(cfg, stack="encoder")
+        self.hook_encoder_out = HookPoint(RESID, stack="encoder")  # what cross-attention reads
+        self.hook_decoder_embed = HookPoint(RESID, stack="decoder", alias="embed")
         self.decoder = nn.ModuleList(DecoderBlock(cfg, layer) for layer in range(cfg.n_decoder_layers))
-        self.decoder_final_ln = RMSNorm(cfg)
+        self.decoder_final_ln = RMSNorm(cfg, stack="decoder")
         self.unembed = Unembed(cfg)
         self.init_weights()
         if move_to_device and cfg.device is not None:
@@ -123,7 +134,7 @@ class HookedEncoderDecoder(HookedRootModule):
         self.cfg.use_attn_result = use_attn_result
         for attn in self.attention_layers():
             if use_attn_result and not hasattr(attn, "hook_result"):
-                attn.hook_result = HookPoint()
+                attn.hook_result = result_hook()
             elif not use_attn_result and hasattr(attn, "hook_result"):
                 del attn.hook_result
         self.setup()
@@ -136,14 +147,10 @@ class HookedEncoderDecoder(HookedRootModule):
 
         return fold_layer_norms(self)
 
-    def _name_hint(self, name: str) -> str:
-        if name.endswith("hook_result") and not self.cfg.use_attn_result:
-            return "(hook_result exists only with cfg.use_attn_result=True; call model.set_use_attn_result(True))"
-        if name.endswith("hook_pre_linear") and not self.cfg.gated_mlp:
-            return "(hook_pre_linear exists only in gated MLPs: T5 v1.1, mT5, ByT5)"
-        if "rel_pos_hook" in name:
-            return "(the position bias hook lives on layer 0 only: encoder.0.attn.rel_pos_hook, decoder.0.attn.rel_pos_hook)"
-        return ""
+    @classmethod
+    def reference_layout(cls) -> HookLayout:
+        """The hook layout with every optional point on (gated MLP, `use_attn_result`), from a tiny model."""
+        return _reference_layout()
 
     # ---- forward -----------------------------------------------------------------------
     def encode(self, tokens: Tensor, attention_mask: Tensor | None = None, io: HookIO | None = None) -> Tensor:
@@ -367,10 +374,9 @@ class HookedEncoderDecoder(HookedRootModule):
                 if tokens.shape[0] != 1:
                     raise ValueError(f"to_str_tokens takes one sequence, got a batch of {tokens.shape[0]}")
                 tokens = tokens[0]
-        from .tokenizer import ByteTokenizer
-
-        if isinstance(self.tokenizer, ByteTokenizer):  # one byte per token: name it, do not decode it alone
-            return self.tokenizer.convert_ids_to_tokens(tokens.tolist())
+        label = getattr(self.tokenizer, "str_tokens", None)  # a tokenizer that labels its own tokens
+        if callable(label):
+            return label(tokens.tolist())
         return [self.tokenizer.decode([t]) for t in tokens.tolist()]
 
     # ---- caching, capture --------------------------------------------------------------
@@ -433,9 +439,14 @@ class HookedEncoderDecoder(HookedRootModule):
         return model
 
     def to(self, *args: Any, **kwargs: Any) -> HookedEncoderDecoder:
-        """nn.Module.to, keeping `cfg.device` / `cfg.dtype` in step (`print_details` is accepted, as TL)."""
+        """nn.Module.to (`print_details` is accepted, as TL)."""
         kwargs.pop("print_details", None)
-        result = super().to(*args, **kwargs)
+        return super().to(*args, **kwargs)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> HookedEncoderDecoder:
+        """Every move or conversion (`to`, `half`, `bfloat16`, `float`, `cuda`, ...) keeps the run options
+        `cfg.device` / `cfg.dtype` in step with the weights (`cfg` is the model's own copy)."""
+        result = super()._apply(fn, recurse)
         self.cfg.device = str(self.embed.W_E.device)
         self.cfg.dtype = self.embed.W_E.dtype
         return result
@@ -537,3 +548,14 @@ class HookedEncoderDecoder(HookedRootModule):
         if stack not in layers:
             raise ValueError(f"stack={stack!r}; valid: None, 'encoder', 'decoder', 'cross'")
         return [f"L{layer}H{head}" for layer in range(layers[stack]) for head in range(self.cfg.n_heads)]
+
+
+@functools.cache
+def _reference_layout() -> HookLayout:
+    cfg = HookedT5Config(
+        d_model=8, d_head=4, n_heads=2, d_mlp=8, n_layers=2, d_vocab=8, gated_mlp=True, use_attn_result=True
+    )
+    return HookedEncoderDecoder(cfg).layout
+
+
+set_default_layout(_reference_layout)

@@ -97,7 +97,8 @@ def to_onnx(
     name_graph_io(graph, input_names, output_names)
     if dynamic:
         for value in graph.outputs:
-            set_axes(value, output_axes(value.name) if value.name in output_names[: 1 + len(cap.names)] else None)
+            side_output = value.name not in output_names[: 1 + len(cap.names)]
+            set_axes(value, None if side_output else output_axes(value.name, cap.model.layout))
     write_metadata(program.model, "forward", cap.model.cfg, capture=list(cap.names), patch_modes=cap.patch_modes)
     save_checked(program.model, path, external_data)
     return path

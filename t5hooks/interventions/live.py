@@ -15,11 +15,13 @@ from torch import Tensor, nn
 from ..capture import CaptureModule
 
 TokenBatch = Mapping[str, Tensor]
-ENCODER_ROOTS = ("encoder", "hook_embed", "encoder_final_ln", "hook_encoder_out")
 
 
-def is_encoder_hook(name: str) -> bool:
-    return name.split(".")[0] in ENCODER_ROOTS
+def position_stack(hook) -> str:
+    """The stack ("encoder" or "decoder") whose positions axis 1 of this hook point's activation counts (the registry's
+    axes; cross-attention keys and values count encoder positions)."""
+    axes = hook.axes or ()
+    return hook.key_stack if len(axes) > 1 and axes[1] == "key_pos" and hook.key_stack else hook.stack
 
 
 class LiveActivations:
@@ -58,7 +60,7 @@ class LiveActivations:
         result = {}
         for hook in self.hooks:
             acts = out[hook]  # [B, pos, d]
-            mask = enc_mask if is_encoder_hook(hook) else dec_mask
+            mask = enc_mask if position_stack(self.capture.model.hook_dict[hook]) == "encoder" else dec_mask
             result[hook] = acts[mask.bool()] if mask is not None else acts.reshape(-1, acts.shape[-1])
         return result
 
