@@ -26,7 +26,11 @@ def cycling(x, batch_size):
 
 @pytest.mark.parametrize(
     "architecture,extra",
-    [("topk", {"k": 3}), ("standard", {"l1_coefficient": 0.3, "resample_every": 100, "dead_after_tokens": 5000})],
+    [
+        ("topk", {"k": 3}),
+        ("batchtopk", {"k": 3}),
+        ("standard", {"l1_coefficient": 0.3, "resample_every": 100, "dead_after_tokens": 5000}),
+    ],
 )
 def test_recovers_planted_features(architecture, extra):
     torch.manual_seed(0)
@@ -39,8 +43,13 @@ def test_recovers_planted_features(architecture, extra):
     last = result.metrics[-1]
     assert last["step"] == 400 and last["sae/explained_variance"] > 0.85
     assert 0 <= last["sae/dead_fraction"] <= 1 and last["sae/l0"] > 0
-    if architecture == "topk":
+    if architecture != "standard":
         torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(48), atol=1e-5, rtol=0)
+    if architecture == "batchtopk":  # inference: JumpReLU at the learned threshold, about k features per token
+        assert float(sae.threshold.min()) > 0
+        with torch.no_grad():
+            l0 = (sae.encode(x[:2048]) > 0).float().sum(-1).mean()
+        assert 1.5 < l0 < 6
 
 
 def test_resume_after_kill_equals_uninterrupted(tmp_path):
