@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Mapping
+from typing import Any
 
+import numpy as np
+import torch
 from torch import Tensor, nn
 
 from .components import lm_loss
@@ -74,7 +77,7 @@ class CaptureModule(nn.Module):
         tokens, mask, dec_tokens, dec_mask, labels = model.prepare_inputs(
             input, decoder_input, one_zero_attention_mask, decoder_attention_mask, labels
         )
-        self._check_patches(patches)
+        patches = self._check_patches(patches)
         io = HookIO(self._capture_set, self.patch_modes, patches, self.intervene)
         logits = model.decode(dec_tokens, model.encode(tokens, mask, io), mask, dec_mask, io)
         out = {"logits": logits}
@@ -87,7 +90,8 @@ class CaptureModule(nn.Module):
                 out[key] = value
         return out
 
-    def _check_patches(self, patches: Mapping[str, Tensor] | None) -> None:
+    def _check_patches(self, patches: Mapping[str, Any] | None) -> dict[str, Tensor]:
+        """The patches as tensors (numpy arrays and nested lists accepted), after checking the names."""
         given = set(patches or {})
         expected = set(self.patch_modes)
         if given != expected:
@@ -101,6 +105,21 @@ class CaptureModule(nn.Module):
                     f"(fixed when it was built: model.capture(names, patch=...))"
                 )
             raise ValueError("; ".join(parts))
+        return {name: _as_patch_tensor(name, value) for name, value in (patches or {}).items()}
+
+
+def _as_patch_tensor(name: str, value: Any) -> Tensor:
+    if isinstance(value, Tensor):
+        return value
+    try:
+        tensor = torch.as_tensor(np.asarray(value))
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise TypeError(
+            f"patch for {name!r} must be a torch tensor or numpy array, got {type(value).__name__} ({err})"
+        ) from None
+    if not (tensor.is_floating_point() or tensor.dtype in (torch.int32, torch.int64)):
+        raise TypeError(f"patch for {name!r} must hold numbers, got dtype {tensor.dtype}")
+    return tensor
 
 
 def _interventions(model: nn.Module, intervene: Mapping[str, nn.Module] | None) -> tuple[tuple[str, ...], list]:

@@ -9,7 +9,6 @@ tensors are assigned, not copied, so no second full copy of the weights exists w
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Iterator
@@ -19,6 +18,19 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .checkpoint_checks import (
+    CheckpointError,
+    check_hf_config,
+    check_local_path,
+    check_shapes,
+    check_untied_head,
+    confined_file,
+    finite_checked,
+    read_config_json,
+    read_safetensors,
+    read_torch_pickle,
+    shard_names_from_index,
+)
 from .config import HookedT5Config
 
 SUPPORTED_MODEL_TYPES = ("t5", "mt5")
@@ -120,10 +132,11 @@ def load_pretrained(
         tensors = _iter_checkpoint(files)
         tied = None  # decided from the weights below
     _check_model_type(hf_config, name_or_path)
+    check_hf_config(hf_config, repr(name_or_path))
 
     state: dict[str, Tensor] = {}
     lm_head = None
-    for hf_name, tensor in tensors:
+    for hf_name, tensor in finite_checked(tensors, repr(name_or_path)):
         ours = convert_hf_name(hf_name)
         if ours is None:
             if hf_name.endswith("embed_tokens.weight") and "embed.W_E" not in state:
@@ -136,6 +149,7 @@ def load_pretrained(
     if "embed.W_E" not in state:
         raise ValueError(f"{name_or_path!r}: no token embedding (shared.weight) in the checkpoint")
     if tied is None:
+        check_untied_head(hf_config, lm_head, repr(name_or_path))
         tied = lm_head is None or (
             lm_head.shape == state["embed.W_E"].shape and torch.equal(lm_head, state["embed.W_E"])
         )
@@ -144,9 +158,12 @@ def load_pretrained(
 
     cfg_values = dict(cfg_overrides)
     cfg_values.setdefault("device", str(device) if device is not None else None)
-    cfg = HookedT5Config.from_hf_config(
-        hf_config, tie_word_embeddings=tied, dtype=dtype, model_name=name_or_path, **cfg_values
-    )
+    try:
+        cfg = HookedT5Config.from_hf_config(
+            hf_config, tie_word_embeddings=tied, dtype=dtype, model_name=name_or_path, **cfg_values
+        )
+    except (TypeError, KeyError, AttributeError) as err:  # values of the wrong type that check_hf_config does not know
+        raise CheckpointError(f"{name_or_path!r}: config.json cannot be used ({err})") from None
     model = build_with_weights(model_cls, cfg, state, tokenizer, what=repr(name_or_path))
     if tokenizer is None and hf_model is None:
         model.tokenizer = _try_tokenizer(name_or_path, hub_kwargs)
@@ -162,10 +179,12 @@ def build_with_weights(
     with torch.device("meta"):
         model = model_cls(cfg, tokenizer=tokenizer, move_to_device=False)
     state = {k: v.to(dtype=cfg.dtype, device=cfg.device) for k, v in state.items()}  # device None: stay put
-    expected = set(model.state_dict())
+    expected_state = model.state_dict()
+    expected = set(expected_state)
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
     if missing or unexpected:
         raise ValueError(f"{what}: weights do not fit the config: missing {missing}, unexpected {unexpected}")
+    check_shapes(expected_state, state, what)
     model.load_state_dict(state, assign=True)
     model.cfg.device = str(model.W_E.device)
     return model
@@ -182,11 +201,11 @@ def _check_model_type(hf_config: dict[str, Any], name: str) -> None:
 
 def _resolve_checkpoint(name_or_path: str, hub_kwargs: dict[str, Any]) -> tuple[list[Path], dict[str, Any]]:
     """Weight files and config dict, from a local directory or (through transformers' cache) the hub."""
-    path = Path(name_or_path)
-    if path.is_dir():
+    path = check_local_path(name_or_path)
+    if path is not None:
 
         def local(filename: str) -> Path | None:
-            candidate = path / filename
+            candidate = confined_file(path, filename, repr(name_or_path))
             return candidate if candidate.is_file() else None
 
         fetch = local
@@ -200,14 +219,14 @@ def _resolve_checkpoint(name_or_path: str, hub_kwargs: dict[str, Any]) -> tuple[
     config_file = fetch("config.json")
     if config_file is None:
         raise FileNotFoundError(f"{name_or_path!r}: no config.json (expected a save_pretrained directory or hub name)")
-    hf_config = json.loads(config_file.read_text())
+    hf_config = read_config_json(config_file, repr(name_or_path))
     for single, index in (("model.safetensors", SAFETENSORS_INDEX), ("pytorch_model.bin", BIN_INDEX)):
         file = fetch(single)
         if file is not None:
             return [file], hf_config
         index_file = fetch(index)
         if index_file is not None:
-            shards = sorted(set(json.loads(index_file.read_text())["weight_map"].values()))
+            shards = shard_names_from_index(index_file, repr(name_or_path))  # relative names inside the checkpoint
             files = [fetch(shard) for shard in shards]
             if any(f is None for f in files):
                 raise FileNotFoundError(f"{name_or_path!r}: a shard listed in {index} is missing")
@@ -218,14 +237,9 @@ def _resolve_checkpoint(name_or_path: str, hub_kwargs: dict[str, Any]) -> tuple[
 def _iter_checkpoint(files: list[Path]) -> Iterator[tuple[str, Tensor]]:
     for file in files:
         if file.suffix == ".safetensors":
-            from safetensors import safe_open
-
-            with safe_open(str(file), framework="pt") as f:
-                for key in f.keys():
-                    yield key, f.get_tensor(key)
+            yield from read_safetensors(file)
         else:
-            state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-            yield from state.items()
+            yield from read_torch_pickle(file).items()
 
 
 def _try_tokenizer(name_or_path: str, hub_kwargs: dict[str, Any]) -> Any:

@@ -7,7 +7,7 @@ only for consumers that still load it.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 from torch.export import Dim, ExportedProgram
 
+from ..atomic import atomic_path
 from ..capture import CaptureModule
 from ..hook_points import NameFilter
 from .axes import BATCH, DEC, ENC, INPUT_AXES, PAST, patch_axes
@@ -113,12 +114,25 @@ def to_exported_program(
     return torch.export.export(cap, tuple(args), dynamic_shapes=shapes)
 
 
-def save_exported(program: ExportedProgram, path: str | Path) -> Path:
-    """Write an exported program as `.pt2` (`torch.export.save`)."""
+def save_exported(
+    program: ExportedProgram,
+    path: str | Path,
+    *,
+    verify: Callable[[Path], None] | None = None,
+    overwrite: bool = True,
+) -> Path:
+    """Write an exported program as `.pt2` (`torch.export.save`), atomically: the file is loaded back (and
+    passed to `verify(temp_path)` when given) before it takes its final name, so a failed check or a kill
+    leaves the previous file. `overwrite=False` refuses an existing `path`."""
     path = Path(path)
     if path.suffix != ".pt2":
         raise ValueError(f"exported programs are saved as .pt2 files, got {path.name!r}")
-    torch.export.save(program, str(path))
+    with atomic_path(path, overwrite=overwrite) as tmp:
+        torch.export.save(program, str(tmp))
+        if verify is not None:
+            verify(tmp)
+        else:
+            load_exported(tmp)
     return path
 
 
@@ -149,10 +163,22 @@ def to_torchscript(
         return torch.jit.trace(cap, args, strict=False, check_trace=False)
 
 
-def save_torchscript(module: torch.jit.ScriptModule, path: str | Path) -> Path:
+def save_torchscript(
+    module: torch.jit.ScriptModule,
+    path: str | Path,
+    *,
+    verify: Callable[[Path], None] | None = None,
+    overwrite: bool = True,
+) -> Path:
+    """Write a TorchScript module atomically (loaded back, or `verify(temp_path)`, before the rename)."""
     path = Path(path)
-    with _quiet_jit():
-        torch.jit.save(module, str(path))
+    with atomic_path(path, overwrite=overwrite) as tmp:
+        with _quiet_jit():
+            torch.jit.save(module, str(tmp))
+        if verify is not None:
+            verify(tmp)
+        else:
+            load_torchscript(tmp)
     return path
 
 
