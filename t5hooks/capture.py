@@ -15,10 +15,14 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch._dynamo
 from torch import Tensor, nn
+from torch._dynamo.eval_frame import skip_code
 
 from .components import lm_loss
 from .hook_points import PATCH_MODES, HookIO, NameFilter
+
+SEQUENCE_INPUTS = ("input", "decoder_input", "one_zero_attention_mask", "decoder_attention_mask", "labels")
 
 
 class CaptureModule(nn.Module):
@@ -29,6 +33,9 @@ class CaptureModule(nn.Module):
     `patches[name]` replaces the activation ("replace", same shape) or is added to it ("add",
     broadcastable, e.g. a steering vector `[d_model]`). A name both patched and captured returns the
     patched value, which is what the rest of the network sees.
+    `intervene={name: module}` splices modules in (`apply_intervention`'s protocol: the module returns the
+    replacement, or `(replacement, {output: tensor})`); the patch, if any, applies first; a captured name
+    returns the module's replacement; side outputs follow the captured names as `"<name>.<output>"`.
     """
 
     def __init__(
@@ -37,6 +44,7 @@ class CaptureModule(nn.Module):
         names: NameFilter = (),
         patch: NameFilter = (),
         patch_mode: str | Mapping[str, str] = "replace",
+        intervene: Mapping[str, nn.Module] | None = None,
     ) -> None:
         super().__init__()
         self.model = model  # registered as a submodule: the same parameters, not a copy
@@ -44,13 +52,36 @@ class CaptureModule(nn.Module):
         patch_names = tuple(model.resolve_names(patch)) if _nonempty(patch) else ()
         self.patch_modes: dict[str, str] = _patch_modes(patch_names, patch_mode)
         self._capture_set = frozenset(self.names)
+        # registered submodules: their parameters train, move with .to() and export with the graph
+        intervene_names, modules = _interventions(model, intervene)
+        self.intervene_names: tuple[str, ...] = intervene_names
+        self.interventions = nn.ModuleList(modules)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> dict[str, Tensor]:
+        """Eagerly (outside any trace): mark the sequence axes of the token and mask inputs dynamic, each with
+        its own symbol, so `torch.compile(cap, dynamic=True)` never ties the encoder and decoder lengths (duck
+        sizing would, when a first batch has E == D, and recompile at the next E != D). This frame itself is
+        never compiled (see `skip_code` below); inside an outer compile or export it is traced as usual."""
+        if not (torch.compiler.is_compiling() or torch.compiler.is_exporting()):
+            values = list(args[:4])  # no generator here: its frame would be compiled on its own
+            for key in SEQUENCE_INPUTS:
+                values.append(kwargs.get(key))
+            for value in values:
+                if isinstance(value, Tensor) and value.ndim == 2 and value.shape[1] > 1:
+                    torch._dynamo.maybe_mark_dynamic(value, 1)
+        return super().__call__(*args, **kwargs)
 
     @property
     def patch_names(self) -> tuple[str, ...]:
         return tuple(self.patch_modes)
 
+    @property
+    def intervene(self) -> dict[str, nn.Module]:
+        """`{hook name: module}` spliced into the forward."""
+        return dict(zip(self.intervene_names, self.interventions))
+
     def extra_repr(self) -> str:
-        return f"capture={len(self.names)} names, patch={self.patch_modes}"
+        return f"capture={len(self.names)} names, patch={self.patch_modes}, intervene={list(self.intervene_names)}"
 
     def forward(
         self,
@@ -66,13 +97,16 @@ class CaptureModule(nn.Module):
             input, decoder_input, one_zero_attention_mask, decoder_attention_mask, labels
         )
         patches = self._check_patches(patches)
-        io = HookIO(self._capture_set, self.patch_modes, patches)
+        io = HookIO(self._capture_set, self.patch_modes, patches, self.intervene)
         logits = model.decode(dec_tokens, model.encode(tokens, mask, io), mask, dec_mask, io)
         out = {"logits": logits}
         if labels is not None:
             out["loss"] = lm_loss(logits, labels)
         for name in self.names:
             out[name] = io.outputs[name]
+        for key, value in io.outputs.items():  # interventions' side outputs, in forward order
+            if key not in self._capture_set:
+                out[key] = value
         return out
 
     def _check_patches(self, patches: Mapping[str, Any] | None) -> dict[str, Tensor]:
@@ -105,6 +139,57 @@ def _as_patch_tensor(name: str, value: Any) -> Tensor:
     if not (tensor.is_floating_point() or tensor.dtype in (torch.int32, torch.int64)):
         raise TypeError(f"patch for {name!r} must hold numbers, got dtype {tensor.dtype}")
     return tensor
+
+
+class EncoderCaptureModule(nn.Module):
+    """`cap(input, one_zero_attention_mask, patches=...) -> {"last_hidden_state": ..., **captured}`: only the
+    encoder stack runs (no decoder pass, no logits), for capture sets the encoder computes (`hook_embed`,
+    `encoder.*`, `encoder_final_ln.*`, `hook_encoder_out`); same capture / patch rules as `CaptureModule`.
+    Bulk extraction of encoder activations (T5 text encoders) runs it, compiled."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        names: NameFilter = (),
+        patch: NameFilter = (),
+        patch_mode: str | Mapping[str, str] = "replace",
+    ) -> None:
+        super().__init__()
+        self.capture = CaptureModule(model, names, patch=patch, patch_mode=patch_mode)  # the same name rules
+        self.model, self.names = model, self.capture.names
+        decoder_side = [n for n in (*self.names, *self.capture.patch_names) if model.layout.spec(n).stack != "encoder"]
+        if decoder_side:
+            raise ValueError(f"{decoder_side} are computed by the decoder; capture them with model.capture(...)")
+
+    def forward(
+        self,
+        input: Tensor,
+        one_zero_attention_mask: Tensor | None = None,
+        patches: Mapping[str, Tensor] | None = None,
+    ) -> dict[str, Tensor]:
+        tokens, mask, *_ = self.model.prepare_inputs(input, None, one_zero_attention_mask)
+        self.capture._check_patches(patches)
+        io = HookIO(self.capture._capture_set, self.capture.patch_modes, patches)
+        out = {"last_hidden_state": self.model.encode(tokens, mask, io)}  # [B,E,d_model]
+        for name in self.names:
+            out[name] = io.outputs[name]
+        return out
+
+
+def _interventions(model: nn.Module, intervene: Mapping[str, nn.Module] | None) -> tuple[tuple[str, ...], list]:
+    """Exact hook names (in model order) and their modules; globs are refused (one module, one place)."""
+    if not intervene:
+        return (), []
+    if not isinstance(intervene, Mapping):
+        raise TypeError(f"intervene must be a dict {{hook name: nn.Module}}, got {type(intervene).__name__}")
+    for name, module in intervene.items():
+        if not isinstance(name, str) or name not in model.hook_dict:
+            model.resolve_names([name])  # raises with close valid names when unknown
+            raise ValueError(f"intervene keys must be exact hook names, not patterns: {name!r}")
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"intervene[{name!r}] must be an nn.Module, got {type(module).__name__}")
+    names = tuple(n for n in model.hook_dict if n in intervene)
+    return names, [intervene[n] for n in names]
 
 
 def _nonempty(names: NameFilter) -> bool:
@@ -167,3 +252,8 @@ def compile_capture(
 
     run.compiled = compiled  # type: ignore[attr-defined]
     return run
+
+
+# `torch.compile(cap)` enters through `CaptureModule.__call__`: run that frame eagerly (it only marks dynamic axes)
+# and compile what it calls. Inlined into an outer compile or export, it is traced as any other function.
+skip_code(CaptureModule.__call__.__code__)

@@ -42,6 +42,37 @@ def result_hook() -> HookPoint:
     return HookPoint(("batch", "pos", "head", "d_model"), note=RESULT_NOTE)
 
 
+SPLIT_QKV_NOTE = "hook_q_input / hook_k_input / hook_v_input exist only after model.set_use_split_qkv_input(True)"
+ATTN_IN_NOTE = "hook_attn_in / hook_cross_attn_in exist only after model.set_use_attn_in(True)"
+MLP_IN_NOTE = (
+    "hook_mlp_in exists only with cfg.use_hook_mlp_in=True (the default); call model.set_use_hook_mlp_in(True)"
+)
+
+
+def attn_in_hook() -> HookPoint:
+    """A per-head copy of an attention sublayer's input, before its norm (only with `cfg.use_attn_in`)."""
+    return HookPoint(("batch", "pos", "head", "d_model"), note=ATTN_IN_NOTE)
+
+
+def mlp_in_hook() -> HookPoint:
+    """The pre-norm residual as only the MLP reads it (TransformerLens's `hook_mlp_in`)."""
+    return HookPoint(RESID, note=MLP_IN_NOTE)
+
+
+def optional_hook(module: nn.Module, name: str) -> HookPoint:
+    """A new optional hook point `name` of `module` (a block or an attention), with its declared axes."""
+    if name == "hook_result":
+        return result_hook()
+    if name in ("hook_attn_in", "hook_cross_attn_in"):
+        return attn_in_hook()
+    if name == "hook_mlp_in":
+        return mlp_in_hook()
+    if name in ("hook_q_input", "hook_k_input", "hook_v_input"):
+        pos = "key_pos" if module.kind == "cross" and name != "hook_q_input" else "pos"  # cross K/V: encoder
+        return HookPoint(("batch", pos, "head", "d_model"), note=SPLIT_QKV_NOTE)
+    raise ValueError(f"no optional hook point named {name!r}")
+
+
 def clamp_fp16(x: Tensor) -> Tensor:
     """Hugging Face's fp16 overflow guard after every residual add: clamp to the finite range
     (1000 below the maximum once anything has overflowed)."""
@@ -52,9 +83,42 @@ def clamp_fp16(x: Tensor) -> Tensor:
     return torch.clamp(x, min=-limit, max=limit)
 
 
-def lm_loss(logits: Tensor, labels: Tensor) -> Tensor:
-    """Mean cross-entropy over label positions that are not -100 (computed in fp32)."""
+def lm_loss(logits: Tensor, labels: Tensor, per_token: bool = False) -> Tensor:
+    """Mean cross-entropy over label positions that are not -100 (computed in fp32); with `per_token`,
+    the loss at every position `[B,D]` (0 where the label is -100)."""
+    if per_token:
+        return F.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=-100, reduction="none")
     return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+
+
+def repeat_heads(x: Tensor, n_heads: int) -> Tensor:
+    """`[B,P,d_model]` -> `[B,P,H,d_model]`: one copy per head (a new tensor, so a hook may edit one head's
+    input in place). An input already per head is copied as it is."""
+    if x.ndim == 4:
+        return x.clone()
+    return x.unsqueeze(2).expand(-1, -1, n_heads, -1).clone()
+
+
+def self_attention_sublayer(
+    block: nn.Module, resid: Tensor, ctx: AttentionContext, io: HookIO | None, cache: KVCache | None = None
+) -> Tensor:
+    """`attn(ln1(resid))`, with TransformerLens's optional per-head inputs: `hook_attn_in` (use_attn_in) and
+    `attn.hook_q_input / hook_k_input / hook_v_input` (use_split_qkv_input), each normalised by ln1."""
+    cfg, attn, ln = block.cfg, block.attn, block.ln1
+    attn_in = block.hook_attn_in(repeat_heads(resid, cfg.n_heads), io) if cfg.use_attn_in else resid
+    if not cfg.use_split_qkv_input:
+        return attn(ln(attn_in, io), ctx, io, cache=cache)
+    q_in = attn.hook_q_input(repeat_heads(attn_in, cfg.n_heads), io)  # [B,Q,H,d_model]
+    k_in = attn.hook_k_input(repeat_heads(attn_in, cfg.n_heads), io)
+    v_in = attn.hook_v_input(repeat_heads(attn_in, cfg.n_heads), io)
+    return attn(ln(q_in, io), ctx, io, cache=cache, k_input=ln(k_in, io), v_input=ln(v_in, io))
+
+
+def mlp_sublayer(block: nn.Module, resid: Tensor, ln: RMSNorm, io: HookIO | None) -> Tensor:
+    """`mlp(ln(resid))`. `hook_mlp_in` (use_hook_mlp_in) is the pre-norm residual as only the MLP reads it
+    (TransformerLens's meaning): patching it changes the MLP's input, not the residual stream."""
+    mlp_in = block.hook_mlp_in(resid, io) if block.cfg.use_hook_mlp_in else resid
+    return block.hook_mlp_out(block.mlp(ln(mlp_in, io), io), io)
 
 
 class RMSNorm(nn.Module):
@@ -133,6 +197,9 @@ class Attention(nn.Module):
         self.hook_z = HookPoint(("batch", "pos", "head", "d_head"))
         if cfg.use_attn_result:
             self.hook_result = result_hook()
+        if cfg.use_split_qkv_input:  # per-head copies of the inputs (see self_attention_sublayer, project_kv)
+            for name in ("hook_q_input", "hook_k_input", "hook_v_input"):
+                setattr(self, name, optional_hook(self, name))
 
     # ---- TransformerLens-shaped views of the weights ----------------------------------
     @property
@@ -194,32 +261,48 @@ class Attention(nn.Module):
                 return True
         return False
 
-    def project_kv(self, source: Tensor, io: HookIO | None = None) -> tuple[Tensor, Tensor]:
-        """Keys and values `[B,H,K,d_head]` of `source` `[B,K,d_model]` (through hook_k / hook_v).
+    def project(self, x: Tensor, weight: Tensor) -> Tensor:
+        """`[B,P,d_model]` (shared by all heads) or `[B,P,H,d_model]` (per head) -> `[B,P,H,d_head]`."""
+        H, d = self.cfg.n_heads, self.cfg.d_head
+        if x.ndim == 4:  # per-head inputs (use_attn_in / use_split_qkv_input)
+            return torch.einsum("bphm,hdm->bphd", x, weight.view(H, d, -1))
+        return F.linear(x, weight).view(*x.shape[:-1], H, d)
+
+    def project_kv(
+        self, source: Tensor, io: HookIO | None = None, value_source: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Keys and values `[B,H,K,d_head]` of `source` `[B,K,d_model]` or `[B,K,H,d_model]` (through hook_k /
+        hook_v); values read `value_source` when given (split inputs).
 
         For cross-attention this is the per-layer projection of the encoder output that incremental
         decoding computes once (and the ONNX encoder graph exports)."""
-        B, K, _ = source.shape
-        H, d = self.cfg.n_heads, self.cfg.d_head
-        k = self.hook_k(F.linear(source, self.k_proj).view(B, K, H, d), io).transpose(1, 2)
-        v = self.hook_v(F.linear(source, self.v_proj).view(B, K, H, d), io).transpose(1, 2)
-        return k, v
+        if self.kind == "cross" and self.cfg.use_split_qkv_input:  # the encoder output, per head
+            value_source = self.hook_v_input(repeat_heads(source, self.cfg.n_heads), io)
+            source = self.hook_k_input(repeat_heads(source, self.cfg.n_heads), io)
+        k = self.hook_k(self.project(source, self.k_proj), io).transpose(1, 2)
+        v = self.hook_v(self.project(source if value_source is None else value_source, self.v_proj), io)
+        return k, v.transpose(1, 2)
 
     def forward(
         self,
-        x: Tensor,  # [B,Q,d_model] normalised queries' residual
+        x: Tensor,  # [B,Q,d_model] (or per head [B,Q,H,d_model]) normalised queries' residual
         ctx: AttentionContext,
         io: HookIO | None = None,
         kv_input: Tensor | None = None,  # [B,K,d_model] encoder output, for cross-attention
         cache: KVCache | None = None,
+        k_input: Tensor | None = None,  # self-attention with split inputs: normalised key / value inputs
+        v_input: Tensor | None = None,
     ) -> Tensor:  # [B,Q,d_model]
-        B, Q, _ = x.shape
+        B, Q = x.shape[:2]
         H, d = self.cfg.n_heads, self.cfg.d_head
-        q = self.hook_q(F.linear(x, self.q_proj).view(B, Q, H, d), io)
+        q = self.hook_q(self.project(x, self.q_proj), io)
         if self.kind == "cross" and cache is not None and cache.k is not None:
             k, v = cache.k, cache.v  # [B,H,K,d] computed at the first step
         else:
-            k, v = self.project_kv(kv_input if self.kind == "cross" else x, io)
+            if self.kind == "cross":
+                k, v = self.project_kv(kv_input, io)
+            else:
+                k, v = self.project_kv(x if k_input is None else k_input, io, v_input)
             if cache is not None:
                 k, v = cache.update(k, v, append=self.kind != "cross")
         q = q.transpose(1, 2)  # [B,H,Q,d]
@@ -346,24 +429,27 @@ class EncoderBlock(nn.Module):
 
     def __init__(self, cfg: HookedT5Config, layer: int) -> None:
         super().__init__()
+        self.cfg = cfg
         self.layer = layer
         self.hook_resid_pre = HookPoint(RESID)
+        if cfg.use_attn_in:
+            self.hook_attn_in = attn_in_hook()
         self.ln1 = RMSNorm(cfg)
         self.attn = Attention(cfg, "encoder", has_relative_bias=layer == 0)
         self.hook_attn_out = HookPoint(RESID)
         self.hook_resid_mid = HookPoint(RESID)
         self.ln2 = RMSNorm(cfg)
-        self.hook_mlp_in = HookPoint(RESID)
+        if cfg.use_hook_mlp_in:
+            self.hook_mlp_in = mlp_in_hook()
         self.mlp = MLP(cfg)
         self.hook_mlp_out = HookPoint(RESID)
         self.hook_resid_post = HookPoint(RESID)
 
     def forward(self, resid: Tensor, ctx: AttentionContext, io: HookIO | None = None) -> Tensor:
         resid = self.hook_resid_pre(resid, io)
-        attn_out = self.hook_attn_out(self.attn(self.ln1(resid, io), ctx, io), io)
+        attn_out = self.hook_attn_out(self_attention_sublayer(self, resid, ctx, io), io)
         resid = self.hook_resid_mid(clamp_fp16(resid + attn_out), io)
-        mlp_in = self.hook_mlp_in(self.ln2(resid, io), io)
-        mlp_out = self.hook_mlp_out(self.mlp(mlp_in, io), io)
+        mlp_out = mlp_sublayer(self, resid, self.ln2, io)
         return self.hook_resid_post(clamp_fp16(resid + mlp_out), io)
 
 
@@ -374,18 +460,24 @@ class DecoderBlock(nn.Module):
 
     def __init__(self, cfg: HookedT5Config, layer: int) -> None:
         super().__init__()
+        self.cfg = cfg
         self.layer = layer
         self.hook_resid_pre = HookPoint(RESID)
+        if cfg.use_attn_in:
+            self.hook_attn_in = attn_in_hook()
         self.ln1 = RMSNorm(cfg)
         self.attn = Attention(cfg, "decoder", has_relative_bias=layer == 0)
         self.hook_attn_out = HookPoint(RESID)
         self.hook_resid_mid = HookPoint(RESID)
+        if cfg.use_attn_in:
+            self.hook_cross_attn_in = attn_in_hook()  # the cross-attention queries' input, per head
         self.ln2 = RMSNorm(cfg)
         self.cross_attn = Attention(cfg, "cross")
         self.hook_cross_attn_out = HookPoint(RESID)
         self.hook_resid_mid_cross = HookPoint(RESID)
         self.ln3 = RMSNorm(cfg)
-        self.hook_mlp_in = HookPoint(RESID)
+        if cfg.use_hook_mlp_in:
+            self.hook_mlp_in = mlp_in_hook()
         self.mlp = MLP(cfg)
         self.hook_mlp_out = HookPoint(RESID)
         self.hook_resid_post = HookPoint(RESID)
@@ -400,12 +492,15 @@ class DecoderBlock(nn.Module):
         self_cache: KVCache | None = None,
         cross_cache: KVCache | None = None,
     ) -> Tensor:
+        cfg = self.cfg
         resid = self.hook_resid_pre(resid, io)
-        attn_out = self.hook_attn_out(self.attn(self.ln1(resid, io), self_ctx, io, cache=self_cache), io)
+        attn_out = self.hook_attn_out(self_attention_sublayer(self, resid, self_ctx, io, self_cache), io)
         resid = self.hook_resid_mid(clamp_fp16(resid + attn_out), io)
-        cross_out = self.cross_attn(self.ln2(resid, io), cross_ctx, io, kv_input=encoder_out, cache=cross_cache)
+        query_in = self.hook_cross_attn_in(repeat_heads(resid, cfg.n_heads), io) if cfg.use_attn_in else resid
+        if cfg.use_split_qkv_input:  # keys and values: the encoder output per head, in cross_attn.project_kv
+            query_in = self.cross_attn.hook_q_input(repeat_heads(query_in, cfg.n_heads), io)
+        cross_out = self.cross_attn(self.ln2(query_in, io), cross_ctx, io, kv_input=encoder_out, cache=cross_cache)
         cross_out = self.hook_cross_attn_out(cross_out, io)
         resid = self.hook_resid_mid_cross(clamp_fp16(resid + cross_out), io)
-        mlp_in = self.hook_mlp_in(self.ln3(resid, io), io)
-        mlp_out = self.hook_mlp_out(self.mlp(mlp_in, io), io)
+        mlp_out = mlp_sublayer(self, resid, self.ln3, io)
         return self.hook_resid_post(clamp_fp16(resid + mlp_out), io)

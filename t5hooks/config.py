@@ -44,6 +44,11 @@ class HookedT5Config:
     eos_token_id: int = 1
     decoder_start_token_id: int = 0
     use_attn_result: bool = False
+    # TransformerLens's input-hook switches (set_use_hook_mlp_in / set_use_attn_in / set_use_split_qkv_input).
+    # hook_mlp_in is on by default here: without TransformerLens's clone it costs nothing.
+    use_hook_mlp_in: bool = True
+    use_attn_in: bool = False
+    use_split_qkv_input: bool = False
     attn_impl: str = "auto"  # "auto" (fused on CUDA with Triton) | "eager" | "fused"
     initializer_factor: float = 1.0
     seed: int | None = None

@@ -29,10 +29,13 @@ class SamplingConfig:
     temperature: float = 1.0
     top_k: int | None = None
     top_p: float | None = None
+    freq_penalty: float = 0.0
 
     def validate(self) -> None:
         """Each argument of the right type, finite and in range (checked even when do_sample is False,
         so a bad value never waits for the first sampled call to fail)."""
+        if not _is_real(self.freq_penalty) or not math.isfinite(self.freq_penalty) or self.freq_penalty < 0:
+            raise ValueError(f"freq_penalty must be a finite number >= 0, got {self.freq_penalty!r}")
         if not isinstance(self.do_sample, bool):
             raise TypeError(f"do_sample must be True or False, got {self.do_sample!r}")
         if not _is_real(self.temperature) or not math.isfinite(self.temperature) or self.temperature <= 0:
@@ -62,21 +65,29 @@ def generate(
     temperature: float = 1.0,
     top_k: int | None = None,
     top_p: float | None = None,
+    freq_penalty: float = 0.0,
     num_beams: int = 1,
     length_penalty: float = 1.0,
     eos_token_id: int | None = None,
     stop_at_eos: bool = True,
+    use_past_kv_cache: bool = True,
     seed: int | None = None,
-    return_type: Literal["input", "tokens", "str"] = "input",
+    return_type: Literal["input", "tensor", "str"] = "input",
+    verbose: bool = False,
     return_cache: bool = False,
     names_filter: NameFilter = None,
 ) -> Any:
-    """Generate up to `max_new_tokens` decoder tokens per input.
+    """Generate up to `max_new_tokens` decoder tokens per input (TransformerLens's keywords, plus beams).
 
+    Greedy unless `do_sample` (then `temperature`, `top_k`, `top_p`, and `freq_penalty`, which lowers each
+    logit by the penalty times how often the token already occurs in the decoder output, as TransformerLens
+    does when sampling). `use_past_kv_cache=False` reruns the decoder over the whole prefix at every step
+    (same tokens, slower; hooks then see every position). `verbose` shows a tqdm bar.
     Returns tokens `[B, 1 + T]` (starting with the decoder start token, rows that stopped at EOS
-    padded with the pad token, as Hugging Face does) or decoded strings (`return_type="str"`,
-    or "input" with text input). With `return_cache=True`, also a list with one ActivationCache
-    per step (`names_filter` selects the hook points; step 0 includes the encoder's).
+    padded with the pad token, as Hugging Face does; `return_type="tensor"`) or decoded strings
+    (`return_type="str"`, or "input" with text input). With `return_cache=True`, also a list with one
+    ActivationCache per step (`names_filter` selects the hook points; step 0 includes the encoder's); with
+    beams, row `b * num_beams + i` of step t is what produced running beam i of input b after step t.
     """
     if not _is_int(max_new_tokens) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
@@ -84,9 +95,11 @@ def generate(
         raise ValueError(f"num_beams must be an integer >= 1, got {num_beams!r}")
     if not _is_real(length_penalty) or not math.isfinite(length_penalty):
         raise ValueError(f"length_penalty must be a finite number, got {length_penalty!r}")
-    if return_type not in ("input", "tokens", "str"):
-        raise ValueError(f"return_type={return_type!r}; valid: 'input', 'tokens', 'str'")
-    sampling = SamplingConfig(do_sample, temperature, top_k, top_p)
+    if return_type == "tokens":  # earlier name of "tensor"
+        return_type = "tensor"
+    if return_type not in ("input", "tensor", "str"):
+        raise ValueError(f"return_type={return_type!r}; valid: 'input', 'tensor', 'str'")
+    sampling = SamplingConfig(do_sample, temperature, top_k, top_p, freq_penalty)
     sampling.validate()
     if num_beams > 1 and do_sample:
         raise ValueError("beam sampling is not supported: use num_beams > 1 or do_sample=True, not both")
@@ -104,19 +117,46 @@ def generate(
 
         hooks = [(name, record) for name in model.resolve_names(names_filter)]
 
-    def new_step() -> None:
+    progress = None
+    if verbose:
+        from tqdm.auto import tqdm
+
+        progress = tqdm(total=max_new_tokens, desc="generate")
+
+    def new_step() -> None:  # called once per decoding step (the first also runs the encoder)
         if return_cache:
             steps.append({})
+        if progress is not None:
+            progress.update(1)
 
-    with model.hooks(fwd_hooks=hooks):
-        if num_beams == 1:
-            out = _sample_loop(
-                model, tokens, mask, max_new_tokens, sampling, eos if stop_at_eos else None, generator, new_step
-            )
-        else:
-            out = _beam_search(
-                model, tokens, mask, max_new_tokens, num_beams, length_penalty, eos if stop_at_eos else None, new_step
-            )
+    def reorder_step(index: Tensor) -> None:
+        """Beam search reordered its beams: put the last step's rows in the new beam order too."""
+        if return_cache:
+            rows = index.shape[0]
+            steps[-1] = {k: v.index_select(0, index) if v.shape[0] == rows else v for k, v in steps[-1].items()}
+
+    stepper = _Stepper(model, use_past_kv_cache)
+    try:
+        with model.hooks(fwd_hooks=hooks):
+            if num_beams == 1:
+                out = _sample_loop(
+                    stepper, tokens, mask, max_new_tokens, sampling, eos if stop_at_eos else None, generator, new_step
+                )
+            else:
+                out = _beam_search(
+                    stepper,
+                    tokens,
+                    mask,
+                    max_new_tokens,
+                    num_beams,
+                    length_penalty,
+                    eos if stop_at_eos else None,
+                    new_step,
+                    reorder_step,
+                )
+    finally:
+        if progress is not None:
+            progress.close()
     if return_type == "str" or (return_type == "input" and text_input):
         if model.tokenizer is None:
             raise ValueError("return_type='str' needs a tokenizer: load the model with tokenizer=...")
@@ -134,18 +174,39 @@ def _start(model: Any, batch: int, device: torch.device) -> Tensor:
     return torch.full((batch, 1), model.cfg.decoder_start_token_id, dtype=torch.long, device=device)
 
 
-def _sample_loop(model, tokens, mask, max_new_tokens, sampling, eos, generator, new_step) -> Tensor:
+class _Stepper:
+    """The next-token logits of decoder prefixes: one new position through a `DecoderCache`, or (without the
+    KV cache) the whole prefix recomputed."""
+
+    def __init__(self, model: Any, use_past_kv_cache: bool) -> None:
+        self.model = model
+        self.cache = DecoderCache(model.cfg.n_decoder_layers) if use_past_kv_cache else None
+
+    def next_logits(self, prefix: Tensor, encoder_out: Tensor, mask: Tensor | None) -> Tensor:  # [B,T] -> [B,V]
+        if self.cache is not None:
+            return self.model.decode(prefix[:, -1:], encoder_out, mask, cache=self.cache)[:, -1].float()
+        return self.model.decode(prefix, encoder_out, mask)[:, -1].float()
+
+    def reorder(self, index: Tensor) -> None:
+        if self.cache is not None:
+            self.cache.reorder(index)
+
+
+def _sample_loop(stepper, tokens, mask, max_new_tokens, sampling, eos, generator, new_step) -> Tensor:
     """Greedy (or sampled) decoding; finished rows continue with the pad token."""
+    model = stepper.model
     B = tokens.shape[0]
     new_step()
     encoder_out = model.encode(tokens, mask)
-    cache = DecoderCache(model.cfg.n_decoder_layers)
     out = _start(model, B, tokens.device)
     unfinished = torch.ones(B, dtype=torch.bool, device=tokens.device)
     for step in range(max_new_tokens):
         if step > 0:
             new_step()
-        logits = model.decode(out[:, -1:], encoder_out, mask, cache=cache)[:, -1].float()  # [B, V]
+        logits = stepper.next_logits(out, encoder_out, mask)  # [B, V]
+        if sampling.do_sample and sampling.freq_penalty > 0:
+            counts = torch.zeros_like(logits).scatter_add_(1, out, torch.ones_like(out, dtype=logits.dtype))
+            logits = logits - sampling.freq_penalty * counts
         next_token = choose_token(logits, sampling, generator)
         next_token = torch.where(unfinished, next_token, torch.full_like(next_token, model.cfg.pad_token_id))
         out = torch.cat([out, next_token[:, None]], dim=1)
@@ -173,9 +234,12 @@ def choose_token(logits: Tensor, sampling: SamplingConfig, generator: torch.Gene
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
 
-def _beam_search(model, tokens, mask, max_new_tokens, num_beams, length_penalty, eos, new_step) -> Tensor:
+def _beam_search(
+    stepper, tokens, mask, max_new_tokens, num_beams, length_penalty, eos, new_step, reorder_step
+) -> Tensor:
     """Beam search scored like Hugging Face's default (length_penalty on the generated length,
     early_stopping=False heuristic): keeps `num_beams` running and `num_beams` finished hypotheses."""
+    model = stepper.model
     B, V = tokens.shape[0], model.cfg.d_vocab
     device = tokens.device
     K = 2 * num_beams  # candidates kept per step, so num_beams can still run after some finish
@@ -186,7 +250,6 @@ def _beam_search(model, tokens, mask, max_new_tokens, num_beams, length_penalty,
     beam_tokens = tokens.repeat_interleave(num_beams, dim=0)
     beam_mask = None if mask is None else mask.repeat_interleave(num_beams, dim=0)
     encoder_out = model.encode(beam_tokens, beam_mask)
-    cache = DecoderCache(model.cfg.n_decoder_layers)
 
     running = torch.full((B, num_beams, max_len), pad, dtype=torch.long, device=device)
     running[:, :, 0] = model.cfg.decoder_start_token_id
@@ -204,8 +267,8 @@ def _beam_search(model, tokens, mask, max_new_tokens, num_beams, length_penalty,
     while True:
         if length > 1:
             new_step()
-        logits = model.decode(running[:, :, length - 1].reshape(-1, 1), encoder_out, beam_mask, cache=cache)
-        log_probs = F.log_softmax(logits[:, -1].float(), dim=-1).view(B, num_beams, V)
+        logits = stepper.next_logits(running[:, :, :length].reshape(B * num_beams, length), encoder_out, beam_mask)
+        log_probs = F.log_softmax(logits, dim=-1).view(B, num_beams, V)
         scores = (log_probs + running_scores[:, :, None]).view(B, -1)  # [B, beams*V]
         cand_scores, cand_index = scores.topk(K, dim=-1)  # [B, K]
         cand_beam, cand_token = cand_index // V, cand_index % V
@@ -232,7 +295,9 @@ def _beam_search(model, tokens, mask, max_new_tokens, num_beams, length_penalty,
         finished_any = torch.cat([finished_any, just_finished], dim=1).gather(1, best)
         finished_len = torch.cat([finished_len, torch.full_like(cand_token, length + 1)], dim=1).gather(1, best)
 
-        cache.reorder((parent + batch_offset).view(-1))
+        order = (parent + batch_offset).view(-1)
+        stepper.reorder(order)
+        reorder_step(order)
         length += 1
         best_possible = running_scores[:, :1] / ((length - 1) ** length_penalty)
         worst_finished = torch.where(finished_any, finished_scores.min(dim=1, keepdim=True).values, NEG_INF)

@@ -242,13 +242,30 @@ def _iter_checkpoint(files: list[Path]) -> Iterator[tuple[str, Tensor]]:
             yield from read_torch_pickle(file).items()
 
 
+# Files one of which every Hugging Face tokenizer directory has (fast, sentencepiece, BPE, byte-level).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "spiece.model", "sentencepiece.bpe.model", "vocab.json")
+
+
 def _try_tokenizer(name_or_path: str, hub_kwargs: dict[str, Any]) -> Any:
-    """The checkpoint's tokenizer when one is there (never with remote code); None otherwise."""
+    """The checkpoint's tokenizer when its files are there (never with remote code); None otherwise, rather
+    than a tokenizer built from the model config alone (which maps every word to `<unk>`)."""
+    path = Path(name_or_path)
     try:
+        if path.is_dir():
+            present = any((path / f).is_file() for f in TOKENIZER_FILES)
+        else:
+            from transformers.utils import cached_file
+
+            present = any(
+                cached_file(name_or_path, f, _raise_exceptions_for_missing_entries=False, **hub_kwargs)
+                for f in TOKENIZER_FILES
+            )
+        if not present:
+            return None
         from transformers import AutoTokenizer
 
         return AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=False, **hub_kwargs)
-    except Exception:  # no tokenizer files: the model still works with token ids
+    except Exception:  # no usable tokenizer: the model still works with token ids
         return None
 
 

@@ -63,13 +63,20 @@ def load_builtin(
     name: str,
     device: str | torch.device | None = None,
     dtype: torch.dtype = torch.float32,
+    tokenizer: Any = None,
     **overrides: Any,
 ):
+    """An embedded model; `tokenizer` replaces its byte tokenizer when given."""
     if name == TRAINED_TINY:
-        return load_tiny(model_cls, ASSETS / "t5hooks-tiny.safetensors", device=device, dtype=dtype, **overrides)
-    if name == RANDOM_TINY:
+        model = load_tiny(model_cls, ASSETS / "t5hooks-tiny.safetensors", device=device, dtype=dtype, **overrides)
+    elif name == RANDOM_TINY:
         cfg = tiny_config(model_name=name, dtype=dtype, device=None if device is None else str(device), **overrides)
-        return model_cls(cfg, tokenizer=ByteTokenizer())
+        model = model_cls(cfg, tokenizer=ByteTokenizer())
+    else:
+        raise ValueError(f"unknown built-in model {name!r}; built in: {', '.join(BUILTIN_MODELS)}")
+    if tokenizer is not None:
+        model.tokenizer = tokenizer
+    return model
     raise ValueError(f"unknown built-in model {name!r}; built in: {', '.join(BUILTIN_MODELS)}")
 
 

@@ -76,8 +76,12 @@ def test_tuple_keys_resolve_through_act_name(run):
     assert cache["scale", 1, "ln3"] is cache["decoder.1.ln3.hook_scale"]
     assert cache["normalized", "encoder"] is cache["encoder_final_ln.hook_normalized"]
     assert ("pattern", 0, "cross") in cache and ("pattern", 0, "encoder", "cross") not in cache
-    with pytest.raises(KeyError, match="cannot read 'mlp'"):
-        cache["post", 0, "mlp"]
+    # TransformerLens's layer types are accepted (the activation name already implies them).
+    assert cache["post", 0, "mlp"] is cache["decoder.0.mlp.hook_post"]
+    assert cache["pattern", 0, "attn"] is cache["decoder.0.attn.hook_pattern"]
+    assert cache["scale", "ln_final"] is cache["decoder_final_ln.hook_scale"]
+    with pytest.raises(KeyError, match="cannot read 'bogus'"):
+        cache["post", 0, "bogus"]
     with pytest.raises(KeyError, match="did you mean"):
         cache["decoder.0.hook_resid_prex"]
 
@@ -87,17 +91,17 @@ def test_decompositions_sum_to_the_residual_stream_they_decompose(run, stack):
     model, _, cache = run
     for layer, where, name in read_points(model, stack):
         target = cache[name]
-        parts, labels = cache.decompose_resid(stack, layer, return_labels=True, **where)
+        parts, labels = cache.decompose_resid(layer, return_labels=True, stack=stack, **where)
         assert labels[0] == "embed" and len(labels) == parts.shape[0]
         torch.testing.assert_close(parts.sum(0), target, atol=1e-5, rtol=0)
         for expand_neurons in (True, False):
-            full = cache.get_full_resid_decomposition(stack, layer, expand_neurons=expand_neurons, **where)
+            full = cache.get_full_resid_decomposition(layer, expand_neurons=expand_neurons, stack=stack, **where)
             torch.testing.assert_close(full.sum(0), target, atol=1e-4, rtol=0)
     # Which sublayers come before the decoder's cross-attention input of layer 1: its self-attention, not more.
     if stack == "decoder":
-        _, labels = cache.decompose_resid("decoder", 1, cross_attn_input=True, return_labels=True)
+        _, labels = cache.decompose_resid(1, cross_attn_input=True, return_labels=True)
         assert labels == ["embed", "0_attn_out", "0_cross_attn_out", "0_mlp_out", "1_attn_out"]
-        _, labels = cache.decompose_resid("decoder", 1, mode="cross_attn", return_labels=True)
+        _, labels = cache.decompose_resid(1, mode="cross_attn", return_labels=True)
         assert labels == ["embed", "0_cross_attn_out"]
 
 
@@ -108,45 +112,48 @@ def test_apply_ln_to_stack_reproduces_t5_norm_outputs(run, stack):
     final = cache[f"{stack}.{n - 1}.hook_resid_post"][None]
     # The stack's final norm: what cross-attention reads (encoder), what W_U reads after T5's scaling (decoder).
     expected = cache["hook_encoder_out"] if stack == "encoder" else cache["unembed.hook_in"]
-    torch.testing.assert_close(cache.apply_ln_to_stack(final, stack)[0], expected, atol=1e-5, rtol=0)
-    torch.testing.assert_close(cache.apply_ln_to_stack(final, stack, recompute_ln=True)[0], expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(cache.apply_ln_to_stack(final, stack=stack)[0], expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        cache.apply_ln_to_stack(final, stack=stack, recompute_ln=True)[0], expected, atol=1e-5, rtol=0
+    )
     for l in range(n):
-        mlp_read = cache.accumulated_resid(stack, l, mlp_input=True)[-1:]
+        mlp_read = cache.accumulated_resid(l, mlp_input=True, stack=stack)[-1:]
         torch.testing.assert_close(
-            cache.apply_ln_to_stack(mlp_read, stack, l, mlp_input=True)[0],
-            cache[f"{stack}.{l}.hook_mlp_in"],
+            cache.apply_ln_to_stack(mlp_read, l, mlp_input=True, stack=stack)[0],
+            cache[f"{stack}.{l}.{'ln3' if stack == 'decoder' else 'ln2'}.hook_normalized"]
+            * model.mod_dict[f"{stack}.{l}.{'ln3' if stack == 'decoder' else 'ln2'}"].w,
             atol=1e-5,
             rtol=0,
         )
-        ln1 = cache.apply_ln_to_stack(cache[f"{stack}.{l}.hook_resid_pre"][None], stack, l)[0]
+        ln1 = cache.apply_ln_to_stack(cache[f"{stack}.{l}.hook_resid_pre"][None], l, stack=stack)[0]
         w = model.mod_dict[f"{stack}.{l}.ln1"].w
         torch.testing.assert_close(ln1, cache[f"{stack}.{l}.ln1.hook_normalized"] * w, atol=1e-5, rtol=0)
     # pos_slice picks the matching scales.
-    sliced = cache.apply_ln_to_stack(final[:, :, -1], stack, pos_slice=-1)[0]
+    sliced = cache.apply_ln_to_stack(final[:, :, -1], pos_slice=-1, stack=stack)[0]
     torch.testing.assert_close(sliced, expected[:, -1], atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="out of range"):
-        cache.apply_ln_to_stack(final, stack, layer=n + 1)
+        cache.apply_ln_to_stack(final, layer=n + 1, stack=stack)
     with pytest.raises(ValueError, match="final norm input"):
-        cache.apply_ln_to_stack(final, stack, mlp_input=True)
+        cache.apply_ln_to_stack(final, mlp_input=True, stack=stack)
 
 
 def test_read_point_errors(run):
     _, _, cache = run
     with pytest.raises(ValueError, match="only for stack='decoder'"):
-        cache.decompose_resid("encoder", 0, cross_attn_input=True)
+        cache.decompose_resid(0, cross_attn_input=True, stack="encoder")
     with pytest.raises(ValueError, match="exclusive"):
-        cache.accumulated_resid("decoder", 0, mlp_input=True, cross_attn_input=True)
+        cache.accumulated_resid(0, mlp_input=True, cross_attn_input=True)
     with pytest.raises(ValueError, match="mode="):
-        cache.decompose_resid("decoder", mode="heads")
+        cache.decompose_resid(mode="heads")
 
 
 def test_accumulated_resid_points_and_labels(run):
     model, _, cache = run
-    resid, labels = cache.accumulated_resid("decoder", incl_mid=True, return_labels=True)
+    resid, labels = cache.accumulated_resid(incl_mid=True, return_labels=True)
     assert labels == ["0_pre", "0_mid", "0_mid_cross", "1_pre", "1_mid", "1_mid_cross", "final_post"]
     assert torch.equal(resid[4], cache["decoder.1.hook_resid_mid"])
     assert torch.equal(resid[-1], cache["decoder.1.hook_resid_post"])
-    resid, labels = cache.accumulated_resid("encoder", 1, mlp_input=True, return_labels=True, pos_slice=[0, 2])
+    resid, labels = cache.accumulated_resid(1, mlp_input=True, return_labels=True, pos_slice=[0, 2], stack="encoder")
     assert labels == ["0_pre", "1_pre", "1_mid"]
     assert torch.equal(resid[2], cache["encoder.1.hook_resid_mid"][:, [0, 2]])
 
@@ -171,16 +178,16 @@ def test_direct_logit_attribution_sums_to_the_logit_difference(run):
     B = logits.shape[0]
     right, wrong = torch.tensor([5, 9]), torch.tensor([7, 11])
     expected = logits[torch.arange(B), -1, right] - logits[torch.arange(B), -1, wrong]  # [batch]
-    parts = cache.decompose_resid("decoder", pos_slice=-1)  # [components, batch, d_model]
+    parts = cache.decompose_resid(pos_slice=-1)  # [components, batch, d_model]
     attrs = cache.logit_attrs(parts, right, wrong, pos_slice=-1)  # [components, batch]
     torch.testing.assert_close(attrs.sum(0), expected, atol=1e-4, rtol=0)
     # The same attribution spelled out: normalise with the cached final-norm scale, then dot with W_U columns.
-    normalised = cache.apply_ln_to_stack(parts, "decoder", pos_slice=-1)
+    normalised = cache.apply_ln_to_stack(parts, pos_slice=-1)
     manual = (normalised * (model.W_U[:, right] - model.W_U[:, wrong]).T).sum(-1)
     torch.testing.assert_close(attrs, manual, atol=1e-5, rtol=0)
     # Every position, with per-position tokens [batch, pos], through the full decomposition.
     targets = torch.randint(0, model.cfg.d_vocab, logits.shape[:2], generator=torch.Generator().manual_seed(0))
-    full = cache.get_full_resid_decomposition("decoder")
+    full = cache.get_full_resid_decomposition()
     attrs = cache.logit_attrs(full, targets)
     torch.testing.assert_close(attrs.sum(0), logits.gather(-1, targets[..., None])[..., 0], atol=1e-4, rtol=0)
     with pytest.raises(ValueError, match="same shape"):
@@ -195,27 +202,27 @@ def test_stack_head_results_from_z_and_W_O_equal_hook_result():
         _, cache = model.run_with_cache(tokens, dec, one_zero_attention_mask=mask)
     without = ActivationCache({k: v for k, v in cache.items() if not k.endswith("hook_result")}, model)
     for stack, attn in (("encoder", "self"), ("decoder", "self"), ("decoder", "cross")):
-        cached, labels = cache.stack_head_results(stack, attn=attn, return_labels=True)
-        computed = without.stack_head_results(stack, attn=attn)
+        cached, labels = cache.stack_head_results(return_labels=True, stack=stack, attn=attn)
+        computed = without.stack_head_results(stack=stack, attn=attn)
         n = model.cfg.n_layers if stack == "encoder" else model.cfg.n_decoder_layers
         pos = tokens.shape[1] if stack == "encoder" else 5
         assert cached.shape == (n * model.cfg.n_heads, 2, pos, model.cfg.d_model)
         assert labels[model.cfg.n_heads + 1] == ("L1H1_cross" if attn == "cross" else "L1H1")
         torch.testing.assert_close(computed, cached, atol=1e-5, rtol=0)
-    cross_heads_0 = without.stack_head_results("decoder", 1, attn="cross")
+    cross_heads_0 = without.stack_head_results(1, attn="cross")
     torch.testing.assert_close(cross_heads_0.sum(0), cache["decoder.0.hook_cross_attn_out"], atol=1e-5, rtol=0)
-    remainder = without.stack_head_results("encoder", 1, incl_remainder=True)
+    remainder = without.stack_head_results(1, incl_remainder=True, stack="encoder")
     torch.testing.assert_close(remainder.sum(0), cache["encoder.1.hook_resid_pre"], atol=1e-5, rtol=0)
 
 
 def test_stack_neuron_results_sum_to_each_mlp_output(run):
     model, _, cache = run
-    neurons, labels = cache.stack_neuron_results("encoder", 2, return_labels=True)
+    neurons, labels = cache.stack_neuron_results(2, return_labels=True, stack="encoder")
     assert labels[model.cfg.d_mlp] == "L1N0"
     per_layer = neurons.view(2, model.cfg.d_mlp, *neurons.shape[1:]).sum(1)
     for l in range(2):
         torch.testing.assert_close(per_layer[l], cache[f"encoder.{l}.hook_mlp_out"], atol=1e-5, rtol=0)
-    some, labels = cache.stack_neuron_results("decoder", 1, neuron_slice=[3, 7], pos_slice=0, return_labels=True)
+    some, labels = cache.stack_neuron_results(1, neuron_slice=[3, 7], pos_slice=0, return_labels=True)
     assert labels == ["L0N3", "L0N7"] and some.shape == (2, 2, model.cfg.d_model)
 
 
@@ -226,7 +233,7 @@ def test_head_attributions_with_mlps_and_embedding_add_up_to_the_logit_differenc
     cross_heads = head_logit_attribution(model, cache, right, wrong, attn="cross")
     assert self_heads.values.shape == (model.cfg.n_decoder_layers, model.cfg.n_heads)
     assert self_heads.row_labels[-1] == f"L{model.cfg.n_decoder_layers - 1}" and cross_heads.col_labels[0] == "H0"
-    rest = cache.decompose_resid("decoder", mode="mlp", pos_slice=-1)  # embed + MLPs
+    rest = cache.decompose_resid(mode="mlp", pos_slice=-1)  # embed + MLPs
     rest_attr = cache.logit_attrs(rest, right, wrong, pos_slice=-1).sum(0).mean()
     total = self_heads.values.sum() + cross_heads.values.sum() + rest_attr
     expected = (logits[:, -1, right] - logits[:, -1, wrong]).mean()
@@ -241,7 +248,7 @@ def test_batchless_cache_helpers():
     tokens, _, dec, _ = random_batch(model.cfg.d_vocab, 1, 6, 4)
     with torch.no_grad():
         logits, cache = model.run_with_cache(tokens, dec, remove_batch_dim=True)
-    parts = cache.decompose_resid("decoder")  # [components, pos, d_model]
+    parts = cache.decompose_resid()  # [components, pos, d_model]
     torch.testing.assert_close(parts.sum(0), cache["decoder.1.hook_resid_post"], atol=1e-5, rtol=0)
     attrs = cache.logit_attrs(parts, 9, has_batch_dim=False)  # [components, pos]
     torch.testing.assert_close(attrs.sum(0), logits[0, :, 9], atol=1e-4, rtol=0)
@@ -255,7 +262,7 @@ def test_logit_lens_table_names_tokens_with_the_tokenizer():
     lens = logit_lens(model, cache, k=3)
     decoder_tokens = model.prepare_inputs("the cat sat", "le chat")[2]
     table = lens.table(model, positions=[0, -1], decoder_tokens=decoder_tokens)
-    assert table.count("final_post") == 2 and "decoder position 8 (reads '</s>')" in table
+    assert table.count("final_post") == 2 and "decoder position 7 (reads 't')" in table  # no EOS after decoder text
     top = model.tokenizer.convert_ids_to_tokens([int(logits[0, -1].argmax())])[0]
     final_row = [line for line in table.splitlines() if line.startswith("final_post")][-1]
     assert final_row.split()[1] == repr(top)

@@ -83,10 +83,10 @@ def test_folded_model_attribution_uses_plain_normalisation():
     model = hooked_from(hf_t5("t5_v1_0"), fold_ln=True)
     tokens, mask, dec = batch(model)
     logits, cache = run(model, tokens, mask, dec)
-    parts = cache.decompose_resid("decoder", pos_slice=-1)
+    parts = cache.decompose_resid(pos_slice=-1)
     scale = cache["decoder_final_ln.hook_scale"][:, -1]
     logit_scale = model.cfg.d_model**-0.5  # T5 v1.0 scales the final residual; folding leaves that in place
-    torch.testing.assert_close(cache.apply_ln_to_stack(parts, "decoder", pos_slice=-1), parts / scale * logit_scale)
+    torch.testing.assert_close(cache.apply_ln_to_stack(parts, pos_slice=-1), parts / scale * logit_scale)
     attrs = cache.logit_attrs(parts, 42, pos_slice=-1)
     torch.testing.assert_close(attrs.sum(0), logits[:, -1, 42], atol=1e-4, rtol=0)
 

@@ -243,7 +243,7 @@ def test_string_inputs_with_a_tokenizer():
     with torch.no_grad():
         from_text = model(texts, "ok")[0]
         mask = (tokens != 0).long()
-        dec = torch.tensor([[0, ord("o") + 3, ord("k") + 3, 1]]).expand(2, -1)
+        dec = torch.tensor([[0, ord("o") + 3, ord("k") + 3]]).expand(2, -1)  # start + text, no EOS
         from_ids = model(tokens, dec, one_zero_attention_mask=mask)[0]
     torch.testing.assert_close(from_text, from_ids)
 

@@ -49,7 +49,8 @@ def test_weight_views_reproduce_hooked_activations():
         atol=1e-5,
         rtol=0,
     )
-    mlp_in = cache["encoder.0.hook_mlp_in"]
+    mlp_in = cache["encoder.0.ln2.hook_normalized"] * model.encoder[0].ln2.w  # what the MLP's W_in reads
+    torch.testing.assert_close(cache["encoder.0.hook_mlp_in"], cache["encoder.0.hook_resid_mid"])  # pre-norm (TL)
     torch.testing.assert_close(mlp_in @ model.W_in[0], cache["encoder.0.mlp.hook_pre"], atol=1e-5, rtol=0)
     # QK circuit: the query-key bilinear form of layer 0 head 1 gives the (unbiased) scores
     resid = cache["encoder.0.ln1.hook_normalized"][0] * model.encoder[0].ln1.w  # [E, d_model]

@@ -149,6 +149,38 @@ def apply_slice(x: Tensor, selection: SliceInput, dim: int) -> Tensor:
     return x.index_select(dim, indices % size)  # negative indices count from the end, as in Python
 
 
+def _check_layer_arg(layer: Any) -> None:
+    """The layer slot takes a layer; the stack is a keyword (`stack="encoder"`), as TransformerLens's order."""
+    if isinstance(layer, str):
+        raise TypeError(
+            f"got {layer!r} where the layer goes: the arguments follow TransformerLens's order and the stack is a "
+            f"keyword (default 'decoder'), e.g. decompose_resid(2, stack={layer!r})"
+        )
+
+
+# TransformerLens's layer_type / sublayer_type words -> (attention kind, norm) here.
+_LAYER_TYPES = {
+    "a": "attn",
+    "attn": "attn",
+    "m": "mlp",
+    "mlp": "mlp",
+    "b": "block",
+    "block": "block",
+    "ln_final": "final",
+}
+
+
+def _sublayer(kind: str, attn: str, ln: str | None) -> tuple[str, str | None]:
+    kind = _LAYER_TYPES.get(kind, kind)
+    if kind in ATTN_KINDS:
+        return kind, ln
+    if kind in NORMS:
+        return attn, kind
+    if kind in ("attn", "mlp", "block"):
+        return attn, ln
+    raise ValueError(f"sublayer_type={kind!r}; valid: attn/a, mlp/m, block/b, ln1, ln2, ln3, ln_final, self, cross")
+
+
 def check_choice(what: str, value: Any, valid: Sequence[str]) -> None:
     """ValueError naming the argument, the bad value and the valid ones."""
     if value not in valid:
@@ -201,7 +233,11 @@ class ActivationCache(Mapping):
         for part in key[1:]:
             if part is None:
                 continue
-            if isinstance(part, int) and not isinstance(part, bool):
+            if part in _LAYER_TYPES:  # TransformerLens's layer_type: "attn"/"a", "mlp"/"m", "block"/"b", "ln_final"
+                if _LAYER_TYPES[part] != "final":
+                    continue  # implied by the activation name
+                field, part = "ln", "final"
+            elif isinstance(part, int) and not isinstance(part, bool):
                 field = "layer"
             elif part in STACKS:
                 field = "stack"
@@ -212,7 +248,8 @@ class ActivationCache(Mapping):
             else:
                 raise KeyError(
                     f"cannot read {part!r} in key {key!r}: after the name come a layer (int), a stack "
-                    f"{STACKS}, an attention kind {ATTN_KINDS} and/or a norm {NORMS}"
+                    f"{STACKS}, an attention kind {ATTN_KINDS}, a norm {NORMS} and/or a TransformerLens layer "
+                    f"type {tuple(_LAYER_TYPES)}"
                 )
             if field in parts:
                 raise KeyError(f"key {key!r} gives the {field} twice")
@@ -232,6 +269,46 @@ class ActivationCache(Mapping):
         if move_model:
             self.model.to(device)
         return self
+
+    def toggle_autodiff(self, mode: bool = False) -> None:
+        """TransformerLens's switch: turn autograd on or off globally (`torch.set_grad_enabled(mode)`)."""
+        torch.set_grad_enabled(mode)
+
+    def apply_slice_to_batch_dim(self, batch_slice: SliceInput) -> ActivationCache:
+        """A new cache holding only the selected examples (an int keeps no batch dimension, as TL).
+        Activations with a batch of one that is shared by all examples (`rel_pos_hook`) are kept whole."""
+        if not self.has_batch_dim:
+            raise ValueError("this cache has no batch dimension to slice")
+        if batch_slice is None:
+            return self
+        batch = self[act_name("decoder_embed")].shape[0] if "hook_decoder_embed" in self else None
+        sliced = {}
+        for name, t in self.cache_dict.items():
+            shared = name.endswith("rel_pos_hook") and t.shape[0] == 1 and batch != 1
+            sliced[name] = t if shared else apply_slice(t, batch_slice, dim=0)
+        keeps_dim = not (isinstance(batch_slice, int) and not isinstance(batch_slice, bool))
+        return ActivationCache(sliced, self.model, has_batch_dim=keeps_dim)
+
+    def compute_head_results(self) -> None:
+        """Add every attention layer's per-head outputs (`...hook_result` `[*batch, pos, H, d_model]`) to the
+        cache, computed from the cached `hook_z` and `W_O`, as TransformerLens's."""
+        for stack in STACKS:
+            for l in range(self._n_layers(stack)):
+                for attn in ("self", "cross") if stack == "decoder" else ("self",):
+                    if act_name("z", l, stack, attn) in self.cache_dict:
+                        self.cache_dict[act_name("result", l, stack, attn)] = self.head_results(stack, l, attn)
+
+    def get_neuron_results(
+        self, layer: int, neuron_slice: SliceInput = None, pos_slice: SliceInput = None, *, stack: Stack = "decoder"
+    ) -> Tensor:  # [*batch_and_pos, neurons, d_model]
+        """Each neuron's output of one MLP: its `hook_post` activation times its `W_out` row."""
+        _check_layer_arg(layer)
+        if isinstance(neuron_slice, int) and not isinstance(neuron_slice, bool):
+            neuron_slice = [neuron_slice]
+        post = apply_slice(self[act_name("post", layer, stack)], pos_slice, dim=-2)  # [*batch_and_pos, d_mlp]
+        post = apply_slice(post, neuron_slice, dim=-1)
+        W_out = apply_slice(self.model.mod_dict[f"{stack}.{layer}.mlp"].W_out, neuron_slice, dim=0)
+        return post[..., None] * W_out.to(device=post.device, dtype=post.dtype)
 
     def remove_batch_dim(self) -> ActivationCache:
         """Drop the batch dimension of a batch-of-one cache in place; returns self."""
@@ -281,13 +358,14 @@ class ActivationCache(Mapping):
     def apply_ln_to_stack(
         self,
         residual_stack: Tensor,  # [components, *batch_and_pos, d_model]
-        stack: Stack,
         layer: int | None = None,
         mlp_input: bool = False,
-        cross_attn_input: bool = False,
         pos_slice: SliceInput = None,
         batch_slice: SliceInput = None,
         has_batch_dim: bool = True,
+        *,
+        stack: Stack = "decoder",
+        cross_attn_input: bool = False,
         recompute_ln: bool = False,
     ) -> Tensor:  # [components, *batch_and_pos, d_model]
         """Treat each component as part of the residual stream read at (`stack`, `layer`) and apply that
@@ -298,8 +376,10 @@ class ActivationCache(Mapping):
         `mlp_input` in the decoder), or the stack's final norm for layer None / -1 / n_layers. The decoder's final
         norm includes T5 v1.0's `d_model**-0.5` logit scaling, so the result times `W_U` is logits. With
         `recompute_ln`, each component is normalised by its own RMS instead (the model's norm module: a logit
-        lens). `pos_slice` / `batch_slice` must already be applied to `residual_stack`; they select the scale.
+        lens). As TransformerLens: `pos_slice` must already be applied to `residual_stack` (it selects the
+        scale); `batch_slice` is applied here, to the stack (dim 1, with `has_batch_dim`) and to the scale.
         """
+        _check_layer_arg(layer)
         layer = self._resolve_layer(stack, layer)
         norm_name = self._norm_name(stack, layer, mlp_input, cross_attn_input)
         norm = self.model.mod_dict[norm_name]
@@ -319,14 +399,15 @@ class ActivationCache(Mapping):
     # ---- residual stream -------------------------------------------------------------------
     def accumulated_resid(
         self,
-        stack: Stack,
         layer: int | None = None,
         incl_mid: bool = False,
         apply_ln: bool = False,
         pos_slice: SliceInput = None,
         mlp_input: bool = False,
-        cross_attn_input: bool = False,
         return_labels: bool = False,
+        *,
+        stack: Stack = "decoder",
+        cross_attn_input: bool = False,
     ) -> Tensor | tuple[Tensor, list[str]]:  # [points, *batch_and_pos, d_model]
         """The residual stream of `stack` at each block input up to `layer`: "{l}_pre" per block, and
         "final_post" (the final norm's input) when `layer` is None / -1 / n_layers.
@@ -336,6 +417,7 @@ class ActivationCache(Mapping):
         `apply_ln` applies the norm that reads the last point; at the final norm each stream is normalised by
         its own RMS (a logit lens: for the decoder, the result times `W_U` is each point's logits).
         """
+        _check_layer_arg(layer)
         n = self._n_layers(stack)
         layer = self._resolve_layer(stack, layer)
         self._norm_name(stack, layer, mlp_input, cross_attn_input)  # validates the read point
@@ -362,21 +444,28 @@ class ActivationCache(Mapping):
         components = torch.stack([apply_slice(self[name], pos_slice, dim=-2) for name in names])
         if apply_ln:
             components = self.apply_ln_to_stack(
-                components, stack, layer, mlp_input, cross_attn_input, pos_slice=pos_slice, recompute_ln=layer == n
+                components,
+                layer,
+                mlp_input,
+                pos_slice=pos_slice,
+                stack=stack,
+                cross_attn_input=cross_attn_input,
+                recompute_ln=layer == n,
             )
         return (components, labels) if return_labels else components
 
     def decompose_resid(
         self,
-        stack: Stack,
         layer: int | None = None,
         mlp_input: bool = False,
-        cross_attn_input: bool = False,
         mode: Literal["all", "attn", "self_attn", "cross_attn", "mlp"] = "all",
         apply_ln: bool = False,
         pos_slice: SliceInput = None,
         incl_embeds: bool = True,
         return_labels: bool = False,
+        *,
+        stack: Stack = "decoder",
+        cross_attn_input: bool = False,
     ) -> Tensor | tuple[Tensor, list[str]]:  # [components, *batch_and_pos, d_model]
         """The residual stream read at (`stack`, `layer`) as a stack of the outputs that sum to it: "embed",
         then per block "{l}_attn_out", (decoder) "{l}_cross_attn_out", "{l}_mlp_out".
@@ -384,6 +473,7 @@ class ActivationCache(Mapping):
         `mode`: "all", "attn" (self- and cross-attention), "self_attn", "cross_attn" or "mlp". With
         `cross_attn_input` / `mlp_input` the sublayers of `layer` before that input are included.
         """
+        _check_layer_arg(layer)
         check_choice("mode", mode, ("all", "attn", "self_attn", "cross_attn", "mlp"))
         layer = self._resolve_layer(stack, layer)
         self._norm_name(stack, layer, mlp_input, cross_attn_input)
@@ -411,7 +501,9 @@ class ActivationCache(Mapping):
                     labels.append(f"{l}_{kind}")
         components = self._stack([apply_slice(self[name], pos_slice, dim=-2) for name in names], stack, pos_slice)
         if apply_ln:
-            components = self.apply_ln_to_stack(components, stack, layer, mlp_input, cross_attn_input, pos_slice)
+            components = self.apply_ln_to_stack(
+                components, layer, mlp_input, pos_slice, stack=stack, cross_attn_input=cross_attn_input
+            )
         return (components, labels) if return_labels else components
 
     def _stack(self, components: list[Tensor], stack: str, pos_slice: SliceInput) -> Tensor:
@@ -446,7 +538,7 @@ class ActivationCache(Mapping):
         if incl_remainder:
             components = self._with_remainder(components, labels, stack, layer, pos_slice)
         if apply_ln:
-            components = self.apply_ln_to_stack(components, stack, layer, pos_slice=pos_slice)
+            components = self.apply_ln_to_stack(components, layer, pos_slice=pos_slice, stack=stack)
         return (components, labels) if return_labels else components
 
     # ---- per head and per neuron ---------------------------------------------------------
@@ -463,17 +555,19 @@ class ActivationCache(Mapping):
 
     def stack_head_results(
         self,
-        stack: Stack,
-        layer: int | None = None,
-        attn: AttnKind = "self",
+        layer: int | None = -1,
         return_labels: bool = False,
         incl_remainder: bool = False,
         pos_slice: SliceInput = None,
         apply_ln: bool = False,
+        *,
+        stack: Stack = "decoder",
+        attn: AttnKind = "self",
     ) -> Tensor | tuple[Tensor, list[str]]:  # [layers * H (+1), *batch_and_pos, d_model]
         """Every head's output for the heads of layers strictly before `layer` (None: all), labelled "L{l}H{h}"
         (cross-attention: "L{l}H{h}_cross"). `incl_remainder` appends the rest of the residual stream read at
         `layer`'s input; `apply_ln` applies the norm there (see `apply_ln_to_stack`)."""
+        _check_layer_arg(layer)
         check_choice("attn", attn, ATTN_KINDS)
         if attn == "cross" and stack != "decoder":
             raise ValueError("cross-attention heads exist only in the decoder: stack='decoder'")
@@ -492,27 +586,25 @@ class ActivationCache(Mapping):
 
     def stack_neuron_results(
         self,
-        stack: Stack,
         layer: int | None = None,
         pos_slice: SliceInput = None,
         neuron_slice: SliceInput = None,
         return_labels: bool = False,
         incl_remainder: bool = False,
         apply_ln: bool = False,
+        *,
+        stack: Stack = "decoder",
     ) -> Tensor | tuple[Tensor, list[str]]:  # [layers * neurons (+1), *batch_and_pos, d_model]
         """Every MLP neuron's output (`hook_post` activation times its `W_out` row) for the MLPs of layers
         strictly before `layer`, labelled "L{l}N{n}". Memory: one d_model vector per neuron and position."""
+        _check_layer_arg(layer)
         layer = self._resolve_layer(stack, layer)
         if isinstance(neuron_slice, int) and not isinstance(neuron_slice, bool):
             neuron_slice = [neuron_slice]  # keep the neuron dimension: layers are concatenated along it
         neuron_ids = apply_slice(torch.arange(self.model.cfg.d_mlp), neuron_slice, dim=0).tolist()
         parts, labels = [], []
         for l in range(layer):
-            post = apply_slice(self[act_name("post", l, stack)], pos_slice, dim=-2)  # [*batch_and_pos, d_mlp]
-            post = apply_slice(post, neuron_slice, dim=-1)
-            W_out = apply_slice(self.model.mod_dict[f"{stack}.{l}.mlp"].W_out, neuron_slice, dim=0)  # [n, d_model]
-            W_out = W_out.to(device=post.device, dtype=post.dtype)
-            parts.append((post[..., None] * W_out).movedim(-2, 0))
+            parts.append(self.get_neuron_results(l, neuron_slice, pos_slice, stack=stack).movedim(-2, 0))
             labels.extend(f"L{l}N{n}" for n in neuron_ids)
         components = torch.cat(parts) if parts else self._stack([], stack, pos_slice)
         return self._finish_per_unit(
@@ -521,18 +613,20 @@ class ActivationCache(Mapping):
 
     def get_full_resid_decomposition(
         self,
-        stack: Stack,
         layer: int | None = None,
         mlp_input: bool = False,
-        cross_attn_input: bool = False,
         expand_neurons: bool = True,
         apply_ln: bool = False,
         pos_slice: SliceInput = None,
         return_labels: bool = False,
+        *,
+        stack: Stack = "decoder",
+        cross_attn_input: bool = False,
     ) -> Tensor | tuple[Tensor, list[str]]:  # [components, *batch_and_pos, d_model]
         """The residual stream read at (`stack`, `layer`) split into every self-attention head, (decoder) every
         cross-attention head, every MLP neuron (or each MLP with `expand_neurons=False`), and the embedding.
         T5 has no biases, so these sum to the stream exactly."""
+        _check_layer_arg(layer)
         layer = self._resolve_layer(stack, layer)
         self._norm_name(stack, layer, mlp_input, cross_attn_input)
         # Sublayers of `layer` itself that come before the read point.
@@ -544,33 +638,42 @@ class ActivationCache(Mapping):
             parts.append(result[0])
             labels.extend(result[1])
 
-        add(self.stack_head_results(stack, self_heads_to, "self", return_labels=True, pos_slice=pos_slice))
+        add(self.stack_head_results(self_heads_to, True, pos_slice=pos_slice, stack=stack, attn="self"))
         if stack == "decoder":
-            add(self.stack_head_results(stack, cross_heads_to, "cross", return_labels=True, pos_slice=pos_slice))
+            add(self.stack_head_results(cross_heads_to, True, pos_slice=pos_slice, stack=stack, attn="cross"))
         if expand_neurons:
-            add(self.stack_neuron_results(stack, layer, pos_slice=pos_slice, return_labels=True))
+            add(self.stack_neuron_results(layer, pos_slice=pos_slice, return_labels=True, stack=stack))
         else:
             add(
                 self.decompose_resid(
-                    stack, layer, mode="mlp", pos_slice=pos_slice, incl_embeds=False, return_labels=True
+                    layer, mode="mlp", pos_slice=pos_slice, incl_embeds=False, return_labels=True, stack=stack
                 )
             )
         parts.append(apply_slice(self[act_name("embed", stack=stack)], pos_slice, dim=-2)[None])
         labels.append("embed")
         components = torch.cat(parts)
         if apply_ln:
-            components = self.apply_ln_to_stack(components, stack, layer, mlp_input, cross_attn_input, pos_slice)
+            components = self.apply_ln_to_stack(
+                components, layer, mlp_input, pos_slice, stack=stack, cross_attn_input=cross_attn_input
+            )
         return (components, labels) if return_labels else components
 
     def stack_activation(
         self,
         activation_name: str,
-        stack: Stack,
-        layer: int | None = None,
+        layer: int | None = -1,
+        sublayer_type: str | None = None,
+        *,
+        stack: Stack = "decoder",
         attn: AttnKind = "self",
         ln: str | None = None,
     ) -> Tensor:  # [layers, ...]
-        """One activation (short name, see `act_name`) stacked over the layers of `stack` before `layer`."""
+        """One activation (short name, see `act_name`) stacked over the layers of `stack` before `layer`.
+        `sublayer_type` as TransformerLens's ("attn"/"a", "mlp"/"m", "block"/"b", "ln1", "ln2", "ln3"; "cross"
+        for cross-attention)."""
+        _check_layer_arg(layer)
+        if sublayer_type is not None:
+            attn, ln = _sublayer(sublayer_type, attn, ln)
         layer = self._resolve_layer(stack, layer)
         if layer == 0:
             raise ValueError("stack_activation needs layer >= 1 (it stacks the layers strictly before it)")
@@ -594,6 +697,24 @@ class ActivationCache(Mapping):
             raise TypeError(f"tokens must be integer ids, got dtype {tokens.dtype}")
         return self.model.W_U.T[tokens.long()]
 
+    def _slice_tokens(self, tokens: Any, pos_slice: SliceInput, batch_slice: SliceInput) -> Any:
+        """Answer tokens `[batch]` / `[batch, pos]` of the whole run, cut to the slices of the residual stack
+        (tokens already cut pass through; other row counts are an error, never a silent broadcast)."""
+        if not isinstance(tokens, Tensor) or tokens.ndim == 0 or not self.has_batch_dim:
+            return tokens
+        full_batch, full_pos = self[act_name("decoder_embed")].shape[:2]  # [B, D, d_model]
+        cut_batch = apply_slice(torch.arange(full_batch), batch_slice, dim=0).reshape(-1).numel()
+        has_pos = tokens.ndim == 2
+        if batch_slice is not None and tokens.shape[0] == full_batch:
+            tokens = apply_slice(tokens, batch_slice, dim=0)
+        elif tokens.shape[0] != cut_batch:
+            raise ValueError(
+                f"tokens have {tokens.shape[0]} rows; this cache's batch is {full_batch} ({cut_batch} after batch_slice)"
+            )
+        if has_pos and pos_slice is not None and tokens.shape[-1] == full_pos:
+            tokens = apply_slice(tokens, pos_slice, dim=-1)
+        return tokens
+
     def logit_attrs(
         self,
         residual_stack: Tensor,  # [components, *batch_and_pos, d_model]
@@ -608,11 +729,14 @@ class ActivationCache(Mapping):
         logit scaling, `W_U`. Components of `decompose_resid("decoder")` sum to the logit (difference) exactly.
 
         `tokens`: an id / single-token string (every position), `[batch]` (one per example, every position),
-        or `[batch, pos]`. `pos_slice` / `batch_slice`: the slices already applied to `residual_stack`.
+        or `[batch, pos]`. As TransformerLens: `pos_slice` is already applied to `residual_stack` and
+        `batch_slice` is applied here (see `apply_ln_to_stack`); token tensors given for the whole batch (and,
+        2-D, every position) are sliced the same way, so each row meets its own example's tokens.
         """
+        tokens = self._slice_tokens(tokens, pos_slice, batch_slice)
         directions = self._token_directions(tokens)
         if incorrect_tokens is not None:
-            wrong = self._token_directions(incorrect_tokens)
+            wrong = self._token_directions(self._slice_tokens(incorrect_tokens, pos_slice, batch_slice))
             if wrong.shape != directions.shape:
                 raise ValueError(
                     f"tokens and incorrect_tokens must have the same shape, got {tuple(directions.shape[:-1])} "
@@ -620,7 +744,7 @@ class ActivationCache(Mapping):
                 )
             directions = directions - wrong
         normalised = self.apply_ln_to_stack(
-            residual_stack, "decoder", None, pos_slice=pos_slice, batch_slice=batch_slice, has_batch_dim=has_batch_dim
+            residual_stack, None, pos_slice=pos_slice, batch_slice=batch_slice, has_batch_dim=has_batch_dim
         )
         if (
             has_batch_dim

@@ -15,11 +15,11 @@ Folded pairs:
                                weight, `cfg.tie_word_embeddings` False, `W_E` unchanged)
 
 Logits, residual streams (`*.hook_resid_*`), attention internals (q, k, v, scores, pattern, z),
-`hook_scale` and `hook_normalized` are unchanged. Hooks right after a norm lose the norm's weight:
-`hook_mlp_in`, `unembed.hook_in`, and `hook_encoder_out`, which becomes the *normalised* encoder output
+`hook_scale`, `hook_normalized` and `hook_mlp_in` (pre-norm) are unchanged. Hooks right after a norm lose
+the norm's weight: `unembed.hook_in`, and `hook_encoder_out`, which becomes the *normalised* encoder output
 (equal to `encoder_final_ln.hook_normalized`), as does `model.encode(...)`; multiply by the original
 encoder final-norm weight to recover the unfolded value. Patches written for an unfolded model's
-`hook_encoder_out` / `hook_mlp_in` do not carry over.
+`hook_encoder_out` do not carry over.
 
 Parameters are replaced by new tensors, never modified in place: weights shared with another model
 (e.g. a Hugging Face model loaded with `from_pretrained(hf_model=...)`) stay intact, and optimisers

@@ -93,7 +93,7 @@ def logit_lens(
         pos_slice = [pos_slice]  # keep the pos dimension so the result is always [points, batch, pos, vocab]
     with torch.no_grad():
         resid, labels = cache.accumulated_resid(
-            "decoder", incl_mid=incl_mid, apply_ln=True, pos_slice=pos_slice, return_labels=True
+            incl_mid=incl_mid, apply_ln=True, pos_slice=pos_slice, return_labels=True, stack="decoder"
         )  # [points, batch, pos, d_model]
         if not cache.has_batch_dim:
             resid = resid.unsqueeze(1)
@@ -165,7 +165,7 @@ def head_logit_attribution(
     `ActivationCache.logit_attrs` (an id, or `[batch]`)."""
     _check_cache_model(model, cache)
     with torch.no_grad():
-        heads = cache.stack_head_results("decoder", attn=attn, pos_slice=pos)  # [L*H, batch, d_model]
+        heads = cache.stack_head_results(pos_slice=pos, stack="decoder", attn=attn)  # [L*H, batch, d_model]
         attrs = cache.logit_attrs(heads, tokens, incorrect_tokens, pos_slice=pos)  # [L*H, batch]
         if cache.has_batch_dim:
             attrs = attrs.mean(-1)

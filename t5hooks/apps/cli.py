@@ -8,6 +8,7 @@ import signal
 import sys
 import traceback
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 
@@ -51,8 +52,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     elif args.decoder_text is not None:
         if model.tokenizer is None:
             raise CliError("this model has no tokenizer: pass --decoder-tokens")
-        body = model.to_tokens(args.decoder_text, move_to_device=False)[:, :-1]  # drop EOS: the model continues it
-        dec = torch.cat([torch.full((1, 1), model.cfg.decoder_start_token_id), body], dim=1)
+        dec = model.to_decoder_tokens(args.decoder_text, move_to_device=False)  # start token, text, no EOS
     else:
         dec = torch.full((1, 1), model.cfg.decoder_start_token_id)
     names = model.resolve_names(args.capture) if args.capture else None  # validates patterns early
@@ -124,6 +124,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from .bench_cpu import main as bench_cpu
 
         return bench_cpu(args.rest)
+    if args.what == "extract":
+        from .bench_extract import main as bench_extract
+
+        return bench_extract(args.rest)
+    if args.what == "sae":
+        from .bench_sae import run as bench_sae
+
+        return bench_sae(args.rest)
     from .bench_model import main as bench_model
 
     return bench_model(args.rest)
@@ -165,6 +173,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
     return run_demo(args.out, word=args.word)
+
+
+def register_extract_command(sub: Any) -> None:
+    from .extract_command import register
+
+    register(sub)
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -244,16 +258,22 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=cmd_train_tiny)
 
     from .export_command import register as register_export
+    from .sae_demo import register as register_sae_demo
+    from .train_command import register as register_train
 
     register_export(sub)
+    register_extract_command(sub)
+    register_train(sub)
+    register_sae_demo(sub)
 
     bench = sub.add_parser(
         "bench",
         help="benchmarks: 'attention' (kernels side by side), 'model' (whole model vs HF), "
-        "'cpu' (every CPU fast path vs HF, with GEMM GFLOP/s)",
+        "'cpu' (every CPU fast path vs HF, with GEMM GFLOP/s), "
+        "'extract' (corpus extraction vs a hand-rolled HF hook loop), 'sae' (SAE training vs SAELens)",
         description="Run a benchmark; arguments after the benchmark name go to it (try `t5hooks bench attention --help`).",
     )
-    bench.add_argument("what", choices=["attention", "model", "cpu"], help="which benchmark")
+    bench.add_argument("what", choices=["attention", "model", "cpu", "extract", "sae"], help="which benchmark")
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for the benchmark")
     bench.set_defaults(func=cmd_bench)
     for subparser in sub.choices.values():  # `t5hooks run --debug ...` as well as `t5hooks --debug run ...`

@@ -68,11 +68,12 @@ def to_onnx(
     verify: Callable[[Path], None] | None = None,
     optimize: bool = False,
     quantize: str | None = None,
+    intervene: Mapping[str, nn.Module] | None = None,
 ) -> Path:
     """Export `model` (a HookedEncoderDecoder, or a ready `model.capture(...)`) to an ONNX file.
 
     Graph inputs: `input` `[B,E]`, `decoder_input` `[B,D]`, `one_zero_attention_mask` `[B,E]`,
-    `decoder_attention_mask` `[B,D]` (int64; `OnnxRunner` fills missing masks with ones), then
+    `decoder_attention_mask` `[B,D]` (int64; `OnnxRunner` infers missing masks from the pad token, as the eager model), then
     `patch.<name>` per patched hook (float, the activation's shape for "replace", broadcastable
     for "add"). Outputs: `logits` `[B,D,d_vocab]` then each captured hook name, in hook order.
     With `dynamic`, batch, encoder and decoder lengths vary (decoder length 1 included).
@@ -83,6 +84,8 @@ def to_onnx(
     `optimize`: fuse RMSNorm and GELU with ONNX Runtime's transformer optimiser (outputs kept, checked);
     `quantize="int8"`: int8 weight matmuls, activations quantised per call (opt-in: changes the numbers).
     Both see `t5hooks.export.ort_optimize`; neither works with external data (graphs over 2 GiB).
+    `intervene={hook name: module}`: spliced modules (SAEs, probes, ...) become part of the graph; their side
+    outputs follow as `"<hook name>.<output>"` (e.g. `decoder.1.hook_resid_post.features`).
     Returns the path. Raises ValueError for unknown hook names, a bad path or dtype.
     """
     path = _checked_path(path)
@@ -90,7 +93,7 @@ def to_onnx(
         raise ValueError(f"quantize={quantize!r}; valid: 'int8' or None")
     if not overwrite and path.exists():
         raise FileExistsError(f"{path} already exists (pass overwrite=True to replace it)")
-    cap = _capture_in_dtype(as_capture(model, capture, patch, patch_mode), dtype).eval()
+    cap = _capture_in_dtype(as_capture(model, capture, patch, patch_mode, intervene), dtype).eval()
     args = example if example is not None else example_inputs(cap)
     patches = args[4]
     patch_names = cap.patch_names
@@ -104,13 +107,14 @@ def to_onnx(
         if patch_names:  # `*patches` binds as one tuple argument (absent when empty)
             shapes = (*shapes, tuple(spec[4][n] for n in patch_names))
     input_names = [*INPUT_NAMES, *(patch_input_name(n) for n in patch_names)]
-    output_names = ["logits", *cap.names]
+    output_names = _output_names(cap, args)
     program = export_graph(_FlatCapture(cap), flat_args, shapes, opset)
     graph = program.model.graph
     name_graph_io(graph, input_names, output_names)
     if dynamic:
         for value in graph.outputs:
-            set_axes(value, output_axes(value.name, cap.model.layout))
+            side_output = value.name not in output_names[: 1 + len(cap.names)]
+            set_axes(value, None if side_output else output_axes(value.name, cap.model.layout))
     write_metadata(program.model, "forward", cap.model.cfg, capture=list(cap.names), patch_modes=cap.patch_modes)
     if optimize or quantize:
         verify = _rewritten_then(verify, optimize, quantize)
@@ -133,6 +137,15 @@ def _rewritten_then(
             verify(tmp)
 
     return rewrite_and_verify
+
+
+def _output_names(cap: CaptureModule, args: tuple[Any, ...]) -> list[str]:
+    """The capture's output keys for these inputs ("logits", captured names, then interventions' side
+    outputs, whose names only the modules know: one eager run finds them)."""
+    if not cap.intervene_names:
+        return ["logits", *cap.names]
+    with torch.no_grad():
+        return list(cap(*args))
 
 
 class _FlatCapture(nn.Module):
@@ -235,12 +248,15 @@ def _all_values(graph: ir.Graph) -> Iterator[ir.Value]:
         yield from node.outputs
 
 
-def set_axes(value: ir.Value, axes: tuple) -> None:
+def set_axes(value: ir.Value, axes: tuple | None) -> None:
     """Label `value`'s varying dims with the axis names of axes.py; check the others are static.
 
     A dim the table says varies but the graph has fixed means the exporter specialised it: the
-    graph would fail at other sizes, so this raises instead of writing it."""
+    graph would fail at other sizes, so this raises instead of writing it. `axes=None` (an
+    intervention's side output, whose axes no table knows): the exporter's shape is kept as it is."""
     shape = value.shape
+    if axes is None:
+        return
     if shape is None or len(shape) != len(axes):
         raise RuntimeError(f"output {value.name!r} has shape {shape}; expected rank {len(axes)} (axes {axes})")
     dims = []
@@ -363,7 +379,10 @@ def _capture_in_dtype(cap: CaptureModule, dtype: torch.dtype | str | None) -> Ca
     model = model_in_dtype(cap.model, dtype)
     if model is cap.model:
         return cap
-    return model.capture(list(cap.names), patch=list(cap.patch_modes), patch_mode=dict(cap.patch_modes))
+    intervene = {name: copy.deepcopy(m).to(model.W_E.dtype) for name, m in cap.intervene.items()}
+    return model.capture(
+        list(cap.names), patch=list(cap.patch_modes), patch_mode=dict(cap.patch_modes), intervene=intervene
+    )
 
 
 @contextmanager

@@ -25,14 +25,18 @@ INPUT_NAMES = ("input", "decoder_input", "one_zero_attention_mask", "decoder_att
 
 
 def as_capture(
-    model: Any, capture: NameFilter = (), patch: NameFilter = (), patch_mode: Any = "replace"
+    model: Any,
+    capture: NameFilter = (),
+    patch: NameFilter = (),
+    patch_mode: Any = "replace",
+    intervene: Mapping[str, Any] | None = None,
 ) -> CaptureModule:
     """A CaptureModule given either a model (built here) or a ready CaptureModule (returned as is)."""
     if isinstance(model, CaptureModule):
-        if capture or patch:
-            raise ValueError("pass capture/patch names either to model.capture(...) or here, not both")
+        if capture or patch or intervene:
+            raise ValueError("pass capture/patch/intervene either to model.capture(...) or here, not both")
         return model
-    return model.capture(capture, patch=patch, patch_mode=patch_mode)
+    return model.capture(capture, patch=patch, patch_mode=patch_mode, intervene=intervene)
 
 
 def example_inputs(
@@ -45,6 +49,8 @@ def example_inputs(
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, model.cfg.d_vocab, (batch, enc_len), generator=g).to(device)
     dec = torch.randint(0, model.cfg.d_vocab, (batch, dec_len), generator=g).to(device)
+    pad = model.cfg.pad_token_id  # no pad ids: padding is what the masks say
+    tokens, dec = (t.masked_fill(t == pad, (pad + 1) % model.cfg.d_vocab) for t in (tokens, dec))
     mask = torch.ones(batch, enc_len, dtype=torch.long, device=device)
     dec_mask = torch.ones(batch, dec_len, dtype=torch.long, device=device)
     if patches is None and cap.patch_modes:
@@ -99,11 +105,12 @@ def to_exported_program(
     *,
     dynamic: bool = True,
     example: tuple[Any, ...] | None = None,
+    intervene: Mapping[str, Any] | None = None,
 ) -> ExportedProgram:
     """`torch.export` a capture module. Inputs: (input, decoder_input, one_zero_attention_mask,
-    decoder_attention_mask, patches dict); outputs: the capture module's dict. With `dynamic`, batch,
-    encoder and decoder lengths may change at run time."""
-    cap = as_capture(model, capture, patch, patch_mode).eval()
+    decoder_attention_mask, patches dict); outputs: the capture module's dict (interventions' side outputs
+    included). With `dynamic`, batch, encoder and decoder lengths may change at run time."""
+    cap = as_capture(model, capture, patch, patch_mode, intervene).eval()
     args = example if example is not None else example_inputs(cap)
     shapes = dynamic_shapes(cap, args[4]) if dynamic else None
     return torch.export.export(cap, tuple(args), dynamic_shapes=shapes)

@@ -115,12 +115,12 @@ def allowed_keys(
 
 
 def masked_fill_value(dtype: torch.dtype) -> float:
-    """The score given to a hidden key: the dtype's most negative finite value, as Hugging Face uses.
+    """The score given to a hidden key: `-inf`, as TransformerLens shows it in `hook_attn_scores`.
 
-    Finite on purpose: a fully hidden row then has a finite (uniform) softmax whose gradient
-    stays finite, and `masked_softmax` zeroes it explicitly.
+    A row whose keys are all hidden is never softmaxed as `-inf`s (that is NaN): `masked_softmax`
+    gives it zeros, with finite gradients.
     """
-    return torch.finfo(dtype).min
+    return float("-inf")
 
 
 def bias_and_mask(bias: Tensor | None, allowed: Tensor | None, dtype: torch.dtype = torch.float32) -> Tensor | None:
@@ -142,8 +142,14 @@ def rows_with_keys(allowed: Tensor | None) -> Tensor | None:
 
 
 def masked_softmax(scores: Tensor, row_has_key: Tensor | None = None) -> Tensor:
-    """Softmax over keys in at least fp32; rows without any allowed key come out as zeros, not NaN or uniform."""
-    probs = torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32))
+    """Softmax over keys in at least fp32; rows without any allowed key come out as zeros, never NaN.
+
+    Hidden keys score `-inf`; a row with no allowed key is softmaxed from zeros instead (so neither its
+    value nor its gradient is NaN) and then zeroed."""
+    dtype = torch.promote_types(scores.dtype, torch.float32)
+    if row_has_key is not None:
+        scores = torch.where(row_has_key, scores, torch.zeros((), dtype=scores.dtype, device=scores.device))
+    probs = torch.softmax(scores, dim=-1, dtype=dtype)
     if row_has_key is not None:
         probs = probs * row_has_key
     return probs
