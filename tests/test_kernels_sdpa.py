@@ -104,8 +104,8 @@ def test_model_with_sdpa_attention_matches_materialised_and_hf():
         mp.setattr(torch.nn.functional, "scaled_dot_product_attention", counting)
         sdpa.capture(["encoder.0.attn.hook_pattern"])(tokens, dec, mask)
     assert len(calls) == n_attention - 1
-    loss = sdpa(tokens, dec, mask).logsumexp(-1).mean()
+    loss = sdpa(tokens, dec, one_zero_attention_mask=mask).logsumexp(-1).mean()
     loss.backward()
-    eager(tokens, dec, mask).logsumexp(-1).mean().backward()
+    eager(tokens, dec, one_zero_attention_mask=mask).logsumexp(-1).mean().backward()
     table_grad = sdpa.encoder[0].attn.rel_bias_table.grad
     torch.testing.assert_close(table_grad, eager.encoder[0].attn.rel_bias_table.grad, rtol=1e-4, atol=1e-5)

@@ -277,8 +277,8 @@ def main(argv: list[str] | None = None) -> int:
     rows: dict[str, Callable[[], Any]] = {
         "HF eager": lambda: hf(input_ids=tokens, attention_mask=mask, decoder_input_ids=dec_tokens).logits,
         "HF sdpa": lambda: hf_sdpa(input_ids=tokens, attention_mask=mask, decoder_input_ids=dec_tokens).logits,
-        "t5hooks eager, materialised attention": lambda: materialised(tokens, dec_tokens, mask),
-        "t5hooks eager (SDPA attention)": lambda: ours(tokens, dec_tokens, mask),
+        "t5hooks eager, materialised attention": lambda: materialised(tokens, dec_tokens, one_zero_attention_mask=mask),
+        "t5hooks eager (SDPA attention)": lambda: ours(tokens, dec_tokens, one_zero_attention_mask=mask),
         "t5hooks eager + cache all resid_post": lambda: ours.run_with_cache(
             tokens, dec_tokens, one_zero_attention_mask=mask, names_filter=RESID
         )[0],
