@@ -42,6 +42,7 @@ def greedy(runner: OnnxRunner, tokens: np.ndarray, mask: np.ndarray, steps: int,
     return dec
 
 
+@pytest.mark.slow  # exports ONNX graphs: 15-40 s each on 2 cores
 @pytest.mark.parametrize("norm_hooks", [False, True])
 def test_optimised_graph_keeps_named_outputs_and_values(tiny, batch, tmp_path, norm_hooks):
     names = NAMES + (["encoder.0.ln2.hook_normalized", "decoder_final_ln.hook_scale"] if norm_hooks else [])
@@ -64,6 +65,7 @@ def test_optimised_graph_keeps_named_outputs_and_values(tiny, batch, tmp_path, n
     np.testing.assert_allclose(got["logits"], eager["logits"].numpy(), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow  # exports ONNX graphs: 15-40 s each on 2 cores
 def test_int8_graph_agrees_on_greedy_tokens(tiny, batch, tmp_path):
     """Dynamic int8 on t5hooks-tiny: >= 95% of greedy tokens equal to the fp32 graph's on 200 held-out strings
     (free-running, so a single flip counts against every later token), named outputs intact."""
@@ -100,6 +102,7 @@ def test_session_options_levels_and_spinning():
         session_options(level="max")
 
 
+@pytest.mark.slow  # exports ONNX graphs: 15-40 s each on 2 cores
 def test_export_command_optimize_and_quantize(tmp_path, capsys):
     from t5hooks.apps.cli import main
 
