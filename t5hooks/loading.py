@@ -21,7 +21,7 @@ from torch import Tensor
 
 from .config import HookedT5Config
 
-SUPPORTED_MODEL_TYPES = ("t5", "mt5")
+SUPPORTED_MODEL_TYPES = ("t5", "mt5", "umt5")
 HUB_KWARGS = ("cache_dir", "revision", "local_files_only", "token", "force_download")
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
@@ -86,7 +86,7 @@ def convert_hf_name(name: str) -> str | None:
         table = _ENCODER_LAYER if stack == "encoder" else _DECODER_LAYER
         if rest in table:
             return f"{stack}.{layer}.{table[rest]}"
-    raise ValueError(f"unexpected parameter {name!r} in a T5 checkpoint (is this a T5/mT5/ByT5 model?)")
+    raise ValueError(f"unexpected parameter {name!r} in a T5 checkpoint (is this a T5/mT5/UMT5/ByT5 model?)")
 
 
 def load_pretrained(
@@ -176,7 +176,7 @@ def _check_model_type(hf_config: dict[str, Any], name: str) -> None:
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(
             f"{name!r} is a {model_type!r} model; supported: {', '.join(SUPPORTED_MODEL_TYPES)} "
-            f"(T5 v1.0, v1.1, Flan-T5, mT5, ByT5)"
+            f"(T5 v1.0, v1.1, Flan-T5, mT5, ByT5, UMT5)"
         )
 
 

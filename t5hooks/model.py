@@ -141,7 +141,7 @@ class HookedEncoderDecoder(HookedRootModule):
             return "(hook_result exists only with cfg.use_attn_result=True; call model.set_use_attn_result(True))"
         if name.endswith("hook_pre_linear") and not self.cfg.gated_mlp:
             return "(hook_pre_linear exists only in gated MLPs: T5 v1.1, mT5, ByT5)"
-        if "rel_pos_hook" in name:
+        if "rel_pos_hook" in name and not self.cfg.per_layer_position_bias:
             return "(the position bias hook lives on layer 0 only: encoder.0.attn.rel_pos_hook, decoder.0.attn.rel_pos_hook)"
         return ""
 

@@ -105,8 +105,8 @@ def act_name(
         return "hook_encoder_out"
     if name == "unembed_in":
         return "unembed.hook_in"
-    if name == "rel_pos":  # one bias per stack, owned by layer 0 and shared by every layer
-        return f"{stack}.0.attn.rel_pos_hook"
+    if name == "rel_pos":  # T5: one bias per stack, owned by layer 0; UMT5: one per layer (pass layer=)
+        return f"{stack}.{layer or 0}.attn.rel_pos_hook"
     if name in _NORM_ACTS:
         if layer is None:
             if ln not in (None, "final"):
