@@ -3,6 +3,7 @@
 from .analysis.cache import ActivationCache, act_name
 from .analysis.factored_matrix import FactoredMatrix
 from .config import HookedT5Config
+from .encoder import HookedT5Encoder
 from .hook_points import HookedRootModule, HookIO, HookPoint
 from .model import HookedEncoderDecoder
 
@@ -16,5 +17,6 @@ __all__ = [
     "HookPoint",
     "HookedEncoderDecoder",
     "HookedRootModule",
+    "HookedT5Encoder",
     "HookedT5Config",
 ]

@@ -17,15 +17,15 @@ from .components import lm_loss
 from .hook_points import PATCH_MODES, HookIO, NameFilter
 
 
-class CaptureModule(nn.Module):
-    """`cap(input, decoder_input, ...) -> {"logits": ..., **captured}` sharing the model's parameters.
+class CaptureBase(nn.Module):
+    """Fixed capture and patch sets over a hooked model, shared by the encoder-decoder and encoder-only captures.
 
-    Output order: "logits", then "loss" when `labels` are given, then the captured names in the
-    model's hook order (`model.hook_dict` order, which follows the forward computation).
-    `patches[name]` replaces the activation ("replace", same shape) or is added to it ("add",
-    broadcastable, e.g. a steering vector `[d_model]`). A name both patched and captured returns the
-    patched value, which is what the rest of the network sees.
+    Subclasses define `INPUT_NAMES` (their forward's tensor inputs, in order), `OUTPUT` (the model's main
+    output) and a forward that runs the model with `self.hook_io(patches)` and returns `self.outputs(...)`.
     """
+
+    INPUT_NAMES: tuple[str, ...] = ()
+    OUTPUT = ""
 
     def __init__(
         self,
@@ -48,25 +48,13 @@ class CaptureModule(nn.Module):
     def extra_repr(self) -> str:
         return f"capture={len(self.names)} names, patch={self.patch_modes}"
 
-    def forward(
-        self,
-        input: Tensor,
-        decoder_input: Tensor | None = None,
-        one_zero_attention_mask: Tensor | None = None,
-        decoder_attention_mask: Tensor | None = None,
-        patches: Mapping[str, Tensor] | None = None,
-        labels: Tensor | None = None,
-    ) -> dict[str, Tensor]:
-        model = self.model
-        tokens, mask, dec_tokens, dec_mask, labels = model.prepare_inputs(
-            input, decoder_input, one_zero_attention_mask, decoder_attention_mask, labels
-        )
+    def hook_io(self, patches: Mapping[str, Tensor] | None) -> HookIO:
         self._check_patches(patches)
-        io = HookIO(self._capture_set, self.patch_modes, patches)
-        logits = model.decode(dec_tokens, model.encode(tokens, mask, io), mask, dec_mask, io)
-        out = {"logits": logits}
-        if labels is not None:
-            out["loss"] = lm_loss(logits, labels)
+        return HookIO(self._capture_set, self.patch_modes, patches)
+
+    def outputs(self, io: HookIO, main: dict[str, Tensor]) -> dict[str, Tensor]:
+        """`main` (the model's outputs, in order) then the captured names in hook order."""
+        out = dict(main)
         for name in self.names:
             out[name] = io.outputs[name]
         return out
@@ -85,6 +73,58 @@ class CaptureModule(nn.Module):
                     f"(fixed when it was built: model.capture(names, patch=...))"
                 )
             raise ValueError("; ".join(parts))
+
+
+class CaptureModule(CaptureBase):
+    """`cap(input, decoder_input, ...) -> {"logits": ..., **captured}` sharing the model's parameters.
+
+    Output order: "logits", then "loss" when `labels` are given, then the captured names in the
+    model's hook order (`model.hook_dict` order, which follows the forward computation).
+    `patches[name]` replaces the activation ("replace", same shape) or is added to it ("add",
+    broadcastable, e.g. a steering vector `[d_model]`). A name both patched and captured returns the
+    patched value, which is what the rest of the network sees.
+    """
+
+    INPUT_NAMES = ("input", "decoder_input", "one_zero_attention_mask", "decoder_attention_mask")
+    OUTPUT = "logits"
+
+    def forward(
+        self,
+        input: Tensor,
+        decoder_input: Tensor | None = None,
+        one_zero_attention_mask: Tensor | None = None,
+        decoder_attention_mask: Tensor | None = None,
+        patches: Mapping[str, Tensor] | None = None,
+        labels: Tensor | None = None,
+    ) -> dict[str, Tensor]:
+        model = self.model
+        tokens, mask, dec_tokens, dec_mask, labels = model.prepare_inputs(
+            input, decoder_input, one_zero_attention_mask, decoder_attention_mask, labels
+        )
+        io = self.hook_io(patches)
+        logits = model.decode(dec_tokens, model.encode(tokens, mask, io), mask, dec_mask, io)
+        main = {"logits": logits}
+        if labels is not None:
+            main["loss"] = lm_loss(logits, labels)
+        return self.outputs(io, main)
+
+
+class EncoderCaptureModule(CaptureBase):
+    """`cap(input, one_zero_attention_mask, patches=...) -> {"last_hidden_state": ..., **captured}` for a
+    `HookedT5Encoder` (same capture / patch rules as `CaptureModule`)."""
+
+    INPUT_NAMES = ("input", "one_zero_attention_mask")
+    OUTPUT = "last_hidden_state"
+
+    def forward(
+        self,
+        input: Tensor,
+        one_zero_attention_mask: Tensor | None = None,
+        patches: Mapping[str, Tensor] | None = None,
+    ) -> dict[str, Tensor]:
+        tokens, mask = self.model.prepare_encoder_inputs(input, one_zero_attention_mask)
+        io = self.hook_io(patches)
+        return self.outputs(io, {"last_hidden_state": self.model.encode(tokens, mask, io)})
 
 
 def _nonempty(names: NameFilter) -> bool:

@@ -127,3 +127,24 @@ def hf_umt5(seed: int = 0, **overrides):
     values = {**UMT5_BASE, **overrides}
     model = UMT5ForConditionalGeneration._from_config(UMT5Config(**values), attn_implementation="eager")
     return randomise(model, untie_lm_head=not values["tie_word_embeddings"])
+
+
+ENCODER_CONFIGS = {
+    # T5 v1.1 / Flan-T5-XXL style text encoder (Flux, SD3, PixArt): gated-GELU
+    "t5": ("T5Config", "T5EncoderModel", dict(vocab_size=128, feed_forward_proj="gated-gelu", num_layers=3)),
+    # mT5
+    "mt5": ("MT5Config", "MT5EncoderModel", dict(vocab_size=150, feed_forward_proj="gated-gelu", num_layers=2)),
+    # umT5 (Wan): a bias table per layer
+    "umt5": ("UMT5Config", "UMT5EncoderModel", dict(vocab_size=160, feed_forward_proj="gated-gelu", num_layers=3)),
+}
+
+
+def hf_encoder(family: str, seed: int = 0, **overrides):
+    """An eval-mode HF T5EncoderModel / MT5EncoderModel / UMT5EncoderModel, eager attention, every weight random."""
+    import transformers
+
+    config_cls, model_cls, values = ENCODER_CONFIGS[family]
+    torch.manual_seed(seed)
+    cfg = getattr(transformers, config_cls)(**{**BASE, **values, **overrides})
+    model = getattr(transformers, model_cls)._from_config(cfg, attn_implementation="eager")
+    return randomise(model, untie_lm_head=False)

@@ -203,7 +203,7 @@ def _fresh_inputs(cap: Any, static: bool) -> tuple[Any, ...]:
     dec_mask[-1, D // 2 + 1 :] = 0
     patches = {}
     if cap.patch_modes:
-        shapes = activation_shapes(cap, tokens, dec)
+        shapes = activation_shapes(cap, (tokens, dec))
         reference = example_inputs(cap)[4]
         for name, mode in cap.patch_modes.items():
             shape = shapes[name] if mode == "replace" else tuple(reference[name].shape)

@@ -32,10 +32,10 @@ import onnx_ir as ir
 import torch
 from torch import Tensor, nn
 
-from ..capture import CaptureModule
+from ..capture import CaptureBase, EncoderCaptureModule
 from ..hook_points import NameFilter
 from .axes import output_axes
-from .torch_export import INPUT_NAMES, as_capture, dynamic_shapes, example_inputs
+from .torch_export import as_capture, dynamic_shapes, example_inputs
 
 PATCH_PREFIX = "patch."
 EXPORT_DTYPES = {"float32": torch.float32, "float16": torch.float16}
@@ -62,13 +62,14 @@ def to_onnx(
     external_data: bool | None = None,
     example: tuple[Any, ...] | None = None,
 ) -> Path:
-    """Export `model` (a HookedEncoderDecoder, or a ready `model.capture(...)`) to an ONNX file.
+    """Export `model` (a HookedEncoderDecoder or HookedT5Encoder, or a ready `model.capture(...)`) to ONNX.
 
     Graph inputs: `input` `[B,E]`, `decoder_input` `[B,D]`, `one_zero_attention_mask` `[B,E]`,
     `decoder_attention_mask` `[B,D]` (int64; `OnnxRunner` fills missing masks with ones), then
     `patch.<name>` per patched hook (float, the activation's shape for "replace", broadcastable
     for "add"). Outputs: `logits` `[B,D,d_vocab]` then each captured hook name, in hook order.
-    With `dynamic`, batch, encoder and decoder lengths vary (decoder length 1 included).
+    With `dynamic`, batch, encoder and decoder lengths vary (decoder length 1 included). A HookedT5Encoder's
+    graph takes `input`, `one_zero_attention_mask` and the patches, and outputs `last_hidden_state` first.
     `dtype`: "float32" or "float16" (the weights are converted on a copy; default: the model's).
     `external_data`: weights in `<path>.data` (default: only when they exceed 1 GiB).
     Returns the path. Raises ValueError for unknown hook names, a bad path or dtype.
@@ -76,26 +77,29 @@ def to_onnx(
     path = _checked_path(path)
     cap = _capture_in_dtype(as_capture(model, capture, patch, patch_mode), dtype).eval()
     args = example if example is not None else example_inputs(cap)
-    patches = args[4]
+    n_inputs = len(cap.INPUT_NAMES)
+    patches = args[n_inputs]
     patch_names = cap.patch_names
     if set(patches) != set(patch_names):
         raise ValueError(f"example patches {sorted(patches)} do not match the patch set {sorted(patch_names)}")
-    flat_args = (*args[:4], *(patches[n] for n in patch_names))
+    flat_args = (*args[:n_inputs], *(patches[n] for n in patch_names))
     shapes = None
     if dynamic:
         spec = dynamic_shapes(cap, patches)
-        shapes = spec[:4]
+        shapes = spec[:n_inputs]
         if patch_names:  # `*patches` binds as one tuple argument (absent when empty)
-            shapes = (*shapes, tuple(spec[4][n] for n in patch_names))
-    input_names = [*INPUT_NAMES, *(patch_input_name(n) for n in patch_names)]
-    output_names = ["logits", *cap.names]
-    program = export_graph(_FlatCapture(cap), flat_args, shapes, opset)
+            shapes = (*shapes, tuple(spec[n_inputs][n] for n in patch_names))
+    input_names = [*cap.INPUT_NAMES, *(patch_input_name(n) for n in patch_names)]
+    output_names = [cap.OUTPUT, *cap.names]
+    flat = _FlatEncoderCapture(cap) if isinstance(cap, EncoderCaptureModule) else _FlatCapture(cap)
+    program = export_graph(flat, flat_args, shapes, opset)
     graph = program.model.graph
     name_graph_io(graph, input_names, output_names)
     if dynamic:
         for value in graph.outputs:
             set_axes(value, output_axes(value.name))
-    write_metadata(program.model, "forward", cap.model.cfg, capture=list(cap.names), patch_modes=cap.patch_modes)
+    graph_kind = "encoder_forward" if isinstance(cap, EncoderCaptureModule) else "forward"
+    write_metadata(program.model, graph_kind, cap.model.cfg, capture=list(cap.names), patch_modes=cap.patch_modes)
     save_checked(program.model, path, external_data)
     return path
 
@@ -103,7 +107,7 @@ def to_onnx(
 class _FlatCapture(nn.Module):
     """`cap` with tensors in (patches positional, in patch-set order) and a tuple out (dict order)."""
 
-    def __init__(self, cap: CaptureModule) -> None:
+    def __init__(self, cap: CaptureBase) -> None:
         super().__init__()
         self.cap = cap
 
@@ -122,6 +126,14 @@ class _FlatCapture(nn.Module):
             decoder_attention_mask,
             dict(zip(self.cap.patch_names, patches)),
         )
+        return tuple(out.values())
+
+
+class _FlatEncoderCapture(_FlatCapture):
+    """The same for an encoder capture: `(input, one_zero_attention_mask, *patches)`."""
+
+    def forward(self, input: Tensor, one_zero_attention_mask: Tensor, *patches: Tensor) -> tuple[Tensor, ...]:
+        out = self.cap(input, one_zero_attention_mask, dict(zip(self.cap.patch_names, patches)))
         return tuple(out.values())
 
 
@@ -295,7 +307,7 @@ def model_in_dtype(model: nn.Module, dtype: torch.dtype | str | None) -> nn.Modu
     return copy.deepcopy(model).to(dtype)
 
 
-def _capture_in_dtype(cap: CaptureModule, dtype: torch.dtype | str | None) -> CaptureModule:
+def _capture_in_dtype(cap: CaptureBase, dtype: torch.dtype | str | None) -> CaptureBase:
     model = model_in_dtype(cap.model, dtype)
     if model is cap.model:
         return cap
