@@ -100,6 +100,10 @@ def convert_hf_name(name: str) -> str | None:
     raise ValueError(f"unexpected parameter {name!r} in a T5 checkpoint (is this a T5/mT5/UMT5/ByT5 model?)")
 
 
+class EncoderOnlyCheckpoint(ValueError):
+    """An encoder-only checkpoint given to a model with a decoder (the message names HookedT5Encoder)."""
+
+
 @dataclass
 class CheckpointSource:
     """Where weights come from: the transformers-style config, and a reader of `(HF name, tensor)` pairs."""
@@ -145,7 +149,7 @@ def load_pretrained(
     if "embed.W_E" not in state:
         raise ValueError(f"{source.what}: no token embedding (shared.weight) in the checkpoint")
     if not model_cls.discards("decoder.0.attn.q_proj") and not any(k.startswith("decoder.") for k in state):
-        raise ValueError(
+        raise EncoderOnlyCheckpoint(
             f"{source.what}: the checkpoint has no decoder weights (an encoder-only model, e.g. a diffusion "
             f"pipeline's text encoder); load it with t5hooks.HookedT5Encoder.from_pretrained(...)"
         )
@@ -258,7 +262,7 @@ def _check_model_type(hf_config: dict[str, Any], name: str) -> None:
 def _check_architecture(model_cls: type, hf_config: dict[str, Any], name: str) -> None:
     architecture = (hf_config.get("architectures") or [""])[0]
     if architecture in ENCODER_ONLY_ARCHITECTURES and not model_cls.discards("decoder.0.attn.q_proj"):
-        raise ValueError(
+        raise EncoderOnlyCheckpoint(
             f"{name} is an encoder-only checkpoint ({architecture}); load it with "
             f"t5hooks.HookedT5Encoder.from_pretrained(...), or use a full encoder-decoder checkpoint"
         )
@@ -348,7 +352,7 @@ def _check_not_pipeline_root(path: Path) -> None:
             and _read_json(sub / "config.json").get("model_type") in SUPPORTED_MODEL_TYPES
         )
         raise FileNotFoundError(
-            f"{str(path)!r} is a diffusers pipeline directory; pass subfolder= one of {t5_folders} "
+            f"{str(path)!r} is a diffusers pipeline directory; pass subfolder= (CLI: --subfolder) one of {t5_folders} "
             f"(its T5-family text encoders)"
         )
 
