@@ -1,27 +1,39 @@
-# `make demo` and `make test` work on a fresh clone with only Python 3.11+: they create .venv and install into it.
+# `make demo` and `make test` work on a fresh clone with only Python 3.10+: they create .venv and install into it,
+# at the versions pinned in constraints.txt (so CI and a new user get the same ones).
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
-# CPU build of torch (lies on the build machines' disk); the package itself only needs torch>=2.5.
+PIP    := $(BIN)/python -m pip install -q -c constraints.txt
+# CPU build of torch (lies on the build machines' disk); the package itself only needs torch>=2.7.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test test-fast lint bench clean
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml constraints.txt Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q "$(TORCH_PIN)"
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(PIP) "$(TORCH_PIN)"
+	$(PIP) -e ".[dev]"
 	touch $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/t5hooks demo
 
+# The developer loop: everything not marked slow (under 90 s on 2 cores).
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -m "not slow"
+
+# Everything (what CI runs).
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	PYTHONPATH=$(CURDIR) $(BIN)/lint-imports
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/cpu_model.py

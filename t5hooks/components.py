@@ -8,7 +8,6 @@ properties over the same storage. Every forward takes an optional `HookIO` (see 
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -17,7 +16,7 @@ from torch import Tensor, nn
 
 from .config import HookedT5Config
 from .hook_points import HookIO, HookPoint
-from .kernels.op import TRITON_AVAILABLE  # looked up once, not on every forward
+from .kernels.policy import fuses_by_default, layer_backend
 from .kernels.reference import allowed_keys, bias_and_mask, masked_softmax, position_bias, rows_with_keys
 from .kv_cache import KVCache
 
@@ -30,6 +29,17 @@ ACT_FNS = {
     "silu": F.silu,
     "swish": F.silu,
 }
+
+
+RESID = ("batch", "pos", "d_model")  # residual-stream-shaped activations
+REL_POS_NOTE = "the position bias hook lives on layer 0 only: encoder.0.attn.rel_pos_hook, decoder.0.attn.rel_pos_hook"
+RESULT_NOTE = "hook_result exists only with cfg.use_attn_result=True; call model.set_use_attn_result(True)"
+PRE_LINEAR_NOTE = "hook_pre_linear exists only in gated MLPs: T5 v1.1, mT5, ByT5"
+
+
+def result_hook() -> HookPoint:
+    """The per-head attention output `hook_result` (only with `cfg.use_attn_result`)."""
+    return HookPoint(("batch", "pos", "head", "d_model"), note=RESULT_NOTE)
 
 
 def clamp_fp16(x: Tensor) -> Tensor:
@@ -47,25 +57,16 @@ def lm_loss(logits: Tensor, labels: Tensor) -> Tensor:
     return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
 
 
-def fused_backend(device: torch.device) -> str:
-    """The `relbias_attention` backend of a fused layer: "auto" (Triton on CUDA, the reference elsewhere and
-    while exporting), or "triton" on CPU under `TRITON_INTERPRET=1`, which is how CPU-only CI runs the model
-    through the kernels."""
-    interpreted = os.environ.get("TRITON_INTERPRET") == "1" and device.type != "cuda"
-    if interpreted and TRITON_AVAILABLE and not torch.compiler.is_exporting():
-        return "triton"
-    return "auto"
-
-
 class RMSNorm(nn.Module):
     """T5's LayerNorm: scale by the root mean square (variance in fp32), no mean subtraction, no bias."""
 
-    def __init__(self, cfg: HookedT5Config) -> None:
+    def __init__(self, cfg: HookedT5Config, stack: str | None = None) -> None:
         super().__init__()
+        self.hook_stack = stack  # None: inherited from the enclosing block
         self.eps = cfg.layer_norm_eps
         self.w = nn.Parameter(torch.ones(cfg.d_model, dtype=cfg.dtype))
-        self.hook_scale = HookPoint()  # [B,pos,1]  sqrt(mean(x^2) + eps), fp32
-        self.hook_normalized = HookPoint()  # [B,pos,d_model]  x / scale
+        self.hook_scale = HookPoint(("batch", "pos", "1"))  # sqrt(mean(x^2) + eps), fp32
+        self.hook_normalized = HookPoint(("batch", "pos", "d_model"))  # x / scale
 
     def forward(self, x: Tensor, io: HookIO | None = None) -> Tensor:
         scale = self.hook_scale(torch.sqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps), io)
@@ -112,6 +113,7 @@ class Attention(nn.Module):
             raise ValueError(f"attention kind must be 'encoder', 'decoder' or 'cross', got {kind!r}")
         self.cfg = cfg
         self.kind = kind
+        self.hook_key_stack = "decoder" if kind == "decoder" else "encoder"  # whose positions the keys are
         inner = cfg.n_heads * cfg.d_head
         self.q_proj = nn.Parameter(torch.empty(inner, cfg.d_model, dtype=cfg.dtype))  # nn.Linear layout
         self.k_proj = nn.Parameter(torch.empty(inner, cfg.d_model, dtype=cfg.dtype))
@@ -121,17 +123,21 @@ class Attention(nn.Module):
             self.rel_bias_table = nn.Parameter(
                 torch.empty(cfg.relative_attention_num_buckets, cfg.n_heads, dtype=cfg.dtype)
             )
-            self.rel_pos_hook = HookPoint()  # [1,H,Q,K]
+            # T5: layer 0's bias, shared by the stack; UMT5: this layer's own
+            note = "" if cfg.per_layer_position_bias else REL_POS_NOTE
+            self.rel_pos_hook = HookPoint(("1", "head", "pos", "key_pos"), note=note)
         else:
             self.rel_bias_table = None
-        self.hook_q = HookPoint()  # [B,Q,H,d_head]
-        self.hook_k = HookPoint()  # [B,K,H,d_head]
-        self.hook_v = HookPoint()  # [B,K,H,d_head]
-        self.hook_attn_scores = HookPoint()  # [B,H,Q,K] after bias and mask, before softmax
-        self.hook_pattern = HookPoint()  # [B,H,Q,K]
-        self.hook_z = HookPoint()  # [B,Q,H,d_head]
+        # Keys and values are projected from this call's positions (self) or from the encoder output (cross).
+        kv_pos = "key_pos" if kind == "cross" else "pos"
+        self.hook_q = HookPoint(("batch", "pos", "head", "d_head"))
+        self.hook_k = HookPoint(("batch", kv_pos, "head", "d_head"))
+        self.hook_v = HookPoint(("batch", kv_pos, "head", "d_head"))
+        self.hook_attn_scores = HookPoint(("batch", "head", "pos", "key_pos"))  # after bias and mask, before softmax
+        self.hook_pattern = HookPoint(("batch", "head", "pos", "key_pos"))
+        self.hook_z = HookPoint(("batch", "pos", "head", "d_head"))
         if cfg.use_attn_result:
-            self.hook_result = HookPoint()  # [B,Q,H,d_model]
+            self.hook_result = result_hook()
 
     # ---- TransformerLens-shaped views of the weights ----------------------------------
     @property
@@ -182,7 +188,7 @@ class Attention(nn.Module):
 
     def wants_fused(self, device: torch.device) -> bool:
         impl = self.cfg.attn_impl
-        return impl == "fused" or (impl == "auto" and device.type == "cuda" and TRITON_AVAILABLE)
+        return impl == "fused" or (impl == "auto" and fuses_by_default(device))
 
     @property
     def owns_layer_bias(self) -> bool:
@@ -255,7 +261,7 @@ class Attention(nn.Module):
                 key_padding_mask=ctx.key_padding_mask,
                 q_offset=ctx.q_offset,
                 scale=1.0,
-                backend=fused_backend(x.device),
+                backend=layer_backend(x.device),
             )
         z = self.hook_z(z.transpose(1, 2), io)  # [B,Q,H,d]
         if self.cfg.use_attn_result:
@@ -315,10 +321,10 @@ class MLP(nn.Module):
             self.gate_proj = None
         self.in_proj = nn.Parameter(torch.empty(cfg.d_mlp, cfg.d_model, dtype=cfg.dtype))  # HF wi / wi_1
         self.out_proj = nn.Parameter(torch.empty(cfg.d_model, cfg.d_mlp, dtype=cfg.dtype))  # HF wo
-        self.hook_pre = HookPoint()  # [B,pos,d_mlp] activation input
+        self.hook_pre = HookPoint(("batch", "pos", "d_mlp"))  # activation input
         if cfg.gated_mlp:
-            self.hook_pre_linear = HookPoint()  # [B,pos,d_mlp] the linear (ungated) branch
-        self.hook_post = HookPoint()  # [B,pos,d_mlp]
+            self.hook_pre_linear = HookPoint(("batch", "pos", "d_mlp"), note=PRE_LINEAR_NOTE)  # the linear branch
+        self.hook_post = HookPoint(("batch", "pos", "d_mlp"))
 
     @property
     def W_in(self) -> Tensor:  # [d_model, d_mlp]
@@ -354,19 +360,21 @@ class MLP(nn.Module):
 class EncoderBlock(nn.Module):
     """Pre-norm block: resid += attn(ln1(resid)); resid += mlp(ln2(resid))."""
 
+    hook_stack = "encoder"
+
     def __init__(self, cfg: HookedT5Config, layer: int) -> None:
         super().__init__()
         self.layer = layer
-        self.hook_resid_pre = HookPoint()  # [B,E,d_model]
+        self.hook_resid_pre = HookPoint(RESID)
         self.ln1 = RMSNorm(cfg)
         self.attn = Attention(cfg, "encoder", has_relative_bias=layer == 0 or cfg.per_layer_position_bias)
-        self.hook_attn_out = HookPoint()
-        self.hook_resid_mid = HookPoint()
+        self.hook_attn_out = HookPoint(RESID)
+        self.hook_resid_mid = HookPoint(RESID)
         self.ln2 = RMSNorm(cfg)
-        self.hook_mlp_in = HookPoint()
+        self.hook_mlp_in = HookPoint(RESID)
         self.mlp = MLP(cfg)
-        self.hook_mlp_out = HookPoint()
-        self.hook_resid_post = HookPoint()
+        self.hook_mlp_out = HookPoint(RESID)
+        self.hook_resid_post = HookPoint(RESID)
 
     def forward(self, resid: Tensor, ctx: AttentionContext, io: HookIO | None = None) -> Tensor:
         resid = self.hook_resid_pre(resid, io)
@@ -380,23 +388,25 @@ class EncoderBlock(nn.Module):
 class DecoderBlock(nn.Module):
     """Causal self-attention, cross-attention over the encoder output, MLP; each pre-normed."""
 
+    hook_stack = "decoder"
+
     def __init__(self, cfg: HookedT5Config, layer: int) -> None:
         super().__init__()
         self.layer = layer
-        self.hook_resid_pre = HookPoint()  # [B,D,d_model]
+        self.hook_resid_pre = HookPoint(RESID)
         self.ln1 = RMSNorm(cfg)
         self.attn = Attention(cfg, "decoder", has_relative_bias=layer == 0 or cfg.per_layer_position_bias)
-        self.hook_attn_out = HookPoint()
-        self.hook_resid_mid = HookPoint()
+        self.hook_attn_out = HookPoint(RESID)
+        self.hook_resid_mid = HookPoint(RESID)
         self.ln2 = RMSNorm(cfg)
         self.cross_attn = Attention(cfg, "cross")
-        self.hook_cross_attn_out = HookPoint()
-        self.hook_resid_mid_cross = HookPoint()
+        self.hook_cross_attn_out = HookPoint(RESID)
+        self.hook_resid_mid_cross = HookPoint(RESID)
         self.ln3 = RMSNorm(cfg)
-        self.hook_mlp_in = HookPoint()
+        self.hook_mlp_in = HookPoint(RESID)
         self.mlp = MLP(cfg)
-        self.hook_mlp_out = HookPoint()
-        self.hook_resid_post = HookPoint()
+        self.hook_mlp_out = HookPoint(RESID)
+        self.hook_resid_post = HookPoint(RESID)
 
     def forward(
         self,

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -22,6 +23,9 @@ class HookedT5Config:
     (T5 v1.0 does both, v1.1/Flan/mT5/ByT5 neither). `per_layer_position_bias`: every
     self-attention layer owns its relative position bias table (UMT5) instead of all layers of a
     stack sharing layer 0's (T5).
+
+    The fields in `RUN_OPTIONS` say how one copy of the model runs, not what the model is. A model
+    keeps its own copy of the config it is built from, and `.to()` / `.half()` update that copy.
     """
 
     d_model: int = 512
@@ -51,6 +55,8 @@ class HookedT5Config:
     model_name: str = "custom"
     original_architecture: str = "T5ForConditionalGeneration"
     extra: dict[str, Any] = field(default_factory=dict)
+
+    RUN_OPTIONS: ClassVar[tuple[str, ...]] = ("dtype", "device", "attn_impl", "use_attn_result", "seed")
 
     def __post_init__(self) -> None:
         if self.n_decoder_layers is None:
@@ -82,6 +88,10 @@ class HookedT5Config:
     @property
     def n_layers_total(self) -> int:
         return self.n_layers + self.n_decoder_layers
+
+    def copy(self, **changes: Any) -> HookedT5Config:
+        """An independent copy (`extra` included), with `changes` applied and validated."""
+        return dataclasses.replace(self, **{"extra": copy.deepcopy(self.extra), **changes})
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)

@@ -10,6 +10,7 @@ umT5 as text encoders (`T5EncoderModel` / `UMT5EncoderModel` / `MT5EncoderModel`
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any, Literal, Union
 
@@ -19,9 +20,9 @@ from torch import Tensor, nn
 
 from .analysis.cache import ActivationCache
 from .analysis.factored_matrix import FactoredMatrix
-from .components import Attention, EncoderBlock, RMSNorm, attention_context
+from .components import RESID, Attention, EncoderBlock, RMSNorm, attention_context, result_hook
 from .config import HookedT5Config
-from .hook_points import HookedRootModule, HookIO, HookPoint, NameFilter, is_tracing
+from .hook_points import HookedRootModule, HookIO, HookLayout, HookPoint, NameFilter, is_tracing
 
 TextOrTokens = Union[Tensor, str, Sequence[str]]
 
@@ -38,11 +39,12 @@ class Embed(nn.Module):
 
 
 def as_config(cfg: HookedT5Config | dict[str, Any]) -> HookedT5Config:
+    """The model's own copy of `cfg` (moving or converting the model never changes the caller's config)."""
     if isinstance(cfg, dict):
         cfg = HookedT5Config.from_dict(cfg)
     if not isinstance(cfg, HookedT5Config):
         raise TypeError(f"cfg must be a HookedT5Config or dict, got {type(cfg).__name__}")
-    return cfg
+    return cfg.copy()
 
 
 class HookedT5Base(HookedRootModule):
@@ -60,10 +62,10 @@ class HookedT5Base(HookedRootModule):
         self.cfg = cfg
         self.tokenizer = tokenizer
         self.embed = Embed(cfg)
-        self.hook_embed = HookPoint()  # [B,E,d_model]
+        self.hook_embed = HookPoint(RESID, stack="encoder")
         self.encoder = nn.ModuleList(EncoderBlock(cfg, layer) for layer in range(cfg.n_layers))
-        self.encoder_final_ln = RMSNorm(cfg)
-        self.hook_encoder_out = HookPoint()  # [B,E,d_model] the encoder's last hidden state
+        self.encoder_final_ln = RMSNorm(cfg, stack="encoder")
+        self.hook_encoder_out = HookPoint(RESID, stack="encoder")  # the last hidden state; what cross-attention reads
 
     def finish_init(self, move_to_device: bool) -> None:
         self.init_weights()
@@ -128,19 +130,10 @@ class HookedT5Base(HookedRootModule):
         self.cfg.use_attn_result = use_attn_result
         for attn in self.attention_layers():
             if use_attn_result and not hasattr(attn, "hook_result"):
-                attn.hook_result = HookPoint()
+                attn.hook_result = result_hook()
             elif not use_attn_result and hasattr(attn, "hook_result"):
                 del attn.hook_result
         self.setup()
-
-    def _name_hint(self, name: str) -> str:
-        if name.endswith("hook_result") and not self.cfg.use_attn_result:
-            return "(hook_result exists only with cfg.use_attn_result=True; call model.set_use_attn_result(True))"
-        if name.endswith("hook_pre_linear") and not self.cfg.gated_mlp:
-            return "(hook_pre_linear exists only in gated MLPs: T5 v1.1, mT5, UMT5, ByT5)"
-        if "rel_pos_hook" in name and not self.cfg.per_layer_position_bias:
-            return "(the position bias hook lives on layer 0 only: encoder.0.attn.rel_pos_hook, decoder.0.attn.rel_pos_hook)"
-        return ""
 
     # ---- forward -----------------------------------------------------------------------
     def encode(self, tokens: Tensor, attention_mask: Tensor | None = None, io: HookIO | None = None) -> Tensor:
@@ -255,10 +248,9 @@ class HookedT5Base(HookedRootModule):
                 if tokens.shape[0] != 1:
                     raise ValueError(f"to_str_tokens takes one sequence, got a batch of {tokens.shape[0]}")
                 tokens = tokens[0]
-        from .tokenizer import ByteTokenizer
-
-        if isinstance(self.tokenizer, ByteTokenizer):  # one byte per token: name it, do not decode it alone
-            return self.tokenizer.convert_ids_to_tokens(tokens.tolist())
+        label = getattr(self.tokenizer, "str_tokens", None)  # a tokenizer that labels its own tokens
+        if callable(label):
+            return label(tokens.tolist())
         return [self.tokenizer.decode([t]) for t in tokens.tolist()]
 
     # ---- caching -----------------------------------------------------------------------
@@ -285,7 +277,9 @@ class HookedT5Base(HookedRootModule):
     ):
         """Load a T5-family checkpoint: a Hugging Face hub name, a local `save_pretrained` directory (`subfolder=`
         for a diffusers pipeline's `text_encoder_2/`), a safetensors / GGUF file, or a live HF model (`hf_model=`).
-        `fold_ln=True` folds the RMSNorm weights into the following weights after loading (see `fold_ln`)."""
+        `fold_ln=True` folds the RMSNorm weights into the following weights after loading (see `fold_ln`).
+        `HookedEncoderDecoder` refuses an encoder-only checkpoint (a diffusion pipeline's text encoder) with a
+        pointer to `HookedT5Encoder`."""
         from .loading import load_pretrained
         from .pretrained import is_builtin, load_builtin
 
@@ -301,9 +295,14 @@ class HookedT5Base(HookedRootModule):
         return model
 
     def to(self, *args: Any, **kwargs: Any):
-        """nn.Module.to, keeping `cfg.device` / `cfg.dtype` in step (`print_details` is accepted, as TL)."""
+        """nn.Module.to (`print_details` is accepted, as TL)."""
         kwargs.pop("print_details", None)
-        result = super().to(*args, **kwargs)
+        return super().to(*args, **kwargs)
+
+    def _apply(self, fn: Any, recurse: bool = True):
+        """Every move or conversion (`to`, `half`, `bfloat16`, `float`, `cuda`, ...) keeps the run options
+        `cfg.device` / `cfg.dtype` in step with the weights (`cfg` is the model's own copy)."""
+        result = super()._apply(fn, recurse)
         self.cfg.device = str(self.embed.W_E.device)
         self.cfg.dtype = self.embed.W_E.dtype
         return result
@@ -381,6 +380,11 @@ class HookedT5Encoder(HookedT5Base):
         self.build_encoder(as_config(cfg), tokenizer)
         self.finish_init(move_to_device)
 
+    @classmethod
+    def reference_layout(cls) -> HookLayout:
+        """The hook layout with every optional point on (gated MLP, `use_attn_result`), from a tiny model."""
+        return _reference_encoder_layout()
+
     def _name_hint(self, name: str) -> str:
         if name.startswith(("decoder", "hook_decoder_embed", "unembed")):
             return "(HookedT5Encoder has only the encoder; use HookedEncoderDecoder for decoder hook points)"
@@ -418,3 +422,11 @@ class HookedT5Encoder(HookedT5Base):
     def all_head_labels(self) -> list[str]:
         """ "L{l}H{h}" per encoder head, in the order of the stacked weights."""
         return [f"L{layer}H{head}" for layer in range(self.cfg.n_layers) for head in range(self.cfg.n_heads)]
+
+
+@functools.cache
+def _reference_encoder_layout() -> HookLayout:
+    cfg = HookedT5Config(
+        d_model=8, d_head=4, n_heads=2, d_mlp=8, n_layers=2, d_vocab=8, gated_mlp=True, use_attn_result=True
+    )
+    return HookedT5Encoder(cfg).layout

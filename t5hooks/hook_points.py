@@ -7,6 +7,11 @@ Two ways to reach an activation, one forward:
 * A `HookIO` passed down the forward as an argument: it records the named activations it was
   built for and applies patches to them. Its name sets are fixed Python constants, so
   `torch.compile(fullgraph=True)` and `torch.export` see plain tensor code (see capture.py).
+
+Every `HookPoint` declares the axes of its activation (`HookPoint(("batch", "pos", "d_model"))`); its
+name, stack and key stack come from where it sits in the module tree. `HookLayout` collects these
+declarations: export axes, the ONNX generator's encoder/decoder split, `act_name`, unknown-name
+hints and the README hook table all read it, so a new hook point is one line in one module.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, Literal, Union
 
 import torch
@@ -94,10 +100,32 @@ class LensHandle:
 
 
 class HookPoint(nn.Module):
-    """Identity module marking an activation. Hooks see (and may replace) the tensor passing through."""
+    """Identity module marking an activation. Hooks see (and may replace) the tensor passing through.
 
-    def __init__(self) -> None:
+    `axes` names each dimension of the activation (see `AXES`), e.g. `("batch", "pos", "d_model")`.
+    `stack` ("encoder" | "decoder") is normally inherited from the enclosing module's `hook_stack`
+    (set it here only for points outside any stack module). `alias`: an extra short name for
+    `act_name`. `note`: when the point exists only under some configuration, how to get it (shown
+    when a name is unknown).
+    """
+
+    def __init__(
+        self,
+        axes: Sequence[str] | None = None,
+        *,
+        stack: str | None = None,
+        alias: str | None = None,
+        note: str = "",
+    ) -> None:
         super().__init__()
+        if axes is not None and not all(isinstance(a, str) for a in axes):
+            raise TypeError(f"HookPoint axes must be axis names (strings), got {axes!r}")
+        self.axes: tuple[str, ...] | None = None if axes is None else tuple(axes)
+        self.declared_stack = stack
+        self.alias = alias
+        self.note = note
+        self.stack: str | None = stack  # resolved by HookedRootModule.setup from the module tree
+        self.key_stack: str | None = None  # the stack whose positions "key_pos" counts (inside attention)
         self.name: str | None = None
         self.fwd_hooks: list[LensHandle] = []
         self.bwd_hooks: list[LensHandle] = []
@@ -187,13 +215,226 @@ class HookPoint(nn.Module):
         """The layer index in this point's name (`encoder.3.attn.hook_q` -> 3)."""
         if self.name is None:
             raise ValueError("this HookPoint has no name (it is not part of a model's hook_dict)")
-        for part in self.name.split("."):
-            if part.isdigit():
-                return int(part)
-        raise ValueError(f"hook point {self.name!r} is not inside a layer")
+        layer = layer_of(self.name)
+        if layer is None:
+            raise ValueError(f"hook point {self.name!r} is not inside a layer")
+        return layer
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}"
+
+    def spec(self) -> HookSpec:
+        """This point's registry entry (needs a name: the point must be set up inside a HookedRootModule)."""
+        if self.name is None:
+            raise ValueError("this HookPoint has no name (it is not part of a model's hook_dict)")
+        layer = layer_of(self.name)
+        return HookSpec(
+            template=template_of(self.name),
+            axes=self.axes,
+            stack=self.stack,
+            key_stack=self.key_stack,
+            alias=self.alias,
+            note=self.note,
+            layers=frozenset() if layer is None else frozenset({layer}),
+        )
+
+
+# ---- the registry --------------------------------------------------------------------------
+# Axis names a HookPoint may declare. "pos": the positions its stack computes in this call (queries);
+# "key_pos": the keys an attention attends to (self-attention: the stack's positions, with a KV cache the
+# cached ones too; cross-attention: the encoder's). Only "batch", "pos" and "key_pos" vary between calls;
+# other names (any string is allowed: "d_sae", ...) are fixed sizes.
+AXES = {
+    "batch": "B",
+    "pos": "pos",
+    "key_pos": "key_pos",
+    "head": "H",
+    "d_head": "d_head",
+    "d_model": "d_model",
+    "d_mlp": "d_mlp",
+    "d_vocab": "d_vocab",
+    "1": "1",
+}
+STACK_LETTERS = {"encoder": "E", "decoder": "D"}
+
+
+def layer_of(name: str) -> int | None:
+    """The layer index in a hook name (`encoder.3.attn.hook_q` -> 3), or None outside the layers."""
+    for part in name.split("."):
+        if part.isdigit():
+            return int(part)
+    return None
+
+
+def template_of(name: str) -> str:
+    """The name with its layer index as `{l}`: `encoder.3.attn.hook_q` -> `encoder.{l}.attn.hook_q`."""
+    return ".".join("{l}" if part.isdigit() else part for part in name.split("."))
+
+
+@dataclass(frozen=True)
+class HookSpec:
+    """What the registry knows about one hook point (per layer template)."""
+
+    template: str  # "encoder.{l}.attn.hook_q"
+    axes: tuple[str, ...] | None  # ("batch", "pos", "head", "d_head"); None: not declared
+    stack: str | None  # the stack whose positions "pos" counts
+    key_stack: str | None  # the stack whose positions "key_pos" counts (attention points only)
+    alias: str | None = None
+    note: str = ""
+    layers: frozenset[int] = frozenset()  # the layers that hold it (empty: not inside a layer)
+
+    @property
+    def leaf(self) -> str:
+        return self.template.rsplit(".", 1)[-1]
+
+    @property
+    def layered(self) -> bool:
+        return "{l}" in self.template.split(".")
+
+    @property
+    def owner(self) -> str:
+        """The submodule inside its layer (or the root) holding it: "", "attn", "cross_attn", "mlp", "ln1", ..."""
+        parts = self.template.split(".")[:-1]
+        if self.layered:
+            parts = parts[parts.index("{l}") + 1 :]
+        return ".".join(parts)
+
+    @property
+    def short_names(self) -> tuple[str, ...]:
+        """Names `act_name` knows it by: the leaf without `hook_` (`rel_pos_hook` -> `rel_pos`), and its alias."""
+        short = self.leaf.removeprefix("hook_").removesuffix("_hook")
+        return (short,) if self.alias is None else (short, self.alias)
+
+    @property
+    def attn(self) -> str | None:
+        """ "self" or "cross" for points inside an attention module, else None."""
+        if self.key_stack is None:
+            return None
+        return "self" if self.key_stack == self.stack else "cross"
+
+    def position_axes(self) -> tuple[str | None, ...]:
+        """Per axis: "batch", the stack whose positions it counts ("encoder" / "decoder"), or None (fixed size)."""
+        if self.axes is None:
+            raise ValueError(f"hook point {self.template!r} declares no axes: construct it as HookPoint(axes)")
+        labels = {"batch": "batch", "pos": self.stack, "key_pos": self.key_stack}
+        return tuple(labels.get(axis) for axis in self.axes)
+
+    @property
+    def side(self) -> str | None:
+        """Which stack's run computes it: "decoder" if any axis counts decoder positions, else "encoder"
+        if any counts encoder positions (so cross-attention keys/values are encoder-side), else its stack."""
+        labels = self.position_axes()
+        for stack in ("decoder", "encoder"):
+            if stack in labels:
+                return stack
+        return self.stack
+
+    def shape(self) -> str:
+        """The shape for people: `[B, E, d_model]`, `[B, H, D, E]`, `[B, pos, d_mlp]` ({s} templates)."""
+        if self.axes is None:
+            return "?"
+        letters = {"pos": self.stack, "key_pos": self.key_stack}
+        out = []
+        for axis in self.axes:
+            stack = letters.get(axis)
+            if axis in letters and stack in STACK_LETTERS and not self.template.startswith("{s}"):
+                out.append(STACK_LETTERS[stack])
+            elif axis == "key_pos" and self.attn == "self":
+                out.append("pos")
+            else:
+                out.append(AXES.get(axis, axis))
+        return "[" + ", ".join(out) + "]"
+
+
+class HookLayout(Mapping):
+    """The registry: one `HookSpec` per hook template of a model, in model order (a read-only mapping)."""
+
+    def __init__(self, points: Iterable[HookPoint]) -> None:
+        specs: dict[str, HookSpec] = {}
+        for point in points:
+            spec = point.spec()
+            seen = specs.get(spec.template)
+            if seen is not None:
+                if (seen.axes, seen.stack, seen.key_stack) != (spec.axes, spec.stack, spec.key_stack):
+                    raise ValueError(f"hook points of {spec.template!r} disagree: {seen} vs {spec}")
+                spec = HookSpec(**{**seen.__dict__, "layers": seen.layers | spec.layers})
+            specs[spec.template] = spec
+        self._specs = specs
+
+    @classmethod
+    def of(cls, module: nn.Module) -> HookLayout:
+        return cls(m for m in module.modules() if isinstance(m, HookPoint))
+
+    def __getitem__(self, template: str) -> HookSpec:
+        return self._specs[template]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._specs)
+
+    def __len__(self) -> int:
+        return len(self._specs)
+
+    def spec(self, name: str) -> HookSpec:
+        """The spec of a full hook name; ValueError (with close names) if this layout has no such point."""
+        found = self._specs.get(template_of(name))
+        if found is None:
+            raise ValueError(unknown_name_message(template_of(name), list(self._specs)))
+        return found
+
+    def match(self, pattern: str) -> list[HookSpec]:
+        """Specs whose template a name or glob matches (its layer index read as any layer)."""
+        wanted = template_of(pattern)
+        return [s for t, s in self._specs.items() if fnmatch.fnmatchcase(t, wanted) or fnmatch.fnmatchcase(t, pattern)]
+
+    def n_layers(self, stack: str) -> int:
+        return max((max(s.layers) + 1 for s in self.values() if s.stack == stack and s.layers), default=0)
+
+    def rows(self) -> list[tuple[str, str, str]]:
+        """The hook table (hook names, shape, note): encoder/decoder templates that agree merge into `{s}`,
+        and points of one module with the same shape share a row."""
+        merged: dict[str, HookSpec] = {}
+        for spec in self.values():
+            if spec.stack in STACK_LETTERS and spec.template.startswith(spec.stack + "."):
+                other_stack = "decoder" if spec.stack == "encoder" else "encoder"
+                other = self._specs.get(other_stack + spec.template[len(spec.stack) :])
+                if other is not None and other.axes == spec.axes and other.attn == spec.attn:
+                    generic = "{s}" + spec.template[len(spec.stack) :]
+                    if generic not in merged:
+                        merged[generic] = HookSpec(**{**spec.__dict__, "template": generic})
+                    continue
+            merged[spec.template] = spec
+        rows: dict[tuple[str, str, str], list[str]] = {}
+        for spec in merged.values():
+            template = spec.template
+            if spec.layers == frozenset({0}) and self.n_layers(spec.stack) > 1:
+                template = template.replace("{l}", "0")  # held by layer 0 only
+            prefix, _, leaf = template.rpartition(".")
+            rows.setdefault((prefix, spec.shape(), spec.note), []).append(leaf)
+        return [
+            (f"{prefix + '.' if prefix else ''}{' / '.join(leaves)}", shape, note)
+            for (prefix, shape, note), leaves in rows.items()
+        ]
+
+    def markdown_table(self) -> str:
+        lines = ["| hook | shape | note |", "|---|---|---|"]
+        lines += [f"| `{names}` | `{shape}` | {note} |" for names, shape, note in self.rows()]
+        return "\n".join(lines)
+
+
+_default_layout: Callable[[], HookLayout] | None = None
+
+
+def set_default_layout(factory: Callable[[], HookLayout]) -> None:
+    """Register the layout that `act_name` and the export axes read when no model is given
+    (t5hooks.model registers HookedEncoderDecoder's)."""
+    global _default_layout
+    _default_layout = factory
+
+
+def default_layout() -> HookLayout:
+    if _default_layout is None:
+        raise RuntimeError("no default hook layout registered (import t5hooks first)")
+    return _default_layout()
 
 
 class HookedRootModule(nn.Module):
@@ -206,19 +447,40 @@ class HookedRootModule(nn.Module):
         self.context_level = 0
 
     def setup(self) -> None:
-        """Index every submodule by name and give every HookPoint its name. Call after building submodules."""
+        """Index every submodule by name and give every HookPoint its name, stack and key stack (from the
+        nearest enclosing module's `hook_stack` / `hook_key_stack`). Call after building submodules."""
         self.mod_dict = {}
         self.hook_dict = {}
-        for name, module in self.named_modules():
-            if name == "":
-                continue
-            self.mod_dict[name] = module
-            if isinstance(module, HookPoint):
-                module.name = name
-                self.hook_dict[name] = module
+
+        def visit(module: nn.Module, prefix: str, stack: str | None, key_stack: str | None) -> None:
+            for child_name, child in module.named_children():
+                name = f"{prefix}{child_name}"
+                self.mod_dict[name] = child
+                child_stack = getattr(child, "hook_stack", None) or stack
+                child_key_stack = getattr(child, "hook_key_stack", None) or key_stack
+                if isinstance(child, HookPoint):
+                    child.name = name
+                    child.stack = child.declared_stack or child_stack
+                    child.key_stack = child_key_stack
+                    self.hook_dict[name] = child
+                visit(child, name + ".", child_stack, child_key_stack)
+
+        visit(self, "", None, None)
+        self.__dict__.pop("layout", None)
 
     def hook_points(self) -> list[HookPoint]:
         return list(self.hook_dict.values())
+
+    @cached_property
+    def layout(self) -> HookLayout:
+        """This model's hook registry (rebuilt by `setup`)."""
+        return HookLayout(self.hook_dict.values())
+
+    @classmethod
+    def reference_layout(cls) -> HookLayout | None:
+        """The layout of this class with every optional hook point switched on (for hints about names that
+        exist only under some configuration). None when the class does not provide one."""
+        return None
 
     # ---- names -------------------------------------------------------------------------
     def resolve_names(self, names: NameFilter) -> list[str]:
@@ -246,7 +508,18 @@ class HookedRootModule(nn.Module):
         return [n for n in all_names if n in selected]
 
     def _name_hint(self, name: str) -> str:
-        """Subclasses explain names that exist only under some configuration."""
+        """The `note` of a point that exists only under some configuration (another config or layer)."""
+        reference = type(self).reference_layout()
+        if reference is None:
+            return ""
+        layer = layer_of(name)
+        for spec in reference.match(name):
+            if not spec.note:
+                continue
+            own = self.layout.get(spec.template)
+            some_layers = spec.layers != frozenset(range(reference.n_layers(spec.stack)))
+            if own is None or (some_layers and layer is not None and layer not in spec.layers):
+                return f"({spec.note})"
         return ""
 
     # ---- adding and removing hooks -----------------------------------------------------

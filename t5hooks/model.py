@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Literal
 
 import torch
@@ -9,10 +10,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .analysis.factored_matrix import FactoredMatrix
-from .components import Attention, DecoderBlock, RMSNorm, attention_context, lm_loss
+from .components import RESID, Attention, DecoderBlock, RMSNorm, attention_context, lm_loss
 from .config import HookedT5Config
 from .encoder import Embed, HookedT5Base, TextOrTokens, as_config
-from .hook_points import HookIO, HookPoint, NameFilter
+from .hook_points import HookIO, HookLayout, HookPoint, NameFilter, set_default_layout
 from .kv_cache import DecoderCache
 
 __all__ = ["Embed", "HookedEncoderDecoder", "TextOrTokens", "Unembed"]
@@ -32,7 +33,7 @@ class Unembed(nn.Module):
         self.lm_head = (
             None if cfg.tie_word_embeddings else nn.Parameter(torch.empty(cfg.d_vocab, cfg.d_model, dtype=cfg.dtype))
         )  # [d_vocab, d_model], HF lm_head layout
-        self.hook_in = HookPoint()  # [B,D,d_model] after the scaling
+        self.hook_in = HookPoint(("batch", "pos", "d_model"), stack="decoder", alias="unembed_in")  # after scaling
 
     def forward(self, resid: Tensor, tied_weight: Tensor, io: HookIO | None = None) -> Tensor:
         if self.scale is not None:
@@ -53,9 +54,9 @@ class HookedEncoderDecoder(HookedT5Base):
         cfg = as_config(cfg)
         # Modules are defined in forward order, so hook_dict (and capture outputs) follow the computation.
         self.build_encoder(cfg, tokenizer)
-        self.hook_decoder_embed = HookPoint()  # [B,D,d_model]
+        self.hook_decoder_embed = HookPoint(RESID, stack="decoder", alias="embed")
         self.decoder = nn.ModuleList(DecoderBlock(cfg, layer) for layer in range(cfg.n_decoder_layers))
-        self.decoder_final_ln = RMSNorm(cfg)
+        self.decoder_final_ln = RMSNorm(cfg, stack="decoder")
         self.unembed = Unembed(cfg)
         self.finish_init(move_to_device)
 
@@ -73,6 +74,11 @@ class HookedEncoderDecoder(HookedT5Base):
         from .analysis.fold import fold_layer_norms
 
         return fold_layer_norms(self)
+
+    @classmethod
+    def reference_layout(cls) -> HookLayout:
+        """The hook layout with every optional point on (gated MLP, `use_attn_result`), from a tiny model."""
+        return _reference_layout()
 
     # ---- forward -----------------------------------------------------------------------
     def decode(
@@ -206,14 +212,6 @@ class HookedEncoderDecoder(HookedT5Base):
 
         return generate(self, input, max_new_tokens, **kwargs)
 
-    # ---- loading -----------------------------------------------------------------------
-    @classmethod
-    def from_pretrained(cls, model_name: str, **kwargs: Any) -> HookedEncoderDecoder:
-        """Load a T5-family encoder-decoder (see `HookedT5Base.from_pretrained` for sources and options). An
-        encoder-only checkpoint (`T5EncoderModel`, a diffusion pipeline's text encoder) is refused with a pointer
-        to `HookedT5Encoder`."""
-        return super().from_pretrained(model_name, **kwargs)
-
     # ---- weights, TransformerLens names --------------------------------------------------
     @property
     def W_U(self) -> Tensor:  # [d_model, d_vocab]
@@ -255,3 +253,14 @@ class HookedEncoderDecoder(HookedT5Base):
         if stack not in layers:
             raise ValueError(f"stack={stack!r}; valid: None, 'encoder', 'decoder', 'cross'")
         return [f"L{layer}H{head}" for layer in range(layers[stack]) for head in range(self.cfg.n_heads)]
+
+
+@functools.cache
+def _reference_layout() -> HookLayout:
+    cfg = HookedT5Config(
+        d_model=8, d_head=4, n_heads=2, d_mlp=8, n_layers=2, d_vocab=8, gated_mlp=True, use_attn_result=True
+    )
+    return HookedEncoderDecoder(cfg).layout
+
+
+set_default_layout(_reference_layout)

@@ -19,7 +19,9 @@ ASSETS = Path(__file__).resolve().parent / "assets"
 
 
 def tiny_config(**overrides: Any) -> HookedT5Config:
-    """A small byte-level T5 v1.1-style architecture (gated GELU, untied unembedding)."""
+    """The architecture of the embedded models (t5hooks-tiny, and t5hooks-tiny-random with seeded random
+    weights): byte-level, 2+2 layers, d_model 128, gated GELU, untied unembedding, 64 position buckets (so
+    every distance in a training string has its own bucket). The shipped weights carry their own copy of it."""
     values = dict(
         d_model=128,
         d_head=32,
@@ -30,11 +32,12 @@ def tiny_config(**overrides: Any) -> HookedT5Config:
         d_vocab=ByteTokenizer.vocab_size,
         act_fn="gelu_new",
         gated_mlp=True,
-        relative_attention_num_buckets=32,
+        relative_attention_num_buckets=64,
         relative_attention_max_distance=64,
         tie_word_embeddings=False,
         scale_logits=False,
         seed=0,
+        model_name=TRAINED_TINY,
     )
     values.update(overrides)
     return HookedT5Config(**values)

@@ -67,6 +67,11 @@ class ByteTokenizer:
                 out.append(SPECIAL_TOKENS[self.unk_token_id])
         return out
 
+    def str_tokens(self, ids: Sequence[int]) -> list[str]:
+        """One label per token. A tokenizer that has this method labels its own tokens in `model.to_str_tokens`
+        (a byte decoded alone may be half a character, so bytes are named, not decoded)."""
+        return self.convert_ids_to_tokens(ids)
+
     def decode(self, ids: Sequence[int] | torch.Tensor, skip_special_tokens: bool = False) -> str:
         """Bytes back to text (invalid UTF-8 replaced); special tokens kept unless skipped."""
         if isinstance(ids, torch.Tensor):

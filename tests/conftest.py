@@ -13,3 +13,28 @@ if not torch.cuda.is_available():
 
 # The test models are tiny: one thread is as fast, and immune to oversubscription when the machine is busy.
 torch.set_num_threads(1)
+
+
+# Parametrized cases of the interpreted-kernel tests that take over ~2 s on 2 cores: `make test-fast` keeps the
+# cheaper cases of the same tests (every kernel path still runs), `make test` runs them all.
+SLOW_CASES = {
+    "tests/test_kernels.py::test_gradients_match_float64_reference[encoder-far-tiles]",
+    "tests/test_kernels.py::test_gradients_match_float64_reference[encoder-t5-buckets-padded]",
+    "tests/test_kernels.py::test_gradients_match_float64_reference[strided-scaled-d64]",
+    "tests/test_kernels.py::test_gradients_match_float64_reference[random-1]",
+    "tests/test_kernels.py::test_gradients_match_float64_reference[fp16-causal]",
+    "tests/test_kernels.py::test_decode_path_matches_reference[3]",
+    "tests/test_kernels.py::test_forward_matches_reference[encoder-far-tiles]",
+    "tests/test_kernels.py::test_forward_matches_reference[random-0]",
+    "tests/test_kernels.py::test_forward_matches_reference[decoder-causal]",
+    "tests/test_kernels.py::test_forward_matches_reference[cross-attention]",
+    "tests/test_kernels.py::test_forward_matches_reference[encoder-t5-buckets-padded]",
+}
+
+
+def pytest_collection_modifyitems(items):
+    import pytest
+
+    for item in items:
+        if item.nodeid in SLOW_CASES:
+            item.add_marker(pytest.mark.slow)

@@ -131,6 +131,7 @@ def test_capture_errors(model):
         add(tokens, dec, patches={"hook_embed": torch.zeros(3)})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "names,patch,mode",
     [
@@ -157,6 +158,7 @@ def test_no_graph_breaks(model, names, patch, mode):
     assert explanation.graph_count == 1
 
 
+@pytest.mark.slow
 def test_compiled_training_step_matches_eager_and_compiles_once():
     """Loss = LM loss + L1 penalty on every residual stream; compiled (fullgraph, dynamic) gradients equal eager,
     and new batch/sequence lengths reuse the one dynamic graph."""
@@ -187,6 +189,7 @@ def test_compiled_training_step_matches_eager_and_compiles_once():
     assert backend.frame_count == 1  # one dynamic graph for all three shapes
 
 
+@pytest.mark.slow
 def test_inductor_compiled_capture_matches_eager():
     torch._dynamo.reset()
     model = tiny()

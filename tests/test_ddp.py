@@ -5,8 +5,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
+
+pytestmark = pytest.mark.slow  # two processes, each importing torch
 
 SCRIPT = Path(__file__).resolve().parent.parent / "examples" / "train_ddp.py"
 

@@ -2,6 +2,7 @@
 
 import warnings
 
+import pytest
 import torch
 from t5_fixtures import random_batch
 
@@ -58,6 +59,7 @@ def assert_matches_eager(model, run):
             torch.testing.assert_close(got[name], expected[name], atol=1e-5, rtol=0, msg=name)
 
 
+@pytest.mark.slow
 def test_exported_program_round_trip(tmp_path):
     model = tiny()
     program = to_exported_program(model, CAPTURE, patch=PATCH, patch_mode=MODES)
@@ -66,6 +68,7 @@ def test_exported_program_round_trip(tmp_path):
     assert_matches_eager(model, loaded)
 
 
+@pytest.mark.slow
 def test_torchscript_round_trip_without_warnings(tmp_path):
     model = tiny()
     with warnings.catch_warnings():

@@ -54,6 +54,7 @@ def kernel_calls(monkeypatch):
     return calls
 
 
+@pytest.mark.slow
 def test_fused_forward_and_gradients_match_eager(kernel_calls):
     eager, fused = pair()
     tokens, mask, dec, dec_mask = random_batch(50, 2, 13, 7, pad_decoder=True)
@@ -98,6 +99,7 @@ def test_only_hooked_layers_fall_back_to_materialised_attention(kernel_calls):
     torch.testing.assert_close(patched, expected, atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
 def test_fused_generation_with_kv_cache_matches_eager():
     eager, fused = pair()
     tokens, mask, _, _ = random_batch(50, 2, 9, 2)
@@ -107,6 +109,7 @@ def test_fused_generation_with_kv_cache_matches_eager():
     )
 
 
+@pytest.mark.slow
 def test_compiled_capture_runs_through_the_kernel_without_graph_breaks():
     torch._dynamo.reset()
     _, fused = pair()

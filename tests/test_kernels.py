@@ -273,6 +273,7 @@ EDGE_CONFIGS = {
 }
 
 
+@pytest.mark.slow
 @needs_triton
 @pytest.mark.skipif(DEVICE != "cpu", reason="alignments enumerated for the interpreter's 16x16 tiles")
 @pytest.mark.parametrize("config", list(EDGE_CONFIGS))
@@ -293,6 +294,7 @@ def test_tile_classification_at_every_alignment(config):
             assert_close_scaled(leaf.grad, ref_leaf.grad, GRAD_TOL[case.dtype], f"q_offset={q_offset} {what}")
 
 
+@pytest.mark.slow
 @needs_triton
 def test_table_gradient_is_bit_identical_across_runs():
     case = Case(batch=2, q_len=47, k_len=47, num_buckets=16, max_distance=20, padding="right")
@@ -337,6 +339,7 @@ def test_decode_path_matches_reference(q_len, monkeypatch):
         assert_close_scaled(leaf.grad, ref_leaf.grad, GRAD_TOL[case.dtype], f"decode {what}")
 
 
+@pytest.mark.slow
 @needs_triton
 def test_custom_op_under_torch_compile_fullgraph():
     case = Case(q_len=21, k_len=33, head_dim=16, num_buckets=8, max_distance=16, causal=True, bidirectional=False,
@@ -441,6 +444,7 @@ def _python(code: str, **env_changes) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
 
 
+@pytest.mark.slow
 def test_import_is_lazy_and_works_without_triton():
     lazy = _python("import sys, t5hooks.kernels; assert 'triton' not in sys.modules, 'triton imported eagerly'")
     assert lazy.returncode == 0, lazy.stderr
@@ -502,6 +506,7 @@ for kernel, args, kwargs in launches:
 """
 
 
+@pytest.mark.slow
 @needs_triton
 def test_kernels_compile_for_h100():
     result = _python(COMPILE_FOR_H100)
@@ -511,6 +516,7 @@ def test_kernels_compile_for_h100():
                         "_decode_split_kernel", "_decode_combine_kernel"}  # fmt: skip
 
 
+@pytest.mark.slow
 @needs_triton
 def test_bench_quick_writes_json_and_png(tmp_path):
     from t5hooks.kernels import bench

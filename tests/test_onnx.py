@@ -77,6 +77,7 @@ def inputs(batch, enc, dec, seed=5, vector_add=False):
 # ---- graph structure -------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_graph_io_names_and_checker(model, exported):
     path, runner = exported
     graph = onnx.load(str(path)).graph
@@ -98,6 +99,7 @@ def test_graph_io_names_and_checker(model, exported):
     assert shapes["encoder.0.attn.rel_pos_hook"] == [1, 2, "encoder", "encoder"]
 
 
+@pytest.mark.slow
 def test_same_tensor_under_two_names_gets_two_outputs(exported):
     path, runner = exported
     producers = {out: node for node in onnx.load(str(path)).graph.node for out in node.output}
@@ -113,6 +115,7 @@ def test_same_tensor_under_two_names_gets_two_outputs(exported):
     np.testing.assert_array_equal(out["decoder.0.hook_resid_post"], out["decoder.1.hook_resid_pre"])
 
 
+@pytest.mark.slow
 def test_output_that_is_an_input(exported):
     path, runner = exported
     producers = {out: node for node in onnx.load(str(path)).graph.node for out in node.output}
@@ -150,6 +153,7 @@ def test_name_graph_io_moves_colliding_internal_names(tmp_path):
 # ---- numerics ----------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("batch,enc,dec", [(1, 9, 1), (3, 4, 6), (3, 13, 11)])
 def test_parity_with_eager_at_new_shapes(model, exported, batch, enc, dec):
     _, runner = exported
@@ -166,6 +170,7 @@ def test_parity_with_eager_at_new_shapes(model, exported, batch, enc, dec):
         )
 
 
+@pytest.mark.slow
 def test_patches_match_eager_hooks(model, exported):
     """ORT with patch inputs == the plain model with Python hooks doing the same replace / add."""
     _, runner = exported
@@ -182,6 +187,7 @@ def test_patches_match_eager_hooks(model, exported):
     assert np.abs(got - unpatched.numpy()).max() > 1e-2  # the patches did something
 
 
+@pytest.mark.slow
 def test_runner_fills_masks_and_decoder_start(model, exported):
     _, runner = exported
     tokens = torch.randint(3, VOCAB, (2, 5))
@@ -192,6 +198,7 @@ def test_runner_fills_masks_and_decoder_start(model, exported):
     np.testing.assert_allclose(got["logits"], expected["logits"].detach().numpy(), atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow
 def test_distance_zero_buckets_have_no_inf_or_nan(model, exported, tmp_path):
     """Every Log in the graph sees finite input at distance 0 (q_len = k_len = 1 and diagonals), and the
     position bias equals the table looked up with Hugging Face's bucketing."""
@@ -231,6 +238,7 @@ def test_distance_zero_buckets_have_no_inf_or_nan(model, exported, tmp_path):
 # ---- fp16, external data, fused-attention fallback ----------------------------------------------------
 
 
+@pytest.mark.slow
 def test_fp16_external_data_and_fused_attention_falls_back_while_exporting(tmp_path, monkeypatch):
     """attn_impl="fused" routes attention through `relbias_attention`; while exporting it must pick the
     reference (standard ONNX ops). The fp16 graph with external weights runs and is close to fp32 eager."""
@@ -268,6 +276,7 @@ def test_fp16_external_data_and_fused_attention_falls_back_while_exporting(tmp_p
 # ---- errors --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_runner_rejects_bad_inputs_clearly(exported):
     _, runner = exported
     tokens, dec, mask, dec_mask, patches = inputs(2, 5, 3)
@@ -347,6 +356,7 @@ def export_command(*args):
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt,suffix", [("onnx", ".onnx"), ("pt2", ".pt2")])
 def test_export_command_writes_and_verifies(checkpoint, tmp_path, fmt, suffix):
     out = tmp_path / f"model{suffix}"
@@ -369,6 +379,7 @@ def test_export_command_writes_and_verifies(checkpoint, tmp_path, fmt, suffix):
     assert "matches eager on a fresh input" in result.stdout and out.is_file()
 
 
+@pytest.mark.slow
 def test_export_command_fails_cleanly_on_bad_input(checkpoint, tmp_path):
     result = export_command(
         "--model", str(checkpoint), "--capture", "decoder.*.hook_resid_psot", "--out", str(tmp_path / "m.onnx")
@@ -378,6 +389,7 @@ def test_export_command_fails_cleanly_on_bad_input(checkpoint, tmp_path):
     assert "Traceback" not in result.stderr and not (tmp_path / "m.onnx").exists()
 
 
+@pytest.mark.slow
 def test_export_command_reports_a_mismatch(checkpoint, tmp_path, capsys, monkeypatch):
     """A file that disagrees with eager: exit status 1 and the outputs that differ (a corrupted loader here)."""
     real = command._export_and_load

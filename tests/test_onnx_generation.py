@@ -11,6 +11,8 @@ from t5hooks import HookedEncoderDecoder, HookedT5Config
 from t5hooks.export import OnnxGenerator, to_onnx_generator
 from t5hooks.export.ort import _resolve_shape
 
+pytestmark = pytest.mark.slow  # every test shares one exported encoder/decoder pair (a long module set-up)
+
 VOCAB = 48
 CAPTURE = [
     "hook_encoder_out",  # the same tensor as the graph's own `encoder_out` output

@@ -150,6 +150,7 @@ def test_attribution_patching_matches_activation_patching_near_linearity(near_li
     assert spearman > 0.95
 
 
+@pytest.mark.slow
 def test_compiled_sweep_compiles_one_graph(model, prompts):
     from torch._dynamo.utils import counters
 

@@ -20,6 +20,8 @@ from typing import Any, Literal, Union
 import torch
 from torch import Tensor
 
+from ..hook_points import HookLayout, HookSpec, default_layout, unknown_name_message
+
 STACKS = ("encoder", "decoder")
 ATTN_KINDS = ("self", "cross")
 NORMS = ("ln1", "ln2", "ln3", "final")
@@ -31,19 +33,8 @@ AttnKind = Literal["self", "cross"]
 SliceInput = Union[None, int, slice, tuple, Sequence[int], Tensor]
 
 # ---- short activation names ----------------------------------------------------------------
-_BLOCK_ACTS = (
-    "resid_pre",
-    "resid_mid",
-    "resid_mid_cross",
-    "resid_post",
-    "attn_out",
-    "cross_attn_out",
-    "mlp_out",
-    "mlp_in",
-)
-_ATTN_ACTS = ("q", "k", "v", "z", "pattern", "attn_scores", "result")
-_MLP_ACTS = ("pre", "pre_linear", "post")
-_NORM_ACTS = ("scale", "normalized")
+# TransformerLens's other names for some activations. Every other short name is read off the hook registry
+# (hook_points.HookLayout): a point's leaf without `hook_` (`hook_resid_pre` -> "resid_pre"), or its alias.
 _ALIASES = {
     "attn": "pattern",
     "attn_logits": "attn_scores",
@@ -55,19 +46,13 @@ _ALIASES = {
     "rel_pos_bias": "rel_pos",
     "unembed": "unembed_in",
 }
-_DECODER_ONLY = ("resid_mid_cross", "cross_attn_out")
-SHORT_NAMES = (
-    *_BLOCK_ACTS,
-    *_ATTN_ACTS,
-    *_MLP_ACTS,
-    *_NORM_ACTS,
-    "embed",
-    "decoder_embed",
-    "encoder_out",
-    "unembed_in",
-    "rel_pos",
-    *_ALIASES,
-)
+
+
+def short_names(layout: HookLayout | None = None) -> tuple[str, ...]:
+    """Every short name `act_name` accepts (registry order, then TransformerLens aliases)."""
+    layout = default_layout() if layout is None else layout
+    names = dict.fromkeys(n for spec in layout.values() for n in spec.short_names)
+    return (*names, *_ALIASES)
 
 
 def act_name(
@@ -76,6 +61,7 @@ def act_name(
     stack: Stack = "decoder",
     attn: AttnKind = "self",
     ln: str | None = None,
+    layout: HookLayout | None = None,
 ) -> str:
     """Full hook name from a TransformerLens-style short name.
 
@@ -85,54 +71,62 @@ def act_name(
     `act_name("scale")` -> "decoder_final_ln.hook_scale" (no layer: the stack's final norm);
     `act_name("embed", stack="encoder")` -> "hook_embed" ("embed" of the decoder is "hook_decoder_embed").
     A full hook name (with a dot, or starting with "hook_") and no layer is returned unchanged.
+    Names come from the hook registry of `layout` (default: HookedEncoderDecoder's, every option on).
     """
     if not isinstance(name, str):
         raise TypeError(f"activation name must be a string, got {type(name).__name__}")
     if layer is None and ("." in name or name.startswith("hook_")):
         return name
-    _check_choice("stack", stack, STACKS)
-    _check_choice("attn", attn, ATTN_KINDS)
+    check_choice("stack", stack, STACKS)
+    check_choice("attn", attn, ATTN_KINDS)
     if attn == "cross" and stack == "encoder":
         raise ValueError("cross-attention exists only in the decoder: use stack='decoder' with attn='cross'")
     if layer is not None and (isinstance(layer, bool) or not isinstance(layer, int) or layer < 0):
         raise ValueError(f"layer must be a non-negative int (or None), got {layer!r}")
+    layout = default_layout() if layout is None else layout
     name = _ALIASES.get(name, name)
-    if name == "embed":
-        return "hook_embed" if stack == "encoder" else "hook_decoder_embed"
-    if name == "decoder_embed":
-        return "hook_decoder_embed"
-    if name == "encoder_out":
-        return "hook_encoder_out"
-    if name == "unembed_in":
-        return "unembed.hook_in"
-    if name == "rel_pos":  # T5: one bias per stack, owned by layer 0; UMT5: one per layer (pass layer=)
-        return f"{stack}.{layer or 0}.attn.rel_pos_hook"
-    if name in _NORM_ACTS:
-        if layer is None:
-            if ln not in (None, "final"):
-                raise ValueError(f"{name!r} with ln={ln!r} needs a layer; without a layer it is the stack's final norm")
-            return f"{stack}_final_ln.hook_{name}"
-        valid = ("ln1", "ln2", "ln3") if stack == "decoder" else ("ln1", "ln2")
-        if ln not in valid:
+    if attn == "cross" and name == "attn_out":
+        name = "cross_attn_out"
+    named = [spec for spec in layout.values() if name in spec.short_names]
+    if not named:
+        raise ValueError(
+            f"unknown activation {name!r}; short names: {', '.join(short_names(layout))} (or a full hook name)"
+        )
+    if layer is None:
+        return _unlayered_name(name, named, stack, ln)
+    here = [s for s in named if s.layered and s.stack == stack]
+    if not here:
+        other = {s.stack for s in named if s.layered}
+        if other:
+            raise ValueError(f"{name!r} exists only in the {' and '.join(sorted(other))} (not in the {stack})")
+        raise ValueError(f"{name!r} is not inside a layer: call act_name({name!r}) without a layer")
+    here = [s for s in here if s.attn in (None, attn)] or here
+    if len(here) > 1:
+        norms = [s.owner for s in here]
+        picked = [s for s in here if s.owner == ln]
+        if len(picked) != 1:
             raise ValueError(
-                f"{name!r} at layer {layer} of the {stack} needs ln= one of {valid} (decoder: ln1 before "
+                f"{name!r} at layer {layer} of the {stack} needs ln= one of {tuple(norms)} (decoder: ln1 before "
                 f"self-attention, ln2 before cross-attention, ln3 before the MLP; encoder: ln1, ln2 before the MLP)"
             )
-        return f"{stack}.{layer}.{ln}.hook_{name}"
-    if name not in SHORT_NAMES:
-        raise ValueError(f"unknown activation {name!r}; short names: {', '.join(SHORT_NAMES)} (or a full hook name)")
-    if layer is None:
-        raise ValueError(f"{name!r} exists in every layer: pass layer=")
-    base = f"{stack}.{layer}."
-    if name in _BLOCK_ACTS:
-        if attn == "cross" and name == "attn_out":
-            name = "cross_attn_out"
-        if name in _DECODER_ONLY and stack == "encoder":
-            raise ValueError(f"{name!r} exists only in the decoder (the encoder has no cross-attention)")
-        return f"{base}hook_{name}"
-    if name in _ATTN_ACTS:
-        return f"{base}{'cross_attn' if attn == 'cross' else 'attn'}.hook_{name}"
-    return f"{base}mlp.hook_{name}"  # _MLP_ACTS
+        here = picked
+    return here[0].template.replace("{l}", str(layer), 1)
+
+
+def _unlayered_name(name: str, named: list[HookSpec], stack: str, ln: str | None) -> str:
+    """A short name without a layer: a point outside the layers (of `stack`, else the only one), or a
+    point that only layer 0 holds (the position bias)."""
+    outside = [s for s in named if not s.layered]
+    if outside:
+        if ln not in (None, "final"):
+            raise ValueError(f"{name!r} with ln={ln!r} needs a layer; without a layer it is the stack's final norm")
+        mine = [s for s in outside if s.stack == stack]
+        if len(mine) == 1 or len(outside) == 1:
+            return (mine or outside)[0].template
+    only_layer0 = [s for s in named if s.layered and s.stack == stack and s.layers == frozenset({0})]
+    if len(only_layer0) == 1:  # one per stack, owned by layer 0 and shared by every layer
+        return only_layer0[0].template.replace("{l}", "0", 1)
+    raise ValueError(f"{name!r} exists in every layer: pass layer=")
 
 
 def apply_slice(x: Tensor, selection: SliceInput, dim: int) -> Tensor:
@@ -155,7 +149,8 @@ def apply_slice(x: Tensor, selection: SliceInput, dim: int) -> Tensor:
     return x.index_select(dim, indices % size)  # negative indices count from the end, as in Python
 
 
-def _check_choice(what: str, value: Any, valid: Sequence[str]) -> None:
+def check_choice(what: str, value: Any, valid: Sequence[str]) -> None:
+    """ValueError naming the argument, the bad value and the valid ones."""
     if value not in valid:
         raise ValueError(f"{what}={value!r}; valid: {', '.join(repr(v) for v in valid)}")
 
@@ -178,8 +173,6 @@ class ActivationCache(Mapping):
         name = self._key_to_name(key) if isinstance(key, tuple) else key
         if name in self.cache_dict:
             return self.cache_dict[name]
-        from ..hook_points import unknown_name_message
-
         shown = f"{key!r} -> {name!r}" if name != key else repr(name)
         raise KeyError(unknown_name_message(name, list(self.cache_dict)) + f" (in this cache; looked up {shown})")
 
@@ -253,7 +246,7 @@ class ActivationCache(Mapping):
 
     # ---- layers and norms ----------------------------------------------------------------
     def _n_layers(self, stack: str) -> int:
-        _check_choice("stack", stack, STACKS)
+        check_choice("stack", stack, STACKS)
         return self.model.cfg.n_layers if stack == "encoder" else self.model.cfg.n_decoder_layers
 
     def _resolve_layer(self, stack: str, layer: int | None) -> int:
@@ -391,7 +384,7 @@ class ActivationCache(Mapping):
         `mode`: "all", "attn" (self- and cross-attention), "self_attn", "cross_attn" or "mlp". With
         `cross_attn_input` / `mlp_input` the sublayers of `layer` before that input are included.
         """
-        _check_choice("mode", mode, ("all", "attn", "self_attn", "cross_attn", "mlp"))
+        check_choice("mode", mode, ("all", "attn", "self_attn", "cross_attn", "mlp"))
         layer = self._resolve_layer(stack, layer)
         self._norm_name(stack, layer, mlp_input, cross_attn_input)
         kinds = {
@@ -481,7 +474,7 @@ class ActivationCache(Mapping):
         """Every head's output for the heads of layers strictly before `layer` (None: all), labelled "L{l}H{h}"
         (cross-attention: "L{l}H{h}_cross"). `incl_remainder` appends the rest of the residual stream read at
         `layer`'s input; `apply_ln` applies the norm there (see `apply_ln_to_stack`)."""
-        _check_choice("attn", attn, ATTN_KINDS)
+        check_choice("attn", attn, ATTN_KINDS)
         if attn == "cross" and stack != "decoder":
             raise ValueError("cross-attention heads exist only in the decoder: stack='decoder'")
         layer = self._resolve_layer(stack, layer)

@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from ..tables import format_table
 from .cache import ActivationCache, SliceInput
-from .summary import format_table
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

@@ -44,7 +44,7 @@ from typing import Any, Literal, Union
 import torch
 from torch import Tensor
 
-from .cache import ATTN_KINDS, STACKS, act_name
+from .cache import ATTN_KINDS, STACKS, act_name, check_choice
 from .lens import LabelledGrid, token_labels
 
 Metric = Callable[[Tensor], Union[Tensor, float]]  # logits [batch, dec_pos, d_vocab] -> scalar
@@ -124,8 +124,8 @@ def patch_residual(
     """Patch the residual-stream point `site` of `stack` (e.g. "resid_pre", "resid_post", "attn_out",
     "mlp_out"; decoder also "cross_attn_out", "resid_mid_cross") per layer (rows) x position (columns), or
     at all positions at once with `per_position=False` (one column, "all")."""
-    _check("stack", stack, STACKS)
-    _check("site", site, RESIDUAL_SITES)
+    check_choice("stack", stack, STACKS)
+    check_choice("site", site, RESIDUAL_SITES)
     layers = _layers(model, stack, layers)
     names = [act_name(site, l, stack) for l in layers]
     refs = _References(model, clean, corrupted, metric, names, method, gradient)
@@ -169,8 +169,8 @@ def patch_heads(
 ) -> PatchingResult:
     """Patch each attention head's output `hook_z` (`attn`: "self", or "cross" in the decoder): layer (rows)
     x head (columns) at all positions, or with `per_position` head "L{l}H{h}" (rows) x query position."""
-    _check("stack", stack, STACKS)
-    _check("attn", attn, ATTN_KINDS)
+    check_choice("stack", stack, STACKS)
+    check_choice("attn", attn, ATTN_KINDS)
     if attn == "cross" and stack != "decoder":
         raise ValueError("cross-attention heads exist only in the decoder: stack='decoder'")
     layers = _layers(model, stack, layers)
@@ -296,8 +296,8 @@ class _References:
         gradient: str,
         grad_names: list[str] | None = None,
     ) -> None:
-        _check("method", method, ("activation", "attribution"))
-        _check("gradient", gradient, ("corrupted", "mean"))
+        check_choice("method", method, ("activation", "attribution"))
+        check_choice("gradient", gradient, ("corrupted", "mean"))
         self.model = model
         self.clean_inputs = _prepare(model, clean)
         self.corrupted_inputs = _prepare(model, corrupted)
@@ -449,8 +449,3 @@ def _layers(model: Any, stack: str, layers: Sequence[int] | None) -> list[int]:
     if bad or not layers:
         raise ValueError(f"layers {bad or layers} invalid for the {stack}: valid 0..{n - 1} (or None for all)")
     return layers
-
-
-def _check(what: str, value: Any, valid: Sequence[str]) -> None:
-    if value not in valid:
-        raise ValueError(f"{what}={value!r}; valid: {', '.join(repr(v) for v in valid)}")

@@ -42,8 +42,13 @@ def heatmap(
     hurts); `center=None` spans min..max. `annotate` writes each value in its cell (default: small grids only).
     Axes with more than `max_ticks` labels show every k-th label.
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ModuleNotFoundError as err:
+        raise ModuleNotFoundError(
+            f"plots need matplotlib ({err}); install it with: pip install 't5hooks[plot]'"
+        ) from err
 
     data = torch.as_tensor(values).detach().float().cpu()
     if data.ndim != 2:

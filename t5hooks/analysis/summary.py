@@ -8,14 +8,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
-
-def format_table(rows: Sequence[Sequence[object]], header: Sequence[str]) -> str:
-    """Left-aligned text table."""
-    cells = [[str(c) for c in header]] + [[str(c) for c in row] for row in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+from ..tables import format_table
 
 
 def activation_table(cache: Mapping[str, Tensor], patterns: Sequence[str] = ("*",)) -> str:

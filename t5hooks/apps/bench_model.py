@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import platform
-import statistics
 import time
 from collections.abc import Callable
 
@@ -24,31 +23,9 @@ from transformers import T5Config, T5ForConditionalGeneration
 
 from t5hooks import HookedEncoderDecoder
 from t5hooks.hook_points import HookPoint
+from t5hooks.timing import interleaved_medians
 
 RESID = ["encoder.*.hook_resid_post", "decoder.*.hook_resid_post"]
-
-
-def interleaved_medians(
-    rows: list[tuple[str, Callable[[], object]]], repeats: int, warmup: int = 2
-) -> dict[str, float]:
-    """Median ms per row, timing the rows round-robin so drift in the machine's load hits every row alike."""
-    for _, fn in rows:
-        for _ in range(warmup):
-            fn()
-    times: dict[str, list[float]] = {name: [] for name, _ in rows}
-    for _ in range(repeats):
-        for name, fn in rows:
-            _sync()
-            start = time.perf_counter()
-            fn()
-            _sync()
-            times[name].append(time.perf_counter() - start)
-    return {name: 1000 * statistics.median(t) for name, t in times.items()}
-
-
-def _sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
 
 
 class bypassed_hook_points:

@@ -8,17 +8,15 @@ timing table.
 
 from __future__ import annotations
 
-import statistics
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from ..analysis.summary import format_table
 from ..components import lm_loss
+from ..tables import format_table
+from ..timing import median_ms
 
 SHADES = " .:-=+*#%@"
 
@@ -30,16 +28,6 @@ def ascii_heatmap(values: Tensor, row_labels: list[str], col_labels: list[str]) 
         cells = "".join(2 * SHADES[min(len(SHADES) - 1, int(v * len(SHADES)))] for v in row)
         lines.append(f"{label[:4]:>4}  {cells}")
     return "\n".join(lines)
-
-
-def median_ms(fn: Callable[[], object], repeats: int = 7) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
 
 
 def run_demo(out_dir: str | Path | None = None, word: str = "interpret") -> int:

@@ -20,8 +20,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..config import HookedT5Config
-from ..pretrained import save_tiny
+from ..pretrained import save_tiny, tiny_config
 from ..tokenizer import ByteTokenizer
 
 ALPHABET = string.ascii_lowercase
@@ -29,30 +28,6 @@ MIN_LEN, MAX_LEN = 2, 10
 PAD_TO = MAX_LEN + 1  # bytes + EOS
 HELD_OUT_SEED = 1234
 HELD_OUT_SIZE = 1000
-
-
-def tiny_trained_config(**overrides) -> HookedT5Config:
-    """The architecture of t5hooks-tiny: 2+2 layers, d_model 128, gated GELU, 64 position buckets (so every
-    distance in a training string has its own bucket)."""
-    values = dict(
-        d_model=128,
-        d_head=32,
-        n_heads=4,
-        d_mlp=256,
-        n_layers=2,
-        n_decoder_layers=2,
-        d_vocab=ByteTokenizer.vocab_size,
-        act_fn="gelu_new",
-        gated_mlp=True,
-        relative_attention_num_buckets=64,
-        relative_attention_max_distance=64,
-        tie_word_embeddings=False,
-        scale_logits=False,
-        seed=0,
-        model_name="t5hooks-tiny",
-    )
-    values.update(overrides)
-    return HookedT5Config(**values)
 
 
 def random_word(rng: random.Random) -> str:
@@ -127,7 +102,7 @@ def train_tiny(
     rng = random.Random(seed)
     tokenizer = ByteTokenizer()
     held_out = set(held_out_words())
-    model = HookedEncoderDecoder(tiny_trained_config(seed=seed), tokenizer=tokenizer)
+    model = HookedEncoderDecoder(tiny_config(seed=seed), tokenizer=tokenizer)
     cross = [f"decoder.{l}.cross_attn.hook_pattern" for l in range(model.cfg.n_decoder_layers)]
     cap = model.capture(cross)
     step_fn = torch.compile(cap, fullgraph=True) if compile else cap

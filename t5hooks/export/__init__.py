@@ -27,7 +27,13 @@ def __getattr__(name: str) -> Any:
     if name in _LAZY:
         import importlib
 
-        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        try:
+            module = importlib.import_module(_LAZY[name], __name__)
+        except ModuleNotFoundError as err:
+            raise ModuleNotFoundError(
+                f"{name} needs the ONNX packages ({err}); install them with: pip install 't5hooks[onnx]'"
+            ) from err
+        value = getattr(module, name)
         globals()[name] = value
         return value
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

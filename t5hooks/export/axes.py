@@ -1,12 +1,15 @@
 """Which axes of each graph input and output vary: batch, encoder length, decoder length.
 
-One table, used by `torch.export` (dynamic shapes), the ONNX exporter (dynamic axes) and the
+Activation axes are read off the hook registry (the axes each HookPoint declares); the tables here are
+for the graphs' own inputs and the KV cache. Used by `torch.export` (dynamic shapes), the ONNX exporter (dynamic axes) and the
 ONNX Runtime runner (input validation). Axis labels: "batch", "encoder", "decoder", None (static).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+
+from ..hook_points import HookLayout, default_layout
 
 Axes = tuple  # tuple[str | None, ...]
 
@@ -16,42 +19,27 @@ BATCH, ENC, DEC = "batch", "encoder", "decoder"
 PAST, PRESENT = "past", "past + 1"
 
 
-def activation_axes(name: str) -> Axes:
-    """Axes of the activation at hook point `name` (see DESIGN.md for the shapes)."""
-    parts = name.split(".")
-    if name in ("hook_embed", "hook_encoder_out") or parts[0] == "encoder_final_ln":
-        return (BATCH, ENC, None)
-    if name in ("hook_decoder_embed", "unembed.hook_in") or parts[0] == "decoder_final_ln":
-        return (BATCH, DEC, None)
-    stack = ENC if parts[0] == "encoder" else DEC
-    leaf = parts[-1]
-    cross = "cross_attn" in parts
-    key_len = ENC if cross else stack
-    if leaf == "rel_pos_hook":
-        return (None, None, stack, stack)
-    if leaf in ("hook_attn_scores", "hook_pattern"):
-        return (BATCH, None, stack, key_len)
-    if leaf in ("hook_k", "hook_v"):
-        return (BATCH, key_len, None, None)
-    if leaf in ("hook_q", "hook_z", "hook_result"):
-        return (BATCH, stack, None, None)
-    return (BATCH, stack, None)  # residual streams, norms, MLP activations
+def activation_axes(name: str, layout: HookLayout | None = None) -> Axes:
+    """Axes of the activation at hook point `name`, from the axes its HookPoint declares (`layout`: the
+    model's hook registry, `model.layout`; default: HookedEncoderDecoder's)."""
+    layout = default_layout() if layout is None else layout
+    return layout.spec(name).position_axes()
 
 
-def output_axes(name: str) -> Axes:
+def output_axes(name: str, layout: HookLayout | None = None) -> Axes:
     if name == "logits":
         return (BATCH, DEC, None)
     if name == "last_hidden_state":  # an encoder-only graph's main output
         return (BATCH, ENC, None)
     if name == "loss":
         return ()
-    return activation_axes(name)
+    return activation_axes(name, layout)
 
 
-def patch_axes(name: str, mode: str, patch_shape: tuple[int, ...]) -> Axes:
+def patch_axes(name: str, mode: str, patch_shape: tuple[int, ...], layout: HookLayout | None = None) -> Axes:
     """A "replace" patch has the activation's axes. An "add" patch broadcasts: with full rank, an axis of
     size 1 stays static (it broadcasts) and the others vary with the activation; lower rank is static."""
-    axes = activation_axes(name)
+    axes = activation_axes(name, layout)
     if mode == "replace":
         return axes
     if len(patch_shape) == len(axes):
@@ -59,14 +47,13 @@ def patch_axes(name: str, mode: str, patch_shape: tuple[int, ...]) -> Axes:
     return (None,) * len(patch_shape)
 
 
-def step_activation_axes(name: str) -> Axes:
+def step_activation_axes(name: str, layout: HookLayout | None = None) -> Axes:
     """Axes of a decoder activation in a one-step decoder graph: the query axis is fixed at 1 and
     self-attention keys span the cache plus this step."""
-    axes = list(activation_axes(name))
-    leaf = name.split(".")[-1]
-    if leaf in ("hook_attn_scores", "hook_pattern", "rel_pos_hook") and "cross_attn" not in name:
-        axes[3] = PRESENT
-    return tuple(None if axis == DEC else axis for axis in axes)
+    layout = default_layout() if layout is None else layout
+    spec = layout.spec(name)
+    step = {"pos": None if spec.stack == DEC else spec.stack, "key_pos": PRESENT if spec.key_stack == DEC else ENC}
+    return tuple(step.get(axis, label) for axis, label in zip(spec.axes, spec.position_axes()))
 
 
 CACHE_AXES: Mapping[str, Axes] = {  # K/V tensors [B,H,T,d_head] of the generation graphs

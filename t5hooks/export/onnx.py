@@ -97,7 +97,7 @@ def to_onnx(
     name_graph_io(graph, input_names, output_names)
     if dynamic:
         for value in graph.outputs:
-            set_axes(value, output_axes(value.name))
+            set_axes(value, output_axes(value.name, cap.model.layout))
     graph_kind = "encoder_forward" if isinstance(cap, EncoderCaptureModule) else "forward"
     write_metadata(program.model, graph_kind, cap.model.cfg, capture=list(cap.names), patch_modes=cap.patch_modes)
     save_checked(program.model, path, external_data)

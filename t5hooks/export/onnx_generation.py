@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..hook_points import HookIO, NameFilter
+from ..hook_points import HookIO, HookLayout, NameFilter, default_layout
 from ..kv_cache import DecoderCache
 from .axes import BATCH, CACHE_AXES, ENC, INPUT_AXES, PRESENT, activation_axes, step_activation_axes
 from .onnx import export_graph, model_in_dtype, name_graph_io, save_checked, set_axes, write_metadata
@@ -39,12 +39,10 @@ from .torch_export import axes_spec, export_dims
 ENCODER_FILE, DECODER_FILE = "encoder.onnx", "decoder.onnx"
 
 
-def is_encoder_side(name: str) -> bool:
-    """Computed once per input by the encoder graph (encoder stack, its output, cross-attention K/V)."""
-    parts = name.split(".")
-    if name in ("hook_embed", "hook_encoder_out") or parts[0] in ("encoder", "encoder_final_ln"):
-        return True
-    return "cross_attn" in parts and parts[-1] in ("hook_k", "hook_v")
+def is_encoder_side(name: str, layout: HookLayout | None = None) -> bool:
+    """Computed once per input by the encoder graph: no axis counts decoder positions (the encoder stack,
+    its output, the cross-attention K/V), as the hook registry declares."""
+    return (default_layout() if layout is None else layout).spec(name).side == "encoder"
 
 
 def cache_names(n_layers: int, kind: str) -> list[str]:
@@ -109,8 +107,9 @@ def to_onnx_generator(
     names = model.resolve_names(capture) if capture else []
     model = model_in_dtype(model, dtype).eval()
     cfg = model.cfg
-    encoder_names = [n for n in names if is_encoder_side(n)]
-    decoder_names = [n for n in names if not is_encoder_side(n)]
+    layout = model.layout
+    encoder_names = [n for n in names if is_encoder_side(n, layout)]
+    decoder_names = [n for n in names if not is_encoder_side(n, layout)]
     L, H, d = cfg.n_decoder_layers, cfg.n_heads, cfg.d_head
     dims = export_dims()
     directory.mkdir(exist_ok=True)
@@ -127,7 +126,7 @@ def to_onnx_generator(
     name_graph_io(encoder.model.graph, ["input", "one_zero_attention_mask"], encoder_outputs)
     _label(
         encoder.model.graph.outputs,
-        [(BATCH, ENC, None), *[CACHE_AXES["cross"]] * (2 * L), *map(activation_axes, encoder_names)],
+        [(BATCH, ENC, None), *[CACHE_AXES["cross"]] * (2 * L), *(activation_axes(n, layout) for n in encoder_names)],
     )
     write_metadata(encoder.model, "encoder", cfg, capture=encoder_names)
     save_checked(encoder.model, directory / ENCODER_FILE, None)
@@ -150,7 +149,11 @@ def to_onnx_generator(
     )
     _label(
         step.model.graph.outputs,
-        [(BATCH, None, None), *[CACHE_AXES["present"]] * (2 * L), *map(step_activation_axes, decoder_names)],
+        [
+            (BATCH, None, None),
+            *[CACHE_AXES["present"]] * (2 * L),
+            *(step_activation_axes(n, layout) for n in decoder_names),
+        ],
     )
     write_metadata(step.model, "decoder_step", cfg, capture=decoder_names)
     save_checked(step.model, directory / DECODER_FILE, None)

@@ -57,7 +57,8 @@ def example_inputs(
             shape = shapes[name]
             if mode == "add":
                 shape = tuple(
-                    1 if axis is not None else size for axis, size in zip(patch_axes(name, "replace", shape), shape)
+                    1 if axis is not None else size
+                    for axis, size in zip(patch_axes(name, "replace", shape, cap.model.layout), shape)
                 )
             patches[name] = torch.zeros(shape, dtype=model.W_E.dtype, device=device)
     return (*inputs, dict(patches or {}))
@@ -87,7 +88,8 @@ def dynamic_shapes(cap: CaptureBase, patches: Mapping[str, Tensor]) -> tuple[Any
     dims = export_dims()
     inputs = tuple(axes_spec(INPUT_AXES[name], dims) for name in cap.INPUT_NAMES)
     patch_spec = {
-        name: axes_spec(patch_axes(name, cap.patch_modes[name], tuple(t.shape)), dims) for name, t in patches.items()
+        name: axes_spec(patch_axes(name, cap.patch_modes[name], tuple(t.shape), cap.model.layout), dims)
+        for name, t in patches.items()
     }
     return (*inputs, patch_spec)
 

@@ -25,19 +25,20 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import platform
 import statistics
 import sys
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from ..tables import format_table
+from ..timing import median_ms
 from . import prep
 from .op import relbias_attention
+from .policy import INTERPRETED
 from .reference import allowed_keys, bias_and_mask, position_bias, reference_relbias_attention
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -240,13 +241,7 @@ def time_ms(fn: Callable[[], object], device: torch.device, quick: bool) -> floa
         except ImportError:
             return cuda_event_ms(fn, warmup_ms=warmup, rep_ms=rep)
         return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
-    fn()  # warm-up (compilation, caches)
-    times = []
-    for _ in range(1 if quick else 5):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+    return median_ms(fn, repeats=1 if quick else 5)  # one warm-up call (compilation, caches)
 
 
 def cuda_event_ms(fn: Callable[[], object], warmup_ms: float, rep_ms: float) -> float:
@@ -283,7 +278,7 @@ def peak_extra_mib(fn: Callable[[], object], device: torch.device) -> float | No
 
 
 def skip_reason(impl: str, case: Case, device: torch.device) -> str | None:
-    if impl == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+    if impl == "triton" and device.type != "cuda" and not INTERPRETED:
         return "no CUDA device and TRITON_INTERPRET is not set (set TRITON_INTERPRET=1 to use the interpreter)"
     return None
 
@@ -384,7 +379,7 @@ def environment(device: torch.device, dtype: torch.dtype) -> dict:
         "triton": triton_version,
         "cuda": torch.version.cuda,
         "python": platform.python_version(),
-        "triton_interpret": os.environ.get("TRITON_INTERPRET") == "1",
+        "triton_interpret": INTERPRETED,
         "cpu_threads": torch.get_num_threads(),
     }
     if device.type == "cuda":
@@ -395,24 +390,27 @@ def environment(device: torch.device, dtype: torch.dtype) -> dict:
 # --- reporting ---------------------------------------------------------------------------------
 
 
-def format_table(report: dict) -> str:
+def format_report(report: dict) -> str:
+    """The environment, a table of the measured rows, then the skipped or failed ones with their reasons."""
     env = report["environment"]
     lines = [
         f"device: {env['device']}   dtype: {env['dtype']}   torch {env['torch']}   triton {env['triton']}   "
         f"CUDA {env['cuda']}   python {env['python']}" + ("   (Triton interpreter)" if env["triton_interpret"] else ""),
-        f"{'case':16s} {'impl':16s} {'mode':8s} {'ms':>10s} {'TFLOP/s':>9s} {'GB/s':>8s} {'extra MiB':>10s} {'max err':>9s}",
     ]
+    rows, notes = [], []
     for entry in report["cases"]:
         for r in entry["results"]:
-            head = f"{entry['case']['name']:16s} {r['impl']:16s} {r['mode']:8s}"
+            head = (entry["case"]["name"], r["impl"], r["mode"])
             if r["status"] != "ok":
-                lines.append(f"{head} {r['status']}: {r['reason']}")
+                notes.append(f"{' '.join(head)}: {r['status']}: {r['reason']}")
                 continue
-            gbps = f"{r['gbps']:8.0f}" if "gbps" in r else f"{'':8s}"
-            mib = f"{r['peak_extra_mib']:10.1f}" if r.get("peak_extra_mib") is not None else f"{'':10s}"
-            err = f"{r['max_abs_err']:9.1e}" if "max_abs_err" in r else f"{'':9s}"
-            lines.append(f"{head} {r['ms']:10.3f} {r['tflops']:9.2f} {gbps} {mib} {err}")
-    return "\n".join(lines)
+            gbps = f"{r['gbps']:.0f}" if "gbps" in r else ""
+            mib = f"{r['peak_extra_mib']:.1f}" if r.get("peak_extra_mib") is not None else ""
+            err = f"{r['max_abs_err']:.1e}" if "max_abs_err" in r else ""
+            rows.append((*head, f"{r['ms']:.3f}", f"{r['tflops']:.2f}", gbps, mib, err))
+    header = ("case", "impl", "mode", "ms", "TFLOP/s", "GB/s", "extra MiB", "max err")
+    lines.append(format_table(rows, header, align="lllrrrrr"))
+    return "\n".join(lines + notes)
 
 
 def plot(report: dict, path: Path) -> None:
@@ -494,7 +492,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     json_path = args.out / "attention.json"
     json_path.write_text(json.dumps(report, indent=2))
-    print(format_table(report))
+    print(format_report(report))
     print(f"wrote {json_path}")
     if not args.no_plot:
         png_path = args.out / "attention.png"

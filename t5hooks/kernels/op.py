@@ -12,19 +12,18 @@ without triton installed.
 """
 
 import functools
-import importlib.util
 import numbers
 
 import torch
 from torch import Tensor
 
 from . import prep
+from .policy import TRITON_AVAILABLE
 from .reference import reference_relbias_attention
 
 BACKENDS = ("auto", "triton", "reference")
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 KERNEL_MAX_HEAD_DIM = 128
-TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
 
 
 def relbias_attention(

@@ -31,8 +31,23 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .triton_common import LOG2E, biased_scores, key_block_ranges, key_tile_scores, load_key_ok, query_block_ranges
-from .triton_forward import COMPILE_OPTIONS, dot_precision
+from .tiles import launch_options, tiles
+from .triton_common import (
+    LOG2E,
+    biased_scores,
+    head_base,
+    head_bias,
+    head_program,
+    key_block_ranges,
+    key_context,
+    key_tile_scores,
+    load_key_ok,
+    optional_inputs,
+    query_block_ranges,
+    row_strides,
+    visible_keys,
+)
+from .triton_forward import dot_precision
 
 
 @triton.jit
@@ -47,14 +62,12 @@ def _delta_kernel(
     BLOCK_M: tl.constexpr,
 ):  # fmt: skip
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // n_heads
-    h = pid_bh % n_heads
+    pid_bh, b, h = head_program(n_heads)
     offs_d = tl.arange(0, BLOCK_D)
     ok = (offs_m < q_len)[:, None] & (offs_d < HEAD_DIM)[None, :]
     row = pid_bh.to(tl.int64) * q_len + offs_m  # [BM] row index into [B*H*Q]
     o = tl.load(Out + row[:, None] * HEAD_DIM + offs_d[None, :], mask=ok, other=0.0)
-    do_base = dOut + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
+    do_base = head_base(dOut, b, h, stride_dob, stride_doh)
     do = tl.load(do_base + offs_m[:, None] * stride_dom + offs_d[None, :], mask=ok, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)  # [BM]
     tl.store(Delta + row, delta, mask=offs_m < q_len)
@@ -62,31 +75,12 @@ def _delta_kernel(
 
 @triton.jit
 def _dkdv_query_blocks(
-    dk,
-    dv,
-    d_buckets,
-    d_far,
-    k,
-    v,
-    q_base,
-    do_base,
-    lse_base,
-    delta_base,
-    stride_qm,
-    stride_dom,
-    k_pos,
-    key_ok,
-    bias_row,
-    bucket_row,
+    state,
+    tile,
+    queries,
     far_bias,
-    offs_m,
-    offs_d,
     start,
     stop,
-    q_len,
-    q_offset,
-    bound,
-    scale_log2e,
     NEAR: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     CAUSAL: tl.constexpr,
@@ -99,8 +93,27 @@ def _dkdv_query_blocks(
     """Accumulate dK, dV `[BN,D]` and the table gradient over the query blocks in `[start, stop)`.
 
     Tiles are transposed, `[BN keys, BM queries]`, so the K/V-side products need no transposes.
-    `d_buckets` `[BUCKETS_PAD]` collects near tiles per bucket; `d_far` (scalar) collects far tiles.
+    `state` = (dk, dv, d_buckets, d_far): `d_buckets` `[BUCKETS_PAD]` collects near tiles per bucket, `d_far`
+    (scalar) far tiles. `tile` = (k, v, k_pos, key_ok, offs_d) of this program's keys; `queries` = where the query-side
+    rows start and the shared scalars (see `_dkdv_kernel`).
     """
+    dk, dv, d_buckets, d_far = state
+    k, v, k_pos, key_ok, offs_d = tile
+    (
+        q_base,
+        do_base,
+        lse_base,
+        delta_base,
+        stride_qm,
+        stride_dom,
+        bias_row,
+        bucket_row,
+        q_len,
+        q_offset,
+        bound,
+        scale_log2e,
+    ) = queries
+    offs_m = tl.arange(0, BLOCK_M)
     d_ok = offs_d < HEAD_DIM
     bucket_ids = tl.arange(0, BUCKETS_PAD)
     for start_m in range(start, stop, BLOCK_M):
@@ -165,62 +178,41 @@ def _dkdv_kernel(
 ):  # fmt: skip
     pid_n = tl.program_id(0)
     n0 = pid_n * BLOCK_N
-    pid_bh = tl.program_id(1)
-    b = pid_bh // n_heads
-    h = pid_bh % n_heads
+    pid_bh, b, h = head_program(n_heads)
     k_pos = n0 + tl.arange(0, BLOCK_N)  # [BN]
-    offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     kd_ok = (k_pos < k_len)[:, None] & (offs_d < HEAD_DIM)[None, :]
 
-    k_base = K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
-    v_base = V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
+    k_base = head_base(K, b, h, stride_kb, stride_kh)
+    v_base = head_base(V, b, h, stride_vb, stride_vh)
     k = tl.load(k_base + k_pos[:, None] * stride_kn + offs_d[None, :], mask=kd_ok, other=0.0)  # [BN,D]
     v = tl.load(v_base + k_pos[:, None] * stride_vn + offs_d[None, :], mask=kd_ok, other=0.0)  # [BN,D]
-    q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-    do_base = dOut + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
-    lse_base = Lse + pid_bh.to(tl.int64) * q_len
-    delta_base = Delta + pid_bh.to(tl.int64) * q_len
-    scale_log2e = scale * LOG2E  # scores in log2 units, for exp2
-
     key_ok = load_key_ok(KeyMask + b.to(tl.int64) * k_len, k_pos, k_len, HAS_KPM)  # [BN]
+    bias_row, bias_behind, bias_ahead = head_bias(BiasByDistance, h, bound, HAS_BIAS)
+    queries = (
+        head_base(Q, b, h, stride_qb, stride_qh), head_base(dOut, b, h, stride_dob, stride_doh),
+        Lse + pid_bh.to(tl.int64) * q_len, Delta + pid_bh.to(tl.int64) * q_len, stride_qm, stride_dom,
+        bias_row, BucketByDistance, q_len, q_offset, bound, scale * LOG2E,  # scores in log2 units, for exp2
+    )  # fmt: skip
+    kv_lo, kv_hi = visible_keys(KeyRanges, b, k_len, HAS_KPM)
     q_hi = q_len
     if HAS_KPM:  # a key block outside the row's visible range gets no gradient: skip every query
-        kv_lo = tl.load(KeyRanges + 2 * b)
-        kv_hi = tl.load(KeyRanges + 2 * b + 1)
         q_hi = tl.where((n0 < kv_hi) & (n0 + BLOCK_N > kv_lo), q_len, 0)
     lo, near_lo, near_hi, hi = query_block_ranges(n0, q_offset, q_hi, bound, BLOCK_M, BLOCK_N, CAUSAL)
 
-    bias_row = BiasByDistance + h * (2 * bound + 1)
-    bias_behind = 0.0
-    bias_ahead = 0.0
-    if HAS_BIAS:
-        bias_behind = tl.load(bias_row)
-        bias_ahead = tl.load(bias_row + 2 * bound)
-
+    # the loops: queries these keys are far ahead of (one bias), near ones (per-bucket sums), far behind
+    tile = (k, v, k_pos, key_ok, offs_d)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     d_buckets = tl.zeros([BUCKETS_PAD], dtype=tl.float32)
     d_ahead = tl.zeros([], dtype=tl.float32)  # these keys are far ahead of queries in [lo, near_lo)
     d_behind = tl.zeros([], dtype=tl.float32)  # these keys are far behind queries in [near_hi, hi)
-    dk, dv, d_buckets, d_ahead = _dkdv_query_blocks(
-        dk, dv, d_buckets, d_ahead, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom,
-        k_pos, key_ok, bias_row, BucketByDistance, bias_ahead, offs_m, offs_d, lo, near_lo,
-        q_len, q_offset, bound, scale_log2e,
-        False, HAS_BIAS, CAUSAL, MASK_KEYS, HEAD_DIM, BLOCK_M, BUCKETS_PAD, DOT_PRECISION,
-    )  # fmt: skip
-    dk, dv, d_buckets, _ = _dkdv_query_blocks(  # near tiles: per-bucket sums into d_buckets
-        dk, dv, d_buckets, 0.0, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom,
-        k_pos, key_ok, bias_row, BucketByDistance, 0.0, offs_m, offs_d, near_lo, near_hi,
-        q_len, q_offset, bound, scale_log2e,
-        True, HAS_BIAS, CAUSAL, MASK_KEYS, HEAD_DIM, BLOCK_M, BUCKETS_PAD, DOT_PRECISION,
-    )  # fmt: skip
-    dk, dv, d_buckets, d_behind = _dkdv_query_blocks(
-        dk, dv, d_buckets, d_behind, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom,
-        k_pos, key_ok, bias_row, BucketByDistance, bias_behind, offs_m, offs_d, near_hi, hi,
-        q_len, q_offset, bound, scale_log2e,
-        False, HAS_BIAS, CAUSAL, MASK_KEYS, HEAD_DIM, BLOCK_M, BUCKETS_PAD, DOT_PRECISION,
-    )  # fmt: skip
+    dk, dv, d_buckets, d_ahead = _dkdv_query_blocks((dk, dv, d_buckets, d_ahead), tile, queries, bias_ahead, lo,
+        near_lo, False, HAS_BIAS, CAUSAL, MASK_KEYS, HEAD_DIM, BLOCK_M, BUCKETS_PAD, DOT_PRECISION)  # fmt: skip
+    dk, dv, d_buckets, _ = _dkdv_query_blocks((dk, dv, d_buckets, 0.0), tile, queries, 0.0, near_lo,
+        near_hi, True, HAS_BIAS, CAUSAL, MASK_KEYS, HEAD_DIM, BLOCK_M, BUCKETS_PAD, DOT_PRECISION)  # fmt: skip
+    dk, dv, d_buckets, d_behind = _dkdv_query_blocks((dk, dv, d_buckets, d_behind), tile, queries, bias_behind,
+        near_hi, hi, False, HAS_BIAS, CAUSAL, MASK_KEYS, HEAD_DIM, BLOCK_M, BUCKETS_PAD, DOT_PRECISION)  # fmt: skip
 
     row = pid_bh.to(tl.int64) * k_len + k_pos  # [BN] row index into [B*H*K]
     tl.store(dK + row[:, None] * HEAD_DIM + offs_d[None, :], (dk * scale).to(dK.dtype.element_ty), mask=kd_ok)
@@ -238,25 +230,11 @@ def _dkdv_kernel(
 @triton.jit
 def _dq_key_blocks(
     dq,
-    q,
-    do,
-    lse2,
-    delta,
-    k_base,
-    v_base,
-    stride_kn,
-    stride_vn,
-    key_mask_row,
-    bias_row,
+    rows,
+    keys,
     far_bias,
-    q_pos,
-    offs_n,
-    offs_d,
     start,
     stop,
-    k_len,
-    bound,
-    scale_log2e,
     NEAR: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_KPM: tl.constexpr,
@@ -266,11 +244,14 @@ def _dq_key_blocks(
     BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """Accumulate dQ `[BM,D]` (unscaled) over the key blocks in `[start, stop)`."""
+    """Accumulate dQ `[BM,D]` (unscaled) over the key blocks in `[start, stop)`. `rows` = (q, dO, logsumexp in
+    log2 units, delta, positions) of this program's query rows; `keys` its `key_context`."""
+    q, do, lse2, delta, q_pos = rows
+    offs_n = tl.arange(0, BLOCK_N)
     for start_n in range(start, stop, BLOCK_N):
         k, v, s = key_tile_scores(
-            q, k_base, v_base, stride_kn, stride_vn, key_mask_row, bias_row, far_bias, q_pos, start_n + offs_n,
-            offs_d, k_len, bound, scale_log2e, NEAR, HAS_BIAS, HAS_KPM, CAUSAL, MASK_KEYS, HEAD_DIM, DOT_PRECISION,
+            q, q_pos, start_n + offs_n, keys, far_bias,
+            NEAR, HAS_BIAS, HAS_KPM, CAUSAL, MASK_KEYS, HEAD_DIM, DOT_PRECISION,
         )  # fmt: skip  # k, v [BN,D]; s [BM,BN]
         p = tl.exp2(s - lse2[:, None])  # [BM,BN]
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)  # [BM,BN]
@@ -304,79 +285,35 @@ def _dq_kernel(
     DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     m0 = tl.program_id(0) * BLOCK_M
-    pid_bh = tl.program_id(1)
-    b = pid_bh // n_heads
-    h = pid_bh % n_heads
+    pid_bh, b, h = head_program(n_heads)
     offs_m = m0 + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_m < q_len
     qd_ok = row_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
 
-    q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-    do_base = dOut + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
+    q_base = head_base(Q, b, h, stride_qb, stride_qh)
+    do_base = head_base(dOut, b, h, stride_dob, stride_doh)
     q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :], mask=qd_ok, other=0.0)  # [BM,D]
     do = tl.load(do_base + offs_m[:, None] * stride_dom + offs_d[None, :], mask=qd_ok, other=0.0)  # [BM,D]
     row = pid_bh.to(tl.int64) * q_len + offs_m  # [BM] row index into [B*H*Q]
     lse2 = tl.load(Lse + row, mask=row_ok, other=float("inf")) * LOG2E  # [BM], log2 units
     delta = tl.load(Delta + row, mask=row_ok, other=0.0)  # [BM]
-    q_pos = offs_m + q_offset
-    scale_log2e = scale * LOG2E  # scores in log2 units, for exp2
-    k_base = K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
-    v_base = V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
-
-    if HAS_KPM:
-        kv_lo = tl.load(KeyRanges + 2 * b)
-        kv_hi = tl.load(KeyRanges + 2 * b + 1)
-    else:
-        kv_lo = 0
-        kv_hi = k_len
-    key_mask_row = KeyMask + b.to(tl.int64) * k_len
-    bias_row = BiasByDistance + h * (2 * bound + 1)
-    bias_behind = 0.0
-    bias_ahead = 0.0
-    if HAS_BIAS:
-        bias_behind = tl.load(bias_row)
-        bias_ahead = tl.load(bias_row + 2 * bound)
+    rows = (q, do, lse2, delta, offs_m + q_offset)
+    bias_row, bias_behind, bias_ahead = head_bias(BiasByDistance, h, bound, HAS_BIAS)
+    keys = key_context(K, V, KeyMask, bias_row, b, h, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh,
+                       stride_vn, offs_d, k_len, bound, scale)  # fmt: skip
+    kv_lo, kv_hi = visible_keys(KeyRanges, b, k_len, HAS_KPM)
     lo, near_lo, near_hi, hi = key_block_ranges(m0, q_offset, kv_lo, kv_hi, k_len, bound, BLOCK_M, BLOCK_N, CAUSAL)
 
+    # the loops: keys far behind (one bias), near the diagonal (gathered bias, causal mask), far ahead
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    dq = _dq_key_blocks(
-        dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, key_mask_row, bias_row, bias_behind,
-        q_pos, offs_n, offs_d, lo, near_lo, k_len, bound, scale_log2e,
-        False, HAS_BIAS, HAS_KPM, CAUSAL, MASK_KEYS, HEAD_DIM, BLOCK_N, DOT_PRECISION,
-    )  # fmt: skip
-    dq = _dq_key_blocks(
-        dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, key_mask_row, bias_row, 0.0,
-        q_pos, offs_n, offs_d, near_lo, near_hi, k_len, bound, scale_log2e,
-        True, HAS_BIAS, HAS_KPM, CAUSAL, MASK_KEYS, HEAD_DIM, BLOCK_N, DOT_PRECISION,
-    )  # fmt: skip
-    dq = _dq_key_blocks(
-        dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, key_mask_row, bias_row, bias_ahead,
-        q_pos, offs_n, offs_d, near_hi, hi, k_len, bound, scale_log2e,
-        False, HAS_BIAS, HAS_KPM, CAUSAL, MASK_KEYS, HEAD_DIM, BLOCK_N, DOT_PRECISION,
-    )  # fmt: skip
+    dq = _dq_key_blocks(dq, rows, keys, bias_behind, lo, near_lo,
+                        False, HAS_BIAS, HAS_KPM, CAUSAL, MASK_KEYS, HEAD_DIM, BLOCK_N, DOT_PRECISION)  # fmt: skip
+    dq = _dq_key_blocks(dq, rows, keys, 0.0, near_lo, near_hi,
+                        True, HAS_BIAS, HAS_KPM, CAUSAL, MASK_KEYS, HEAD_DIM, BLOCK_N, DOT_PRECISION)  # fmt: skip
+    dq = _dq_key_blocks(dq, rows, keys, bias_ahead, near_hi, hi,
+                        False, HAS_BIAS, HAS_KPM, CAUSAL, MASK_KEYS, HEAD_DIM, BLOCK_N, DOT_PRECISION)  # fmt: skip
     tl.store(dQ + row[:, None] * HEAD_DIM + offs_d[None, :], (dq * scale).to(dQ.dtype.element_ty), mask=qd_ok)
-
-
-def backward_config(head_dim: int, dtype: torch.dtype, device: torch.device, interpreted: bool) -> dict:
-    """Tile sizes of the two main backward kernels (fixed, so dTable is reproducible across processes).
-
-    16-bit inputs: `dkdv` holds 128 keys against 32-query tiles, `dq` 128 queries against 32-key
-    tiles (the shapes of the Triton fused-attention tutorial), 8 warps: no register spills on
-    sm_90 at d=64 and d=128; on sm_8x the d=128 `dkdv` needs 64-key tiles. fp32 inputs, the
-    correctness path, use small tiles; the interpreter 16x16.
-    """
-    block_d = max(16, triton.next_power_of_2(head_dim))
-    if interpreted:
-        tiles = dict(dkdv=(16, 16), dq=(16, 16), num_warps=1, num_stages=1)
-    elif dtype == torch.float32:
-        tiles = dict(dkdv=(16, 32), dq=(32, 32), num_warps=4, num_stages=2)
-    else:
-        pre_hopper = torch.cuda.get_device_capability(device)[0] < 9
-        tiles = dict(dkdv=(32, 64 if pre_hopper and block_d > 64 else 128), dq=(128, 32), num_warps=8, num_stages=3)
-    tiles["BLOCK_D"] = block_d
-    return tiles
 
 
 def launch_backward(
@@ -402,58 +339,45 @@ def launch_backward(
     table gradient `[num_buckets, H]` in fp32 (None without a table)."""
     batch, n_heads, q_len, head_dim = q.shape
     k_len = k.shape[2]
-    cfg = backward_config(head_dim, q.dtype, q.device, interpreted)
-    block_d = cfg["BLOCK_D"]
-    launch_opts = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **COMPILE_OPTIONS)
     has_bias = bias_by_distance is not None
     has_kpm = key_mask is not None
-    placeholder = torch.empty(1, dtype=torch.int32, device=q.device)  # stands in for absent inputs
-    bias_arg = bias_by_distance if has_bias else placeholder
-    bucket_arg = bucket_by_distance if has_bias else placeholder
-    mask_arg = key_mask if has_kpm else placeholder
-    ranges_arg = key_ranges if has_kpm else placeholder
-    strides = (
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
-    )  # fmt: skip
+    bias_arg, bucket_arg, mask_arg, ranges_arg = optional_inputs(
+        q.device, bias_by_distance, bucket_by_distance if has_bias else None, key_mask, key_ranges
+    )
+    strides = row_strides(q, k, v, grad_out)
+    flags = dict(HAS_BIAS=has_bias, HAS_KPM=has_kpm, CAUSAL=causal, DOT_PRECISION=dot_precision(q.dtype))
 
     delta = torch.empty((batch, n_heads, q_len), dtype=torch.float32, device=q.device)
-    delta_block = 16 if interpreted else 64
-    torch.library.wrap_triton(_delta_kernel)[(triton.cdiv(q_len, delta_block), batch * n_heads)](
-        out, grad_out, delta, grad_out.stride(0), grad_out.stride(1), grad_out.stride(2), n_heads, q_len,
-        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=delta_block, **COMPILE_OPTIONS,
+    cfg = tiles("delta", head_dim, q.dtype, interpreted)
+    torch.library.wrap_triton(_delta_kernel)[(triton.cdiv(q_len, cfg["BLOCK_M"]), batch * n_heads)](
+        out, grad_out, delta, *row_strides(grad_out), n_heads, q_len,
+        HEAD_DIM=head_dim, BLOCK_D=cfg["BLOCK_D"], BLOCK_M=cfg["BLOCK_M"], **launch_options(cfg),
     )  # fmt: skip
 
-    block_m, block_n = cfg["dkdv"]
-    key_blocks = triton.cdiv(k_len, block_n)
+    cfg = tiles("dkdv", head_dim, q.dtype, interpreted, q.device)
+    key_blocks = triton.cdiv(k_len, cfg["BLOCK_N"])
     dk = torch.empty((batch, n_heads, k_len, head_dim), dtype=k.dtype, device=q.device)
     dv = torch.empty((batch, n_heads, k_len, head_dim), dtype=v.dtype, device=q.device)
     d_bucket_partial = (
         torch.empty((batch, n_heads, key_blocks, num_buckets), dtype=torch.float32, device=q.device)
         if has_bias
-        else placeholder
+        else bias_arg
     )
     torch.library.wrap_triton(_dkdv_kernel)[(key_blocks, batch * n_heads)](
         q, k, v, grad_out, lse, delta, bias_arg, bucket_arg, mask_arg, ranges_arg, dk, dv, d_bucket_partial,
         *strides, n_heads, q_len, k_len, q_offset, bound, scale, num_buckets,
-        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
-        BUCKETS_PAD=triton.next_power_of_2(num_buckets),
-        HAS_BIAS=has_bias, HAS_KPM=has_kpm, CAUSAL=causal,
-        MASK_KEYS=has_kpm or k_len % block_n != 0,
-        DOT_PRECISION=dot_precision(q.dtype), **launch_opts,
+        HEAD_DIM=head_dim, BLOCK_D=cfg["BLOCK_D"], BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+        BUCKETS_PAD=triton.next_power_of_2(num_buckets), MASK_KEYS=has_kpm or k_len % cfg["BLOCK_N"] != 0,
+        **flags, **launch_options(cfg),
     )  # fmt: skip
 
-    block_m, block_n = cfg["dq"]
+    cfg = tiles("dq", head_dim, q.dtype, interpreted)
     dq = torch.empty((batch, n_heads, q_len, head_dim), dtype=q.dtype, device=q.device)
-    torch.library.wrap_triton(_dq_kernel)[(triton.cdiv(q_len, block_m), batch * n_heads)](
+    torch.library.wrap_triton(_dq_kernel)[(triton.cdiv(q_len, cfg["BLOCK_M"]), batch * n_heads)](
         q, k, v, grad_out, lse, delta, bias_arg, mask_arg, ranges_arg, dq,
         *strides, n_heads, q_len, k_len, q_offset, bound, scale,
-        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
-        HAS_BIAS=has_bias, HAS_KPM=has_kpm, CAUSAL=causal,
-        MASK_KEYS=has_kpm or k_len % block_n != 0,
-        DOT_PRECISION=dot_precision(q.dtype), **launch_opts,
+        HEAD_DIM=head_dim, BLOCK_D=cfg["BLOCK_D"], BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+        MASK_KEYS=has_kpm or k_len % cfg["BLOCK_N"] != 0, **flags, **launch_options(cfg),
     )  # fmt: skip
 
     d_table = d_bucket_partial.sum(dim=(0, 2)).t() if has_bias else None  # fixed-order reduction -> [NB,H]

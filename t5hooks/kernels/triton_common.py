@@ -15,6 +15,7 @@ Conventions for all kernels of this package:
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
@@ -120,19 +121,10 @@ def load_key_ok(key_mask_row, k_pos, k_len, HAS_KPM: tl.constexpr):
 @triton.jit
 def key_tile_scores(
     q,
-    k_base,
-    v_base,
-    stride_kn,
-    stride_vn,
-    key_mask_row,
-    bias_row,
-    far_bias,
     q_pos,
     k_pos,
-    offs_d,
-    k_len,
-    bound,
-    scale_log2e,
+    keys,
+    far_bias,
     NEAR: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_KPM: tl.constexpr,
@@ -141,9 +133,11 @@ def key_tile_scores(
     HEAD_DIM: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """Load the K/V tile at key positions `k_pos` `[BN]` and score the query tile `q` `[BM,D]` against it:
-    returns k, v `[BN,D]` and `s = q k^T * scale + bias`, masked, `[BM,BN]` in log2 units (shared by the
-    forward pass and the dQ pass, which recomputes the same scores)."""
+    """Load the K/V tile at key positions `k_pos` `[BN]` and score the query tile `q` `[BM,D]` (rows at
+    positions `q_pos` `[BM]`) against it: returns k, v `[BN,D]` and `s = q k^T * scale + bias`, masked,
+    `[BM,BN]` in log2 units (shared by the forward pass and the dQ pass, which recomputes the same scores).
+    `keys` is the program's `key_context`."""
+    k_base, v_base, stride_kn, stride_vn, key_mask_row, bias_row, offs_d, k_len, bound, scale_log2e = keys
     in_range = (k_pos < k_len)[:, None] & (offs_d < HEAD_DIM)[None, :]
     k = tl.load(k_base + k_pos[:, None] * stride_kn + offs_d[None, :], mask=in_range, other=0.0)  # [BN,D]
     v = tl.load(v_base + k_pos[:, None] * stride_vn + offs_d[None, :], mask=in_range, other=0.0)  # [BN,D]
@@ -154,3 +148,68 @@ def key_tile_scores(
         NEAR, HAS_BIAS, CAUSAL, MASK_KEYS,
     )  # fmt: skip
     return k, v, s
+
+
+# ---- the prologue every kernel shares: which (batch, head) a program owns, where its rows start, which keys
+# it may see and its head's bias --------------------------------------------------------------------------
+
+
+@triton.jit
+def head_program(n_heads):
+    """(pid_bh, b, h) of a program whose second grid axis runs over batch * heads."""
+    pid_bh = tl.program_id(1)
+    return pid_bh, pid_bh // n_heads, pid_bh % n_heads
+
+
+@triton.jit
+def head_base(ptr, b, h, stride_b, stride_h):
+    """Start of the `[rows, d]` matrix of batch `b`, head `h` in a `[B,H,rows,d]` tensor (int64 offsets)."""
+    return ptr + b.to(tl.int64) * stride_b + h.to(tl.int64) * stride_h
+
+
+@triton.jit
+def visible_keys(KeyRanges, b, k_len, HAS_KPM: tl.constexpr):
+    """First visible key and last visible key + 1 of batch row `b` (all keys without a padding mask)."""
+    kv_lo = 0
+    kv_hi = k_len
+    if HAS_KPM:
+        kv_lo = tl.load(KeyRanges + 2 * b)
+        kv_hi = tl.load(KeyRanges + 2 * b + 1)
+    return kv_lo, kv_hi
+
+
+@triton.jit
+def head_bias(BiasByDistance, h, bound, HAS_BIAS: tl.constexpr):
+    """Head `h`'s per-distance bias row and the single biases of far tiles: keys at distance <= -bound
+    (behind) and >= bound (ahead)."""
+    bias_row = BiasByDistance + h * (2 * bound + 1)
+    behind = 0.0
+    ahead = 0.0
+    if HAS_BIAS:
+        behind = tl.load(bias_row)
+        ahead = tl.load(bias_row + 2 * bound)
+    return bias_row, behind, ahead
+
+
+@triton.jit
+def key_context(K, V, KeyMask, bias_row, b, h, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+                offs_d, k_len, bound, scale):  # fmt: skip
+    """What every key tile of one (batch, head) program reads, as one tuple (see `key_tile_scores`)."""
+    k_base = head_base(K, b, h, stride_kb, stride_kh)
+    v_base = head_base(V, b, h, stride_vb, stride_vh)
+    key_mask_row = KeyMask + b.to(tl.int64) * k_len
+    return k_base, v_base, stride_kn, stride_vn, key_mask_row, bias_row, offs_d, k_len, bound, scale * LOG2E
+
+
+# ---- launching ----------------------------------------------------------------------------------------------
+
+
+def optional_inputs(device, *tensors):
+    """The tensors, with a one-element placeholder standing in for each absent (None) one."""
+    placeholder = torch.empty(1, dtype=torch.int32, device=device)
+    return tuple(placeholder if t is None else t for t in tensors)
+
+
+def row_strides(*tensors) -> tuple[int, ...]:
+    """(batch, head, row) strides of each `[B,H,rows,d]` tensor, in order: the kernels' `stride_*b/h/m|n`."""
+    return tuple(s for t in tensors for s in t.stride()[:3])

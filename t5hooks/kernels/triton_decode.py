@@ -20,8 +20,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .triton_common import LN2, LOG2E
-from .triton_forward import COMPILE_OPTIONS
+from .tiles import launch_options, tiles
+from .triton_common import LN2, LOG2E, head_base, head_bias, optional_inputs, row_strides, visible_keys
 
 #: Queries per (batch, head) up to which `relbias_attention` takes this path instead of the forward kernel.
 DECODE_MAX_QUERIES = 4
@@ -58,18 +58,19 @@ def _decode_split_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
 
-    q_ptr = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh + i.to(tl.int64) * stride_qm
+    q_ptr = head_base(Q, b, h, stride_qb, stride_qh) + i.to(tl.int64) * stride_qm
     q = tl.load(q_ptr + offs_d, mask=d_ok, other=0.0).to(tl.float32)  # [D]
     q_pos = i + q_offset
-    k_base = K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
-    v_base = V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
-    bias_row = BiasByDistance + h * (2 * bound + 1)
+    k_base = head_base(K, b, h, stride_kb, stride_kh)
+    v_base = head_base(V, b, h, stride_vb, stride_vh)
+    bias_row, _, _ = head_bias(BiasByDistance, h, bound, False)  # every key gathers its own bias here
 
+    kv_lo, kv_hi = visible_keys(KeyRanges, b, k_len, HAS_KPM)
     lo = split * keys_per_split
     hi = tl.minimum(lo + keys_per_split, k_len)
     if HAS_KPM:
-        lo = tl.maximum(lo, tl.load(KeyRanges + 2 * b))
-        hi = tl.minimum(hi, tl.load(KeyRanges + 2 * b + 1))
+        lo = tl.maximum(lo, kv_lo)
+        hi = tl.minimum(hi, kv_hi)
     if CAUSAL:
         hi = tl.minimum(hi, q_pos + 1)
 
@@ -139,11 +140,8 @@ def _decode_combine_kernel(
 
 
 def decode_config(head_dim: int, interpreted: bool) -> dict:
-    """Keys per tile: 16 KiB of bf16 K per tile at d=64 and d=128; 16 in the interpreter."""
-    block_d = max(16, triton.next_power_of_2(head_dim))
-    if interpreted:
-        return dict(BLOCK_N=16, BLOCK_D=block_d, num_warps=1, num_stages=1, programs_target=16)
-    return dict(BLOCK_N=max(16, 8192 // block_d), BLOCK_D=block_d, num_warps=4, num_stages=3, programs_target=None)
+    """Keys per tile (see tiles.TILES): 16 KiB of bf16 K per tile at d=64 and d=128; 16 in the interpreter."""
+    return tiles("decode", head_dim, torch.bfloat16, interpreted)
 
 
 def num_splits(rows: int, k_len: int, block_n: int, programs_target: int) -> tuple[int, int]:
@@ -181,20 +179,12 @@ def launch_decode(
     part_acc = torch.empty((rows, splits, head_dim), dtype=torch.float32, device=q.device)
     part_max = torch.empty((rows, splits), dtype=torch.float32, device=q.device)
     part_sum = torch.empty((rows, splits), dtype=torch.float32, device=q.device)
-    placeholder = torch.empty(1, dtype=torch.int32, device=q.device)
     torch.library.wrap_triton(_decode_split_kernel)[(rows, splits)](
-        q, k, v,
-        placeholder if bias_by_distance is None else bias_by_distance,
-        placeholder if key_mask is None else key_mask,
-        placeholder if key_ranges is None else key_ranges,
-        part_acc, part_max, part_sum,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        n_heads, q_len, k_len, q_offset, bound, scale, keys_per_split,
+        *optional_inputs(q.device, q, k, v, bias_by_distance, key_mask, key_ranges), part_acc, part_max, part_sum,
+        *row_strides(q, k, v), n_heads, q_len, k_len, q_offset, bound, scale, keys_per_split,
         HEAD_DIM=head_dim, BLOCK_D=cfg["BLOCK_D"], BLOCK_N=cfg["BLOCK_N"],
         HAS_BIAS=bias_by_distance is not None, HAS_KPM=key_mask is not None, CAUSAL=causal,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **COMPILE_OPTIONS,
+        **launch_options(cfg),
     )  # fmt: skip
 
     out = torch.empty((batch, n_heads, q_len, head_dim), dtype=q.dtype, device=q.device)
@@ -202,6 +192,6 @@ def launch_decode(
     torch.library.wrap_triton(_decode_combine_kernel)[(rows,)](
         part_acc, part_max, part_sum, out, lse, splits,
         HEAD_DIM=head_dim, BLOCK_D=cfg["BLOCK_D"], SPLITS_PAD=max(2, triton.next_power_of_2(splits)),
-        num_warps=1 if interpreted else 4, **COMPILE_OPTIONS,
+        **launch_options(tiles("combine", head_dim, q.dtype, interpreted)),
     )  # fmt: skip
     return out, lse
