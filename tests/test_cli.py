@@ -23,7 +23,11 @@ def t5hooks(*args, timeout=300, cwd=None, offline=False):
     )
 
 
-@pytest.mark.parametrize("argv", [[], *([sub] for sub in SUBCOMMANDS), ["bench", "attention"], ["bench", "model"]])
+@pytest.mark.parametrize(
+    "argv",
+    [[], *([sub] for sub in SUBCOMMANDS), ["bench", "attention"], ["bench", "model"]],
+    ids=lambda argv: "-".join(argv) or "t5hooks",
+)
 def test_help(argv, capsys):
     """`--help` of the command, each subcommand and each benchmark, in-process (no torch import per case)."""
     from t5hooks.apps.cli import main
