@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(PIP) "$(TORCH_PIN)"
-	$(PIP) -e ".[dev]"
+	$(PIP) -e ".[dev,test]"
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Mapping
+from typing import Any
 
+import numpy as np
+import torch
 from torch import Tensor, nn
 
 from .components import lm_loss
@@ -22,6 +25,9 @@ class CaptureBase(nn.Module):
 
     Subclasses define `INPUT_NAMES` (their forward's tensor inputs, in order), `OUTPUT` (the model's main
     output) and a forward that runs the model with `self.hook_io(patches)` and returns `self.outputs(...)`.
+    `intervene={name: module}` splices modules in (`apply_intervention`'s protocol: the module returns the
+    replacement, or `(replacement, {output: tensor})`); the patch, if any, applies first; a captured name
+    returns the module's replacement; side outputs follow the captured names as `"<name>.<output>"`.
     """
 
     INPUT_NAMES: tuple[str, ...] = ()
@@ -33,6 +39,7 @@ class CaptureBase(nn.Module):
         names: NameFilter = (),
         patch: NameFilter = (),
         patch_mode: str | Mapping[str, str] = "replace",
+        intervene: Mapping[str, nn.Module] | None = None,
     ) -> None:
         super().__init__()
         self.model = model  # registered as a submodule: the same parameters, not a copy
@@ -40,26 +47,39 @@ class CaptureBase(nn.Module):
         patch_names = tuple(model.resolve_names(patch)) if _nonempty(patch) else ()
         self.patch_modes: dict[str, str] = _patch_modes(patch_names, patch_mode)
         self._capture_set = frozenset(self.names)
+        # registered submodules: their parameters train, move with .to() and export with the graph
+        intervene_names, modules = _interventions(model, intervene)
+        self.intervene_names: tuple[str, ...] = intervene_names
+        self.interventions = nn.ModuleList(modules)
 
     @property
     def patch_names(self) -> tuple[str, ...]:
         return tuple(self.patch_modes)
 
-    def extra_repr(self) -> str:
-        return f"capture={len(self.names)} names, patch={self.patch_modes}"
+    @property
+    def intervene(self) -> dict[str, nn.Module]:
+        """`{hook name: module}` spliced into the forward."""
+        return dict(zip(self.intervene_names, self.interventions))
 
-    def hook_io(self, patches: Mapping[str, Tensor] | None) -> HookIO:
-        self._check_patches(patches)
-        return HookIO(self._capture_set, self.patch_modes, patches)
+    def extra_repr(self) -> str:
+        return f"capture={len(self.names)} names, patch={self.patch_modes}, intervene={list(self.intervene_names)}"
+
+    def hook_io(self, patches: Mapping[str, Any] | None) -> HookIO:
+        """The `HookIO` one forward threads through the model: capture set, checked patches, interventions."""
+        return HookIO(self._capture_set, self.patch_modes, self._check_patches(patches), self.intervene)
 
     def outputs(self, io: HookIO, main: dict[str, Tensor]) -> dict[str, Tensor]:
-        """`main` (the model's outputs, in order) then the captured names in hook order."""
+        """`main` (the model's outputs, in order), the captured names in hook order, then side outputs."""
         out = dict(main)
         for name in self.names:
             out[name] = io.outputs[name]
+        for key, value in io.outputs.items():  # interventions' side outputs, in forward order
+            if key not in self._capture_set:
+                out[key] = value
         return out
 
-    def _check_patches(self, patches: Mapping[str, Tensor] | None) -> None:
+    def _check_patches(self, patches: Mapping[str, Any] | None) -> dict[str, Tensor]:
+        """The patches as tensors (numpy arrays and nested lists accepted), after checking the names."""
         given = set(patches or {})
         expected = set(self.patch_modes)
         if given != expected:
@@ -73,6 +93,37 @@ class CaptureBase(nn.Module):
                     f"(fixed when it was built: model.capture(names, patch=...))"
                 )
             raise ValueError("; ".join(parts))
+        return {name: _as_patch_tensor(name, value) for name, value in (patches or {}).items()}
+
+
+def _as_patch_tensor(name: str, value: Any) -> Tensor:
+    if isinstance(value, Tensor):
+        return value
+    try:
+        tensor = torch.as_tensor(np.asarray(value))
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise TypeError(
+            f"patch for {name!r} must be a torch tensor or numpy array, got {type(value).__name__} ({err})"
+        ) from None
+    if not (tensor.is_floating_point() or tensor.dtype in (torch.int32, torch.int64)):
+        raise TypeError(f"patch for {name!r} must hold numbers, got dtype {tensor.dtype}")
+    return tensor
+
+
+def _interventions(model: nn.Module, intervene: Mapping[str, nn.Module] | None) -> tuple[tuple[str, ...], list]:
+    """Exact hook names (in model order) and their modules; globs are refused (one module, one place)."""
+    if not intervene:
+        return (), []
+    if not isinstance(intervene, Mapping):
+        raise TypeError(f"intervene must be a dict {{hook name: nn.Module}}, got {type(intervene).__name__}")
+    for name, module in intervene.items():
+        if not isinstance(name, str) or name not in model.hook_dict:
+            model.resolve_names([name])  # raises with close valid names when unknown
+            raise ValueError(f"intervene keys must be exact hook names, not patterns: {name!r}")
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"intervene[{name!r}] must be an nn.Module, got {type(module).__name__}")
+    names = tuple(n for n in model.hook_dict if n in intervene)
+    return names, [intervene[n] for n in names]
 
 
 class CaptureModule(CaptureBase):
@@ -82,7 +133,7 @@ class CaptureModule(CaptureBase):
     model's hook order (`model.hook_dict` order, which follows the forward computation).
     `patches[name]` replaces the activation ("replace", same shape) or is added to it ("add",
     broadcastable, e.g. a steering vector `[d_model]`). A name both patched and captured returns the
-    patched value, which is what the rest of the network sees.
+    patched value, which is what the rest of the network sees. `intervene=` as in `CaptureBase`.
     """
 
     INPUT_NAMES = ("input", "decoder_input", "one_zero_attention_mask", "decoder_attention_mask")
@@ -110,11 +161,30 @@ class CaptureModule(CaptureBase):
 
 
 class EncoderCaptureModule(CaptureBase):
-    """`cap(input, one_zero_attention_mask, patches=...) -> {"last_hidden_state": ..., **captured}` for a
-    `HookedT5Encoder` (same capture / patch rules as `CaptureModule`)."""
+    """`cap(input, one_zero_attention_mask, patches=...) -> {"last_hidden_state": ..., **captured}`: only the
+    encoder stack runs (no decoder pass, no logits). Same capture / patch / intervene rules as `CaptureModule`.
+
+    Works on any model built on `HookedT5Base`: a `HookedT5Encoder`, or a `HookedEncoderDecoder` whose capture
+    set the encoder computes (`hook_embed`, `encoder.*`, `encoder_final_ln.*`, `hook_encoder_out`); bulk
+    extraction of encoder activations (T5 text encoders) runs it, compiled.
+    """
 
     INPUT_NAMES = ("input", "one_zero_attention_mask")
     OUTPUT = "last_hidden_state"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        names: NameFilter = (),
+        patch: NameFilter = (),
+        patch_mode: str | Mapping[str, str] = "replace",
+        intervene: Mapping[str, nn.Module] | None = None,
+    ) -> None:
+        super().__init__(model, names, patch=patch, patch_mode=patch_mode, intervene=intervene)
+        asked = (*self.names, *self.patch_names, *self.intervene_names)
+        decoder_side = [n for n in asked if model.layout.spec(n).stack != "encoder"]
+        if decoder_side:
+            raise ValueError(f"{decoder_side} are computed by the decoder; capture them with model.capture(...)")
 
     def forward(
         self,
@@ -124,7 +194,7 @@ class EncoderCaptureModule(CaptureBase):
     ) -> dict[str, Tensor]:
         tokens, mask = self.model.prepare_encoder_inputs(input, one_zero_attention_mask)
         io = self.hook_io(patches)
-        return self.outputs(io, {"last_hidden_state": self.model.encode(tokens, mask, io)})
+        return self.outputs(io, {"last_hidden_state": self.model.encode(tokens, mask, io)})  # [B,E,d_model]
 
 
 def _nonempty(names: NameFilter) -> bool:

@@ -405,11 +405,18 @@ class HookedT5Encoder(HookedT5Base):
         out = self.encode(tokens, mask)
         return out if return_type is not None else None
 
-    def capture(self, names: NameFilter, patch: NameFilter = (), patch_mode: str | dict[str, str] = "replace"):
-        """A module sharing these weights that returns `{"last_hidden_state", *names}` (see capture.py)."""
+    def capture(
+        self,
+        names: NameFilter,
+        patch: NameFilter = (),
+        patch_mode: str | dict[str, str] = "replace",
+        intervene: dict[str, nn.Module] | None = None,
+    ):
+        """A module sharing these weights that returns `{"last_hidden_state", *names}` (see capture.py);
+        `intervene={hook name: module}` splices modules in, their side outputs named `"<hook name>.<output>"`."""
         from .capture import EncoderCaptureModule
 
-        return EncoderCaptureModule(self, names, patch=patch, patch_mode=patch_mode)
+        return EncoderCaptureModule(self, names, patch=patch, patch_mode=patch_mode, intervene=intervene)
 
     def fold_ln(self) -> HookedT5Encoder:
         """Fold each block's RMSNorm weights into the weights that read them (see analysis/fold.py). The final

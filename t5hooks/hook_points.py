@@ -52,20 +52,28 @@ class HookIO:
         capture: Iterable[str] = (),
         patch_modes: Mapping[str, str] | None = None,
         patches: Mapping[str, Tensor] | None = None,
+        interventions: Mapping[str, nn.Module] | None = None,
     ) -> None:
         self.capture = frozenset(capture)
         self.patch_modes = dict(patch_modes or {})
         self.patches = dict(patches or {})
+        self.interventions = dict(interventions or {})
         self.outputs: dict[str, Tensor] = {}
 
     def touches(self, name: str) -> bool:
-        """True if this name is captured or patched (so it must be computed explicitly)."""
-        return name in self.capture or name in self.patch_modes
+        """True if this name is captured, patched or intervened on (so it must be computed explicitly)."""
+        return name in self.capture or name in self.patch_modes or name in self.interventions
 
     def visit(self, name: str, x: Tensor) -> Tensor:
+        """Patch, then intervene (side outputs recorded as `"<name>.<output>"`), then capture."""
         mode = self.patch_modes.get(name)
         if mode is not None:
             x = apply_patch(name, x, self.patches[name], mode)
+        module = self.interventions.get(name)
+        if module is not None:
+            x, side = apply_intervention(name, module, x)
+            for key, value in side.items():
+                self.outputs[f"{name}.{key}"] = value
         if name in self.capture:
             self.outputs[name] = x
         return x
@@ -88,6 +96,47 @@ def apply_patch(name: str, x: Tensor, patch: Tensor, mode: str) -> Tensor:
                     f"to {tuple(x.shape)}"
                 )
     return patch if mode == "replace" else x + patch
+
+
+def apply_intervention(name: str, module: nn.Module, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    """Run an intervention module on the activation at `name`.
+
+    Protocol: `module(x)` returns the replacement (same shape as `x`), or `(replacement, {output: tensor})`
+    whose named side outputs (SAE features, probe logits) the caller exposes as `"<name>.<output>"`.
+    """
+    result = module(x)
+    side: dict[str, Tensor] = {}
+    if isinstance(result, tuple):
+        if len(result) != 2 or not isinstance(result[1], Mapping):
+            raise TypeError(
+                f"intervention at {name!r} returned a tuple of {len(result)}; return a Tensor or (Tensor, dict)"
+            )
+        result, side = result[0], dict(result[1])
+    if not isinstance(result, Tensor):
+        raise TypeError(f"intervention at {name!r} returned {type(result).__name__}; return a Tensor or (Tensor, dict)")
+    if not is_tracing():
+        if result.shape != x.shape:
+            raise ValueError(
+                f"intervention at {name!r} returned shape {tuple(result.shape)}; it must keep the activation's "
+                f"shape {tuple(x.shape)}"
+            )
+        for key, value in side.items():
+            if not isinstance(key, str) or not key or not isinstance(value, Tensor):
+                raise TypeError(f"intervention at {name!r}: side outputs must map non-empty str names to Tensors")
+    return result, side
+
+
+def intervention_hook(name: NameFilter, module: nn.Module) -> tuple[NameFilter, HookFn]:
+    """A `(name, fn)` forward hook that splices `module` in eagerly; side outputs go to `hook.ctx`."""
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"interventions[{name!r}] must be an nn.Module, got {type(module).__name__}")
+
+    def splice(x: Tensor, hook: HookPoint) -> Tensor:
+        out, side = apply_intervention(hook.name, module, x)
+        hook.ctx.update(side)
+        return out
+
+    return name, splice
 
 
 @dataclass(eq=False)
@@ -594,8 +643,14 @@ class HookedRootModule(nn.Module):
         bwd_hooks: Sequence[tuple[NameFilter, HookFn]] = (),
         reset_hooks_end: bool = True,
         clear_contexts: bool = False,
+        interventions: Mapping[str, nn.Module] | None = None,
     ) -> Iterator[HookedRootModule]:
-        """Context manager: hooks added on entry, removed on exit (only those added by this context)."""
+        """Context manager: hooks added on entry, removed on exit (only those added by this context).
+
+        `interventions={name_or_glob: module}` splices modules in eagerly, as `capture(intervene=...)` does in
+        the graph (same protocol, see `apply_intervention`); side outputs land in `hook_dict[name].ctx[output]`.
+        """
+        fwd_hooks = [*fwd_hooks, *(intervention_hook(name, m) for name, m in (interventions or {}).items())]
         fwd = self._resolve_hook_list(fwd_hooks, "fwd")
         bwd = self._resolve_hook_list(bwd_hooks, "bwd")
         self.context_level += 1
@@ -618,16 +673,17 @@ class HookedRootModule(nn.Module):
         bwd_hooks: Sequence[tuple[NameFilter, HookFn]] = (),
         reset_hooks_end: bool = True,
         clear_contexts: bool = False,
+        interventions: Mapping[str, nn.Module] | None = None,
         **model_kwargs: Any,
     ) -> Any:
-        """Run the model once with temporary hooks."""
+        """Run the model once with temporary hooks (and `interventions`, as in `hooks`)."""
         if bwd_hooks and reset_hooks_end:
             warnings.warn(
                 "run_with_hooks removes its hooks when it returns, before any backward pass; to use bwd_hooks, "
                 "call backward inside `with model.hooks(bwd_hooks=...)` or pass reset_hooks_end=False",
                 stacklevel=2,
             )
-        with self.hooks(fwd_hooks, bwd_hooks, reset_hooks_end, clear_contexts):
+        with self.hooks(fwd_hooks, bwd_hooks, reset_hooks_end, clear_contexts, interventions):
             return self(*model_args, **model_kwargs)
 
     # ---- caching -----------------------------------------------------------------------

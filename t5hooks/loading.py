@@ -7,12 +7,13 @@ model. Files are read by the format readers in `t5hooks/weights/` (safetensors w
 bf16 / fp8 weights, GGUF) or `torch.load(weights_only=True)` for `.bin`: nothing in a checkpoint
 is ever executed. Loading streams: each tensor is read, dequantised and cast to the model's dtype
 on its own, and the model is built on the meta device and the tensors assigned, not copied, so no
-second full copy of the weights exists while loading.
+second full copy of the weights exists while loading. The checks of `checkpoint_checks.py` apply to every
+source: a missing local path is never taken for a hub id, shard paths stay inside the checkpoint, pickles
+that need code are refused, config values are typed and in range, weights are finite and the right shape.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import warnings
@@ -24,8 +25,19 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .checkpoint_checks import (
+    CheckpointError,
+    check_hf_config,
+    check_local_path,
+    check_shapes,
+    check_untied_head,
+    confined_file,
+    finite_checked,
+    read_config_json,
+    read_torch_pickle,
+    shard_names_from_index,
+)
 from .config import HookedT5Config
-from .weights import CheckpointError
 from .weights.gguf_file import GGUFCheckpoint, is_gguf
 from .weights.safetensors_file import SafetensorsFile
 
@@ -141,9 +153,9 @@ def load_pretrained(
         source = checkpoint_source(name_or_path, subfolder, hub_kwargs)
     hf_config = source.config
     _check_model_type(hf_config, source.what)
+    check_hf_config(hf_config, source.what)
     _check_architecture(model_cls, hf_config, source.what)
     dtype = resolve_dtype(dtype, source.stored_dtype)
-    warn_if_fp16_overflows(hf_config, dtype, source.what)
 
     state, lm_head = read_state(model_cls, source, dtype, device)
     if "embed.W_E" not in state:
@@ -155,6 +167,8 @@ def load_pretrained(
         )
     tied = source.tied
     if tied is None:
+        if not model_cls.discards("unembed.lm_head"):  # an encoder needs no head (UMT5 encoders say untied)
+            check_untied_head(hf_config, lm_head, source.what)
         tied = lm_head is None or (
             lm_head.shape == state["embed.W_E"].shape and torch.equal(lm_head, state["embed.W_E"])
         )
@@ -163,9 +177,13 @@ def load_pretrained(
 
     cfg_values = dict(kwargs)
     cfg_values.setdefault("device", str(device) if device is not None else None)
-    cfg = HookedT5Config.from_hf_config(
-        hf_config, tie_word_embeddings=tied, dtype=dtype, model_name=name_or_path, **cfg_values
-    )
+    try:
+        cfg = HookedT5Config.from_hf_config(
+            hf_config, tie_word_embeddings=tied, dtype=dtype, model_name=name_or_path, **cfg_values
+        )
+    except (TypeError, KeyError, AttributeError) as err:  # values of the wrong type that check_hf_config does not know
+        raise CheckpointError(f"{source.what}: config.json cannot be used ({err})") from None
+    warn_if_fp16_overflows(cfg, source.what)
     model = build_with_weights(model_cls, cfg, state, tokenizer, what=source.what)
     if tokenizer is None and hf_model is None and source.tokenizer_at is not None:
         model.tokenizer = _try_tokenizer(*source.tokenizer_at)
@@ -187,7 +205,7 @@ def read_state(
 
     state: dict[str, Tensor] = {}
     lm_head = None
-    for hf_name, tensor in source.read(dtype, wanted):
+    for hf_name, tensor in finite_checked(source.read(dtype, wanted), source.what):  # NaN / inf: CheckpointError
         tensor = tensor.to(dtype=dtype, device=device)  # device None: stays where it is
         name = ours(hf_name)
         if name is None:
@@ -215,10 +233,12 @@ def build_with_weights(
         for k, v in state.items()
         if not model_cls.discards(k)
     }
-    expected = set(model.state_dict())
+    expected_state = model.state_dict()
+    expected = set(expected_state)
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
     if missing or unexpected:
         raise ValueError(f"{what}: weights do not fit the config: missing {missing}, unexpected {unexpected}")
+    check_shapes(expected_state, state, what)
     model.load_state_dict(state, assign=True)
     model.cfg.device = str(model.W_E.device)
     return model
@@ -235,13 +255,10 @@ def resolve_dtype(dtype: torch.dtype | str, stored: torch.dtype) -> torch.dtype:
     return dtype
 
 
-def warn_if_fp16_overflows(hf_config: dict[str, Any], dtype: torch.dtype, what: str) -> None:
+def warn_if_fp16_overflows(cfg: HookedT5Config, what: str) -> None:
     """One warning when a gated-GELU T5 (v1.1, Flan, mT5, UMT5; trained in bf16) is loaded in fp16, where its
     activations overflow (the fp16 clamp after every residual add stays on, as in Hugging Face)."""
-    if dtype != torch.float16:
-        return
-    cfg = HookedT5Config.from_hf_config(hf_config)
-    if cfg.gated_mlp and cfg.act_fn in FP16_RISKY_ACTIVATIONS:
+    if cfg.dtype == torch.float16 and cfg.gated_mlp and cfg.act_fn in FP16_RISKY_ACTIVATIONS:
         warnings.warn(
             f"{what}: T5 v1.1 / Flan-T5 / mT5 / UMT5 checkpoints overflow in float16 (they were trained in "
             f"bfloat16); load with dtype=torch.bfloat16 (or float32) for reliable activations",
@@ -288,21 +305,18 @@ def live_source(hf_model: Any, name: str) -> CheckpointSource:
 
 def checkpoint_source(name_or_path: str, subfolder: str | None, hub_kwargs: dict[str, Any]) -> CheckpointSource:
     """A checkpoint on disk or on the hub: a directory, a `.safetensors` / `.gguf` file, or a hub name."""
-    path = Path(name_or_path)
-    if subfolder:
-        path = path / subfolder
+    path = Path(name_or_path).expanduser() / (subfolder or "")
     if path.is_file():
         if is_gguf(path):
             return gguf_source(path)
         config_file = path.parent / "config.json"
         if not config_file.is_file():
             raise FileNotFoundError(f"{str(path)!r}: a single weights file needs a config.json beside it")
-        return files_source(str(path), [path], _read_json(config_file), (str(path.parent), {}))
-    if path.is_dir():
-        _check_not_pipeline_root(path)
-    files, hf_config = _resolve_checkpoint(name_or_path, subfolder, hub_kwargs)
+        hf_config = read_config_json(config_file, repr(str(path)))
+        return files_source(repr(str(path)), [path], hf_config, (str(path.parent), {}))
+    files, hf_config, where = _resolve_checkpoint(name_or_path, subfolder, hub_kwargs)
     tokenizer_at = _tokenizer_location(name_or_path, subfolder, hub_kwargs)
-    return files_source(repr(str(path) if path.is_dir() else name_or_path), files, hf_config, tokenizer_at)
+    return files_source(where, files, hf_config, tokenizer_at)
 
 
 def files_source(
@@ -319,9 +333,8 @@ def files_source(
         for file in files:
             if file.suffix == ".safetensors":
                 yield from SafetensorsFile(file).tensors(dtype, wanted)
-            else:
-                state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-                yield from ((k, v) for k, v in state.items() if wanted(k))
+            else:  # pytorch_model.bin: weights_only (no code runs); old-format files without mmap
+                yield from ((k, v) for k, v in read_torch_pickle(file).items() if wanted(k))
 
     return CheckpointSource(what, hf_config, read, stored or torch.float32, tokenizer_at=tokenizer_at)
 
@@ -335,13 +348,6 @@ def gguf_source(path: Path) -> CheckpointSource:
     return CheckpointSource(str(path), checkpoint.hf_config(), read, checkpoint.stored_dtype())
 
 
-def _read_json(file: Path) -> dict[str, Any]:
-    try:
-        return json.loads(file.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"{file}: not valid JSON ({err})") from None
-
-
 def _check_not_pipeline_root(path: Path) -> None:
     """A diffusers pipeline directory holds its text encoders in subfolders: say which to pick."""
     if (path / "model_index.json").is_file() and not (path / "config.json").is_file():
@@ -349,7 +355,7 @@ def _check_not_pipeline_root(path: Path) -> None:
             sub.name
             for sub in path.iterdir()
             if (sub / "config.json").is_file()
-            and _read_json(sub / "config.json").get("model_type") in SUPPORTED_MODEL_TYPES
+            and read_config_json(sub / "config.json", repr(str(sub))).get("model_type") in SUPPORTED_MODEL_TYPES
         )
         raise FileNotFoundError(
             f"{str(path)!r} is a diffusers pipeline directory; pass subfolder= (CLI: --subfolder) one of {t5_folders} "
@@ -359,13 +365,19 @@ def _check_not_pipeline_root(path: Path) -> None:
 
 def _resolve_checkpoint(
     name_or_path: str, subfolder: str | None, hub_kwargs: dict[str, Any]
-) -> tuple[list[Path], dict[str, Any]]:
-    """Weight files and config dict, from a local directory or (through transformers' cache) the hub."""
-    path = Path(name_or_path) / (subfolder or "")
-    if path.is_dir():
+) -> tuple[list[Path], dict[str, Any], str]:
+    """Weight files, config dict and the name errors use, from a local directory or (through transformers'
+    cache) the hub. A missing local path is FileNotFoundError, never looked up as a hub id."""
+    base = check_local_path(name_or_path)  # None: a hub id
+    if base is not None:
+        path = base / (subfolder or "")
+        if not path.is_dir():
+            raise FileNotFoundError(f"{str(path)!r}: no such subfolder in {name_or_path!r}")
+        _check_not_pipeline_root(path)
+        where = repr(str(path))
 
         def local(filename: str) -> Path | None:
-            candidate = path / filename
+            candidate = confined_file(path, filename, where)
             return candidate if candidate.is_file() else None
 
         fetch = local
@@ -373,6 +385,7 @@ def _resolve_checkpoint(
         from transformers.utils import cached_file
 
         extra = {"subfolder": subfolder} if subfolder else {}
+        where = repr(name_or_path) + (f" (subfolder {subfolder!r})" if subfolder else "")
 
         def fetch(filename: str) -> Path | None:
             found = cached_file(
@@ -380,25 +393,22 @@ def _resolve_checkpoint(
             )
             return Path(found) if found else None
 
-    where = (
-        repr(str(path)) if path.is_dir() else repr(name_or_path) + (f" (subfolder {subfolder!r})" if subfolder else "")
-    )
     config_file = fetch("config.json")
     if config_file is None:
         raise FileNotFoundError(f"{where}: no config.json (expected a save_pretrained directory or hub name)")
-    hf_config = _read_json(config_file)
+    hf_config = read_config_json(config_file, where)
     _check_model_type(hf_config, where)  # before looking for weights: a BERT directory says so, not "no weights"
     for single, index in (("model.safetensors", SAFETENSORS_INDEX), ("pytorch_model.bin", BIN_INDEX)):
         file = fetch(single)
         if file is not None:
-            return [file], hf_config
+            return [file], hf_config, where
         index_file = fetch(index)
         if index_file is not None:
-            shards = sorted(set(_read_json(index_file)["weight_map"].values()))
+            shards = shard_names_from_index(index_file, where)  # relative names inside the checkpoint
             files = [fetch(shard) for shard in shards]
             if any(f is None for f in files):
                 raise FileNotFoundError(f"{where}: a shard listed in {index} is missing")
-            return files, hf_config  # type: ignore[return-value]
+            return files, hf_config, where  # type: ignore[return-value]
     raise FileNotFoundError(f"{where}: no model.safetensors or pytorch_model.bin (nor sharded index) found")
 
 

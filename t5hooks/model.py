@@ -199,11 +199,18 @@ class HookedEncoderDecoder(HookedT5Base):
         return shifted.masked_fill(shifted == -100, self.cfg.pad_token_id)
 
     # ---- capture, generation --------------------------------------------------------------
-    def capture(self, names: NameFilter, patch: NameFilter = (), patch_mode: str | dict[str, str] = "replace"):
-        """A module sharing these weights that returns `{"logits", *names}` as explicit outputs (see capture.py)."""
+    def capture(
+        self,
+        names: NameFilter,
+        patch: NameFilter = (),
+        patch_mode: str | dict[str, str] = "replace",
+        intervene: dict[str, nn.Module] | None = None,
+    ):
+        """A module sharing these weights that returns `{"logits", *names}` as explicit outputs (see capture.py);
+        `intervene={hook name: module}` splices modules in, their side outputs named `"<hook name>.<output>"`."""
         from .capture import CaptureModule
 
-        return CaptureModule(self, names, patch=patch, patch_mode=patch_mode)
+        return CaptureModule(self, names, patch=patch, patch_mode=patch_mode, intervene=intervene)
 
     def generate(self, input: TextOrTokens, max_new_tokens: int = 20, **kwargs: Any) -> Any:
         """Autoregressive decoding with a KV cache; hooks fire at every step. See `t5hooks.generation.generate`

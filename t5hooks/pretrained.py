@@ -73,14 +73,21 @@ def load_builtin(
     raise ValueError(f"unknown built-in model {name!r}; built in: {', '.join(BUILTIN_MODELS)}")
 
 
-def save_tiny(model, path: str | Path, info: dict) -> Path:
-    """Weights as fp32 safetensors with the config and training facts in the metadata."""
+def save_tiny(model, path: str | Path, info: dict, *, overwrite: bool = True) -> Path:
+    """Weights as safetensors with the config and training facts in the metadata, written atomically and
+    read back (config and every tensor) before taking the final name."""
+    from .atomic import atomic_path
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     cfg = model.cfg.to_dict()
     cfg.pop("device", None)
     metadata = {"config": json.dumps(cfg), "info": json.dumps(info)}
-    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(path), metadata=metadata)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    with atomic_path(path, overwrite=overwrite) as tmp:
+        save_file(state, str(tmp), metadata=metadata)
+        back = load_file(str(tmp))
+        if sorted(back) != sorted(state) or any(not torch.equal(back[k], v) for k, v in state.items()):
+            raise RuntimeError(f"{path}: the written weights do not read back as written")
     return path
 
 

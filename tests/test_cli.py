@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-SUBCOMMANDS = ["run", "demo", "train-tiny", "bench", "export"]
+SUBCOMMANDS = ["run", "demo", "train-tiny", "bench", "export", "train", "sae-demo"]
 
 
 def t5hooks(*args, timeout=300, cwd=None, offline=False):
@@ -25,7 +25,14 @@ def t5hooks(*args, timeout=300, cwd=None, offline=False):
 
 @pytest.mark.parametrize(
     "argv",
-    [[], *([sub] for sub in SUBCOMMANDS), ["bench", "attention"], ["bench", "model"]],
+    [
+        [],
+        *([sub] for sub in SUBCOMMANDS),
+        ["bench", "attention"],
+        ["bench", "model"],
+        ["bench", "sae"],
+        *(["train", what] for what in ("sae", "probe", "das")),
+    ],
     ids=lambda argv: "-".join(argv) or "t5hooks",
 )
 def test_help(argv, capsys):

@@ -16,8 +16,9 @@ from transformers.models.t5.modeling_t5 import T5Attention
 import t5hooks.kernels.op as kernel_op
 from t5hooks import HookedEncoderDecoder, HookedT5Config
 from t5hooks.apps import export_command as command
+from t5hooks.apps.cli import main as cli_main
 from t5hooks.export import OnnxRunner, to_onnx
-from t5hooks.export.onnx import name_graph_io
+from t5hooks.export.onnx import external_data_files, name_graph_io
 from t5hooks.export.ort import _resolve_shape
 
 D_MODEL, VOCAB, BUCKETS, MAX_DISTANCE = 16, 40, 8, 16
@@ -256,7 +257,8 @@ def test_fp16_external_data_and_fused_attention_falls_back_while_exporting(tmp_p
     path = to_onnx(model, tmp_path / "fp16.onnx", capture, dtype="float16", external_data=True)
     exporting = [chose for during_export, chose in calls if during_export]
     assert exporting and not any(exporting)  # the fused entry point ran while exporting and fell back
-    assert (tmp_path / "fp16.onnx.data").stat().st_size > 0
+    (data,) = external_data_files(path)  # fp16.onnx.<random>.data, new on every save
+    assert data.stat().st_size > 0
     proto = onnx.load(str(path), load_external_data=False)
     assert {node.domain for node in proto.graph.node} <= {"", "ai.onnx"}  # no custom ops
     runner = OnnxRunner(path)
@@ -307,6 +309,28 @@ def test_runner_rejects_bad_inputs_clearly(exported):
         runner(tokens, dec, patches={**patches, "encoder.0.hook_resid_mid": torch.zeros(2, 5, 8)})
     with pytest.raises(ValueError, match=rf"input has token ids in \[0, {VOCAB}\]; valid ids are 0..{VOCAB - 1}"):
         runner(tokens.clone().index_fill_(1, torch.tensor([0]), VOCAB), dec, patches=patches)
+
+
+def test_runner_takes_numpy_patches_and_refuses_empty_inputs_as_eager_does(model, exported):
+    _, runner = exported
+    tokens, dec, mask, dec_mask, patches = inputs(2, 5, 3, seed=4)
+    as_numpy = {name: p.numpy() for name, p in patches.items()}
+    np.testing.assert_allclose(
+        runner(tokens.numpy(), dec.numpy(), mask.numpy(), dec_mask.numpy(), patches=as_numpy)["logits"],
+        runner(tokens, dec, mask, dec_mask, patches=patches)["logits"],
+        atol=0,
+        rtol=0,
+    )
+    cap = model.capture(CAPTURE, patch=list(PATCH), patch_mode=PATCH)
+    with torch.no_grad():  # the eager capture module takes the same numpy patches
+        eager = cap(tokens, dec, mask, dec_mask, patches=as_numpy)["logits"]
+    np.testing.assert_allclose(runner(tokens, dec, mask, dec_mask, patches=patches)["logits"], eager, atol=1e-4)
+    for empty in (tokens[:, :0], tokens[:0]):
+        message = r"input must have shape \[batch, pos\] with batch, pos >= 1"
+        with pytest.raises(ValueError, match=message):
+            model(empty)
+        with pytest.raises(ValueError, match=message):
+            runner(empty, patches=patches)
 
 
 def test_exporter_rejects_bad_names_and_paths(model, tmp_path):
@@ -390,36 +414,36 @@ def test_export_command_fails_cleanly_on_bad_input(checkpoint, tmp_path):
 
 
 @pytest.mark.slow
-def test_export_command_reports_a_mismatch(checkpoint, tmp_path, capsys, monkeypatch):
-    """A file that disagrees with eager: exit status 1 and the outputs that differ (a corrupted loader here)."""
-    real = command._export_and_load
+def test_export_command_reports_a_mismatch_and_keeps_the_previous_file(checkpoint, tmp_path, capsys, monkeypatch):
+    """A file that disagrees with eager (a corrupted loader here): exit status 1, one line naming the outputs that
+    differ, and the file already at --out is left as it was (no temporary file either)."""
+    real = command._load_written
 
     def corrupted(*args, **kwargs):
         run = real(*args, **kwargs)
         return lambda *inputs: {k: v + (1.0 if k == "logits" else 0.0) for k, v in run(*inputs).items()}
 
-    monkeypatch.setattr(command, "_export_and_load", corrupted)
-    code = command.main(
-        [
-            "--format",
-            "torchscript",
-            "--model",
-            str(checkpoint),
-            "--capture",
-            "hook_encoder_out",
-            "--out",
-            str(tmp_path / "m.pt"),
-        ]
-    )
+    monkeypatch.setattr(command, "_load_written", corrupted)
+    out = tmp_path / "m.pt"
+    out.write_bytes(b"previous export")
+    args = ["export", "--format", "torchscript", "--model", str(checkpoint), "--capture", "hook_encoder_out"]
+    code = cli_main([*args, "--out", str(out), "--force"])
     err = capsys.readouterr().err
     assert code == 1 and "disagrees with eager" in err and "logits: max |diff| 1.000e+00" in err
     assert "hook_encoder_out" not in err  # only the output that differs is listed
+    assert len(err.strip().splitlines()) == 1 and f"the previous {out} is kept" in err
+    assert out.read_bytes() == b"previous export" and sorted(p.name for p in tmp_path.iterdir()) == ["m.pt"]
 
 
 def test_export_command_checks_paths_before_loading(tmp_path, capsys):
-    assert command.main(["--format", "pt2", "--out", str(tmp_path / "m.onnx")]) == 2
+    assert cli_main(["export", "--format", "pt2", "--out", str(tmp_path / "m.onnx")]) == 2
     assert "t5hooks export: error: --out" in capsys.readouterr().err
-    assert command.main(["--out", str(tmp_path / "no" / "m.onnx")]) == 2
+    assert cli_main(["export", "--out", str(tmp_path / "no" / "m.onnx")]) == 2
     assert "does not exist" in capsys.readouterr().err
-    assert command.main(["--atol", "-1", "--out", str(tmp_path / "m.onnx")]) == 2
-    assert "--atol must be >= 0" in capsys.readouterr().err
+    for bad in ("-1", "nan", "inf"):
+        assert cli_main(["export", "--atol", bad, "--out", str(tmp_path / "m.onnx")]) == 2
+        assert "--atol must be a finite number >= 0" in capsys.readouterr().err
+    (tmp_path / "m.onnx").write_bytes(b"keep")
+    assert cli_main(["export", "--out", str(tmp_path / "m.onnx")]) == 2
+    assert "already exists; pass --force" in capsys.readouterr().err
+    assert (tmp_path / "m.onnx").read_bytes() == b"keep"

@@ -258,7 +258,7 @@ def test_bad_files_give_one_line_errors_naming_the_file(tmp_path):
     assert "\n" not in str(err.value)
     # not safetensors at all
     (tmp_path / "truncated" / "model.safetensors").write_bytes(b"<html>404</html>")
-    with pytest.raises(ValueError, match=r"model\.safetensors.*not a readable safetensors"):
+    with pytest.raises(ValueError, match=r"model\.safetensors.*not a valid safetensors"):
         HookedT5Encoder.from_pretrained(str(tmp_path / "truncated"))
     # wrong architecture
     bert = tmp_path / "bert"

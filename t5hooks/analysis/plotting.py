@@ -95,8 +95,18 @@ def heatmap(
                         c, r, f"{value:.2g}", ha="center", va="center", fontsize=7, color="white" if dark else "black"
                     )
     if path is not None:
-        fig.savefig(path, dpi=dpi)
+        save_figure(fig, path, dpi=dpi)
     return fig
+
+
+def save_figure(fig: Figure, path: str | Path, dpi: int = 120) -> Path:
+    """`fig.savefig` through the atomic write (format from the suffix, which the temporary name keeps)."""
+    from ..atomic import atomic_path
+
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=dpi, format=path.suffix.lstrip(".") or "png")
+    return path
 
 
 def _ticks(set_ticks, labels: list[str], max_ticks: int, rotation: int = 0) -> None:

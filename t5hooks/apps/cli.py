@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
 import sys
-from collections.abc import Sequence
+import traceback
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 
-from .model_loader import load_model
+from .common import CliError, CommandFailed, check_output, load_model
 
-
-class CliError(Exception):
-    """A user error: printed as one line, exit status 2."""
+__all__ = ["CliError", "build_parser", "load_model", "main"]
 
 
 def parse_tokens(text: str, what: str) -> torch.Tensor:
@@ -26,11 +28,11 @@ def parse_tokens(text: str, what: str) -> torch.Tensor:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from safetensors.torch import save_file
-
     from ..analysis.summary import activation_table, strongest_attention_links, top_predictions
     from ..encoder import HookedT5Encoder
 
+    if args.save:
+        check_output(args.save, force=args.force, option="--save")
     model = load_model(args.model, args.device, args.dtype, subfolder=args.subfolder, encoder_only=args.encoder_only)
     encoder_only = isinstance(model, HookedT5Encoder)
     label = model.cfg.model_name
@@ -100,10 +102,33 @@ def cmd_run(args: argparse.Namespace) -> int:
         print("\nnext-token predictions")
         print(top_predictions(logits, decode))
     if args.save:
-        # clones: hook points that pass one tensor on (resid_post = next resid_pre) share storage
-        save_file({name: t.clone(memory_format=torch.contiguous_format) for name, t in cache.items()}, args.save)
+        save_activations(dict(cache.items()), args.save, overwrite=args.force)
         print(f"\nsaved {len(cache)} activations to {args.save}")
     return 0
+
+
+def save_activations(tensors: dict[str, torch.Tensor], path: str, *, overwrite: bool = True) -> None:
+    """Activations as safetensors, atomically. Hook points often share memory (`decoder.0.hook_resid_post` is
+    `decoder.1.hook_resid_pre`; q/k/v can be views of one projection), which safetensors refuses: every
+    tensor that shares its storage or does not own it whole is written as its own copy."""
+    from safetensors.torch import load_file, save_file
+
+    from ..atomic import atomic_path
+
+    owners: dict[int, int] = {}
+    for t in tensors.values():
+        key = t.untyped_storage().data_ptr()
+        owners[key] = owners.get(key, 0) + 1
+    out = {}
+    for name, t in tensors.items():
+        t = t.detach()
+        whole = t.is_contiguous() and t.storage_offset() == 0 and t.nbytes == t.untyped_storage().nbytes()
+        shared = owners[t.untyped_storage().data_ptr()] > 1
+        out[name] = t.clone(memory_format=torch.contiguous_format) if shared or not whole else t
+    with atomic_path(path, overwrite=overwrite) as tmp:
+        save_file({k: v.cpu() for k, v in out.items()}, str(tmp))
+        if sorted(load_file(str(tmp))) != sorted(out):
+            raise RuntimeError(f"{path}: the written file does not hold the {len(out)} activations")
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -111,16 +136,34 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from ..kernels.bench import main as bench_attention
 
         return bench_attention(args.rest)
+    if args.what == "extract":
+        from .bench_extract import main as bench_extract
+
+        return bench_extract(args.rest)
+    if args.what == "sae":
+        from .bench_sae import run as bench_sae
+
+        return bench_sae(args.rest)
     from .bench_model import main as bench_model
 
     return bench_model(args.rest)
 
 
 def cmd_train_tiny(args: argparse.Namespace) -> int:
+    import math
+
     from .train_tiny import train_tiny
 
     if args.steps < 1 or args.batch_size < 1:
-        raise CliError("--steps and --batch-size must be positive")
+        raise CliError(f"--steps and --batch-size must be >= 1, got {args.steps} and {args.batch_size}")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        raise CliError(f"--lr must be a finite number > 0, got {args.lr}")
+    if not 0 <= args.min_accuracy <= 1:
+        raise CliError(f"--min-accuracy must be in [0, 1], got {args.min_accuracy}")
+    if args.out:
+        if not str(args.out).endswith(".safetensors"):
+            raise CliError(f"--out {args.out!r}: the weights are written as a .safetensors file")
+        check_output(args.out, force=args.force)  # before training, not after
     _, accuracy = train_tiny(
         out=args.out,
         steps=args.steps,
@@ -128,9 +171,14 @@ def cmd_train_tiny(args: argparse.Namespace) -> int:
         lr=args.lr,
         seed=args.seed,
         compile=not args.no_compile,
+        min_accuracy=args.min_accuracy,
+        overwrite=args.force,
     )
+    if accuracy < args.min_accuracy:
+        kept = f"; {args.out} not written" if args.out else ""
+        raise CommandFailed(f"held-out accuracy {accuracy:.2%} is below --min-accuracy {args.min_accuracy:.2%}{kept}")
     print(f"wrote {args.out}" if args.out else "(not saved: pass --out FILE.safetensors)")
-    return 0 if accuracy >= args.min_accuracy else 1
+    return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -139,8 +187,22 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args.out, word=args.word)
 
 
+def register_extract_command(sub: Any) -> None:
+    from .extract_command import register
+
+    register(sub)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line (what was wrong, where to see what is valid), exit status 2."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="t5hooks", description="Hooked T5 encoder-decoders: look inside, run fast.")
+    parser = OneLineParser(prog="t5hooks", description="Hooked T5 encoder-decoders: look inside, run fast.")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of a failure")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = sub.add_parser(
@@ -179,6 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--top-links", type=int, default=8, help="attention links to list (default: %(default)s)")
     run.add_argument("--save", default=None, metavar="FILE.safetensors", help="save the cached activations")
+    run.add_argument("--force", action="store_true", help="replace an existing --save file")
     run.add_argument("--device", default=None, help="cpu, cuda, ...")
     run.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     run.set_defaults(func=cmd_run)
@@ -200,41 +263,115 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train t5hooks-tiny from scratch with a torch.compile'd capture module; reports "
         "held-out exact-match accuracy. Exit status 1 if it is below --min-accuracy.",
     )
-    train.add_argument("--out", default=None, metavar="FILE.safetensors", help="where to write the weights")
+    train.add_argument(
+        "--out",
+        default=None,
+        metavar="FILE.safetensors",
+        help="where to write the weights (checked before training; written only if --min-accuracy is reached)",
+    )
+    train.add_argument("--force", action="store_true", help="replace an existing --out file")
     train.add_argument("--steps", type=int, default=1200)
     train.add_argument("--batch-size", type=int, default=128)
     train.add_argument("--lr", type=float, default=3e-3)
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--no-compile", action="store_true", help="train eagerly (no torch.compile)")
-    train.add_argument("--min-accuracy", type=float, default=0.99)
+    train.add_argument("--min-accuracy", type=float, default=0.99, help="in [0, 1] (default: %(default)s)")
     train.set_defaults(func=cmd_train_tiny)
 
     from .export_command import register as register_export
+    from .sae_demo import register as register_sae_demo
+    from .train_command import register as register_train
 
     register_export(sub)
+    register_extract_command(sub)
+    register_train(sub)
+    register_sae_demo(sub)
 
     bench = sub.add_parser(
         "bench",
-        help="benchmarks: 'attention' (kernels side by side), 'model' (whole model vs HF)",
+        help="benchmarks: 'attention' (kernels side by side), 'model' (whole model vs HF), "
+        "'extract' (corpus extraction vs a hand-rolled HF hook loop), 'sae' (SAE training vs SAELens)",
         description="Run a benchmark; arguments after the benchmark name go to it (try `t5hooks bench attention --help`).",
     )
-    bench.add_argument("what", choices=["attention", "model"], help="which benchmark")
+    bench.add_argument("what", choices=["attention", "model", "extract", "sae"], help="which benchmark")
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for the benchmark")
     bench.set_defaults(func=cmd_bench)
+    for subparser in sub.choices.values():  # `t5hooks run --debug ...` as well as `t5hooks --debug run ...`
+        if subparser is not bench:  # bench passes its arguments on
+            subparser.add_argument(
+                "--debug", action="store_true", default=argparse.SUPPRESS, help="show the traceback of a failure"
+            )
     return parser
 
 
+# Errors that mean "what you asked for is wrong or cannot be done as asked": exit status 2. Everything
+# else is a runtime failure: exit status 1.
+INPUT_ERRORS = (
+    CliError,
+    ValueError,
+    FileNotFoundError,
+    FileExistsError,
+    IsADirectoryError,
+    NotADirectoryError,
+    PermissionError,
+)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one subcommand. Every failure is one line on stderr (`--debug`: with the traceback); exit status
+    2 for usage and input errors, 1 for runtime failures, 130 when interrupted, 143 on SIGTERM (temporary
+    files are removed on the way out; finished files are never half-written)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    debug = getattr(args, "debug", False)
     try:
-        return args.func(args)
-    except CliError as err:
-        print(f"t5hooks {args.command}: error: {err}", file=sys.stderr)
-        return 2
-    except ValueError as err:  # bad names, shapes, ids: the library's messages say what is valid
-        print(f"t5hooks {args.command}: error: {err}", file=sys.stderr)
-        return 2
+        with _sigterm_as_exit():
+            return args.func(args)
+    except KeyboardInterrupt:
+        return _fail(args.command, "interrupted; nothing half-written was left under a final name", 130, debug)
+    except SystemExit as exit_:
+        if exit_.code == 143:
+            return _fail(args.command, "terminated; nothing half-written was left under a final name", 143, debug)
+        raise
+    except INPUT_ERRORS as err:
+        return _fail(args.command, one_line(err), 2, debug)
+    except CommandFailed as err:
+        return _fail(args.command, one_line(err), 1, debug)
+    except Exception as err:
+        return _fail(args.command, f"{type(err).__name__}: {one_line(err)}", 1, debug)
+
+
+def one_line(err: BaseException, limit: int = 2000) -> str:
+    """An exception's message on one line (library and torch messages can span several)."""
+    text = "; ".join(line.strip() for line in str(err).splitlines() if line.strip()) or type(err).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _fail(command: str, message: str, code: int, debug: bool) -> int:
+    if debug:
+        traceback.print_exc()
+    hint = "" if debug or code == 2 else " (run with --debug for the traceback)"
+    print(f"t5hooks {command}: error: {message}{hint}", file=sys.stderr)
+    return code
+
+
+@contextlib.contextmanager
+def _sigterm_as_exit() -> Iterator[None]:
+    """SIGTERM unwinds like Ctrl-C (so atomic writes remove their temporary files), then exits 143."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signum, frame):  # noqa: ARG001
+        raise SystemExit(143)
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

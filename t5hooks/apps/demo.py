@@ -14,11 +14,15 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ..atomic import check_writable
 from ..components import lm_loss
 from ..tables import format_table
 from ..timing import median_ms
+from .common import CliError
+from .train_tiny import MAX_LEN, MIN_LEN
 
 SHADES = " .:-=+*#%@"
+MAX_WORD = 64
 
 
 def ascii_heatmap(values: Tensor, row_labels: list[str], col_labels: list[str]) -> str:
@@ -35,7 +39,21 @@ def run_demo(out_dir: str | Path | None = None, word: str = "interpret") -> int:
     from ..model import HookedEncoderDecoder
     from ..pretrained import TRAINED_TINY
 
+    if (
+        not isinstance(word, str)
+        or not word.strip()
+        or len(word) > MAX_WORD
+        or not (word.isascii() and word.isprintable())
+    ):
+        raise CliError(
+            f"--word {word!r}: give a word of 1-{MAX_WORD} printable ASCII characters (the model was trained on "
+            f"lowercase a-z words of {MIN_LEN}-{MAX_LEN} letters)"
+        )
     out = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="t5hooks-demo-"))
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--out {out} is a file; give a folder")
+    for name in ("cross_attention.png", "t5hooks-tiny.onnx"):  # fail now, not after the analysis
+        check_writable(out / name)
     out.mkdir(parents=True, exist_ok=True)
     model = HookedEncoderDecoder.from_pretrained(TRAINED_TINY)
     info = getattr(model, "info", {})

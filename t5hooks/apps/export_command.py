@@ -5,15 +5,15 @@ shapes other than the export example (padding, random patches); success is repor
 logits and every captured activation match the eager capture module. Exit status: 0 on success,
 1 when the exported file disagrees with eager, 2 for bad arguments (unknown hook names, bad paths).
 
-`register(subparsers)` adds the subcommand to the `t5hooks` parser; `python -m
-t5hooks.apps.export_command ...` runs it on its own.
+`register(subparsers)` adds the subcommand to the `t5hooks` parser. The file is written under a
+temporary name beside `--out` and renamed only after the check passes: a failed check, an error or
+a kill leaves the previous file as it was. An existing `--out` needs `--force`.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from ..hook_points import PATCH_MODES
+from .common import CliError, CommandFailed, check_output, finite_nonnegative, load_model
 
 FORMATS = ("onnx", "pt2", "torchscript")
 SUFFIXES = {"onnx": (".onnx",), "pt2": (".pt2",), "torchscript": (".pt", ".ts", ".torchscript")}
@@ -37,7 +38,8 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         "checked against eager",
         description="Export a model with the chosen hook points as named outputs (and patch inputs), load the file "
         "back, and check it against eager PyTorch on a fresh input (other shapes, padding, random "
-        "patches). Exit status 0 on success, 1 on a mismatch, 2 on bad arguments.",
+        "patches); the file is renamed to --out only when it passes. Exit status 0 on success, 1 on a mismatch "
+        "(the previous file is kept), 2 on bad arguments.",
     )
     parser.add_argument("--format", choices=FORMATS, default="onnx", help="file format (default: %(default)s)")
     parser.add_argument(
@@ -79,24 +81,30 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         action="store_true",
         help="fix all shapes to the example's (default: dynamic batch, encoder and decoder lengths)",
     )
-    parser.add_argument("--atol", type=float, default=None, help="override the absolute tolerance of the check")
+    parser.add_argument(
+        "--atol", type=float, default=None, help="override the absolute tolerance of the check (finite, >= 0)"
+    )
+    parser.add_argument("--force", action="store_true", help="replace an existing --out file")
     parser.set_defaults(func=run_export)
     return parser
 
 
+class VerificationError(CommandFailed):
+    """The exported file disagrees with eager (exit status 1); the previous file at --out is kept."""
+
+
 def run_export(args: argparse.Namespace) -> int:
-    """The `export` handler. Raises ValueError for bad arguments (the CLI prints it, exit 2)."""
+    """The `export` handler. Bad arguments raise CliError / ValueError / OSError (exit 2); a file that fails
+    its check raises VerificationError (exit 1) and is never moved to --out."""
     out = Path(args.out)
-    if args.atol is not None and args.atol < 0:
-        raise ValueError(f"--atol must be >= 0, got {args.atol}")
+    finite_nonnegative(args.atol, "--atol")
     suffixes = SUFFIXES[args.format]
     if out.suffix not in suffixes:
-        raise ValueError(f"--out {str(out)!r}: {args.format} files end in {' or '.join(suffixes)}")
+        raise CliError(f"--out {str(out)!r}: {args.format} files end in {' or '.join(suffixes)}")
     if not out.parent.is_dir():
-        raise ValueError(f"--out {str(out)!r}: directory {str(out.parent)!r} does not exist")
-    from .model_loader import load_model
-
-    model = load_model(args.model, subfolder=args.subfolder, encoder_only=args.encoder_only).eval()
+        raise CliError(f"--out {str(out)!r}: directory {str(out.parent)!r} does not exist")
+    check_output(out, force=args.force)
+    model = load_model(args.model, subfolder=args.subfolder, encoder_only=args.encoder_only)
     capture = model.resolve_names(args.capture) if args.capture else []  # unknown names fail here, before exporting
     patch = model.resolve_names(args.patch) if args.patch else []
     cap = model.capture(capture, patch=patch, patch_mode=args.patch_mode).eval()
@@ -109,34 +117,38 @@ def run_export(args: argparse.Namespace) -> int:
         f"exporting {model.cfg.model_name} as {args.format} ({args.dtype}): {cap.OUTPUT} + {len(capture)} captured, "
         f"{len(patch)} patched ({args.patch_mode}) -> {out}"
     )
-    run = _export_and_load(args.format, target, out, dynamic=not args.static)
-
     inputs, patches = _fresh_inputs(cap, static=args.static)
     with torch.no_grad():
         expected = {k: v.float().numpy() for k, v in cap(*inputs.values(), patches=patches).items()}
-    got = {k: np.asarray(v, dtype=np.float32) for k, v in run(inputs, patches).items()}
     atol, rtol = TOLERANCE[args.dtype]
     if args.atol is not None:
         atol = args.atol
-    report = compare(expected, got, atol, rtol)
     B, E = inputs["input"].shape
     shapes = f"batch {B}, encoder {E}" + (
         f", decoder {inputs['decoder_input'].shape[1]}" if "decoder_input" in inputs else ""
     )
     backend = "ONNX Runtime" if args.format == "onnx" else f"loaded {args.format}"
-    if report:
-        print(
-            f"t5hooks export: error: {backend} disagrees with eager on a fresh input ({shapes}):\n"
-            + "\n".join(report)
-            + f"\n{out} was written but should not be trusted",
-            file=sys.stderr,
-        )
-        return 1
-    worst = max(float(np.abs(got[k] - expected[k]).max()) for k in expected)
+    worst: list[float] = []
+
+    def verify(written: Path) -> None:
+        """Runs on the temporary file, before it is renamed to --out."""
+        run = _load_written(args.format, written, target)
+        got = {k: np.asarray(v, dtype=np.float32) for k, v in run(inputs, patches).items()}
+        report = compare(expected, got, atol, rtol)
+        if report:
+            kept = f"the previous {out} is kept" if out.exists() else f"{out} was not written"
+            raise VerificationError(
+                f"{backend} disagrees with eager on a fresh input ({shapes}): "
+                + "; ".join(line.strip() for line in report)
+                + f"; {kept}"
+            )
+        worst.append(max(float(np.abs(got[k] - expected[k]).max()) for k in expected))
+
+    _write(args.format, target, out, dynamic=not args.static, verify=verify, overwrite=args.force)
     patched = f"{len(patch)} random patches" if patch else "no patches"
     print(
         f"ok: {backend} matches eager on a fresh input ({shapes}, padded, {patched}): "
-        f"{len(expected)} outputs, max |diff| {worst:.2e}"
+        f"{len(expected)} outputs, max |diff| {worst[0]:.2e}"
     )
     print(f"wrote {out}")
     return 0
@@ -159,26 +171,38 @@ def compare(expected: Mapping[str, np.ndarray], got: Mapping[str, np.ndarray], a
     return lines
 
 
-def _export_and_load(fmt: str, cap: Any, out: Path, dynamic: bool) -> Any:
-    """Write the file; return a callable `(inputs by graph input name, patches) -> dict` that runs the file as
-    loaded from disk."""
+def _write(fmt: str, cap: Any, out: Path, *, dynamic: bool, verify: Any, overwrite: bool) -> None:
+    """Export `cap` to a temporary file beside `out`, run `verify(temp)`, then rename it to `out`."""
     if fmt == "onnx":
         from ..export.onnx import to_onnx
+
+        to_onnx(cap, out, dynamic=dynamic, verify=verify, overwrite=overwrite)
+    elif fmt == "pt2":
+        from ..export.torch_export import save_exported, to_exported_program
+
+        save_exported(to_exported_program(cap, dynamic=dynamic), out, verify=verify, overwrite=overwrite)
+    else:
+        from ..export.torch_export import save_torchscript, to_torchscript
+
+        save_torchscript(to_torchscript(cap), out, verify=verify, overwrite=overwrite)
+
+
+def _load_written(fmt: str, path: Path, cap: Any) -> Any:
+    """A callable `(inputs by graph input name, patches) -> dict of numpy` running the file as loaded from
+    disk."""
+    if fmt == "onnx":
         from ..export.ort import OnnxRunner
 
-        to_onnx(cap, out, dynamic=dynamic)
-        runner = OnnxRunner(out)
+        runner = OnnxRunner(path)
         return lambda inputs, patches: runner(**inputs, patches=patches)
     if fmt == "pt2":
-        from ..export.torch_export import load_exported, save_exported, to_exported_program
+        from ..export.torch_export import load_exported
 
-        save_exported(to_exported_program(cap, dynamic=dynamic), out)
-        module = load_exported(out).module()
+        module = load_exported(path).module()
     else:
-        from ..export.torch_export import load_torchscript, save_torchscript, to_torchscript
+        from ..export.torch_export import load_torchscript
 
-        save_torchscript(to_torchscript(cap), out)
-        module = load_torchscript(out)
+        module = load_torchscript(path)
     dtype = cap.model.W_E.dtype
 
     def run(inputs: dict[str, Tensor], patches: dict[str, Tensor]) -> dict[str, Any]:
@@ -217,19 +241,3 @@ def _fresh_inputs(cap: Any, static: bool) -> tuple[dict[str, Tensor], dict[str, 
             shape = shapes[name] if mode == "replace" else tuple(reference[name].shape)
             patches[name] = torch.randn(shape, generator=g, dtype=torch.float32)
     return inputs, patches
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run `export` on its own (`python -m t5hooks.apps.export_command ...`), with the CLI's error handling."""
-    parser = argparse.ArgumentParser(prog="t5hooks")
-    register(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
-    args = parser.parse_args(["export", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        return args.func(args)
-    except ValueError as err:
-        print(f"t5hooks export: error: {err}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

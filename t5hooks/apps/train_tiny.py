@@ -5,7 +5,12 @@ the cross-attention learns an anti-diagonal alignment. The training step runs th
 module under `torch.compile`, reading the cross-attention patterns as explicit outputs to
 report how much attention mass sits on the mirror position.
 
-    t5hooks train-tiny --out t5hooks/assets/t5hooks-tiny.safetensors
+    t5hooks train-tiny --out my-tiny.safetensors
+
+`--out` is checked before training and written (atomically) only when the held-out accuracy reaches
+`--min-accuracy`. Load the result with `load_tiny(HookedEncoderDecoder, "my-tiny.safetensors")`.
+The shipped weights in `t5hooks/assets/` are replaced only by a maintainer, deliberately
+(`--out t5hooks/assets/t5hooks-tiny.safetensors --force`), never by accident.
 """
 
 from __future__ import annotations
@@ -94,9 +99,18 @@ def train_tiny(
     seed: int = 0,
     compile: bool = True,
     progress: bool = True,
+    min_accuracy: float = 0.0,
+    overwrite: bool = True,
 ):
-    """Train t5hooks-tiny from scratch; returns (model, held-out accuracy). Writes safetensors to `out` if given."""
+    """Train t5hooks-tiny from scratch; returns (model, held-out accuracy).
+
+    With `out`, writes safetensors there (atomically) only if the accuracy is at least `min_accuracy`;
+    `out` is checked for writability before training (`overwrite=False`: it must not exist yet)."""
+    from ..atomic import check_writable
     from ..model import HookedEncoderDecoder
+
+    if out is not None:
+        check_writable(out, overwrite=overwrite)
 
     torch.manual_seed(seed)
     rng = random.Random(seed)
@@ -141,7 +155,7 @@ def train_tiny(
             f"trained {steps} steps in {minutes:.1f} min; held-out exact-match accuracy {accuracy:.2%} "
             f"({len(held_out)} strings)"
         )
-    if out is not None:
+    if out is not None and accuracy >= min_accuracy:
         save_tiny(
             model,
             out,
@@ -151,6 +165,7 @@ def train_tiny(
                 "steps": steps,
                 "task": f"reverse lowercase strings of {MIN_LEN}-{MAX_LEN} characters",
             },
+            overwrite=overwrite,
         )
     return model, accuracy
 

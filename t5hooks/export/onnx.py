@@ -21,8 +21,10 @@ import copy
 import json
 import logging
 import os
+import re
+import uuid
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -32,6 +34,7 @@ import onnx_ir as ir
 import torch
 from torch import Tensor, nn
 
+from ..atomic import atomic_path
 from ..capture import CaptureBase, EncoderCaptureModule
 from ..hook_points import NameFilter
 from .axes import output_axes
@@ -61,6 +64,9 @@ def to_onnx(
     opset: int | None = None,
     external_data: bool | None = None,
     example: tuple[Any, ...] | None = None,
+    overwrite: bool = True,
+    verify: Callable[[Path], None] | None = None,
+    intervene: Mapping[str, nn.Module] | None = None,
 ) -> Path:
     """Export `model` (a HookedEncoderDecoder or HookedT5Encoder, or a ready `model.capture(...)`) to ONNX.
 
@@ -71,11 +77,17 @@ def to_onnx(
     With `dynamic`, batch, encoder and decoder lengths vary (decoder length 1 included). A HookedT5Encoder's
     graph takes `input`, `one_zero_attention_mask` and the patches, and outputs `last_hidden_state` first.
     `dtype`: "float32" or "float16" (the weights are converted on a copy; default: the model's).
-    `external_data`: weights in `<path>.data` (default: only when they exceed 1 GiB).
+    `external_data`: weights in `<path>.<random>.data` beside it (default: only when they exceed 1 GiB).
+    The file is written atomically (see `save_checked`): `verify(temp_path)` may raise to keep the previous
+    file; `overwrite=False` refuses an existing `path` (FileExistsError, before exporting).
+    `intervene={hook name: module}`: spliced modules (SAEs, probes, ...) become part of the graph; their side
+    outputs follow as `"<hook name>.<output>"` (e.g. `decoder.1.hook_resid_post.features`).
     Returns the path. Raises ValueError for unknown hook names, a bad path or dtype.
     """
     path = _checked_path(path)
-    cap = _capture_in_dtype(as_capture(model, capture, patch, patch_mode), dtype).eval()
+    if not overwrite and path.exists():
+        raise FileExistsError(f"{path} already exists (pass overwrite=True to replace it)")
+    cap = _capture_in_dtype(as_capture(model, capture, patch, patch_mode, intervene), dtype).eval()
     args = example if example is not None else example_inputs(cap)
     n_inputs = len(cap.INPUT_NAMES)
     patches = args[n_inputs]
@@ -90,18 +102,28 @@ def to_onnx(
         if patch_names:  # `*patches` binds as one tuple argument (absent when empty)
             shapes = (*shapes, tuple(spec[n_inputs][n] for n in patch_names))
     input_names = [*cap.INPUT_NAMES, *(patch_input_name(n) for n in patch_names)]
-    output_names = [cap.OUTPUT, *cap.names]
+    output_names = _output_names(cap, args)
     flat = _FlatEncoderCapture(cap) if isinstance(cap, EncoderCaptureModule) else _FlatCapture(cap)
     program = export_graph(flat, flat_args, shapes, opset)
     graph = program.model.graph
     name_graph_io(graph, input_names, output_names)
     if dynamic:
         for value in graph.outputs:
-            set_axes(value, output_axes(value.name, cap.model.layout))
+            side_output = value.name not in output_names[: 1 + len(cap.names)]
+            set_axes(value, None if side_output else output_axes(value.name, cap.model.layout))
     graph_kind = "encoder_forward" if isinstance(cap, EncoderCaptureModule) else "forward"
     write_metadata(program.model, graph_kind, cap.model.cfg, capture=list(cap.names), patch_modes=cap.patch_modes)
-    save_checked(program.model, path, external_data)
+    save_checked(program.model, path, external_data, verify=verify, overwrite=overwrite)
     return path
+
+
+def _output_names(cap: CaptureBase, args: tuple[Any, ...]) -> list[str]:
+    """The capture's output keys for these inputs (its main output, captured names, then interventions' side
+    outputs, whose names only the modules know: one eager run finds them)."""
+    if not cap.intervene_names:
+        return [cap.OUTPUT, *cap.names]
+    with torch.no_grad():
+        return list(cap(*args))
 
 
 class _FlatCapture(nn.Module):
@@ -212,12 +234,15 @@ def _all_values(graph: ir.Graph) -> Iterator[ir.Value]:
         yield from node.outputs
 
 
-def set_axes(value: ir.Value, axes: tuple) -> None:
+def set_axes(value: ir.Value, axes: tuple | None) -> None:
     """Label `value`'s varying dims with the axis names of axes.py; check the others are static.
 
     A dim the table says varies but the graph has fixed means the exporter specialised it: the
-    graph would fail at other sizes, so this raises instead of writing it."""
+    graph would fail at other sizes, so this raises instead of writing it. `axes=None` (an
+    intervention's side output, whose axes no table knows): the exporter's shape is kept as it is."""
     shape = value.shape
+    if axes is None:
+        return
     if shape is None or len(shape) != len(axes):
         raise RuntimeError(f"output {value.name!r} has shape {shape}; expected rank {len(axes)} (axes {axes})")
     dims = []
@@ -260,18 +285,47 @@ def read_metadata(props: Mapping[str, str]) -> dict[str, Any]:
     return {k[len(METADATA_PREFIX) :]: json.loads(v) for k, v in props.items() if k.startswith(METADATA_PREFIX)}
 
 
-def save_checked(model: ir.Model, path: Path, external_data: bool | None) -> None:
-    """Save (weights in `<path>.data` when asked or when over the threshold) and run `onnx.checker`."""
-    data_path = path.with_name(path.name + ".data")
+def save_checked(
+    model: ir.Model,
+    path: Path,
+    external_data: bool | None,
+    *,
+    verify: Callable[[Path], None] | None = None,
+    overwrite: bool = True,
+) -> None:
+    """Save atomically and run `onnx.checker` (then `verify(temp_path)`, if given) before the file takes
+    its final name: a failed check or a kill leaves the previous file (and its weights) as they were.
+
+    Weights go to `<name>.<random>.data` beside the graph when asked or when over the threshold; the name
+    is new on every save, so the previous graph's weights are never overwritten, and weights files no
+    longer referenced by the graph are removed once the new graph is in place.
+    """
+    path = Path(path)
     if external_data is None:
         external_data = (
             sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
             > EXTERNAL_DATA_THRESHOLD
         )
-    if data_path.exists():
-        data_path.unlink()  # never leave a stale weights file next to a new graph
-    ir.save(model, path, external_data=data_path.name if external_data else None)
-    onnx.checker.check_model(str(path))  # the path form follows external data and allows > 2 GiB
+    data_name = f"{path.name}.{uuid.uuid4().hex[:8]}.data" if external_data else None
+    try:
+        with atomic_path(path, overwrite=overwrite) as tmp:
+            ir.save(model, tmp, external_data=data_name)
+            onnx.checker.check_model(str(tmp))  # the path form follows external data and allows > 2 GiB
+            if verify is not None:
+                verify(tmp)
+    except BaseException:
+        if data_name is not None:
+            (path.parent / data_name).unlink(missing_ok=True)
+        raise
+    for stale in external_data_files(path):
+        if stale.name != data_name:
+            stale.unlink(missing_ok=True)
+
+
+def external_data_files(path: Path) -> list[Path]:
+    """Weights files written for the graph at `path` (`<name>.data`, `<name>.<random>.data`)."""
+    pattern = re.compile(re.escape(path.name) + r"(\.[0-9a-f]{8})?\.data")
+    return [p for p in path.parent.glob(path.name + "*.data") if pattern.fullmatch(p.name)]
 
 
 def _checked_path(path: str | os.PathLike) -> Path:
@@ -311,7 +365,10 @@ def _capture_in_dtype(cap: CaptureBase, dtype: torch.dtype | str | None) -> Capt
     model = model_in_dtype(cap.model, dtype)
     if model is cap.model:
         return cap
-    return model.capture(list(cap.names), patch=list(cap.patch_modes), patch_mode=dict(cap.patch_modes))
+    intervene = {name: copy.deepcopy(m).to(model.W_E.dtype) for name, m in cap.intervene.items()}
+    return type(cap)(  # the same kind of capture (encoder-decoder or encoder stack) over the converted copy
+        model, list(cap.names), patch=list(cap.patch_modes), patch_mode=dict(cap.patch_modes), intervene=intervene
+    )
 
 
 @contextmanager

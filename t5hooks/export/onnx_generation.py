@@ -29,14 +29,24 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ..atomic import MANIFEST, ArtefactError, begin_multi_file, state_fingerprint, verify_manifest, write_manifest
 from ..hook_points import HookIO, HookLayout, NameFilter, default_layout
 from ..kv_cache import DecoderCache
 from .axes import BATCH, CACHE_AXES, ENC, INPUT_AXES, PRESENT, activation_axes, step_activation_axes
-from .onnx import export_graph, model_in_dtype, name_graph_io, save_checked, set_axes, write_metadata
+from .onnx import (
+    export_graph,
+    external_data_files,
+    model_in_dtype,
+    name_graph_io,
+    save_checked,
+    set_axes,
+    write_metadata,
+)
 from .ort import OnnxRunner
 from .torch_export import axes_spec, export_dims
 
 ENCODER_FILE, DECODER_FILE = "encoder.onnx", "decoder.onnx"
+MANIFEST_KIND = "onnx-generator"
 
 
 def is_encoder_side(name: str, layout: HookLayout | None = None) -> bool:
@@ -93,17 +103,24 @@ def to_onnx_generator(
     *,
     dtype: torch.dtype | str | None = None,
     opset: int | None = None,
+    overwrite: bool = True,
 ) -> Path:
-    """Write `encoder.onnx` and `decoder.onnx` for `OnnxGenerator` into `directory` (created if needed).
+    """Write `encoder.onnx` and `decoder.onnx` for `OnnxGenerator` into `directory` (created if needed),
+    then `t5hooks-manifest.json` (the model's fingerprint, each file's size and SHA-256), which
+    `OnnxGenerator` checks: a directory whose export was interrupted, or that mixes two exports, is refused.
 
     `capture`: hook names or globs to return during generation (see the module docstring for which
-    graph computes which). Returns the directory. Raises ValueError for unknown names or a bad path.
+    graph computes which). `overwrite=False` refuses a directory that already holds graphs.
+    Returns the directory. Raises ValueError for unknown names or a bad path.
     """
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise ValueError(f"{str(directory)!r} exists and is not a directory")
     if not directory.parent.is_dir():
         raise ValueError(f"cannot create {str(directory)!r}: {str(directory.parent)!r} does not exist")
+    existing = [f for f in (ENCODER_FILE, DECODER_FILE, MANIFEST) if (directory / f).exists()]
+    if existing and not overwrite:
+        raise FileExistsError(f"{directory} already holds {existing} (pass overwrite=True to replace them)")
     names = model.resolve_names(capture) if capture else []
     model = model_in_dtype(model, dtype).eval()
     cfg = model.cfg
@@ -112,7 +129,7 @@ def to_onnx_generator(
     decoder_names = [n for n in names if not is_encoder_side(n, layout)]
     L, H, d = cfg.n_decoder_layers, cfg.n_heads, cfg.d_head
     dims = export_dims()
-    directory.mkdir(exist_ok=True)
+    fingerprint = state_fingerprint(model)
 
     # Example: batch 2, encoder 7, 3 cached steps (sizes >= 2, so no axis is specialised to 0 or 1).
     g = torch.Generator().manual_seed(0)
@@ -128,8 +145,7 @@ def to_onnx_generator(
         encoder.model.graph.outputs,
         [(BATCH, ENC, None), *[CACHE_AXES["cross"]] * (2 * L), *(activation_axes(n, layout) for n in encoder_names)],
     )
-    write_metadata(encoder.model, "encoder", cfg, capture=encoder_names)
-    save_checked(encoder.model, directory / ENCODER_FILE, None)
+    write_metadata(encoder.model, "encoder", cfg, capture=encoder_names, fingerprint=fingerprint)
 
     def kv(length: int) -> list[Tensor]:
         return [torch.randn(2, H, length, d, generator=g).to(device=device, dtype=float_dtype) for _ in range(2 * L)]
@@ -155,8 +171,19 @@ def to_onnx_generator(
             *(step_activation_axes(n, layout) for n in decoder_names),
         ],
     )
-    write_metadata(step.model, "decoder_step", cfg, capture=decoder_names)
+    write_metadata(step.model, "decoder_step", cfg, capture=decoder_names, fingerprint=fingerprint)
+
+    # Both graphs are built: only now touch the directory. Without its manifest it reads as incomplete
+    # until the last step, so a kill in between leaves a directory OnnxGenerator refuses, never a mixed pair.
+    begin_multi_file(directory)
+    save_checked(encoder.model, directory / ENCODER_FILE, None)
     save_checked(step.model, directory / DECODER_FILE, None)
+    files = [
+        f.name
+        for graph in (ENCODER_FILE, DECODER_FILE)
+        for f in (directory / graph, *external_data_files(directory / graph))
+    ]
+    write_manifest(directory, files, kind=MANIFEST_KIND, fingerprint=fingerprint)
     return directory
 
 
@@ -196,11 +223,18 @@ class OnnxGenerator:
     """Greedy decoding with the graphs `to_onnx_generator` wrote: same tokens as `model.generate`.
 
     `OnnxGenerator(directory, providers=None)`; `OnnxGenerator.export(model, directory, capture=...)`
-    exports and loads in one call.
+    exports and loads in one call. The directory's manifest is checked first (ArtefactError for an
+    interrupted export or graphs of two models); `check_hashes=False` skips the SHA-256 of each file
+    (sizes and model fingerprints are still checked), for multi-GB graphs you trust.
     """
 
     def __init__(
-        self, directory: str | os.PathLike, providers: Sequence[Any] | None = None, *, threads: int | None = None
+        self,
+        directory: str | os.PathLike,
+        providers: Sequence[Any] | None = None,
+        *,
+        threads: int | None = None,
+        check_hashes: bool = True,
     ) -> None:
         directory = Path(directory)
         for file in (ENCODER_FILE, DECODER_FILE):
@@ -209,8 +243,18 @@ class OnnxGenerator:
                     f"{str(directory / file)!r} not found: write the graphs with "
                     f"to_onnx_generator(model, {str(directory)!r}, capture=...)"
                 )
+        manifest = verify_manifest(directory, kind=MANIFEST_KIND, hashes=check_hashes)
         self.encoder = OnnxRunner(directory / ENCODER_FILE, providers, threads=threads)
         self.decoder = OnnxRunner(directory / DECODER_FILE, providers, threads=threads)
+        prints = {
+            "manifest": manifest["fingerprint"],
+            ENCODER_FILE: self.encoder.metadata.get("fingerprint"),
+            DECODER_FILE: self.decoder.metadata.get("fingerprint"),
+        }
+        if len(set(prints.values())) != 1:
+            raise ArtefactError(
+                f"{directory}: the graphs come from different models (fingerprints {prints}); export again"
+            )
         self.config = self.decoder.metadata["config"]
         self.n_layers = int(self.config["n_decoder_layers"])
         self.device = torch.device("cuda") if self.decoder.on_cuda else torch.device("cpu")
@@ -228,8 +272,11 @@ class OnnxGenerator:
         dtype: torch.dtype | str | None = None,
         opset: int | None = None,
         providers: Sequence[Any] | None = None,
+        overwrite: bool = True,
     ) -> OnnxGenerator:
-        return cls(to_onnx_generator(model, directory, capture, dtype=dtype, opset=opset), providers)
+        """`to_onnx_generator(model, directory, ...)` then load the graphs it wrote."""
+        path = to_onnx_generator(model, directory, capture, dtype=dtype, opset=opset, overwrite=overwrite)
+        return cls(path, providers)
 
     @property
     def capture(self) -> dict[str, list[str]]:

@@ -218,6 +218,8 @@ class OnnxRunner:
             if dtype.kind != "f":
                 raise TypeError(f"{spec.name} must be floating point ({spec.dtype.name}), got dtype {dtype.name}")
         shape = tuple(value.shape)
+        if spec.name in TOKEN_INPUTS and len(shape) == 2 and 0 in shape:  # refused as the eager model does
+            raise ValueError(f"{spec.name} must have shape [batch, pos] with batch, pos >= 1, got {shape}")
         if len(shape) != len(spec.shape):
             raise ValueError(
                 f"{spec.name} has rank {len(shape)} (shape {shape}); expected rank {len(spec.shape)}: {spec.describe()}"

@@ -7,7 +7,7 @@ only for consumers that still load it.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -16,20 +16,25 @@ import torch
 from torch import Tensor
 from torch.export import Dim, ExportedProgram
 
+from ..atomic import atomic_path
 from ..capture import CaptureBase
 from ..hook_points import NameFilter
 from .axes import BATCH, DEC, ENC, INPUT_AXES, PAST, patch_axes
 
 
 def as_capture(
-    model: Any, capture: NameFilter = (), patch: NameFilter = (), patch_mode: Any = "replace"
+    model: Any,
+    capture: NameFilter = (),
+    patch: NameFilter = (),
+    patch_mode: Any = "replace",
+    intervene: Mapping[str, Any] | None = None,
 ) -> CaptureBase:
     """A capture module given either a model (built here) or a ready capture module (returned as is)."""
     if isinstance(model, CaptureBase):
-        if capture or patch:
-            raise ValueError("pass capture/patch names either to model.capture(...) or here, not both")
+        if capture or patch or intervene:
+            raise ValueError("pass capture/patch/intervene either to model.capture(...) or here, not both")
         return model
-    return model.capture(capture, patch=patch, patch_mode=patch_mode)
+    return model.capture(capture, patch=patch, patch_mode=patch_mode, intervene=intervene)
 
 
 def example_inputs(
@@ -66,7 +71,7 @@ def example_inputs(
 
 def activation_shapes(cap: CaptureBase, inputs: tuple[Tensor, ...]) -> dict[str, tuple[int, ...]]:
     """Shapes of the patched activations for these inputs (one eager run, nothing patched)."""
-    probe = cap.model.capture(list(cap.patch_modes))
+    probe = type(cap)(cap.model, list(cap.patch_modes))  # the same kind of capture, nothing patched
     with torch.no_grad():
         out = probe(*inputs)
     return {name: tuple(out[name].shape) for name in cap.patch_modes}
@@ -102,23 +107,37 @@ def to_exported_program(
     *,
     dynamic: bool = True,
     example: tuple[Any, ...] | None = None,
+    intervene: Mapping[str, Any] | None = None,
 ) -> ExportedProgram:
     """`torch.export` a capture module. Inputs: (input, decoder_input, one_zero_attention_mask,
     decoder_attention_mask, patches dict), for an encoder (input, one_zero_attention_mask, patches dict);
-    outputs: the capture module's dict. With `dynamic`, batch, encoder and decoder lengths may change at run
-    time."""
-    cap = as_capture(model, capture, patch, patch_mode).eval()
+    outputs: the capture module's dict (interventions' side outputs included). With `dynamic`, batch, encoder
+    and decoder lengths may change at run time."""
+    cap = as_capture(model, capture, patch, patch_mode, intervene).eval()
     args = example if example is not None else example_inputs(cap)
     shapes = dynamic_shapes(cap, args[len(cap.INPUT_NAMES)]) if dynamic else None
     return torch.export.export(cap, tuple(args), dynamic_shapes=shapes)
 
 
-def save_exported(program: ExportedProgram, path: str | Path) -> Path:
-    """Write an exported program as `.pt2` (`torch.export.save`)."""
+def save_exported(
+    program: ExportedProgram,
+    path: str | Path,
+    *,
+    verify: Callable[[Path], None] | None = None,
+    overwrite: bool = True,
+) -> Path:
+    """Write an exported program as `.pt2` (`torch.export.save`), atomically: the file is loaded back (and
+    passed to `verify(temp_path)` when given) before it takes its final name, so a failed check or a kill
+    leaves the previous file. `overwrite=False` refuses an existing `path`."""
     path = Path(path)
     if path.suffix != ".pt2":
         raise ValueError(f"exported programs are saved as .pt2 files, got {path.name!r}")
-    torch.export.save(program, str(path))
+    with atomic_path(path, overwrite=overwrite) as tmp:
+        torch.export.save(program, str(tmp))
+        if verify is not None:
+            verify(tmp)
+        else:
+            load_exported(tmp)
     return path
 
 
@@ -150,10 +169,22 @@ def to_torchscript(
         return torch.jit.trace(cap, args, strict=False, check_trace=False)
 
 
-def save_torchscript(module: torch.jit.ScriptModule, path: str | Path) -> Path:
+def save_torchscript(
+    module: torch.jit.ScriptModule,
+    path: str | Path,
+    *,
+    verify: Callable[[Path], None] | None = None,
+    overwrite: bool = True,
+) -> Path:
+    """Write a TorchScript module atomically (loaded back, or `verify(temp_path)`, before the rename)."""
     path = Path(path)
-    with _quiet_jit():
-        torch.jit.save(module, str(path))
+    with atomic_path(path, overwrite=overwrite) as tmp:
+        with _quiet_jit():
+            torch.jit.save(module, str(tmp))
+        if verify is not None:
+            verify(tmp)
+        else:
+            load_torchscript(tmp)
     return path
 
 

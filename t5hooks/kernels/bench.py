@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ..atomic import atomic_path
 from ..tables import format_table
 from ..timing import median_ms
 from . import prep
@@ -442,7 +443,8 @@ def plot(report: dict, path: Path) -> None:
     fig.suptitle(f"relative-bias attention, {env['device']}, {env['dtype']}, torch {env['torch']}, triton {env['triton']}"
                  " (missing bar = failed or skipped)", fontsize=9)  # fmt: skip
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
 
 
@@ -491,7 +493,8 @@ def main(argv: list[str] | None = None) -> int:
 
     args.out.mkdir(parents=True, exist_ok=True)
     json_path = args.out / "attention.json"
-    json_path.write_text(json.dumps(report, indent=2))
+    with atomic_path(json_path) as tmp:
+        tmp.write_text(json.dumps(report, indent=2))
     print(format_report(report))
     print(f"wrote {json_path}")
     if not args.no_plot:

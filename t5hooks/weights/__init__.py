@@ -10,6 +10,6 @@ Readers yield `(Hugging Face parameter name, tensor)`; `loading.py` maps the nam
 
 from __future__ import annotations
 
+from ..checkpoint_checks import CheckpointError  # one error type for every unreadable checkpoint
 
-class CheckpointError(ValueError):
-    """A checkpoint file that cannot be read as what was expected (the message names the file)."""
+__all__ = ["CheckpointError"]

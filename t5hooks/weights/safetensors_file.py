@@ -90,7 +90,7 @@ class SafetensorsFile:
             self.entries[name] = TensorEntry(name, dtype, shape, base + begin, base + end)
 
     def error(self, what: str) -> CheckpointError:
-        return CheckpointError(f"{self.path}: not a readable safetensors file: {what}")
+        return CheckpointError(f"{self.path}: not a valid safetensors file: {what}")
 
     def names(self) -> list[str]:
         """Tensor names in file order."""

@@ -1,0 +1,94 @@
+"""Live activations for training: several hooks from one (compiled) capture forward, padding dropped; and the
+CE-loss-recovered metric of SAEs spliced into the model.
+
+A token batch is a dict with `input` `[B,E]` and any of `decoder_input`, `one_zero_attention_mask`,
+`decoder_attention_mask`, `labels` (the capture module's arguments).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..capture import CaptureModule
+
+TokenBatch = Mapping[str, Tensor]
+
+
+def position_stack(hook) -> str:
+    """The stack ("encoder" or "decoder") whose positions axis 1 of this hook point's activation counts (the registry's
+    axes; cross-attention keys and values count encoder positions)."""
+    axes = hook.axes or ()
+    return hook.key_stack if len(axes) > 1 and axes[1] == "key_pos" and hook.key_stack else hook.stack
+
+
+class LiveActivations:
+    """Iterable of `{hook: [n_real_tokens, d]}` from one forward per token batch (no disk).
+
+    `compile`: run the capture module under `torch.compile(fullgraph=True, dynamic=True)`. `skip(n)` drops
+    the first n token batches without running the model (resuming a killed training run).
+    """
+
+    def __init__(
+        self, model: nn.Module, hooks: Sequence[str], token_batches: Iterable[TokenBatch], *, compile: bool = False
+    ) -> None:
+        self.hooks = list(model.resolve_names(list(hooks)))
+        self.capture = CaptureModule(model, self.hooks).eval()
+        self.forward = torch.compile(self.capture, fullgraph=True, dynamic=True) if compile else self.capture
+        self.token_batches = token_batches
+        self._skip = 0
+
+    def skip(self, n: int) -> LiveActivations:
+        self._skip = n
+        return self
+
+    def __iter__(self) -> Iterator[dict[str, Tensor]]:
+        batches = iter(self.token_batches)
+        for _ in range(self._skip):
+            next(batches)
+        for batch in batches:
+            yield self.activations(batch)
+
+    @torch.no_grad()
+    def activations(self, batch: TokenBatch) -> dict[str, Tensor]:
+        out = self.forward(**batch)
+        enc_mask, dec_mask = batch.get("one_zero_attention_mask"), batch.get("decoder_attention_mask")
+        if dec_mask is None and batch.get("labels") is not None:
+            dec_mask = (batch["labels"] != -100).long()
+        result = {}
+        for hook in self.hooks:
+            acts = out[hook]  # [B, pos, d]
+            mask = enc_mask if position_stack(self.capture.model.hook_dict[hook]) == "encoder" else dec_mask
+            result[hook] = acts[mask.bool()] if mask is not None else acts.reshape(-1, acts.shape[-1])
+        return result
+
+
+@torch.no_grad()
+def ce_loss_recovered(model: nn.Module, saes: Mapping[str, nn.Module], batch: TokenBatch) -> dict[str, float]:
+    """Per hook: `(L_zero - L_sae) / (L_zero - L_clean)` with the SAE spliced in (no error term) against the
+    clean loss and the loss with that activation zeroed; 1 = the SAE loses nothing. Needs `labels`."""
+    if batch.get("labels") is None:
+        raise ValueError("ce_loss_recovered needs a token batch with labels")
+    clean = float(CaptureModule(model, [])(**batch)["loss"])
+    scores = {}
+    for hook, sae in saes.items():
+        was_training, had_error = sae.training, getattr(sae, "use_error_term", False)
+        sae.eval()
+        sae.use_error_term = False
+        try:
+            spliced = float(CaptureModule(model, [], intervene={hook: sae})(**batch)["loss"])
+        finally:
+            sae.train(was_training)
+            sae.use_error_term = had_error
+        zero = float(CaptureModule(model, [], intervene={hook: _Zero()})(**batch)["loss"])
+        scores[f"{hook}/ce_loss_recovered"] = (zero - spliced) / (zero - clean) if zero != clean else float("nan")
+        scores[f"{hook}/ce_loss_spliced"] = spliced
+    scores["ce_loss_clean"] = clean
+    return scores
+
+
+class _Zero(nn.Module):
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.zeros_like(x)
