@@ -4,6 +4,7 @@
 import json
 
 import pytest
+import torch
 from t5_fixtures import hf_encoder
 
 from t5hooks.apps.cli import main
@@ -55,3 +56,17 @@ def test_export_encoder_pt2(pipeline, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "last_hidden_state + 1 captured" in printed and "ok: loaded pt2 matches eager" in printed
     assert out.is_file()
+
+
+def test_extract_encoder_only_stores_what_the_full_model_stores(tmp_path, capsys):
+    from t5hooks.store import ActivationStore
+
+    (tmp_path / "c.txt").write_text("hello\nencoder only\nabc\n")
+    base = ["extract", str(tmp_path / "c.txt"), "--hooks", "encoder.1.hook_resid_post", "--backend", "eager"]
+    base += ["--no-progress"]
+    assert main([*base, str(tmp_path / "full")]) == 0
+    assert main([*base, str(tmp_path / "enc"), "--encoder-only"]) == 0
+    full = ActivationStore(tmp_path / "full").load("encoder.1.hook_resid_post")
+    enc = ActivationStore(tmp_path / "enc").load("encoder.1.hook_resid_post")
+    assert torch.equal(full["pos"], enc["pos"]) and full["acts"].shape[0] > 10
+    torch.testing.assert_close(enc["acts"], full["acts"], atol=1e-6, rtol=0)
