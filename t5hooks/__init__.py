@@ -4,6 +4,7 @@ from .analysis.cache import ActivationCache, act_name
 from .analysis.factored_matrix import FactoredMatrix
 from .capture import compile_capture
 from .config import HookedT5Config
+from .encoder import HookedT5Encoder
 from .hook_points import HookedRootModule, HookIO, HookPoint
 from .model import HookedEncoderDecoder
 
@@ -18,5 +19,6 @@ __all__ = [
     "HookPoint",
     "HookedEncoderDecoder",
     "HookedRootModule",
+    "HookedT5Encoder",
     "HookedT5Config",
 ]

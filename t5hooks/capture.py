@@ -25,18 +25,18 @@ from .hook_points import PATCH_MODES, HookIO, NameFilter
 SEQUENCE_INPUTS = ("input", "decoder_input", "one_zero_attention_mask", "decoder_attention_mask", "labels")
 
 
-class CaptureModule(nn.Module):
-    """`cap(input, decoder_input, ...) -> {"logits": ..., **captured}` sharing the model's parameters.
+class CaptureBase(nn.Module):
+    """Fixed capture and patch sets over a hooked model, shared by the encoder-decoder and encoder-only captures.
 
-    Output order: "logits", then "loss" when `labels` are given, then the captured names in the
-    model's hook order (`model.hook_dict` order, which follows the forward computation).
-    `patches[name]` replaces the activation ("replace", same shape) or is added to it ("add",
-    broadcastable, e.g. a steering vector `[d_model]`). A name both patched and captured returns the
-    patched value, which is what the rest of the network sees.
+    Subclasses define `INPUT_NAMES` (their forward's tensor inputs, in order), `OUTPUT` (the model's main
+    output) and a forward that runs the model with `self.hook_io(patches)` and returns `self.outputs(...)`.
     `intervene={name: module}` splices modules in (`apply_intervention`'s protocol: the module returns the
     replacement, or `(replacement, {output: tensor})`); the patch, if any, applies first; a captured name
     returns the module's replacement; side outputs follow the captured names as `"<name>.<output>"`.
     """
+
+    INPUT_NAMES: tuple[str, ...] = ()
+    OUTPUT = ""
 
     def __init__(
         self,
@@ -83,25 +83,13 @@ class CaptureModule(nn.Module):
     def extra_repr(self) -> str:
         return f"capture={len(self.names)} names, patch={self.patch_modes}, intervene={list(self.intervene_names)}"
 
-    def forward(
-        self,
-        input: Tensor,
-        decoder_input: Tensor | None = None,
-        one_zero_attention_mask: Tensor | None = None,
-        decoder_attention_mask: Tensor | None = None,
-        patches: Mapping[str, Tensor] | None = None,
-        labels: Tensor | None = None,
-    ) -> dict[str, Tensor]:
-        model = self.model
-        tokens, mask, dec_tokens, dec_mask, labels = model.prepare_inputs(
-            input, decoder_input, one_zero_attention_mask, decoder_attention_mask, labels
-        )
-        patches = self._check_patches(patches)
-        io = HookIO(self._capture_set, self.patch_modes, patches, self.intervene)
-        logits = model.decode(dec_tokens, model.encode(tokens, mask, io), mask, dec_mask, io)
-        out = {"logits": logits}
-        if labels is not None:
-            out["loss"] = lm_loss(logits, labels)
+    def hook_io(self, patches: Mapping[str, Any] | None) -> HookIO:
+        """The `HookIO` one forward threads through the model: capture set, checked patches, interventions."""
+        return HookIO(self._capture_set, self.patch_modes, self._check_patches(patches), self.intervene)
+
+    def outputs(self, io: HookIO, main: dict[str, Tensor]) -> dict[str, Tensor]:
+        """`main` (the model's outputs, in order), the captured names in hook order, then side outputs."""
+        out = dict(main)
         for name in self.names:
             out[name] = io.outputs[name]
         for key, value in io.outputs.items():  # interventions' side outputs, in forward order
@@ -141,41 +129,6 @@ def _as_patch_tensor(name: str, value: Any) -> Tensor:
     return tensor
 
 
-class EncoderCaptureModule(nn.Module):
-    """`cap(input, one_zero_attention_mask, patches=...) -> {"last_hidden_state": ..., **captured}`: only the
-    encoder stack runs (no decoder pass, no logits), for capture sets the encoder computes (`hook_embed`,
-    `encoder.*`, `encoder_final_ln.*`, `hook_encoder_out`); same capture / patch rules as `CaptureModule`.
-    Bulk extraction of encoder activations (T5 text encoders) runs it, compiled."""
-
-    def __init__(
-        self,
-        model: nn.Module,
-        names: NameFilter = (),
-        patch: NameFilter = (),
-        patch_mode: str | Mapping[str, str] = "replace",
-    ) -> None:
-        super().__init__()
-        self.capture = CaptureModule(model, names, patch=patch, patch_mode=patch_mode)  # the same name rules
-        self.model, self.names = model, self.capture.names
-        decoder_side = [n for n in (*self.names, *self.capture.patch_names) if model.layout.spec(n).stack != "encoder"]
-        if decoder_side:
-            raise ValueError(f"{decoder_side} are computed by the decoder; capture them with model.capture(...)")
-
-    def forward(
-        self,
-        input: Tensor,
-        one_zero_attention_mask: Tensor | None = None,
-        patches: Mapping[str, Tensor] | None = None,
-    ) -> dict[str, Tensor]:
-        tokens, mask, *_ = self.model.prepare_inputs(input, None, one_zero_attention_mask)
-        self.capture._check_patches(patches)
-        io = HookIO(self.capture._capture_set, self.capture.patch_modes, patches)
-        out = {"last_hidden_state": self.model.encode(tokens, mask, io)}  # [B,E,d_model]
-        for name in self.names:
-            out[name] = io.outputs[name]
-        return out
-
-
 def _interventions(model: nn.Module, intervene: Mapping[str, nn.Module] | None) -> tuple[tuple[str, ...], list]:
     """Exact hook names (in model order) and their modules; globs are refused (one module, one place)."""
     if not intervene:
@@ -190,6 +143,77 @@ def _interventions(model: nn.Module, intervene: Mapping[str, nn.Module] | None) 
             raise TypeError(f"intervene[{name!r}] must be an nn.Module, got {type(module).__name__}")
     names = tuple(n for n in model.hook_dict if n in intervene)
     return names, [intervene[n] for n in names]
+
+
+class CaptureModule(CaptureBase):
+    """`cap(input, decoder_input, ...) -> {"logits": ..., **captured}` sharing the model's parameters.
+
+    Output order: "logits", then "loss" when `labels` are given, then the captured names in the
+    model's hook order (`model.hook_dict` order, which follows the forward computation).
+    `patches[name]` replaces the activation ("replace", same shape) or is added to it ("add",
+    broadcastable, e.g. a steering vector `[d_model]`). A name both patched and captured returns the
+    patched value, which is what the rest of the network sees. `intervene=` as in `CaptureBase`.
+    """
+
+    INPUT_NAMES = ("input", "decoder_input", "one_zero_attention_mask", "decoder_attention_mask")
+    OUTPUT = "logits"
+
+    def forward(
+        self,
+        input: Tensor,
+        decoder_input: Tensor | None = None,
+        one_zero_attention_mask: Tensor | None = None,
+        decoder_attention_mask: Tensor | None = None,
+        patches: Mapping[str, Tensor] | None = None,
+        labels: Tensor | None = None,
+    ) -> dict[str, Tensor]:
+        model = self.model
+        tokens, mask, dec_tokens, dec_mask, labels = model.prepare_inputs(
+            input, decoder_input, one_zero_attention_mask, decoder_attention_mask, labels
+        )
+        io = self.hook_io(patches)
+        logits = model.decode(dec_tokens, model.encode(tokens, mask, io), mask, dec_mask, io)
+        main = {"logits": logits}
+        if labels is not None:
+            main["loss"] = lm_loss(logits, labels)
+        return self.outputs(io, main)
+
+
+class EncoderCaptureModule(CaptureBase):
+    """`cap(input, one_zero_attention_mask, patches=...) -> {"last_hidden_state": ..., **captured}`: only the
+    encoder stack runs (no decoder pass, no logits). Same capture / patch / intervene rules as `CaptureModule`.
+
+    Works on any model built on `HookedT5Base`: a `HookedT5Encoder`, or a `HookedEncoderDecoder` whose capture
+    set the encoder computes (`hook_embed`, `encoder.*`, `encoder_final_ln.*`, `hook_encoder_out`); bulk
+    extraction of encoder activations (T5 text encoders) runs it, compiled.
+    """
+
+    INPUT_NAMES = ("input", "one_zero_attention_mask")
+    OUTPUT = "last_hidden_state"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        names: NameFilter = (),
+        patch: NameFilter = (),
+        patch_mode: str | Mapping[str, str] = "replace",
+        intervene: Mapping[str, nn.Module] | None = None,
+    ) -> None:
+        super().__init__(model, names, patch=patch, patch_mode=patch_mode, intervene=intervene)
+        asked = (*self.names, *self.patch_names, *self.intervene_names)
+        decoder_side = [n for n in asked if model.layout.spec(n).stack != "encoder"]
+        if decoder_side:
+            raise ValueError(f"{decoder_side} are computed by the decoder; capture them with model.capture(...)")
+
+    def forward(
+        self,
+        input: Tensor,
+        one_zero_attention_mask: Tensor | None = None,
+        patches: Mapping[str, Tensor] | None = None,
+    ) -> dict[str, Tensor]:
+        tokens, mask = self.model.prepare_encoder_inputs(input, one_zero_attention_mask)
+        io = self.hook_io(patches)
+        return self.outputs(io, {"last_hidden_state": self.model.encode(tokens, mask, io)})  # [B,E,d_model]
 
 
 def _nonempty(names: NameFilter) -> bool:

@@ -142,9 +142,10 @@ class RMSNorm(nn.Module):
 class AttentionContext:
     """What all layers of one stack's self- or cross-attention share in one forward.
 
-    Built once per stack (the position bias and the masks are the same for every layer, as in T5).
+    Built once per stack (the masks are the same for every layer; in T5 so is the position bias).
     `bias_mask` is the materialised bias plus mask for layers that need explicit scores; fused
-    layers use `table` and `key_padding_mask` directly.
+    layers use `table` and `key_padding_mask` directly. With `per_layer_bias` (UMT5) every layer
+    owns a table: `table` is None, `bias_mask` holds only the mask, and each layer adds its own bias.
     """
 
     q_len: int
@@ -152,20 +153,22 @@ class AttentionContext:
     key_padding_mask: Tensor | None  # [B,K] bool, True = attend
     causal: bool
     q_offset: int | Tensor
-    table: Tensor | None  # [num_buckets, H], layer 0's bias table; None for cross-attention
+    table: Tensor | None  # [num_buckets, H], layer 0's shared bias table; None for cross / per-layer
     bidirectional: bool
     max_distance: int
-    bias_mask: Tensor | None = None  # [B|1, H|1, Q, K] fp32: position bias + additive mask
+    per_layer_bias: bool = False  # each layer applies its own table (UMT5)
+    bias_mask: Tensor | None = None  # [B|1, H|1, Q, K] fp32: shared position bias (if any) + additive mask
     row_has_key: Tensor | None = None  # [B|1, 1, Q, 1] bool
-    materialise_all: bool = False  # the bias itself is hooked or patched: no layer may fuse
+    materialise_all: bool = False  # the shared bias is hooked or patched, or eager impl: no layer may fuse
 
 
 class Attention(nn.Module):
-    """Multi-head attention without `1/sqrt(d_head)` scaling, with T5's shared relative position bias.
+    """Multi-head attention without `1/sqrt(d_head)` scaling, with T5's relative position bias.
 
     `kind` is "encoder" (bidirectional buckets), "decoder" (causal, unidirectional buckets) or
-    "cross" (decoder queries over encoder keys, no position bias). Only layer 0 of a self-attention
-    stack owns the `[num_buckets, H]` bias table and the `rel_pos_hook`.
+    "cross" (decoder queries over encoder keys, no position bias). In T5 only layer 0 of a
+    self-attention stack owns the `[num_buckets, H]` bias table and the `rel_pos_hook`, and the
+    stack shares it; in UMT5 (`cfg.per_layer_position_bias`) every self-attention layer owns one.
     """
 
     def __init__(self, cfg: HookedT5Config, kind: str, has_relative_bias: bool = False) -> None:
@@ -184,7 +187,9 @@ class Attention(nn.Module):
             self.rel_bias_table = nn.Parameter(
                 torch.empty(cfg.relative_attention_num_buckets, cfg.n_heads, dtype=cfg.dtype)
             )
-            self.rel_pos_hook = HookPoint(("1", "head", "pos", "key_pos"), note=REL_POS_NOTE)  # shared by the stack
+            # T5: layer 0's bias, shared by the stack; UMT5: this layer's own
+            note = "" if cfg.per_layer_position_bias else REL_POS_NOTE
+            self.rel_pos_hook = HookPoint(("1", "head", "pos", "key_pos"), note=note)
         else:
             self.rel_bias_table = None
         # Keys and values are projected from this call's positions (self) or from the encoder output (cross).
@@ -234,7 +239,7 @@ class Attention(nn.Module):
 
     # ---- forward -----------------------------------------------------------------------
     def position_bias(self, q_len: int, k_len: int, q_offset: int | Tensor, io: HookIO | None) -> Tensor:
-        """The stack's bias `[1,H,Q,K]` from this layer's table, through `rel_pos_hook`."""
+        """The bias `[1,H,Q,K]` from this layer's table, through `rel_pos_hook` (the whole stack's in T5)."""
         bias = position_bias(
             self.rel_bias_table,
             q_len,
@@ -252,14 +257,20 @@ class Attention(nn.Module):
         impl = self.cfg.attn_impl
         return impl == "fused" or (impl == "auto" and fuses_by_default(device))
 
+    @property
+    def owns_layer_bias(self) -> bool:
+        """True when this layer applies its own bias table (UMT5 self-attention), not the stack's shared one."""
+        return self.cfg.per_layer_position_bias and self.rel_bias_table is not None
+
     def needs_scores(self, io: HookIO | None, device: torch.device) -> bool:
-        """Must this layer materialise its scores? (eager impl, or its scores/pattern are hooked, captured or patched)"""
+        """Must this layer materialise its scores? (eager impl, or its scores/pattern, or its own bias, are
+        hooked, captured or patched)"""
         if not self.wants_fused(device):
             return True
         for hp in (self.hook_attn_scores, self.hook_pattern):
             if hp.has_hooks() or (io is not None and io.touches(hp.name)):
                 return True
-        return False
+        return self.owns_layer_bias and self.bias_hooked(io)
 
     def project(self, x: Tensor, weight: Tensor) -> Tensor:
         """`[B,P,d_model]` (shared by all heads) or `[B,P,H,d_model]` (per head) -> `[B,P,H,d_head]`."""
@@ -309,8 +320,12 @@ class Attention(nn.Module):
 
         if ctx.materialise_all or self.needs_scores(io, x.device):
             scores = torch.matmul(q, k.transpose(-1, -2))  # [B,H,Q,K], no 1/sqrt(d) in T5
-            if ctx.bias_mask is not None:
-                scores = scores + ctx.bias_mask
+            additive = ctx.bias_mask  # [B|1,H|1,Q,K] fp32 or None
+            if ctx.per_layer_bias:
+                own = self.position_bias(Q, k.shape[2], ctx.q_offset, io).float()  # [1,H,Q,K]
+                additive = own if additive is None else own + additive
+            if additive is not None:
+                scores = scores + additive
             scores = self.hook_attn_scores(scores.float(), io)
             pattern = self.hook_pattern(masked_softmax(scores, ctx.row_has_key), io)
             z = torch.matmul(pattern.to(v.dtype), v)  # [B,H,Q,d]
@@ -321,7 +336,7 @@ class Attention(nn.Module):
                 q,
                 k,
                 v,
-                ctx.table,
+                self.rel_bias_table if ctx.per_layer_bias else ctx.table,
                 bidirectional=ctx.bidirectional,
                 num_buckets=self.cfg.relative_attention_num_buckets,
                 max_distance=ctx.max_distance,
@@ -348,9 +363,11 @@ def attention_context(
     device: torch.device,
     q_offset: int | Tensor = 0,
 ) -> AttentionContext:
-    """Build the shared context for one stack's attention: `attn0` owns the bias table (self-attention)."""
+    """Build the shared context for one stack's attention. In T5 `attn0` owns the stack's bias table
+    (self-attention); in UMT5 every self-attention layer owns its own and applies it itself."""
     causal = attn0.kind == "decoder"
-    table = attn0.rel_bias_table
+    per_layer = attn0.owns_layer_bias
+    table = None if per_layer else attn0.rel_bias_table
     ctx = AttentionContext(
         q_len=q_len,
         k_len=k_len,
@@ -360,6 +377,7 @@ def attention_context(
         table=table,
         bidirectional=attn0.kind == "encoder",
         max_distance=attn0.cfg.relative_attention_max_distance,
+        per_layer_bias=per_layer,
     )
     if table is not None:
         ctx.materialise_all = attn0.bias_hooked(io) or not attn0.wants_fused(device)
@@ -435,7 +453,7 @@ class EncoderBlock(nn.Module):
         if cfg.use_attn_in:
             self.hook_attn_in = attn_in_hook()
         self.ln1 = RMSNorm(cfg)
-        self.attn = Attention(cfg, "encoder", has_relative_bias=layer == 0)
+        self.attn = Attention(cfg, "encoder", has_relative_bias=layer == 0 or cfg.per_layer_position_bias)
         self.hook_attn_out = HookPoint(RESID)
         self.hook_resid_mid = HookPoint(RESID)
         self.ln2 = RMSNorm(cfg)
@@ -466,7 +484,7 @@ class DecoderBlock(nn.Module):
         if cfg.use_attn_in:
             self.hook_attn_in = attn_in_hook()
         self.ln1 = RMSNorm(cfg)
-        self.attn = Attention(cfg, "decoder", has_relative_bias=layer == 0)
+        self.attn = Attention(cfg, "decoder", has_relative_bias=layer == 0 or cfg.per_layer_position_bias)
         self.hook_attn_out = HookPoint(RESID)
         self.hook_resid_mid = HookPoint(RESID)
         if cfg.use_attn_in:

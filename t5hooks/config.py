@@ -16,11 +16,13 @@ ATTN_IMPLS = ("auto", "eager", "fused")
 
 @dataclass
 class HookedT5Config:
-    """Architecture of a T5 encoder-decoder (v1.0, v1.1/Flan, mT5, ByT5), TransformerLens-style names.
+    """Architecture of a T5 encoder-decoder (v1.0, v1.1/Flan, mT5, ByT5, UMT5), TransformerLens-style names.
 
     `tie_word_embeddings` decides whether the unembedding shares the embedding matrix;
     `scale_logits` whether the final residual is multiplied by `d_model**-0.5` before it
-    (T5 v1.0 does both, v1.1/Flan/mT5/ByT5 neither).
+    (T5 v1.0 does both, v1.1/Flan/mT5/ByT5 neither). `per_layer_position_bias`: every
+    self-attention layer owns its relative position bias table (UMT5) instead of all layers of a
+    stack sharing layer 0's (T5).
 
     The fields in `RUN_OPTIONS` say how one copy of the model runs, not what the model is. A model
     keeps its own copy of the config it is built from, and `.to()` / `.half()` update that copy.
@@ -37,6 +39,7 @@ class HookedT5Config:
     gated_mlp: bool = False
     relative_attention_num_buckets: int = 32
     relative_attention_max_distance: int = 128
+    per_layer_position_bias: bool = False
     layer_norm_eps: float = 1e-6
     tie_word_embeddings: bool = True
     scale_logits: bool = True
@@ -110,7 +113,7 @@ class HookedT5Config:
 
     @classmethod
     def from_hf_config(cls, hf_config: Any, **overrides: Any) -> HookedT5Config:
-        """Convert a transformers `T5Config` (4.x or 5.x) or an equivalent dict.
+        """Convert a transformers `T5Config` / `MT5Config` / `UMT5Config` (4.x or 5.x) or an equivalent dict.
 
         The logit scaling flag differs between versions: 5.x stores `scale_decoder_outputs`
         (and always reports `tie_word_embeddings=True`), 4.x uses `tie_word_embeddings` for both.
@@ -140,6 +143,7 @@ class HookedT5Config:
             gated_mlp=gated,
             relative_attention_num_buckets=c.get("relative_attention_num_buckets", 32),
             relative_attention_max_distance=c.get("relative_attention_max_distance", 128),
+            per_layer_position_bias=c.get("model_type") == "umt5",
             layer_norm_eps=c.get("layer_norm_epsilon", 1e-6),
             tie_word_embeddings=scale,
             scale_logits=scale,

@@ -1,17 +1,24 @@
-"""Load Hugging Face T5-family weights into a HookedEncoderDecoder.
+"""Load Hugging Face T5-family weights into a HookedEncoderDecoder or HookedT5Encoder.
 
-Three sources: a hub name (resolved through transformers' cache, so `HF_HUB_OFFLINE` applies),
-a local directory written by `save_pretrained`, or a live `transformers` model. Checkpoint
-files are read with safetensors, or `torch.load(weights_only=True)` for `.bin`: nothing in a
-checkpoint directory is ever executed. The model is built on the meta device and the loaded
-tensors are assigned, not copied, so no second full copy of the weights exists while loading.
+Sources: a hub name (resolved through transformers' cache, so `HF_HUB_OFFLINE` applies), a local
+directory written by `save_pretrained` (`subfolder=` for a diffusers pipeline's `text_encoder_2/`),
+a single `.safetensors` (with `config.json` beside it) or `.gguf` file, or a live `transformers`
+model. Files are read by the format readers in `t5hooks/weights/` (safetensors with fp32 / fp16 /
+bf16 / fp8 weights, GGUF) or `torch.load(weights_only=True)` for `.bin`: nothing in a checkpoint
+is ever executed. Loading streams: each tensor is read, dequantised and cast to the model's dtype
+on its own, and the model is built on the meta device and the tensors assigned, not copied, so no
+second full copy of the weights exists while loading. The checks of `checkpoint_checks.py` apply to every
+source: a missing local path is never taken for a hub id, shard paths stay inside the checkpoint, pickles
+that need code are refused, config values are typed and in range, weights are finite and the right shape.
 """
 
 from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterator
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,14 +34,18 @@ from .checkpoint_checks import (
     confined_file,
     finite_checked,
     read_config_json,
-    read_safetensors,
     read_torch_pickle,
     shard_names_from_index,
 )
 from .config import HookedT5Config
+from .weights.gguf_file import GGUFCheckpoint, is_gguf
+from .weights.safetensors_file import SafetensorsFile
 
-SUPPORTED_MODEL_TYPES = ("t5", "mt5")
+SUPPORTED_MODEL_TYPES = ("t5", "mt5", "umt5")
 HUB_KWARGS = ("cache_dir", "revision", "local_files_only", "token", "force_download")
+ENCODER_ONLY_ARCHITECTURES = ("T5EncoderModel", "MT5EncoderModel", "UMT5EncoderModel")
+# Checkpoints of these families overflow in fp16 (trained in bf16): gated-GELU MLPs (v1.1, Flan, mT5, UMT5).
+FP16_RISKY_ACTIVATIONS = ("gelu", "gelu_new", "gelu_fast", "gelu_pytorch_tanh")
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
 
@@ -98,7 +109,23 @@ def convert_hf_name(name: str) -> str | None:
         table = _ENCODER_LAYER if stack == "encoder" else _DECODER_LAYER
         if rest in table:
             return f"{stack}.{layer}.{table[rest]}"
-    raise ValueError(f"unexpected parameter {name!r} in a T5 checkpoint (is this a T5/mT5/ByT5 model?)")
+    raise ValueError(f"unexpected parameter {name!r} in a T5 checkpoint (is this a T5/mT5/UMT5/ByT5 model?)")
+
+
+class EncoderOnlyCheckpoint(ValueError):
+    """An encoder-only checkpoint given to a model with a decoder (the message names HookedT5Encoder)."""
+
+
+@dataclass
+class CheckpointSource:
+    """Where weights come from: the transformers-style config, and a reader of `(HF name, tensor)` pairs."""
+
+    what: str  # shown in errors
+    config: dict[str, Any]
+    read: Callable[[torch.dtype, Callable[[str], bool]], Iterator[tuple[str, Tensor]]]  # (dtype, wanted)
+    stored_dtype: torch.dtype
+    tied: bool | None = None  # known for a live model; else decided from the weights
+    tokenizer_at: tuple[str, dict[str, Any]] | None = None  # (name or path, kwargs) for AutoTokenizer
 
 
 def load_pretrained(
@@ -108,66 +135,88 @@ def load_pretrained(
     hf_model: Any = None,
     tokenizer: Any = None,
     device: str | torch.device | None = None,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | str = torch.float32,
     **kwargs: Any,
 ):
-    """Build `model_cls` from a hub name, a local directory, or `hf_model` (see module docstring).
+    """Build `model_cls` from a hub name, a local directory or file, or `hf_model` (see module docstring).
 
     Hub options (`cache_dir`, `revision`, `local_files_only`, `token`, `force_download`) go to
-    transformers' `cached_file`; any other keyword overrides a `HookedT5Config` field (e.g. `attn_impl`).
+    transformers' `cached_file`; `subfolder` selects a model inside a repository or pipeline directory;
+    `dtype="auto"` keeps the checkpoint's stored float dtype (fp8 and quantised GGUF weights: bfloat16);
+    any other keyword overrides a `HookedT5Config` field (e.g. `attn_impl`).
     """
     hub_kwargs = {k: kwargs.pop(k) for k in HUB_KWARGS if k in kwargs}
-    cfg_overrides = kwargs
+    subfolder = kwargs.pop("subfolder", None)
     if hf_model is not None:
-        hf_config = hf_model.config.to_dict()
-        hf_state = dict(hf_model.state_dict())
-        shared = hf_model.get_input_embeddings().weight
-        head = getattr(hf_model, "lm_head", None)
-        tied = head is None or head.weight is shared or head.weight.data_ptr() == shared.data_ptr()
-        if tied:
-            hf_state.pop("lm_head.weight", None)
-        tensors = iter(hf_state.items())
+        source = live_source(hf_model, name_or_path)
     else:
-        files, hf_config = _resolve_checkpoint(name_or_path, hub_kwargs)
-        tensors = _iter_checkpoint(files)
-        tied = None  # decided from the weights below
-    _check_model_type(hf_config, name_or_path)
-    check_hf_config(hf_config, repr(name_or_path))
+        source = checkpoint_source(name_or_path, subfolder, hub_kwargs)
+    hf_config = source.config
+    _check_model_type(hf_config, source.what)
+    check_hf_config(hf_config, source.what)
+    _check_architecture(model_cls, hf_config, source.what)
+    dtype = resolve_dtype(dtype, source.stored_dtype)
 
-    state: dict[str, Tensor] = {}
-    lm_head = None
-    for hf_name, tensor in finite_checked(tensors, repr(name_or_path)):
-        ours = convert_hf_name(hf_name)
-        if ours is None:
-            if hf_name.endswith("embed_tokens.weight") and "embed.W_E" not in state:
-                state["embed.W_E"] = tensor  # some exports carry only the per-stack copies
-            continue
-        if ours == "unembed.lm_head":
-            lm_head = tensor
-            continue
-        state[ours] = tensor
+    state, lm_head = read_state(model_cls, source, dtype, device)
     if "embed.W_E" not in state:
-        raise ValueError(f"{name_or_path!r}: no token embedding (shared.weight) in the checkpoint")
+        raise ValueError(f"{source.what}: no token embedding (shared.weight) in the checkpoint")
+    if not model_cls.discards("decoder.0.attn.q_proj") and not any(k.startswith("decoder.") for k in state):
+        raise EncoderOnlyCheckpoint(
+            f"{source.what}: the checkpoint has no decoder weights (an encoder-only model, e.g. a diffusion "
+            f"pipeline's text encoder); load it with t5hooks.HookedT5Encoder.from_pretrained(...)"
+        )
+    tied = source.tied
     if tied is None:
-        check_untied_head(hf_config, lm_head, repr(name_or_path))
+        if not model_cls.discards("unembed.lm_head"):  # an encoder needs no head (UMT5 encoders say untied)
+            check_untied_head(hf_config, lm_head, source.what)
         tied = lm_head is None or (
             lm_head.shape == state["embed.W_E"].shape and torch.equal(lm_head, state["embed.W_E"])
         )
-    if not tied:
+    if not tied and not model_cls.discards("unembed.lm_head"):
         state["unembed.lm_head"] = lm_head
 
-    cfg_values = dict(cfg_overrides)
+    cfg_values = dict(kwargs)
     cfg_values.setdefault("device", str(device) if device is not None else None)
     try:
         cfg = HookedT5Config.from_hf_config(
             hf_config, tie_word_embeddings=tied, dtype=dtype, model_name=name_or_path, **cfg_values
         )
     except (TypeError, KeyError, AttributeError) as err:  # values of the wrong type that check_hf_config does not know
-        raise CheckpointError(f"{name_or_path!r}: config.json cannot be used ({err})") from None
-    model = build_with_weights(model_cls, cfg, state, tokenizer, what=repr(name_or_path))
-    if tokenizer is None and hf_model is None:
-        model.tokenizer = _try_tokenizer(name_or_path, hub_kwargs)
+        raise CheckpointError(f"{source.what}: config.json cannot be used ({err})") from None
+    warn_if_fp16_overflows(cfg, source.what)
+    model = build_with_weights(model_cls, cfg, state, tokenizer, what=source.what)
+    if tokenizer is None and hf_model is None and source.tokenizer_at is not None:
+        model.tokenizer = _try_tokenizer(*source.tokenizer_at)
     return model
+
+
+def read_state(
+    model_cls: type, source: CheckpointSource, dtype: torch.dtype, device: str | torch.device | None
+) -> tuple[dict[str, Tensor], Tensor | None]:
+    """Stream the source's tensors into our names, each cast to `dtype` / `device` as soon as it is read
+    (nothing is copied when it already is). Weights `model_cls` does not use are never read."""
+
+    def ours(hf_name: str) -> str | None:
+        name = convert_hf_name(hf_name)
+        return None if name is not None and model_cls.discards(name) and name != "unembed.lm_head" else name
+
+    def wanted(hf_name: str) -> bool:
+        return ours(hf_name) is not None or hf_name.endswith("embed_tokens.weight")
+
+    state: dict[str, Tensor] = {}
+    lm_head = None
+    for hf_name, tensor in finite_checked(source.read(dtype, wanted), source.what):  # NaN / inf: CheckpointError
+        tensor = tensor.to(dtype=dtype, device=device)  # device None: stays where it is
+        name = ours(hf_name)
+        if name is None:
+            if hf_name.endswith("embed_tokens.weight") and "embed.W_E" not in state:
+                state["embed.W_E"] = tensor  # some exports carry only the per-stack copies
+            continue
+        if name == "unembed.lm_head":
+            lm_head = tensor
+            continue
+        state[name] = tensor
+    return state, lm_head
 
 
 def build_with_weights(
@@ -175,10 +224,15 @@ def build_with_weights(
 ):
     """Build the model on the meta device and assign `state` (our names) as its parameters, cast to
     `cfg.dtype` / `cfg.device` (None: where they are): no random initialisation, and no second copy of
-    weights already in the right dtype and place."""
+    weights already in the right dtype and place. Weights the model class does not use (an encoder-only
+    model given a full checkpoint's decoder) are dropped."""
     with torch.device("meta"):
         model = model_cls(cfg, tokenizer=tokenizer, move_to_device=False)
-    state = {k: v.to(dtype=cfg.dtype, device=cfg.device) for k, v in state.items()}  # device None: stay put
+    state = {
+        k: v.to(dtype=cfg.dtype, device=cfg.device)  # device None: stay put
+        for k, v in state.items()
+        if not model_cls.discards(k)
+    }
     expected_state = model.state_dict()
     expected = set(expected_state)
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
@@ -190,56 +244,188 @@ def build_with_weights(
     return model
 
 
+def resolve_dtype(dtype: torch.dtype | str, stored: torch.dtype) -> torch.dtype:
+    """`dtype` itself, or for "auto" the checkpoint's stored dtype (fp8: bfloat16)."""
+    if isinstance(dtype, str):
+        if dtype == "auto":
+            return stored if stored in (torch.float32, torch.float16, torch.bfloat16) else torch.bfloat16
+        dtype = getattr(torch, dtype.removeprefix("torch."), None)
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        raise ValueError(f"dtype={dtype!r}; valid: torch.float32, torch.bfloat16, torch.float16, torch.float64, 'auto'")
+    return dtype
+
+
+def warn_if_fp16_overflows(cfg: HookedT5Config, what: str) -> None:
+    """One warning when a gated-GELU T5 (v1.1, Flan, mT5, UMT5; trained in bf16) is loaded in fp16, where its
+    activations overflow (the fp16 clamp after every residual add stays on, as in Hugging Face)."""
+    if cfg.dtype == torch.float16 and cfg.gated_mlp and cfg.act_fn in FP16_RISKY_ACTIVATIONS:
+        warnings.warn(
+            f"{what}: T5 v1.1 / Flan-T5 / mT5 / UMT5 checkpoints overflow in float16 (they were trained in "
+            f"bfloat16); load with dtype=torch.bfloat16 (or float32) for reliable activations",
+            UserWarning,
+            stacklevel=4,
+        )
+
+
 def _check_model_type(hf_config: dict[str, Any], name: str) -> None:
     model_type = hf_config.get("model_type", "t5")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(
-            f"{name!r} is a {model_type!r} model; supported: {', '.join(SUPPORTED_MODEL_TYPES)} "
-            f"(T5 v1.0, v1.1, Flan-T5, mT5, ByT5)"
+            f"{name} is a {model_type!r} model; supported: {', '.join(SUPPORTED_MODEL_TYPES)} "
+            f"(T5 v1.0, v1.1, Flan-T5, mT5, ByT5, UMT5)"
         )
 
 
-def _resolve_checkpoint(name_or_path: str, hub_kwargs: dict[str, Any]) -> tuple[list[Path], dict[str, Any]]:
-    """Weight files and config dict, from a local directory or (through transformers' cache) the hub."""
-    path = check_local_path(name_or_path)
-    if path is not None:
+def _check_architecture(model_cls: type, hf_config: dict[str, Any], name: str) -> None:
+    architecture = (hf_config.get("architectures") or [""])[0]
+    if architecture in ENCODER_ONLY_ARCHITECTURES and not model_cls.discards("decoder.0.attn.q_proj"):
+        raise EncoderOnlyCheckpoint(
+            f"{name} is an encoder-only checkpoint ({architecture}); load it with "
+            f"t5hooks.HookedT5Encoder.from_pretrained(...), or use a full encoder-decoder checkpoint"
+        )
+
+
+# ---- sources -----------------------------------------------------------------------------------
+
+
+def live_source(hf_model: Any, name: str) -> CheckpointSource:
+    """A live transformers model: its own tensors (no copies when dtype and device match)."""
+    hf_state = dict(hf_model.state_dict())
+    shared = hf_model.get_input_embeddings().weight
+    head = getattr(hf_model, "lm_head", None)
+    tied = head is None or head.weight is shared or head.weight.data_ptr() == shared.data_ptr()
+    if tied:
+        hf_state.pop("lm_head.weight", None)
+
+    def read(dtype: torch.dtype, wanted: Callable[[str], bool]) -> Iterator[tuple[str, Tensor]]:
+        return ((k, v) for k, v in hf_state.items() if wanted(k))
+
+    return CheckpointSource(repr(name), hf_model.config.to_dict(), read, shared.dtype, tied=tied)
+
+
+def checkpoint_source(name_or_path: str, subfolder: str | None, hub_kwargs: dict[str, Any]) -> CheckpointSource:
+    """A checkpoint on disk or on the hub: a directory, a `.safetensors` / `.gguf` file, or a hub name."""
+    path = Path(name_or_path).expanduser() / (subfolder or "")
+    if path.is_file():
+        if is_gguf(path):
+            return gguf_source(path)
+        config_file = path.parent / "config.json"
+        if not config_file.is_file():
+            raise FileNotFoundError(f"{str(path)!r}: a single weights file needs a config.json beside it")
+        hf_config = read_config_json(config_file, repr(str(path)))
+        return files_source(repr(str(path)), [path], hf_config, (str(path.parent), {}))
+    files, hf_config, where = _resolve_checkpoint(name_or_path, subfolder, hub_kwargs)
+    tokenizer_at = _tokenizer_location(name_or_path, subfolder, hub_kwargs)
+    return files_source(where, files, hf_config, tokenizer_at)
+
+
+def files_source(
+    what: str, files: list[Path], hf_config: dict[str, Any], tokenizer_at: tuple[str, dict[str, Any]] | None
+) -> CheckpointSource:
+    safetensors = [SafetensorsFile(f) for f in files if f.suffix == ".safetensors"]  # headers checked up front
+    counts: dict[torch.dtype, int] = {}
+    for st in safetensors:
+        for dt, n in st.elements_by_dtype().items():
+            counts[dt] = counts.get(dt, 0) + n
+    stored = max(counts, key=counts.__getitem__) if counts else None  # the dtype most weights are stored in
+
+    def read(dtype: torch.dtype, wanted: Callable[[str], bool]) -> Iterator[tuple[str, Tensor]]:
+        for file in files:
+            if file.suffix == ".safetensors":
+                yield from SafetensorsFile(file).tensors(dtype, wanted)
+            else:  # pytorch_model.bin: weights_only (no code runs); old-format files without mmap
+                yield from ((k, v) for k, v in read_torch_pickle(file).items() if wanted(k))
+
+    return CheckpointSource(what, hf_config, read, stored or torch.float32, tokenizer_at=tokenizer_at)
+
+
+def gguf_source(path: Path) -> CheckpointSource:
+    checkpoint = GGUFCheckpoint(path)
+
+    def read(dtype: torch.dtype, wanted: Callable[[str], bool]) -> Iterator[tuple[str, Tensor]]:
+        return checkpoint.tensors(dtype, wanted)
+
+    return CheckpointSource(str(path), checkpoint.hf_config(), read, checkpoint.stored_dtype())
+
+
+def _check_not_pipeline_root(path: Path) -> None:
+    """A diffusers pipeline directory holds its text encoders in subfolders: say which to pick."""
+    if (path / "model_index.json").is_file() and not (path / "config.json").is_file():
+        t5_folders = sorted(
+            sub.name
+            for sub in path.iterdir()
+            if (sub / "config.json").is_file()
+            and read_config_json(sub / "config.json", repr(str(sub))).get("model_type") in SUPPORTED_MODEL_TYPES
+        )
+        raise FileNotFoundError(
+            f"{str(path)!r} is a diffusers pipeline directory; pass subfolder= (CLI: --subfolder) one of {t5_folders} "
+            f"(its T5-family text encoders)"
+        )
+
+
+def _resolve_checkpoint(
+    name_or_path: str, subfolder: str | None, hub_kwargs: dict[str, Any]
+) -> tuple[list[Path], dict[str, Any], str]:
+    """Weight files, config dict and the name errors use, from a local directory or (through transformers'
+    cache) the hub. A missing local path is FileNotFoundError, never looked up as a hub id."""
+    base = check_local_path(name_or_path)  # None: a hub id
+    if base is not None:
+        path = base / (subfolder or "")
+        if not path.is_dir():
+            raise FileNotFoundError(f"{str(path)!r}: no such subfolder in {name_or_path!r}")
+        _check_not_pipeline_root(path)
+        where = repr(str(path))
 
         def local(filename: str) -> Path | None:
-            candidate = confined_file(path, filename, repr(name_or_path))
+            candidate = confined_file(path, filename, where)
             return candidate if candidate.is_file() else None
 
         fetch = local
     else:
         from transformers.utils import cached_file
 
+        extra = {"subfolder": subfolder} if subfolder else {}
+        where = repr(name_or_path) + (f" (subfolder {subfolder!r})" if subfolder else "")
+
         def fetch(filename: str) -> Path | None:
-            found = cached_file(name_or_path, filename, _raise_exceptions_for_missing_entries=False, **hub_kwargs)
+            found = cached_file(
+                name_or_path, filename, _raise_exceptions_for_missing_entries=False, **extra, **hub_kwargs
+            )
             return Path(found) if found else None
 
     config_file = fetch("config.json")
     if config_file is None:
-        raise FileNotFoundError(f"{name_or_path!r}: no config.json (expected a save_pretrained directory or hub name)")
-    hf_config = read_config_json(config_file, repr(name_or_path))
+        raise FileNotFoundError(f"{where}: no config.json (expected a save_pretrained directory or hub name)")
+    hf_config = read_config_json(config_file, where)
+    _check_model_type(hf_config, where)  # before looking for weights: a BERT directory says so, not "no weights"
     for single, index in (("model.safetensors", SAFETENSORS_INDEX), ("pytorch_model.bin", BIN_INDEX)):
         file = fetch(single)
         if file is not None:
-            return [file], hf_config
+            return [file], hf_config, where
         index_file = fetch(index)
         if index_file is not None:
-            shards = shard_names_from_index(index_file, repr(name_or_path))  # relative names inside the checkpoint
+            shards = shard_names_from_index(index_file, where)  # relative names inside the checkpoint
             files = [fetch(shard) for shard in shards]
             if any(f is None for f in files):
-                raise FileNotFoundError(f"{name_or_path!r}: a shard listed in {index} is missing")
-            return files, hf_config  # type: ignore[return-value]
-    raise FileNotFoundError(f"{name_or_path!r}: no model.safetensors or pytorch_model.bin (nor sharded index) found")
+                raise FileNotFoundError(f"{where}: a shard listed in {index} is missing")
+            return files, hf_config, where  # type: ignore[return-value]
+    raise FileNotFoundError(f"{where}: no model.safetensors or pytorch_model.bin (nor sharded index) found")
 
 
-def _iter_checkpoint(files: list[Path]) -> Iterator[tuple[str, Tensor]]:
-    for file in files:
-        if file.suffix == ".safetensors":
-            yield from read_safetensors(file)
-        else:
-            yield from read_torch_pickle(file).items()
+def _tokenizer_location(
+    name_or_path: str, subfolder: str | None, hub_kwargs: dict[str, Any]
+) -> tuple[str, dict[str, Any]]:
+    """Where the tokenizer lives: beside the weights, or in a pipeline's `tokenizer_N/` for `text_encoder_N/`."""
+    if not subfolder:
+        return name_or_path, hub_kwargs
+    sibling = re.sub(r"^text_encoder", "tokenizer", subfolder)
+    base = Path(name_or_path)
+    if base.is_dir():
+        for candidate in (subfolder, sibling):
+            if (base / candidate / "tokenizer_config.json").is_file():
+                return str(base / candidate), {}
+        return str(base / subfolder), {}
+    return name_or_path, {**hub_kwargs, "subfolder": sibling}
 
 
 # Files one of which every Hugging Face tokenizer directory has (fast, sentencepiece, BPE, byte-level).

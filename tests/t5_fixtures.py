@@ -88,3 +88,63 @@ def random_batch(
             dec_mask[row, keep:] = 0
             dec[row, keep:] = 0
     return tokens, mask, dec, dec_mask
+
+
+# UMT5: gated-GELU, a relative position bias table in every self-attention layer, untied lm_head.
+UMT5_BASE = dict(
+    vocab_size=160,
+    d_model=32,
+    d_kv=8,
+    d_ff=48,
+    num_heads=4,
+    num_layers=3,
+    num_decoder_layers=2,
+    relative_attention_num_buckets=8,
+    relative_attention_max_distance=20,
+    feed_forward_proj="gated-gelu",
+    tie_word_embeddings=False,
+    dropout_rate=0.0,
+    decoder_start_token_id=0,
+)
+
+
+def randomise(model, untie_lm_head: bool = True):
+    """Random layer norms (and an untied random lm_head) so every weight matters in a parity test."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "layer_norm" in name:
+                param.copy_(1.0 + 0.3 * torch.randn_like(param))
+        if untie_lm_head and hasattr(model, "lm_head"):
+            model.lm_head.weight = torch.nn.Parameter(torch.randn_like(model.lm_head.weight))
+    return model.eval()
+
+
+def hf_umt5(seed: int = 0, **overrides):
+    """An eval-mode HF UMT5ForConditionalGeneration (eager attention), every weight random."""
+    from transformers import UMT5Config, UMT5ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    values = {**UMT5_BASE, **overrides}
+    model = UMT5ForConditionalGeneration._from_config(UMT5Config(**values), attn_implementation="eager")
+    return randomise(model, untie_lm_head=not values["tie_word_embeddings"])
+
+
+ENCODER_CONFIGS = {
+    # T5 v1.1 / Flan-T5-XXL style text encoder (Flux, SD3, PixArt): gated-GELU
+    "t5": ("T5Config", "T5EncoderModel", dict(vocab_size=128, feed_forward_proj="gated-gelu", num_layers=3)),
+    # mT5
+    "mt5": ("MT5Config", "MT5EncoderModel", dict(vocab_size=150, feed_forward_proj="gated-gelu", num_layers=2)),
+    # umT5 (Wan): a bias table per layer
+    "umt5": ("UMT5Config", "UMT5EncoderModel", dict(vocab_size=160, feed_forward_proj="gated-gelu", num_layers=3)),
+}
+
+
+def hf_encoder(family: str, seed: int = 0, **overrides):
+    """An eval-mode HF T5EncoderModel / MT5EncoderModel / UMT5EncoderModel, eager attention, every weight random."""
+    import transformers
+
+    config_cls, model_cls, values = ENCODER_CONFIGS[family]
+    torch.manual_seed(seed)
+    cfg = getattr(transformers, config_cls)(**{**BASE, **values, **overrides})
+    model = getattr(transformers, model_cls)._from_config(cfg, attn_implementation="eager")
+    return randomise(model, untie_lm_head=False)

@@ -54,6 +54,7 @@ def test_act_name_short_names_and_errors():
     assert act_name("embed") == "hook_decoder_embed"
     assert act_name("encoder_out") == "hook_encoder_out"
     assert act_name("rel_pos", stack="encoder") == "encoder.0.attn.rel_pos_hook"
+    assert act_name("rel_pos", 2, stack="decoder") == "decoder.2.attn.rel_pos_hook"  # UMT5: one per layer
     assert act_name("decoder.0.hook_resid_pre") == "decoder.0.hook_resid_pre"  # full names pass through
     with pytest.raises(ValueError, match="only in the decoder"):
         act_name("pattern", 0, "encoder", attn="cross")

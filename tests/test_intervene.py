@@ -126,6 +126,51 @@ def test_intervention_errors(model):
         model.capture([], intervene={HOOK: BadTuple()})(*args)
 
 
+def encoder_of(model):
+    """The HookedT5Encoder with `model`'s encoder weights."""
+    from t5hooks import HookedT5Encoder
+
+    encoder = HookedT5Encoder(model.cfg)
+    encoder.load_state_dict({k: v for k, v in model.state_dict().items() if not HookedT5Encoder.discards(k)})
+    return encoder.eval().requires_grad_(False)
+
+
+def test_encoder_capture_interventions(model):
+    """The encoder-only capture splices the same way: a HookedT5Encoder's, and the encoder-decoder's encoder
+    stack alone (EncoderCaptureModule), equal the full capture's encoder activations and side outputs."""
+    from t5hooks.capture import EncoderCaptureModule
+
+    tokens, dec, mask, dec_mask = inputs(model)
+    probe, steer = LinearProbe(16, 3), SteeringVector(16)
+    with torch.no_grad():
+        steer.vector.normal_()
+    iv = {"encoder.0.hook_mlp_out": steer, ENC_HOOK: probe}
+    full = model.capture(["hook_encoder_out"], intervene=iv)(tokens, dec, mask, dec_mask)
+    for cap in (encoder_of(model).capture(["hook_encoder_out"], intervene=iv),
+                EncoderCaptureModule(model, ["hook_encoder_out"], intervene=iv)):  # fmt: skip
+        out = cap(tokens, mask)
+        assert list(out) == ["last_hidden_state", "hook_encoder_out", ENC_HOOK + ".probe"]
+        torch.testing.assert_close(out["hook_encoder_out"], full["hook_encoder_out"], atol=1e-6, rtol=0)
+        torch.testing.assert_close(out[ENC_HOOK + ".probe"], full[ENC_HOOK + ".probe"], atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="computed by the decoder"):
+        EncoderCaptureModule(model, [], intervene={HOOK: sae()})
+
+
+@pytest.mark.slow
+def test_encoder_onnx_with_interventions_matches_eager(model, tmp_path):
+    encoder = encoder_of(model)
+    iv = {ENC_HOOK: sae()}
+    cap = encoder.capture(["hook_embed"], intervene=iv).eval()
+    tokens, _, mask, _ = inputs(model, batch=3, enc=9, seed=4)
+    with torch.no_grad():
+        ref = cap(tokens, mask)
+    runner = OnnxRunner(to_onnx(encoder, tmp_path / "enc.onnx", capture=["hook_embed"], intervene=iv))
+    assert runner.output_names == list(ref) == ["last_hidden_state", "hook_embed", ENC_HOOK + ".features"]
+    got = runner(input=tokens.numpy(), one_zero_attention_mask=mask.numpy())
+    for name in ref:
+        np.testing.assert_allclose(got[name], ref[name].numpy(), atol=1e-4, rtol=0, err_msg=name)
+
+
 @pytest.mark.slow
 def test_compiled_equals_eager_features_and_gradients():
     """fullgraph, 0 graph breaks; base model frozen: gradients reach only the spliced modules' parameters."""

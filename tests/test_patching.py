@@ -45,9 +45,11 @@ def test_patching_a_run_with_itself_changes_nothing(model, prompts, sweep, optio
     clean = prompts[0]
     for method in ("activation", "attribution"):
         result = sweep(model, clean, clean, logit_diff, method=method, **options)
-        assert result.clean_metric == result.corrupted_metric
+        # the two runs may take different attention paths (SDPA for unhooked layers, materialised scores where
+        # gradients or patterns are read): equal up to float rounding, as the restored values below
+        assert result.clean_metric == pytest.approx(result.corrupted_metric, rel=0, abs=1e-5)
         restored = torch.full_like(result.values, result.clean_metric)
-        torch.testing.assert_close(result.values, restored, atol=1e-6, rtol=0)
+        torch.testing.assert_close(result.values, restored, atol=1e-5, rtol=0)
 
 
 def test_patching_a_whole_residual_layer_restores_the_clean_metric(model, prompts):

@@ -150,6 +150,26 @@ def test_storage_dtypes_and_encoder_only_hooks(model: HookedEncoderDecoder, tmp_
         extract(model, texts, "hook_encoder_out", tmp_path / "bad", dtype="int8", progress=False)
 
 
+@pytest.mark.parametrize("backend", ["eager", pytest.param("onnx", marks=pytest.mark.slow)])
+def test_encoder_only_model_stores_what_the_encoder_decoder_stores(backend: str, tmp_path: Path) -> None:
+    """A HookedT5Encoder (a text encoder) extracts the same rows as the encoder-decoder it was cut from;
+    its ONNX graph takes no decoder input."""
+    from t5hooks import HookedT5Encoder
+
+    full = one_layer_model()
+    encoder = HookedT5Encoder(full.cfg, tokenizer=full.tokenizer)
+    encoder.load_state_dict({k: v for k, v in full.state_dict().items() if not HookedT5Encoder.discards(k)})
+    texts, names = corpus(8, seed=4), ["hook_embed", "encoder.0.hook_resid_post"]
+    kw = dict(window=4, token_budget=256, progress=False)
+    extract(full, texts, names, tmp_path / "full", backend="eager", **kw)
+    extract(encoder.eval(), texts, names, tmp_path / "encoder", backend=backend, **kw)
+    ref, got = ActivationStore(tmp_path / "full"), ActivationStore(tmp_path / "encoder")
+    for name in names:
+        want, rows = ref.load(name), got.load(name)
+        assert torch.equal(rows["doc"], want["doc"]) and torch.equal(rows["pos"], want["pos"])
+        torch.testing.assert_close(rows["acts"], want["acts"], atol=1e-5, rtol=1e-5)
+
+
 def one_layer_model() -> HookedEncoderDecoder:
     """A 1+1-layer byte-level model: compiling and exporting it is quick."""
     cfg = HookedT5Config(

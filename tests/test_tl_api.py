@@ -54,7 +54,7 @@ def test_from_pretrained_signature_and_processing_switches(hf):
     records = []
     handler = logging.Handler(logging.INFO)
     handler.emit = records.append
-    logger = logging.getLogger("t5hooks.model")
+    logger = logging.getLogger("t5hooks")  # the package logger: whichever module logs it
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     try:

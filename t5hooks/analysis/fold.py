@@ -37,9 +37,7 @@ from torch import Tensor, nn
 def fold_layer_norms(model: Any) -> Any:
     """Fold all RMSNorm weights of a `HookedEncoderDecoder` into the following weights (see module doc);
     returns the model."""
-    for block in model.encoder:
-        _fold(block.ln1, [(block.attn, "q_proj"), (block.attn, "k_proj"), (block.attn, "v_proj")])
-        _fold(block.ln2, _mlp_readers(block.mlp))
+    fold_encoder_norms(model)
     cross_kv = [(block.cross_attn, name) for block in model.decoder for name in ("k_proj", "v_proj")]
     _fold(model.encoder_final_ln, cross_kv)
     for block in model.decoder:
@@ -47,6 +45,15 @@ def fold_layer_norms(model: Any) -> Any:
         _fold(block.ln2, [(block.cross_attn, "q_proj")])
         _fold(block.ln3, _mlp_readers(block.mlp))
     _fold_into_unembedding(model)
+    return model
+
+
+def fold_encoder_norms(model: Any) -> Any:
+    """Fold each encoder block's ln1 / ln2 weights into its attention Q/K/V and MLP inputs (the encoder final
+    norm's readers are the decoder's cross-attentions, folded by `fold_layer_norms`); returns the model."""
+    for block in model.encoder:
+        _fold(block.ln1, [(block.attn, "q_proj"), (block.attn, "k_proj"), (block.attn, "v_proj")])
+        _fold(block.ln2, _mlp_readers(block.mlp))
     return model
 
 

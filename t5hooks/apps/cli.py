@@ -29,24 +29,28 @@ def parse_tokens(text: str, what: str) -> torch.Tensor:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from ..analysis.summary import activation_table, strongest_attention_links, top_predictions
+    from ..encoder import HookedT5Encoder
 
     if args.save:
         check_output(args.save, force=args.force, option="--save")
-    model = load_model(args.model, args.device, args.dtype)
+    model = load_model(args.model, args.device, args.dtype, subfolder=args.subfolder, encoder_only=args.encoder_only)
+    encoder_only = isinstance(model, HookedT5Encoder)
     label = model.cfg.model_name
     from ..pretrained import describe
 
     print(f"model: {label} — {describe(label)}")
-    print(
-        f"       {model.cfg.n_layers} encoder + {model.cfg.n_decoder_layers} decoder layers, d_model {model.cfg.d_model}, "
-        f"{model.cfg.n_heads} heads, vocab {model.cfg.d_vocab}"
+    layers = f"{model.cfg.n_layers} encoder layers" + (
+        "" if encoder_only else f" + {model.cfg.n_decoder_layers} decoder layers"
     )
+    print(f"       {layers}, d_model {model.cfg.d_model}, {model.cfg.n_heads} heads, vocab {model.cfg.d_vocab}")
     if args.tokens is not None:
         tokens = parse_tokens(args.tokens, "tokens")
     else:
         if model.tokenizer is None:
             raise CliError("this model has no tokenizer: pass --tokens '1 2 3'")
         tokens = model.to_tokens(args.text, move_to_device=False)
+    if encoder_only and (args.decoder_tokens is not None or args.decoder_text is not None):
+        raise CliError("this is an encoder-only model: it takes no --decoder-text / --decoder-tokens")
     if args.decoder_tokens is not None:
         dec = parse_tokens(args.decoder_tokens, "decoder-tokens")
     elif args.decoder_text is not None:
@@ -57,7 +61,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         dec = torch.full((1, 1), model.cfg.decoder_start_token_id)
     names = model.resolve_names(args.capture) if args.capture else None  # validates patterns early
     with torch.inference_mode():
-        logits, cache = model.run_with_cache(tokens, dec, names_filter=names)
+        if encoder_only:
+            hidden, cache = model.run_with_cache(tokens, names_filter=names)
+        else:
+            logits, cache = model.run_with_cache(tokens, dec, names_filter=names)
 
     def str_tokens(t: torch.Tensor) -> list[str]:
         if model.tokenizer is None:
@@ -66,11 +73,15 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     enc_toks, dec_toks = str_tokens(tokens), str_tokens(dec)
     print(f"input:   {len(enc_toks)} tokens {''.join(enc_toks) if model.tokenizer else enc_toks}")
-    print(f"decoder: {len(dec_toks)} tokens {dec_toks}")
+    if not encoder_only:
+        print(f"decoder: {len(dec_toks)} tokens {dec_toks}")
     print(
         f"cached:  {len(cache)} activations, {sum(t.numel() * t.element_size() for t in cache.values()) / 1e6:.2f} MB\n"
     )
-    show = args.show or ["hook_embed", "*.hook_resid_post", "hook_encoder_out", "unembed.hook_in"]
+    default_show = ["hook_embed", "*.hook_resid_post", "hook_encoder_out"] + (
+        [] if encoder_only else ["unembed.hook_in"]
+    )
+    show = args.show or default_show
     print(activation_table(cache, show))
     if any(n.endswith("hook_pattern") for n in cache):
         print("\nstrongest attention links")
@@ -82,9 +93,13 @@ def cmd_run(args: argparse.Namespace) -> int:
                 k=args.top_links,
             )
         )
-    decode = (lambda i: model.to_str_tokens([i])[0]) if model.tokenizer is not None else str
-    print("\nnext-token predictions")
-    print(top_predictions(logits, decode))
+    if encoder_only:
+        norms = ", ".join(f"{v:.2f}" for v in hidden[0].norm(dim=-1).tolist())
+        print(f"\nlast hidden state {list(hidden.shape)} (what a diffusion pipeline conditions on); norms: {norms}")
+    else:
+        decode = (lambda i: model.to_str_tokens([i])[0]) if model.tokenizer is not None else str
+        print("\nnext-token predictions")
+        print(top_predictions(logits, decode))
     if args.save:
         save_activations(dict(cache.items()), args.save, overwrite=args.force)
         print(f"\nsaved {len(cache)} activations to {args.save}")
@@ -200,7 +215,16 @@ def build_parser() -> argparse.ArgumentParser:
         "and print shapes, norms, the strongest attention links and predictions.",
     )
     run.add_argument(
-        "--model", default=None, help="hub name, local directory or built-in name (default: built-in tiny model)"
+        "--model",
+        default=None,
+        help="hub name, local directory, .safetensors/.gguf file or built-in name (default: built-in tiny model); "
+        "an encoder-only checkpoint (a diffusion pipeline's text encoder) runs the encoder",
+    )
+    run.add_argument(
+        "--subfolder", default=None, help="model folder inside --model, e.g. text_encoder_2 of a diffusers pipeline"
+    )
+    run.add_argument(
+        "--encoder-only", action="store_true", help="run only the encoder of an encoder-decoder checkpoint"
     )
     src = run.add_mutually_exclusive_group()
     src.add_argument("--text", default="hooked", help="input text (default: %(default)r)")

@@ -51,11 +51,21 @@ def available_devices() -> list[str]:
     return devices
 
 
-def load_model(name: str | None, device: str | None = None, dtype: str = "float32") -> Any:
-    """The model for `--model` (default: the built-in tiny model) in eval mode, on `--device`, in `--dtype`.
+def load_model(
+    name: str | None,
+    device: str | None = None,
+    dtype: str = "float32",
+    subfolder: str | None = None,
+    encoder_only: bool = False,
+) -> Any:
+    """The model for `--model` (default: the built-in tiny model) in eval mode, on `--device`, in `--dtype`:
+    a HookedEncoderDecoder, or a HookedT5Encoder for an encoder-only checkpoint (a diffusion pipeline's text
+    encoder) or with `encoder_only` (`--encoder-only`). `subfolder`: `--subfolder` (e.g. `text_encoder_2`).
 
     Bad devices and dtypes are CliErrors; load failures keep the library's message (ValueError,
     FileNotFoundError: exit 2), prefixed with the model name."""
+    from ..encoder import HookedT5Encoder
+    from ..loading import EncoderOnlyCheckpoint
     from ..model import HookedEncoderDecoder
     from ..pretrained import DEFAULT_MODEL
 
@@ -63,8 +73,16 @@ def load_model(name: str | None, device: str | None = None, dtype: str = "float3
         raise CliError(f"--dtype {dtype!r}; valid: {', '.join(DTYPES)}")
     torch_device = resolve_device(device)
     label = name or DEFAULT_MODEL
+    kwargs: dict[str, Any] = {"device": torch_device, "dtype": getattr(torch, dtype)}
+    if subfolder:
+        kwargs["subfolder"] = subfolder
     try:
-        model = HookedEncoderDecoder.from_pretrained(label, device=torch_device, dtype=getattr(torch, dtype))
+        if not encoder_only:
+            try:
+                return HookedEncoderDecoder.from_pretrained(label, **kwargs).eval()
+            except EncoderOnlyCheckpoint:
+                pass  # a text encoder: load it as one
+        model = HookedT5Encoder.from_pretrained(label, **kwargs)
     except (OSError, ValueError) as err:
         raise _with_prefix(err, f"could not load model {label!r}") from err
     return model.eval()

@@ -61,7 +61,16 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         help="'replace' the activation or 'add' to it (default: %(default)s)",
     )
     parser.add_argument(
-        "--model", default=None, help="hub name, local directory or built-in name (default: the built-in tiny model)"
+        "--model",
+        default=None,
+        help="hub name, local directory, .safetensors/.gguf file or built-in name (default: the built-in tiny "
+        "model); an encoder-only checkpoint exports the encoder (outputs last_hidden_state)",
+    )
+    parser.add_argument(
+        "--subfolder", default=None, help="model folder inside --model, e.g. text_encoder_2 of a diffusers pipeline"
+    )
+    parser.add_argument(
+        "--encoder-only", action="store_true", help="export only the encoder of an encoder-decoder checkpoint"
     )
     parser.add_argument(
         "--out", required=True, metavar="PATH", help="output file: .onnx, .pt2, or .pt/.ts for torchscript"
@@ -111,26 +120,34 @@ def run_export(args: argparse.Namespace) -> int:
     if not out.parent.is_dir():
         raise CliError(f"--out {str(out)!r}: directory {str(out.parent)!r} does not exist")
     check_output(out, force=args.force)
-    model = load_model(args.model)
+    model = load_model(args.model, subfolder=args.subfolder, encoder_only=args.encoder_only)
     capture = model.resolve_names(args.capture) if args.capture else []  # unknown names fail here, before exporting
     patch = model.resolve_names(args.patch) if args.patch else []
     cap = model.capture(capture, patch=patch, patch_mode=args.patch_mode).eval()
+    if args.quantize and cap.OUTPUT != "logits":
+        raise CliError(
+            f"--quantize is checked by greedy-token agreement of the logits; this model's graph outputs {cap.OUTPUT} "
+            "(encoder-only): export it with --optimize, without --quantize"
+        )
 
     from ..export.onnx import model_in_dtype
 
     exported_model = model_in_dtype(model, args.dtype)
     target = exported_model.capture(capture, patch=patch, patch_mode=args.patch_mode).eval()
     print(
-        f"exporting {model.cfg.model_name} as {args.format} ({args.dtype}): logits + {len(capture)} captured, "
+        f"exporting {model.cfg.model_name} as {args.format} ({args.dtype}): {cap.OUTPUT} + {len(capture)} captured, "
         f"{len(patch)} patched ({args.patch_mode}) -> {out}"
     )
-    inputs = _fresh_inputs(cap, static=args.static)
+    inputs, patches = _fresh_inputs(cap, static=args.static)
     with torch.no_grad():
-        expected = {k: v.float().numpy() for k, v in cap(*inputs).items()}
+        expected = {k: v.float().numpy() for k, v in cap(*inputs.values(), patches=patches).items()}
     atol, rtol = TOLERANCE[args.dtype]
     if args.atol is not None:
         atol = args.atol
-    B, E, D = inputs[0].shape[0], inputs[0].shape[1], inputs[1].shape[1]
+    B, E = inputs["input"].shape
+    shapes = f"batch {B}, encoder {E}" + (
+        f", decoder {inputs['decoder_input'].shape[1]}" if "decoder_input" in inputs else ""
+    )
     backend = "ONNX Runtime" if args.format == "onnx" else f"loaded {args.format}"
     worst: list[float] = []
     agreement: list[float] = []
@@ -138,23 +155,24 @@ def run_export(args: argparse.Namespace) -> int:
     def verify(written: Path) -> None:
         """Runs on the temporary file, before it is renamed to --out."""
         run = _load_written(args.format, written, target)
-        got = {k: np.asarray(v, dtype=np.float32) for k, v in run(*inputs).items()}
+        got = {k: np.asarray(v, dtype=np.float32) for k, v in run(inputs, patches).items()}
         report = compare_int8(expected, got) if args.quantize else compare(expected, got, atol, rtol)
         if report:
             kept = f"the previous {out} is kept" if out.exists() else f"{out} was not written"
             raise VerificationError(
-                f"{backend} disagrees with eager on a fresh input (batch {B}, encoder {E}, decoder {D}): "
+                f"{backend} disagrees with eager on a fresh input ({shapes}): "
                 + "; ".join(line.strip() for line in report)
                 + f"; {kept}"
             )
         worst.append(max(float(np.abs(got[k] - expected[k]).max()) for k in expected))
-        agreement.append(float((got["logits"].argmax(-1) == expected["logits"].argmax(-1)).mean()))
+        if args.quantize:
+            agreement.append(float((got["logits"].argmax(-1) == expected["logits"].argmax(-1)).mean()))
 
     levers = {"optimize": args.optimize, "quantize": args.quantize} if args.format == "onnx" else {}
     _write(args.format, target, out, dynamic=not args.static, verify=verify, overwrite=args.force, **levers)
     patched = f"{len(patch)} random patches" if patch else "no patches"
     print(
-        f"ok: {backend} matches eager on a fresh input (batch {B}, encoder {E}, decoder {D}, padded, {patched}): "
+        f"ok: {backend} matches eager on a fresh input ({shapes}, padded, {patched}): "
         f"{len(expected)} outputs, max |diff| {worst[0]:.2e}"
         + (f", int8 logits pick eager's token at {agreement[0]:.1%} of positions" if args.quantize else "")
     )
@@ -211,13 +229,13 @@ def _write(fmt: str, cap: Any, out: Path, *, dynamic: bool, verify: Any, overwri
 
 
 def _load_written(fmt: str, path: Path, cap: Any) -> Any:
-    """A callable `(input, decoder_input, mask, decoder_mask, patches) -> dict of numpy` running the file as
-    loaded from disk."""
+    """A callable `(inputs by graph input name, patches) -> dict of numpy` running the file as loaded from
+    disk."""
     if fmt == "onnx":
         from ..export.ort import OnnxRunner
 
         runner = OnnxRunner(path)
-        return lambda tok, dec, mask, dec_mask, patches: runner(tok, dec, mask, dec_mask, patches=patches)
+        return lambda inputs, patches: runner(**inputs, patches=patches)
     if fmt == "pt2":
         from ..export.torch_export import load_exported
 
@@ -228,9 +246,9 @@ def _load_written(fmt: str, path: Path, cap: Any) -> Any:
         module = load_torchscript(path)
     dtype = cap.model.W_E.dtype
 
-    def run(tok: Tensor, dec: Tensor, mask: Tensor, dec_mask: Tensor, patches: dict[str, Tensor]) -> dict[str, Any]:
-        args = (tok, dec, mask, dec_mask)
-        if patches or fmt == "pt2":  # a TorchScript trace without patches takes four inputs
+    def run(inputs: dict[str, Tensor], patches: dict[str, Tensor]) -> dict[str, Any]:
+        args = tuple(inputs.values())
+        if patches or fmt == "pt2":  # a TorchScript trace without patches takes only the tensor inputs
             args = (*args, {k: v.to(dtype) for k, v in patches.items()})
         with torch.no_grad():
             out = module(*args)
@@ -239,9 +257,10 @@ def _load_written(fmt: str, path: Path, cap: Any) -> Any:
     return run
 
 
-def _fresh_inputs(cap: Any, static: bool) -> tuple[Any, ...]:
-    """Tokens other than the export example's: batch 3, encoder 11, decoder 4 (the example's shapes when
-    static), the last row padded; random patches of full rank (an "add" patch broadcasts over positions)."""
+def _fresh_inputs(cap: Any, static: bool) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """Inputs (by graph input name, in `cap.INPUT_NAMES` order) other than the export example's: batch 3,
+    encoder 11, decoder 4 (the example's shapes when static), the last row padded; random patches of full rank
+    (an "add" patch broadcasts over positions)."""
     from ..export.torch_export import activation_shapes, example_inputs
 
     B, E, D = (2, 7, 5) if static else (3, 11, 4)
@@ -253,11 +272,13 @@ def _fresh_inputs(cap: Any, static: bool) -> tuple[Any, ...]:
     dec_mask = torch.ones(B, D, dtype=torch.long)
     mask[-1, E // 2 :] = 0
     dec_mask[-1, D // 2 + 1 :] = 0
+    every = {"input": tokens, "decoder_input": dec, "one_zero_attention_mask": mask, "decoder_attention_mask": dec_mask}
+    inputs = {name: every[name] for name in cap.INPUT_NAMES}
     patches = {}
     if cap.patch_modes:
-        shapes = activation_shapes(cap, tokens, dec)
-        reference = example_inputs(cap)[4]
+        shapes = activation_shapes(cap, tuple(inputs.values()))
+        reference = example_inputs(cap)[len(cap.INPUT_NAMES)]
         for name, mode in cap.patch_modes.items():
             shape = shapes[name] if mode == "replace" else tuple(reference[name].shape)
             patches[name] = torch.randn(shape, generator=g, dtype=torch.float32)
-    return tokens, dec, mask, dec_mask, patches
+    return inputs, patches

@@ -30,7 +30,18 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         metavar="PATTERN",
         help="hook names or globs, e.g. 'encoder.*.hook_resid_post'",
     )
-    parser.add_argument("--model", default=None, help="hub name, local directory or built-in name (default: tiny)")
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="hub name, local directory or built-in name (default: tiny); an encoder-only checkpoint (a diffusion "
+        "pipeline's text encoder) runs the encoder alone",
+    )
+    parser.add_argument(
+        "--subfolder", default=None, help="model folder inside --model, e.g. text_encoder_2 of a diffusers pipeline"
+    )
+    parser.add_argument(
+        "--encoder-only", action="store_true", help="load only the encoder of an encoder-decoder checkpoint"
+    )
     parser.add_argument("--field", default="text", help="JSONL / dataset field holding the prompt (default: text)")
     parser.add_argument(
         "--decoder-field", default=None, help="JSONL / dataset field with decoder targets (teacher forced)"
@@ -68,7 +79,7 @@ def run_extract(args: argparse.Namespace) -> int:
     device = args.device
     if device is None and "LOCAL_RANK" in os.environ and torch.cuda.is_available():
         device = f"cuda:{int(os.environ['LOCAL_RANK'])}"  # one GPU per torchrun process
-    model = load_model(args.model, device, args.model_dtype)
+    model = load_model(args.model, device, args.model_dtype, subfolder=args.subfolder, encoder_only=args.encoder_only)
     started_group = _init_process_group(device)
     summary = extract(
         model,

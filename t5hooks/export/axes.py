@@ -29,6 +29,8 @@ def activation_axes(name: str, layout: HookLayout | None = None) -> Axes:
 def output_axes(name: str, layout: HookLayout | None = None) -> Axes:
     if name == "logits":
         return (BATCH, DEC, None)
+    if name == "last_hidden_state":  # an encoder-only graph's main output
+        return (BATCH, ENC, None)
     if name == "loss":
         return ()
     return activation_axes(name, layout)

@@ -35,10 +35,10 @@ import torch
 from torch import Tensor, nn
 
 from ..atomic import atomic_path
-from ..capture import CaptureModule
+from ..capture import CaptureBase, EncoderCaptureModule
 from ..hook_points import NameFilter
 from .axes import output_axes
-from .torch_export import INPUT_NAMES, as_capture, dynamic_shapes, example_inputs
+from .torch_export import as_capture, dynamic_shapes, example_inputs
 
 PATCH_PREFIX = "patch."
 EXPORT_DTYPES = {"float32": torch.float32, "float16": torch.float16}
@@ -70,13 +70,14 @@ def to_onnx(
     quantize: str | None = None,
     intervene: Mapping[str, nn.Module] | None = None,
 ) -> Path:
-    """Export `model` (a HookedEncoderDecoder, or a ready `model.capture(...)`) to an ONNX file.
+    """Export `model` (a HookedEncoderDecoder or HookedT5Encoder, or a ready `model.capture(...)`) to ONNX.
 
     Graph inputs: `input` `[B,E]`, `decoder_input` `[B,D]`, `one_zero_attention_mask` `[B,E]`,
     `decoder_attention_mask` `[B,D]` (int64; `OnnxRunner` infers missing masks from the pad token, as the eager model), then
     `patch.<name>` per patched hook (float, the activation's shape for "replace", broadcastable
     for "add"). Outputs: `logits` `[B,D,d_vocab]` then each captured hook name, in hook order.
-    With `dynamic`, batch, encoder and decoder lengths vary (decoder length 1 included).
+    With `dynamic`, batch, encoder and decoder lengths vary (decoder length 1 included). A HookedT5Encoder's
+    graph takes `input`, `one_zero_attention_mask` and the patches, and outputs `last_hidden_state` first.
     `dtype`: "float32" or "float16" (the weights are converted on a copy; default: the model's).
     `external_data`: weights in `<path>.<random>.data` beside it (default: only when they exceed 1 GiB).
     The file is written atomically (see `save_checked`): `verify(temp_path)` may raise to keep the previous
@@ -95,27 +96,30 @@ def to_onnx(
         raise FileExistsError(f"{path} already exists (pass overwrite=True to replace it)")
     cap = _capture_in_dtype(as_capture(model, capture, patch, patch_mode, intervene), dtype).eval()
     args = example if example is not None else example_inputs(cap)
-    patches = args[4]
+    n_inputs = len(cap.INPUT_NAMES)
+    patches = args[n_inputs]
     patch_names = cap.patch_names
     if set(patches) != set(patch_names):
         raise ValueError(f"example patches {sorted(patches)} do not match the patch set {sorted(patch_names)}")
-    flat_args = (*args[:4], *(patches[n] for n in patch_names))
+    flat_args = (*args[:n_inputs], *(patches[n] for n in patch_names))
     shapes = None
     if dynamic:
         spec = dynamic_shapes(cap, patches)
-        shapes = spec[:4]
+        shapes = spec[:n_inputs]
         if patch_names:  # `*patches` binds as one tuple argument (absent when empty)
-            shapes = (*shapes, tuple(spec[4][n] for n in patch_names))
-    input_names = [*INPUT_NAMES, *(patch_input_name(n) for n in patch_names)]
+            shapes = (*shapes, tuple(spec[n_inputs][n] for n in patch_names))
+    input_names = [*cap.INPUT_NAMES, *(patch_input_name(n) for n in patch_names)]
     output_names = _output_names(cap, args)
-    program = export_graph(_FlatCapture(cap), flat_args, shapes, opset)
+    flat = _FlatEncoderCapture(cap) if isinstance(cap, EncoderCaptureModule) else _FlatCapture(cap)
+    program = export_graph(flat, flat_args, shapes, opset)
     graph = program.model.graph
     name_graph_io(graph, input_names, output_names)
     if dynamic:
         for value in graph.outputs:
             side_output = value.name not in output_names[: 1 + len(cap.names)]
             set_axes(value, None if side_output else output_axes(value.name, cap.model.layout))
-    write_metadata(program.model, "forward", cap.model.cfg, capture=list(cap.names), patch_modes=cap.patch_modes)
+    graph_kind = "encoder_forward" if isinstance(cap, EncoderCaptureModule) else "forward"
+    write_metadata(program.model, graph_kind, cap.model.cfg, capture=list(cap.names), patch_modes=cap.patch_modes)
     if optimize or quantize:
         verify = _rewritten_then(verify, optimize, quantize)
     save_checked(program.model, path, external_data, verify=verify, overwrite=overwrite)
@@ -139,11 +143,11 @@ def _rewritten_then(
     return rewrite_and_verify
 
 
-def _output_names(cap: CaptureModule, args: tuple[Any, ...]) -> list[str]:
-    """The capture's output keys for these inputs ("logits", captured names, then interventions' side
+def _output_names(cap: CaptureBase, args: tuple[Any, ...]) -> list[str]:
+    """The capture's output keys for these inputs (its main output, captured names, then interventions' side
     outputs, whose names only the modules know: one eager run finds them)."""
     if not cap.intervene_names:
-        return ["logits", *cap.names]
+        return [cap.OUTPUT, *cap.names]
     with torch.no_grad():
         return list(cap(*args))
 
@@ -151,7 +155,7 @@ def _output_names(cap: CaptureModule, args: tuple[Any, ...]) -> list[str]:
 class _FlatCapture(nn.Module):
     """`cap` with tensors in (patches positional, in patch-set order) and a tuple out (dict order)."""
 
-    def __init__(self, cap: CaptureModule) -> None:
+    def __init__(self, cap: CaptureBase) -> None:
         super().__init__()
         self.cap = cap
 
@@ -170,6 +174,14 @@ class _FlatCapture(nn.Module):
             decoder_attention_mask,
             dict(zip(self.cap.patch_names, patches)),
         )
+        return tuple(out.values())
+
+
+class _FlatEncoderCapture(_FlatCapture):
+    """The same for an encoder capture: `(input, one_zero_attention_mask, *patches)`."""
+
+    def forward(self, input: Tensor, one_zero_attention_mask: Tensor, *patches: Tensor) -> tuple[Tensor, ...]:
+        out = self.cap(input, one_zero_attention_mask, dict(zip(self.cap.patch_names, patches)))
         return tuple(out.values())
 
 
@@ -375,13 +387,13 @@ def model_in_dtype(model: nn.Module, dtype: torch.dtype | str | None) -> nn.Modu
     return copy.deepcopy(model).to(dtype)
 
 
-def _capture_in_dtype(cap: CaptureModule, dtype: torch.dtype | str | None) -> CaptureModule:
+def _capture_in_dtype(cap: CaptureBase, dtype: torch.dtype | str | None) -> CaptureBase:
     model = model_in_dtype(cap.model, dtype)
     if model is cap.model:
         return cap
     intervene = {name: copy.deepcopy(m).to(model.W_E.dtype) for name, m in cap.intervene.items()}
-    return model.capture(
-        list(cap.names), patch=list(cap.patch_modes), patch_mode=dict(cap.patch_modes), intervene=intervene
+    return type(cap)(  # the same kind of capture (encoder-decoder or encoder stack) over the converted copy
+        model, list(cap.names), patch=list(cap.patch_modes), patch_mode=dict(cap.patch_modes), intervene=intervene
     )
 
 

@@ -17,11 +17,9 @@ from torch import Tensor
 from torch.export import Dim, ExportedProgram
 
 from ..atomic import atomic_path
-from ..capture import CaptureModule
+from ..capture import CaptureBase
 from ..hook_points import NameFilter
 from .axes import BATCH, DEC, ENC, INPUT_AXES, PAST, patch_axes
-
-INPUT_NAMES = ("input", "decoder_input", "one_zero_attention_mask", "decoder_attention_mask")
 
 
 def as_capture(
@@ -30,9 +28,9 @@ def as_capture(
     patch: NameFilter = (),
     patch_mode: Any = "replace",
     intervene: Mapping[str, Any] | None = None,
-) -> CaptureModule:
-    """A CaptureModule given either a model (built here) or a ready CaptureModule (returned as is)."""
-    if isinstance(model, CaptureModule):
+) -> CaptureBase:
+    """A capture module given either a model (built here) or a ready capture module (returned as is)."""
+    if isinstance(model, CaptureBase):
         if capture or patch or intervene:
             raise ValueError("pass capture/patch/intervene either to model.capture(...) or here, not both")
         return model
@@ -40,10 +38,11 @@ def as_capture(
 
 
 def example_inputs(
-    cap: CaptureModule, batch: int = 2, enc_len: int = 7, dec_len: int = 5, patches: Mapping[str, Tensor] | None = None
+    cap: CaptureBase, batch: int = 2, enc_len: int = 7, dec_len: int = 5, patches: Mapping[str, Tensor] | None = None
 ) -> tuple[Any, ...]:
-    """Example `(input, decoder_input, mask, decoder_mask, patches)` for tracing: in-range ids, an all-ones
-    mask, and zero patches ("replace": the activation's shape; "add": its shape with every varying axis 1)."""
+    """Example `(*inputs, patches)` for tracing, inputs as `cap.INPUT_NAMES` (encoder-decoder: input,
+    decoder_input, mask, decoder_mask; encoder: input, mask): in-range ids, all-ones masks, and zero patches
+    ("replace": the activation's shape; "add": its shape with every varying axis 1)."""
     model = cap.model
     device = model.W_E.device
     g = torch.Generator().manual_seed(0)
@@ -51,10 +50,15 @@ def example_inputs(
     dec = torch.randint(0, model.cfg.d_vocab, (batch, dec_len), generator=g).to(device)
     pad = model.cfg.pad_token_id  # no pad ids: padding is what the masks say
     tokens, dec = (t.masked_fill(t == pad, (pad + 1) % model.cfg.d_vocab) for t in (tokens, dec))
-    mask = torch.ones(batch, enc_len, dtype=torch.long, device=device)
-    dec_mask = torch.ones(batch, dec_len, dtype=torch.long, device=device)
+    by_name = {
+        "input": tokens,
+        "decoder_input": dec,
+        "one_zero_attention_mask": torch.ones(batch, enc_len, dtype=torch.long, device=device),
+        "decoder_attention_mask": torch.ones(batch, dec_len, dtype=torch.long, device=device),
+    }
+    inputs = tuple(by_name[name] for name in cap.INPUT_NAMES)
     if patches is None and cap.patch_modes:
-        shapes = activation_shapes(cap, tokens, dec)
+        shapes = activation_shapes(cap, inputs)
         patches = {}
         for name, mode in cap.patch_modes.items():
             shape = shapes[name]
@@ -64,14 +68,14 @@ def example_inputs(
                     for axis, size in zip(patch_axes(name, "replace", shape, cap.model.layout), shape)
                 )
             patches[name] = torch.zeros(shape, dtype=model.W_E.dtype, device=device)
-    return tokens, dec, mask, dec_mask, dict(patches or {})
+    return (*inputs, dict(patches or {}))
 
 
-def activation_shapes(cap: CaptureModule, tokens: Tensor, dec: Tensor) -> dict[str, tuple[int, ...]]:
+def activation_shapes(cap: CaptureBase, inputs: tuple[Tensor, ...]) -> dict[str, tuple[int, ...]]:
     """Shapes of the patched activations for these inputs (one eager run, nothing patched)."""
-    probe = cap.model.capture(list(cap.patch_modes))
+    probe = type(cap)(cap.model, list(cap.patch_modes))  # the same kind of capture, nothing patched
     with torch.no_grad():
-        out = probe(tokens, dec)
+        out = probe(*inputs)
     return {name: tuple(out[name].shape) for name in cap.patch_modes}
 
 
@@ -86,10 +90,10 @@ def axes_spec(axes: tuple, dims: Mapping[str, Dim]) -> dict[int, Dim]:
     return {i: dims[a] for i, a in enumerate(axes) if a is not None}
 
 
-def dynamic_shapes(cap: CaptureModule, patches: Mapping[str, Tensor]) -> tuple[Any, ...]:
+def dynamic_shapes(cap: CaptureBase, patches: Mapping[str, Tensor]) -> tuple[Any, ...]:
     """`torch.export` dynamic-shape spec: batch, encoder and decoder lengths vary (each >= 1)."""
     dims = export_dims()
-    inputs = tuple(axes_spec(INPUT_AXES[name], dims) for name in INPUT_NAMES)
+    inputs = tuple(axes_spec(INPUT_AXES[name], dims) for name in cap.INPUT_NAMES)
     patch_spec = {
         name: axes_spec(patch_axes(name, cap.patch_modes[name], tuple(t.shape), cap.model.layout), dims)
         for name, t in patches.items()
@@ -108,11 +112,12 @@ def to_exported_program(
     intervene: Mapping[str, Any] | None = None,
 ) -> ExportedProgram:
     """`torch.export` a capture module. Inputs: (input, decoder_input, one_zero_attention_mask,
-    decoder_attention_mask, patches dict); outputs: the capture module's dict (interventions' side outputs
-    included). With `dynamic`, batch, encoder and decoder lengths may change at run time."""
+    decoder_attention_mask, patches dict), for an encoder (input, one_zero_attention_mask, patches dict);
+    outputs: the capture module's dict (interventions' side outputs included). With `dynamic`, batch, encoder
+    and decoder lengths may change at run time."""
     cap = as_capture(model, capture, patch, patch_mode, intervene).eval()
     args = example if example is not None else example_inputs(cap)
-    shapes = dynamic_shapes(cap, args[4]) if dynamic else None
+    shapes = dynamic_shapes(cap, args[len(cap.INPUT_NAMES)]) if dynamic else None
     return torch.export.export(cap, tuple(args), dynamic_shapes=shapes)
 
 
@@ -159,8 +164,9 @@ def to_torchscript(
     """
     cap = as_capture(model, capture, patch, patch_mode).eval()
     args = tuple(example if example is not None else example_inputs(cap))
-    if len(args) == 5 and not args[4]:  # the tracer cannot type an empty dict: without patches, trace 4 inputs
-        args = args[:4]
+    n = len(cap.INPUT_NAMES)
+    if len(args) == n + 1 and not args[n]:  # the tracer cannot type an empty dict: without patches, trace inputs
+        args = args[:n]
     with _quiet_jit():
         return torch.jit.trace(cap, args, strict=False, check_trace=False)
 

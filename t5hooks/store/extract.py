@@ -373,7 +373,7 @@ class _Runner:
             self._tmp = tempfile.TemporaryDirectory(prefix="t5hooks-extract-")
             path = to_onnx(model, Path(self._tmp.name) / "capture.onnx", capture=self.names)
             self.fn = OnnxRunner(path, providers=["CPUExecutionProvider"])
-            self.needs_decoder = True  # the graph always takes a decoder input
+            self.needs_decoder = hasattr(model, "decode")  # an encoder-decoder graph always takes a decoder input
         else:
             # only encoder-stack hooks and no decoder input: run the encoder alone (no decoder, no logits)
             self.encoder_only = not needs_decoder and _encoder_stack_only(model, self.names)
@@ -397,8 +397,9 @@ class _Runner:
             dec = torch.full((len(items), 1), self.start_id, dtype=torch.long)
         inputs["decoder"] = (dec, dec_mask)
         if self.backend == "onnx":
-            feeds = dict(input=tokens, decoder_input=dec, one_zero_attention_mask=mask.long())
-            feeds["decoder_attention_mask"] = dec_mask.long()
+            feeds = dict(input=tokens, one_zero_attention_mask=mask.long())
+            if self.needs_decoder:  # a HookedT5Encoder's graph takes no decoder input
+                feeds.update(decoder_input=dec, decoder_attention_mask=dec_mask.long())
             out = {k: torch.from_numpy(v) for k, v in self.fn(**feeds).items()}
         elif self.encoder_only:
             out = self.fn(tokens.to(self.device), one_zero_attention_mask=mask.long().to(self.device))
