@@ -10,19 +10,28 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import functools
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
 import torch
-import torch._dynamo
 from torch import Tensor, nn
-from torch._dynamo.eval_frame import skip_code
 
 from .components import lm_loss
 from .hook_points import PATCH_MODES, HookIO, NameFilter
 
 SEQUENCE_INPUTS = ("input", "decoder_input", "one_zero_attention_mask", "decoder_attention_mask", "labels")
+
+
+@functools.cache
+def _call_frame_runs_eagerly() -> None:
+    """`torch.compile(cap)` enters through `CaptureBase.__call__`: run that frame eagerly (it only marks dynamic
+    axes) and compile what it calls; inlined into an outer compile or export it is traced as any other function.
+    Done at the first capture module, not at import: `torch._dynamo` imports triton, which `import t5hooks` must not."""
+    from torch._dynamo.eval_frame import skip_code
+
+    skip_code(CaptureBase.__call__.__code__)
 
 
 class CaptureBase(nn.Module):
@@ -47,6 +56,7 @@ class CaptureBase(nn.Module):
         intervene: Mapping[str, nn.Module] | None = None,
     ) -> None:
         super().__init__()
+        _call_frame_runs_eagerly()
         self.model = model  # registered as a submodule: the same parameters, not a copy
         self.names: tuple[str, ...] = tuple(model.resolve_names(names)) if _nonempty(names) else ()
         patch_names = tuple(model.resolve_names(patch)) if _nonempty(patch) else ()
@@ -68,7 +78,7 @@ class CaptureBase(nn.Module):
                 values.append(kwargs.get(key))
             for value in values:
                 if isinstance(value, Tensor) and value.ndim == 2 and value.shape[1] > 1:
-                    torch._dynamo.maybe_mark_dynamic(value, 1)
+                    torch._dynamo.maybe_mark_dynamic(value, 1)  # imported by _call_frame_runs_eagerly
         return super().__call__(*args, **kwargs)
 
     @property
@@ -276,8 +286,3 @@ def compile_capture(
 
     run.compiled = compiled  # type: ignore[attr-defined]
     return run
-
-
-# `torch.compile(cap)` enters through `CaptureModule.__call__`: run that frame eagerly (it only marks dynamic axes)
-# and compile what it calls. Inlined into an outer compile or export, it is traced as any other function.
-skip_code(CaptureModule.__call__.__code__)
