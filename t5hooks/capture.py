@@ -66,6 +66,7 @@ class CaptureBase(nn.Module):
         intervene_names, modules = _interventions(model, intervene)
         self.intervene_names: tuple[str, ...] = intervene_names
         self.interventions = nn.ModuleList(modules)
+        self.regional = True  # under torch.compile each layer is one reused compile region (regions.py)
 
     def __call__(self, *args: Any, **kwargs: Any) -> dict[str, Tensor]:
         """Eagerly (outside any trace): mark the sequence axes of the token and mask inputs dynamic, each with
@@ -95,7 +96,9 @@ class CaptureBase(nn.Module):
 
     def hook_io(self, patches: Mapping[str, Any] | None) -> HookIO:
         """The `HookIO` one forward threads through the model: capture set, checked patches, interventions."""
-        return HookIO(self._capture_set, self.patch_modes, self._check_patches(patches), self.intervene)
+        io = HookIO(self._capture_set, self.patch_modes, self._check_patches(patches), self.intervene)
+        io.regional = self.regional
+        return io
 
     def outputs(self, io: HookIO, main: dict[str, Tensor]) -> dict[str, Tensor]:
         """`main` (the model's outputs, in order), the captured names in hook order, then side outputs."""

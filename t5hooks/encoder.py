@@ -26,6 +26,7 @@ from .analysis.factored_matrix import FactoredMatrix
 from .components import RESID, Attention, EncoderBlock, RMSNorm, attention_context, optional_hook
 from .config import HookedT5Config
 from .hook_points import HookedRootModule, HookIO, HookLayout, HookPoint, NameFilter, is_tracing
+from .regions import run_encoder_block
 
 TextOrTokens = Union[Tensor, str, Sequence[str]]
 
@@ -202,7 +203,7 @@ class HookedT5Base(HookedRootModule):
         attns = [block.attn for block in self.encoder]
         ctx = attention_context(attns[0], attns, E, E, mask, io, resid.device)
         for block in self.encoder:
-            resid = block(resid, ctx, io)
+            resid = run_encoder_block(block, resid, ctx, io)
         return self.hook_encoder_out(self.encoder_final_ln(resid, io), io)
 
     # ---- input handling ----------------------------------------------------------------

@@ -59,6 +59,11 @@ class HookIO:
         self.patches = dict(patches or {})
         self.interventions = dict(interventions or {})
         self.outputs: dict[str, Tensor] = {}
+        self.regional = True  # under torch.compile, each layer is a nested compile region (see regions.py)
+
+    def key(self, point: HookPoint) -> str:
+        """The name this IO knows `point` by (the full hook name)."""
+        return point.name
 
     def touches(self, name: str) -> bool:
         """True if this name is captured, patched or intervened on (so it must be computed explicitly)."""
@@ -176,13 +181,14 @@ class HookPoint(nn.Module):
         self.stack: str | None = stack  # resolved by HookedRootModule.setup from the module tree
         self.key_stack: str | None = None  # the stack whose positions "key_pos" counts (inside attention)
         self.name: str | None = None
+        self.local_name: str | None = None  # the name inside its layer ("attn.hook_q"); the name outside layers
         self.fwd_hooks: list[LensHandle] = []
         self.bwd_hooks: list[LensHandle] = []
         self.ctx: dict[Any, Any] = {}  # scratch space shared by this point's hooks
 
     def forward(self, x: Tensor, io: HookIO | None = None) -> Tensor:
         if io is not None:
-            x = io.visit(self.name, x)
+            x = io.visit(io.key(self), x)
         return x
 
     def add_hook(
@@ -313,6 +319,12 @@ def layer_of(name: str) -> int | None:
         if part.isdigit():
             return int(part)
     return None
+
+
+def local_name(name: str) -> str:
+    """The name inside its layer: `encoder.3.attn.hook_q` -> `attn.hook_q` (names outside layers unchanged)."""
+    parts = name.split(".")
+    return ".".join(parts[2:]) if len(parts) > 2 and parts[1].isdigit() else name
 
 
 def template_of(name: str) -> str:
@@ -509,6 +521,7 @@ class HookedRootModule(nn.Module):
                 child_key_stack = getattr(child, "hook_key_stack", None) or key_stack
                 if isinstance(child, HookPoint):
                     child.name = name
+                    child.local_name = local_name(name)
                     child.stack = child.declared_stack or child_stack
                     child.key_stack = child_key_stack
                     self.hook_dict[name] = child
