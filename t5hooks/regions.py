@@ -22,7 +22,8 @@ import torch
 from torch import Tensor, nn
 
 from .components import AttentionContext
-from .hook_points import HookIO, HookPoint
+from .hook_io import HookIO
+from .hook_points import HookPoint
 
 # Distinct (block kind, capture plan, shapes) entries one region function may hold: one per layer at most,
 # and T5-XXL has 24 per stack. Past it torch raises instead of silently compiling every layer.
