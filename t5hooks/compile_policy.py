@@ -86,3 +86,41 @@ def announce(what: str, cost: CompileCost | None, stream: TextIO | None = None) 
     """The line shown before a compile starts, so a silent minute is never a mystery."""
     expected = cost.describe() if cost is not None else "duration unknown"
     print(f"t5hooks: compiling {what}: {expected} ...", file=stream or sys.stderr, flush=True)
+
+
+class SwitchWhenPaid:
+    """For a loop that starts eagerly and may switch to a compiled function: `observe` each eager step's seconds
+    and work (tokens, rows), then `should_compile(remaining_work)` says whether to compile now.
+
+    With the remaining work known, it compiles when that work at eager speed saves more than compiling costs.
+    With it unknown (a streamed corpus), it compiles once the eager time already spent, times the fraction a
+    compiled step would save, reaches the compile cost (the break-even rule: never more than twice the time of
+    the best choice made in hindsight). A speed-up of 1 or less never compiles. The first `settle` steps are
+    not counted (they include one-off warm-up costs)."""
+
+    def __init__(self, cost: CompileCost, settle: int = 1) -> None:
+        self.cost = cost
+        self.settle = settle
+        self.steps = 0
+        self.seconds = 0.0
+        self.work = 0.0
+
+    def observe(self, seconds: float, work: float) -> None:
+        self.steps += 1
+        if self.steps > self.settle:
+            self.seconds += seconds
+            self.work += work
+
+    @property
+    def eager_rate(self) -> float | None:
+        """Measured eager seconds per unit of work (None until a step was counted)."""
+        return self.seconds / self.work if self.work > 0 else None
+
+    def should_compile(self, remaining_work: float | None) -> bool:
+        rate = self.eager_rate
+        if rate is None or self.cost.speedup <= 1.0:
+            return False
+        saving = 1.0 - 1.0 / self.cost.speedup
+        if remaining_work is not None:
+            return remaining_work * rate * saving > self.cost.compile_s
+        return self.seconds * saving >= self.cost.compile_s

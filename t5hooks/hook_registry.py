@@ -29,6 +29,7 @@ AXES = {
     "d_vocab": "d_vocab",
     "1": "1",
 }
+VARYING_AXES = ("batch", "pos", "key_pos")
 STACK_LETTERS = {"encoder": "E", "decoder": "D"}
 
 

@@ -73,7 +73,13 @@ def uses_regions(io: HookIO | None, *caches: Any) -> bool:
 
 
 def _ctx_values(ctx: AttentionContext) -> tuple[Any, ...]:
-    return tuple(getattr(ctx, f.name) for f in dataclasses.fields(ctx))
+    """The context's fields as region arguments. The shared bias table is layer 0's own parameter: passed as
+    it is, the region traced for layer 0 would read it through that block and fit no other layer, so it goes
+    in as a copy (`[num_buckets, H]`, gradients flow back through the copy)."""
+    values = {f.name: getattr(ctx, f.name) for f in dataclasses.fields(ctx)}
+    if values["table"] is not None:
+        values["table"] = values["table"].clone()
+    return tuple(values.values())
 
 
 def _layer_io(capture: tuple, patch_modes: tuple, patches: tuple) -> LayerIO:

@@ -11,6 +11,16 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Compiled captures keep their warm-start artefacts in the user's cache by default; tests use a directory of
+# their own (one per session), so a test never depends on, or leaves behind, a developer's cache.
+if "T5HOOKS_COMPILE_CACHE" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    os.environ["T5HOOKS_COMPILE_CACHE"] = tempfile.mkdtemp(prefix="t5hooks-test-compile-cache-")
+    atexit.register(shutil.rmtree, os.environ["T5HOOKS_COMPILE_CACHE"], ignore_errors=True)
+
 # The test models are tiny: one thread is as fast, and immune to oversubscription when the machine is busy.
 torch.set_num_threads(1)
 

@@ -12,6 +12,7 @@ BENCHMARKS = {
     "cpu": "every CPU fast path against Hugging Face, with the machine's GEMM GFLOP/s",
     "extract": "corpus extraction against a hand-rolled Hugging Face hook loop",
     "sae": "SAE training against SAELens's trainer",
+    "compiling": "what compiling the capture costs (cold, warm, recompiles) and buys (step time vs eager)",
 }
 
 
