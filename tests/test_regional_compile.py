@@ -12,8 +12,8 @@ from t5hooks import HookedEncoderDecoder, HookedT5Config
 RESID = ["encoder.*.hook_resid_post", "decoder.*.hook_resid_post"]
 
 
-def tiny(**kw):
-    cfg = HookedT5Config(
+def tiny(**overrides):
+    settings = dict(
         d_model=16,
         d_head=4,
         n_heads=2,
@@ -27,9 +27,8 @@ def tiny(**kw):
         relative_attention_num_buckets=8,
         relative_attention_max_distance=16,
         seed=0,
-        **kw,
     )
-    return HookedEncoderDecoder(cfg)
+    return HookedEncoderDecoder(HookedT5Config(**{**settings, **overrides}))
 
 
 def batch(model, b, e, d, seed):
@@ -113,3 +112,49 @@ def test_whole_graph_compile_when_regions_are_off():
     with torch.no_grad():
         torch.compile(cap, fullgraph=True, backend=backend)(*batch(model, 2, 7, 5, 0))
     assert regions(backend.graphs[0]) == (0, 0)
+
+
+WARM_SCRIPT = """
+import json, sys
+import torch
+torch.set_num_threads(1)
+sys.path.insert(0, {tests!r})
+from test_regional_compile import RESID, batch, tiny
+from t5hooks.capture import compile_capture
+
+model = tiny(n_layers=1, n_decoder_layers=1)
+fn = compile_capture(model.capture(RESID))
+tokens, dec, mask, dec_mask = batch(model, 3, 9, 5, 0)
+out = fn(tokens, dec, mask, dec_mask, labels=dec)
+out["loss"].backward()
+print(json.dumps({{"seconds": fn.compile_seconds["training"], "warm": fn.warm["training"],
+                  "loss": out["loss"].item(), "grad": model.embed.W_E.grad.norm().item()}}))
+"""
+
+
+@pytest.mark.slow
+def test_a_second_process_loads_the_compiled_training_step_from_the_cache(tmp_path):
+    """Two fresh processes, each with an empty inductor cache of its own: the second finds the first one's
+    artefacts in the t5hooks compile cache and compiles much faster, to the same numbers."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = WARM_SCRIPT.format(tests=str(Path(__file__).parent))
+    runs = []
+    for i in range(2):
+        env = {
+            **os.environ,
+            "T5HOOKS_COMPILE_CACHE": str(tmp_path / "cc"),
+            "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / f"inductor{i}"),
+        }
+        done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=900)
+        assert done.returncode == 0, done.stderr[-3000:]
+        runs.append((json.loads(done.stdout.strip().splitlines()[-1]), done.stderr))
+    (cold, cold_err), (warm, warm_err) = runs
+    assert not cold["warm"] and warm["warm"]
+    assert "t5hooks: compiling the CaptureModule for training" in cold_err and "from the compile cache" in warm_err
+    assert warm["seconds"] < 0.5 * cold["seconds"], (cold["seconds"], warm["seconds"])
+    assert warm["loss"] == cold["loss"] and warm["grad"] == cold["grad"]

@@ -21,6 +21,10 @@ untied head) built from `transformers.T5Config` with random weights, fp32; batch
     t5hooks bench cpu --skip max-autotune  # leave out rows whose name contains a word (gemm-autotune: the
                                            # max-autotune GEMM row; generate; ORT; freezing; bf16 ...)
     t5hooks bench cpu --quick              # tiny shapes, few repeats (smoke test)
+
+and last, the compile section (`t5hooks bench compiling`; leave it out with `--skip compile-cost`): the capture
+training step and forward, eager against regional and whole-graph compilation, with cold and warm compile
+times, recompiles over a run of batch shapes and steady-state speed.
 """
 
 from __future__ import annotations
@@ -367,6 +371,12 @@ def main(argv: list[str] | None = None) -> int:
     # ---- generation
     if not skip("generate"):
         generation_rows(args, hf, ours, tokens, mask, workdir, skip)
+
+    # ---- what compiling costs and buys (bench/compiling.py: cold / warm compile, recompiles, step vs eager)
+    if not skip("compile-cost"):
+        from .compiling import compile_section
+
+        compile_section(args.quick, max(3, repeats // 2), skip)
     return 0
 
 
