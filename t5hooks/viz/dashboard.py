@@ -25,13 +25,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from ..atomic import temp_path_for
 from ..store.reader import ActivationStore
 from .feature_stats import N_BUCKETS, Context, FeatureStats, bucket_edges
-from .page import SCRIPT, STYLE, asset_text, floats, render_page, write_text
+from .page import SCRIPT, STYLE, asset_text, render_page, short_decimals
 
 SITE_MARKER = "t5hooks-dashboard.json"
 HIST_BINS = 40
@@ -237,6 +238,8 @@ def _keep_sources(sources: dict[int, Tensor], source: dict[str, Tensor] | None, 
 
 # ---- the site ----------------------------------------------------------------------------------------
 class _Site:
+    """The pages, from the pass's statistics (moved to the host as numpy arrays once)."""
+
     def __init__(
         self, store, hook, sae, stats, sources, tokenizer, model, quantile_bins, per_bin, n_neighbours, n_logits
     ):
@@ -244,57 +247,59 @@ class _Site:
         self.stream = store.axis(hook)
         self.sources = sources
         self.tokenizer, self.model = tokenizer, model
-        self.quantile_bins, self.per_bin = quantile_bins, per_bin
-        self.n_neighbours, self.n_logits = n_neighbours, n_logits
+        self.per_bin, self.n_neighbours, self.n_logits = per_bin, n_neighbours, n_logits
         self.sae_label = getattr(sae, "architecture", type(sae).__name__) + f", d_sae {sae.d_sae}"
-        s = stats
-        self.counts = s.counts.cpu()
-        self.n_tokens = s.n_tokens
-        self.max = s.max.cpu()
-        self.min = torch.where(self.counts > 0, s.min.cpu(), torch.zeros_like(self.max))
-        self.mean = torch.where(self.counts > 0, s.sum.cpu() / self.counts.clamp_min(1), torch.zeros_like(s.sum.cpu()))
-        self.density = self.counts.double() / max(self.n_tokens, 1)
-        self.sketch = s.sketch.view(sae.d_sae, N_BUCKETS).cpu()
-        self.top = {k: getattr(s.top, k).cpu() for k in ("key", "value", "doc", "pos", "acts", "tokens")}
-        self.top_filled = s.top.filled.cpu()
-        self.sample = {k: getattr(s.sample, k).cpu() for k in ("key", "value", "doc", "pos", "acts", "tokens")}
-        self.sample_filled = s.sample.filled.cpu()
+        self.n_tokens = stats.n_tokens
+        counts = stats.counts.cpu()
+        self.counts = counts.numpy()
+        self.max = short_decimals(stats.max)
+        self.min = short_decimals(torch.where(counts > 0, stats.min.cpu(), 0.0))
+        self.mean = short_decimals((stats.sum.cpu() / counts.clamp_min(1)).float())
+        self.density = (counts.double() / max(self.n_tokens, 1)).numpy()
+        self.sketch = stats.sketch.view(sae.d_sae, N_BUCKETS).cpu()
         self.edges = bucket_edges()
+        self.short_edges = short_decimals(self.edges)
+        self.qs = torch.linspace(0, 1, quantile_bins + 1)
+        self.quantile_edges = short_decimals(self._quantiles(self.qs))  # [F, bins + 1]
+        self.slots = {"top": _host(stats.top), "sample": _host(stats.sample)}
         self._strings: dict[int, str] = {}
 
     # -- numbers --
-    def quantiles(self, f: int, qs: Tensor) -> Tensor:  # [len(qs)] activation at each quantile of active tokens
-        counts = self.sketch[f].double()
-        n = counts.sum()
-        cum = counts.cumsum(0)
-        target = qs.double() * n
+    def _quantiles(self, qs: Tensor) -> Tensor:  # [F, len(qs)] activation at each quantile of the active tokens
+        counts = self.sketch.double()
+        n = counts.sum(1, keepdim=True)
+        cum = counts.cumsum(1)
+        target = qs.double()[None] * n  # [F, Q]
         idx = torch.searchsorted(cum, target).clamp_(max=N_BUCKETS - 1)
-        before = torch.where(idx > 0, cum[(idx - 1).clamp(min=0)], torch.zeros_like(target))
-        frac = ((target - before) / counts[idx].clamp_min(1)).clamp(0, 1)
-        lo, hi = self.edges[idx].double(), self.edges[idx + 1].double()
-        values = (lo + frac * (hi - lo)).clamp(float(self.min[f]), float(self.max[f]))
-        values[qs <= 0] = float(self.min[f])
-        values[qs >= 1] = float(self.max[f])
+        before = torch.where(idx > 0, cum.gather(1, (idx - 1).clamp(min=0)), torch.zeros_like(target))
+        frac = ((target - before) / counts.gather(1, idx).clamp_min(1)).clamp(0, 1)
+        lo, hi = self.edges.double()[idx], self.edges.double()[idx + 1]
+        values = lo + frac * (hi - lo)
+        low = torch.as_tensor(self.min)[:, None].expand_as(values)
+        high = torch.as_tensor(self.max)[:, None].expand_as(values)
+        values = torch.minimum(torch.maximum(values, low), high)
+        values[:, qs <= 0] = low[:, :1]
+        values[:, qs >= 1] = high[:, :1]
         return values.float()
 
     def histogram(self, f: int) -> dict[str, Any]:
         """Exact counts of active tokens over <= HIST_BINS runs of sketch buckets between min and max."""
         if self.counts[f] == 0:
             return {"edges": [], "counts": []}
-        row = self.sketch[f]
-        nonzero = torch.nonzero(row).flatten()
-        b0, b1 = int(nonzero[0]), int(nonzero[-1])
-        group = -(-(b1 - b0 + 1) // HIST_BINS)
-        starts = list(range(b0, b1 + 1, group))
-        counts = [int(row[s : min(s + group, b1 + 1)].sum()) for s in starts]
-        edges = [float(self.edges[s]) for s in starts] + [float(self.edges[min(starts[-1] + group, b1 + 1)])]
-        edges[0], edges[-1] = float(self.min[f]), float(self.max[f])
-        return {"edges": floats(torch.tensor(edges)), "counts": counts}
+        row = self.sketch[f].numpy()
+        nonzero = np.nonzero(row)[0]
+        b0, b1 = int(nonzero[0]), int(nonzero[-1]) + 1
+        group = -(-(b1 - b0) // HIST_BINS)
+        starts = np.arange(b0, b1, group)
+        counts = np.add.reduceat(row[b0:b1], starts - b0)
+        edges = self.short_edges[np.append(starts, min(starts[-1] + group, b1))]
+        edges[0], edges[-1] = self.min[f], self.max[f]
+        return {"edges": edges.tolist(), "counts": counts.tolist()}
 
     # -- strings --
-    def strings(self, ids: list[int]) -> None:
+    def strings(self, ids: Any) -> None:
         """Look up (once) the strings of token ids."""
-        missing = sorted({i for i in ids if i >= 0 and i not in self._strings})
+        missing = sorted({int(i) for i in ids if i >= 0 and int(i) not in self._strings})
         if not missing:
             return
         tok = self.tokenizer
@@ -305,70 +310,88 @@ class _Site:
         names = label(missing) if callable(label) else [tok.decode([i]) for i in missing]
         self._strings.update(zip(missing, names))
 
-    def example(self, slots: dict[str, Tensor], f: int, j: int) -> dict[str, Any]:
-        tokens = slots["tokens"][f, j]
-        valid = tokens >= 0
-        first = int(torch.nonzero(valid).flatten()[0])
-        kept = torch.nonzero(valid).flatten()
-        pos = int(slots["pos"][f, j])
-        doc = int(slots["doc"][f, j])
-        ex = {
-            "doc": doc,
-            "pos": pos,
-            "activation": floats(slots["value"][f, j]),
-            "start": pos - (self.stats.before - first),
-            "tokens": [self._strings[int(t)] for t in tokens[kept].tolist()],
-            "acts": floats(slots["acts"][f, j][kept]),
-        }
-        if self.sources is not None:
-            src = self.sources.get(doc)
-            ex["source"] = None if src is None else [self._strings[int(t)] for t in src.tolist()]
-        return ex
+    def examples(self, which: str, f: int, js: list[int]) -> list[dict[str, Any]]:
+        h = self.slots[which]
+        tokens, acts = h["tokens"][f].tolist(), h["acts"][f].tolist()
+        out = []
+        for j in js:
+            kept = [i for i, t in enumerate(tokens[j]) if t >= 0]
+            pos = int(h["pos"][f, j])
+            doc = int(h["doc"][f, j])
+            ex = {
+                "doc": doc,
+                "pos": pos,
+                "activation": float(h["value"][f, j]),
+                "start": pos - (self.stats.before - kept[0]),
+                "tokens": [self._strings[tokens[j][i]] for i in kept],
+                "acts": [acts[j][i] for i in kept],
+            }
+            if self.sources is not None:
+                src = self.sources.get(doc)
+                ex["source"] = None if src is None else [self._strings[t] for t in src.tolist()]
+            out.append(ex)
+        return out
+
+    def bins(self, f: int) -> list[dict[str, Any]]:
+        if self.counts[f] == 0:
+            return []
+        h = self.slots["sample"]
+        edges = self.quantile_edges[f]
+        filled = np.nonzero(h["filled"][f])[0]
+        which = np.searchsorted(edges[1:-1], h["value"][f, filled], side="right")  # bin of each sampled token
+        return [
+            {
+                "q_lo": float(self.qs[b]),
+                "q_hi": float(self.qs[b + 1]),
+                "lo": float(edges[b]),
+                "hi": float(edges[b + 1]),
+                "examples": self.examples("sample", f, filled[which == b][: self.per_bin].tolist()),
+            }
+            for b in range(len(edges) - 1)
+        ]
 
     # -- pages --
     def write(self, root: Path, chosen: list[int], timing: dict[str, Any]) -> None:
+        """The whole site into `root` (a fresh temporary folder, renamed into place by the caller: the files
+        inside need no atomic writes of their own)."""
         root.mkdir(parents=True)
         (root / "assets").mkdir()
         (root / "features").mkdir()
         for name in (SCRIPT, STYLE):
             (root / "assets" / name).write_text(asset_text(name), encoding="utf-8")
-        all_ids = torch.cat([self.top["tokens"].flatten(), self.sample["tokens"].flatten()]).unique().tolist()
+        ids = [np.unique(h["tokens"]) for h in self.slots.values()]
         if self.sources:
-            all_ids += torch.cat(list(self.sources.values())).unique().tolist()
-        self.strings(all_ids)
+            ids += [np.unique(torch.cat(list(self.sources.values())).numpy())]
+        self.strings(np.unique(np.concatenate(ids)).tolist())
         logit_effect = _LogitEffect(self.model, self.hook, self.sae, self.n_logits, self.stream)
         if logit_effect.directions is not None:
             self.strings(logit_effect.token_ids(chosen))
         neighbours = _neighbours(self.sae.W_dec.detach(), chosen, self.n_neighbours)
+        top = self.slots["top"]
+        centre = self.stats.before
         index_rows = []
-        qs = torch.linspace(0, 1, self.quantile_bins + 1)
-        for f in range(self.sae.d_sae):
-            top = [self.example(self.top, f, j) for j in range(self.top_filled.shape[1]) if self.top_filled[f, j]]
-            index_rows.append(
-                {
-                    "feature": f,
-                    "density": float(self.density[f]),
-                    "max_activation": floats(self.max[f]),
-                    "mean_activation": floats(self.mean[f]),
-                    "top_tokens": list(dict.fromkeys(_centre_token(ex) for ex in top))[:5],
-                }
-            )
-            if f not in neighbours:
-                continue
+        for f in chosen:
+            filled = np.nonzero(top["filled"][f])[0].tolist()
+            top_examples = self.examples("top", f, filled)
+            row = {
+                "feature": f,
+                "density": float(self.density[f]),
+                "max_activation": float(self.max[f]),
+                "mean_activation": float(self.mean[f]),
+                "top_tokens": list(dict.fromkeys(self._strings[int(top["tokens"][f, j, centre])] for j in filled))[:5],
+            }
+            index_rows.append(row)
             data = {
                 "kind": "feature",
-                "feature": f,
+                **row,
                 "hook": self.hook,
                 "stream": self.stream,
                 "sae_label": self.sae_label,
                 "n_tokens": self.n_tokens,
                 "n_firing": int(self.counts[f]),
-                "density": float(self.density[f]),
-                "max_activation": floats(self.max[f]),
-                "min_activation": floats(self.min[f]),
-                "mean_activation": floats(self.mean[f]),
-                "top_examples": top,
-                "quantile_bins": self.bins(f, qs),
+                "min_activation": float(self.min[f]),
+                "top_examples": top_examples,
+                "quantile_bins": self.bins(f),
                 "histogram": self.histogram(f),
                 "logit_effect": logit_effect.of(f, self._strings),
                 "neighbours": neighbours[f],
@@ -376,19 +399,17 @@ class _Site:
                 "page_pattern": "{feature}.html",
             }
             page = render_page(data, f"Feature {f} · {self.hook}", asset_prefix="../assets/")
-            write_text(root / "features" / f"{f}.html", page, clean_stale=False)
+            (root / "features" / f"{f}.html").write_text(page, encoding="utf-8")
         index = {
+            "kind": "index",
             "hook": self.hook,
             "stream": self.stream,
             "sae_label": self.sae_label,
             "n_tokens": self.n_tokens,
-            "features": [index_rows[f] for f in chosen],
+            "features": index_rows,
             "page_pattern": "features/{feature}.html",
         }
-        write_text(
-            root / "index.html",
-            render_page({"kind": "index", **index}, f"Features · {self.hook}", asset_prefix="assets/"),
-        )
+        (root / "index.html").write_text(render_page(index, f"Features · {self.hook}", asset_prefix="assets/"))
         manifest = {
             "format": "t5hooks-dashboard",
             "version": 1,
@@ -403,32 +424,19 @@ class _Site:
             "features_with_pages": len(chosen),
             **timing,
         }
-        write_text(root / SITE_MARKER, json.dumps(manifest, indent=1) + "\n")
-
-    def bins(self, f: int, qs: Tensor) -> list[dict[str, Any]]:
-        if self.counts[f] == 0:
-            return []
-        edges = self.quantiles(f, qs)
-        filled = torch.nonzero(self.sample_filled[f]).flatten()
-        values = self.sample["value"][f, filled]
-        which = torch.searchsorted(edges[1:-1].contiguous(), values, right=True)  # bin of each sampled token
-        out = []
-        for b in range(len(qs) - 1):
-            members = filled[which == b][: self.per_bin].tolist()
-            out.append(
-                {
-                    "q_lo": float(qs[b]),
-                    "q_hi": float(qs[b + 1]),
-                    "lo": floats(edges[b]),
-                    "hi": floats(edges[b + 1]),
-                    "examples": [self.example(self.sample, f, j) for j in members],
-                }
-            )
-        return out
+        (root / SITE_MARKER).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
 
 
-def _centre_token(ex: dict[str, Any]) -> str:
-    return ex["tokens"][ex["pos"] - ex["start"]]
+def _host(slots: Any) -> dict[str, np.ndarray]:
+    """A `_Slots`'s arrays on the host, activations as short decimals (NaN outside documents)."""
+    return {
+        "filled": slots.filled.cpu().numpy(),
+        "value": short_decimals(slots.value),
+        "doc": slots.doc.cpu().numpy(),
+        "pos": slots.pos.cpu().numpy(),
+        "acts": short_decimals(slots.acts),
+        "tokens": slots.tokens.cpu().numpy(),
+    }
 
 
 def _neighbours(W_dec: Tensor, chosen: list[int], k: int, chunk: int = 1024) -> dict[int, list[dict[str, Any]]]:
@@ -441,8 +449,8 @@ def _neighbours(W_dec: Tensor, chosen: list[int], k: int, chunk: int = 1024) -> 
         cos = unit[ids] @ unit.T  # [chunk, F]
         cos[torch.arange(len(ids)), ids] = float("-inf")
         values, index = cos.topk(k, dim=1) if k > 0 else (cos[:, :0], cos[:, :0].long())
-        for f, vs, js in zip(ids.tolist(), values.cpu(), index.cpu()):
-            out[f] = [{"feature": int(j), "cosine": floats(v)} for v, j in zip(vs, js)]
+        for f, vs, js in zip(ids.tolist(), short_decimals(values).tolist(), index.tolist()):
+            out[f] = [{"feature": j, "cosine": v} for v, j in zip(vs, js)]
     return out
 
 
@@ -471,8 +479,10 @@ class _LogitEffect:
             effect = self._logits(torch.tensor(part))
             k = min(self.k, effect.shape[1])
             up, down = effect.topk(k, dim=1), (-effect).topk(k, dim=1)
+            up_v, down_v = short_decimals(up.values).tolist(), short_decimals(-down.values).tolist()
+            up_i, down_i = up.indices.tolist(), down.indices.tolist()
             for i, f in enumerate(part):
-                self._cache[f] = (up.indices[i], up.values[i], down.indices[i], -down.values[i])
+                self._cache[f] = (up_i[i], up_v[i], down_i[i], down_v[i])
             ids += up.indices.flatten().tolist() + down.indices.flatten().tolist()
         return ids
 
@@ -488,8 +498,8 @@ class _LogitEffect:
             return {"note": self.note}
         up_i, up_v, down_i, down_v = self._cache[f]
         return {
-            "promoted": [[strings[int(i)], floats(v)] for i, v in zip(up_i, up_v)],
-            "suppressed": [[strings[int(i)], floats(v)] for i, v in zip(down_i, down_v)],
+            "promoted": [[strings[i], v] for i, v in zip(up_i, up_v)],
+            "suppressed": [[strings[i], v] for i, v in zip(down_i, down_v)],
             "note": self.note,
         }
 

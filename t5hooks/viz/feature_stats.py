@@ -149,40 +149,43 @@ class _Slots:
         return torch.isfinite(self.key)
 
     def offer(self, f, key, value, rows, window, *, descending: bool, ctx: Context) -> None:
-        """Merge candidates (feature `f`, `key`, `value`, chunk `rows`) into the kept entries."""
+        """Merge candidates (feature `f`, `key`, `value`, chunk `rows`) into the kept entries of their features."""
         if not len(f) or self.slots == 0:
             return
-        F, S = self.F, self.slots
+        S = self.slots
         dev = self.key.device
-        all_key = torch.cat([self.key.reshape(-1), key.to(self.key.dtype)])
-        all_f = torch.cat([torch.arange(F, device=dev).repeat_interleave(S), f])
+        if len(f) >= self.F:  # many candidates (the first chunks): merge every feature
+            touched, local = torch.arange(self.F, device=dev), f
+        else:  # few: only the features with candidates
+            touched, local = torch.unique(f, return_inverse=True)
+        U = len(touched)
+        all_key = torch.cat([self.key[touched].reshape(-1), key.to(self.key.dtype)])
+        all_f = torch.cat([torch.arange(U, device=dev).repeat_interleave(S), local])
         order = torch.argsort(all_key, descending=descending, stable=True)
         order = order[torch.argsort(all_f[order], stable=True)]  # by feature, then key; ties keep the older
         f_sorted = all_f[order]
-        starts = torch.searchsorted(f_sorted, torch.arange(F, device=dev))
-        rank = torch.arange(len(order), device=dev) - starts[f_sorted]
-        keep = rank < S
-        order, f_kept, rank = order[keep], f_sorted[keep], rank[keep]
-        old = order < F * S
-        new = ~old
-        cand = order[new] - F * S  # candidate indices that made it
-        # old entries move to their new rank; new entries get their context now
-        src = order[old]
-        fields = [self.key, self.value, self.doc, self.pos]
-        moved = [t.reshape(-1)[src] for t in fields]
-        moved_acts = self.acts.reshape(F * S, -1)[src]
-        moved_tokens = self.tokens.reshape(F * S, -1)[src]
+        rank = (
+            torch.arange(len(order), device=dev) - torch.searchsorted(f_sorted, torch.arange(U, device=dev))[f_sorted]
+        )
+        keep = rank < S  # exactly S per feature (the old slots, empty ones included, count)
+        order, slot = order[keep], f_sorted[keep] * S + rank[keep]
+        old = order < U * S
+        src, cand = order[old], order[~old] - U * S
         cand_rows = rows[cand]
         shard_rows = (cand_rows + ctx.start).cpu()
         acts, tokens = window(cand_rows, f[cand])
-        for t, m, c in zip(
-            fields,
-            moved,
-            [key[cand].to(self.key.dtype), value[cand], ctx.doc[shard_rows].to(dev), ctx.pos[shard_rows].to(dev)],
-        ):
-            t[f_kept[old], rank[old]] = m
-            t[f_kept[new], rank[new]] = c.to(t.dtype)
-        self.acts[f_kept[old], rank[old]] = moved_acts
-        self.tokens[f_kept[old], rank[old]] = moved_tokens
-        self.acts[f_kept[new], rank[new]] = acts
-        self.tokens[f_kept[new], rank[new]] = tokens
+        new_values = {
+            "key": key[cand].to(self.key.dtype),
+            "value": value[cand],
+            "doc": ctx.doc[shard_rows].to(dev),
+            "pos": ctx.pos[shard_rows].to(dev),
+            "acts": acts,
+            "tokens": tokens,
+        }
+        for name, fresh in new_values.items():
+            current = getattr(self, name)
+            before = current[touched].reshape(U * S, *current.shape[2:])
+            merged = torch.empty_like(before)
+            merged[slot[old]] = before[src]
+            merged[slot[~old]] = fresh.to(current.dtype)
+            current[touched] = merged.view(U, S, *current.shape[2:])

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import html
 import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -29,30 +28,46 @@ def asset_text(name: str) -> str:
 
 
 def floats(values: Any) -> Any:
-    """A tensor / array / number as (nested) lists of Python floats, each the shortest decimal that reads back
-    to the same float32; NaN and infinities become None (JSON has no such numbers)."""
+    """A tensor / array / number as (nested) lists of Python floats, each the shortest decimal (of at most 9
+    significant digits) that reads back to the same float32; NaN and infinities become None (JSON has none)."""
+    arr = _float32_array(values)
+    short = short_decimals(arr)
+    if not np.isfinite(arr).all():
+        obj = short.astype(object)
+        obj[~np.isfinite(arr)] = None
+        return obj.tolist()
+    return short.tolist()
+
+
+def _float32_array(values: Any) -> np.ndarray:
     if isinstance(values, torch.Tensor):
-        values = values.detach().to("cpu", torch.float32).numpy()
-    arr = np.asarray(values, dtype=np.float32)
-    if arr.ndim == 0:
-        return _f32(arr)
-    flat = [_f32(v) for v in arr.reshape(-1)]
-    return _nest(flat, arr.shape)
+        return values.detach().to("cpu", torch.float32).numpy()
+    return np.asarray(values, dtype=np.float32)
 
 
-def _f32(v: np.float32) -> float | None:
-    if not math.isfinite(v):
-        return None
-    if v == 0:
-        return 0.0
-    return float(str(np.float32(v)))  # numpy prints the shortest float32 round-trip digits
-
-
-def _nest(flat: list, shape: tuple[int, ...]) -> list:
-    if len(shape) == 1:
-        return flat
-    step = math.prod(shape[1:])
-    return [_nest(flat[i * step : (i + 1) * step], shape[1:]) for i in range(shape[0])]
+def short_decimals(values: Any) -> np.ndarray:
+    """float64 array: each float32 value replaced by the double nearest to the shortest decimal with 6 to 9
+    significant digits that reads back to the same float32 (so `repr` / JSON print it short and exact)."""
+    arr = _float32_array(values)
+    out = arr.astype(np.float64)
+    flat, flat_arr = out.reshape(-1), arr.reshape(-1)
+    sel = np.nonzero(np.isfinite(flat_arr) & (flat_arr != 0))[0]
+    x = flat[sel]
+    with np.errstate(all="ignore"):
+        exp = np.floor(np.log10(np.abs(x)))
+        for digits in (6, 7, 8, 9):
+            if not len(sel):
+                break
+            k = digits - 1 - exp  # decimal places to keep; powers of ten up to 1e22 are exact doubles
+            small = np.abs(k) <= 22
+            up, down = small & (k >= 0), small & (k < 0)
+            r = np.full_like(x, np.nan)
+            r[up] = np.round(x[up] * 10.0 ** k[up]) / 10.0 ** k[up]
+            r[down] = np.round(x[down] / 10.0 ** -k[down]) * 10.0 ** -k[down]
+            ok = r.astype(np.float32) == x.astype(np.float32)
+            flat[sel[ok]] = r[ok]
+            sel, x, exp = sel[~ok], x[~ok], exp[~ok]
+    return out  # anything left keeps its exact float32 value as a double
 
 
 def to_json(data: Any) -> str:
