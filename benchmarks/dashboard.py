@@ -7,7 +7,8 @@ of 40-160 tokens) with synthetic activations: Gaussian rows with a random low-ra
 features fire at realistic rates. The SAE is a ReLU SAE with unit-norm random decoder rows and encoder bias
 -2.2 (about 1.5% of features active per token, an L0 near 60, as trained SAEs have). Each size builds the whole
 site (index + a page per feature) from a fresh store; the pass (read, encode, statistics) and the site writing
-are timed apart. Prints one markdown row per size, with the machine's load average.
+are timed apart (wall clock), with the process's CPU time (user + system, all threads) beside the total: on a
+shared machine wall time mostly measures the other jobs. Prints one markdown row per size with the load average.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ def write_store(path: Path, n_tokens: int, d_model: int = 512, seed: int = 0) ->
 
     hook = "encoder.5.hook_resid_post"
     g = torch.Generator().manual_seed(seed)
-    basis = torch.randn(64, d_model, generator=g) / 8  # shared low-rank structure
+    basis = torch.randn(64, d_model, generator=g) / 8  # shared low-rank structure (unit variance per dim overall)
     path.mkdir(parents=True)
     config = {
         "model": {"class": "synthetic", "cfg": {"d_model": d_model}, "weights_sample_sha256": None},
@@ -48,7 +49,7 @@ def write_store(path: Path, n_tokens: int, d_model: int = 512, seed: int = 0) ->
         rows = sum(lengths)
         docs = torch.repeat_interleave(torch.arange(doc, doc + len(lengths)), torch.tensor(lengths))
         pos = torch.cat([torch.arange(n, dtype=torch.int32) for n in lengths])
-        acts = torch.randn(rows, d_model, generator=g) + torch.randn(rows, 64, generator=g) @ basis
+        acts = (torch.randn(rows, d_model, generator=g) + torch.randn(rows, 64, generator=g) @ basis) / 2**0.5
         tensors = {
             hook: acts,
             index_key("encoder", "doc"): docs,
@@ -93,15 +94,15 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(root, ignore_errors=True)
     cpu = _cpu_name()
     print(f"# {cpu}, {os.cpu_count()} logical cores, torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print("| tokens | pass s | site s | total s | tokens/s (pass) | mean L0 | load avg before -> after |")
-    print("|---:|---:|---:|---:|---:|---:|---|")
+    print("| tokens | pass s | site s | total s | CPU s (process) | tokens/s (pass) | mean L0 | load avg before -> after |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---|")
     for n in args.tokens:
         store_dir, out = root / f"store-{n}", root / f"site-{n}"
         write_store(store_dir, n, args.d_model)
         load0 = os.getloadavg()[0]
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         feature_dashboard(store_dir, sae, out, chunk_rows=args.chunk_rows, progress=False)
-        total = time.perf_counter() - t0
+        total, cpu = time.perf_counter() - t0, time.process_time() - c0
         load1 = os.getloadavg()[0]
         import json
 
@@ -110,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         index = json.loads(_embedded(out / "index.html"))
         l0 = sum(f["density"] for f in index["features"])
         print(
-            f"| {n:,} | {pass_s:.1f} | {total - pass_s:.1f} | {total:.1f} | {n / pass_s:,.0f} | {l0:.1f} "
+            f"| {n:,} | {pass_s:.1f} | {total - pass_s:.1f} | {total:.1f} | {cpu:.1f} | {n / pass_s:,.0f} | {l0:.1f} "
             f"| {load0:.1f} -> {load1:.1f} |",
             flush=True,
         )

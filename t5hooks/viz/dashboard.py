@@ -211,7 +211,9 @@ def _stream(store, hook, sae, device, chunk_rows, top_k, reservoir, context, see
                     stats.update(feats, n, Context(ctx_doc, ctx_pos, ctx_tok, start, lo))
                     bar.update(n)
                 if sources is not None:
+                    stats.compact()
                     _keep_sources(sources, shard.get("source"), stats)
+        stats.compact()
     finally:
         bar.close()
         sae.train(was_training).to(sae_device)
@@ -263,6 +265,7 @@ class _Site:
         self.quantile_edges = short_decimals(self._quantiles(self.qs))  # [F, bins + 1]
         self.slots = {"top": _host(stats.top), "sample": _host(stats.sample)}
         self._strings: dict[int, str] = {}
+        self._row_cache: tuple[Any, Any] = (None, None)
 
     # -- numbers --
     def _quantiles(self, qs: Tensor) -> Tensor:  # [F, len(qs)] activation at each quantile of the active tokens
@@ -310,18 +313,25 @@ class _Site:
         names = label(missing) if callable(label) else [tok.decode([i]) for i in missing]
         self._strings.update(zip(missing, names))
 
+    def _rows(self, which: str, f: int) -> tuple[list, ...]:
+        """One feature's kept entries as Python lists (converted once per feature)."""
+        key = (which, f)
+        if self._row_cache[0] != key:
+            h = self.slots[which]
+            lists = tuple(h[k][f].tolist() for k in ("tokens", "acts", "pos", "doc", "value"))
+            self._row_cache = (key, lists)
+        return self._row_cache[1]
+
     def examples(self, which: str, f: int, js: list[int]) -> list[dict[str, Any]]:
-        h = self.slots[which]
-        tokens, acts = h["tokens"][f].tolist(), h["acts"][f].tolist()
+        tokens, acts, positions, docs, values = self._rows(which, f)
         out = []
         for j in js:
             kept = [i for i, t in enumerate(tokens[j]) if t >= 0]
-            pos = int(h["pos"][f, j])
-            doc = int(h["doc"][f, j])
+            pos, doc = positions[j], docs[j]
             ex = {
                 "doc": doc,
                 "pos": pos,
-                "activation": float(h["value"][f, j]),
+                "activation": values[j],
                 "start": pos - (self.stats.before - kept[0]),
                 "tokens": [self._strings[tokens[j][i]] for i in kept],
                 "acts": [acts[j][i] for i in kept],
@@ -455,11 +465,10 @@ def _neighbours(W_dec: Tensor, chosen: list[int], k: int, chunk: int = 1024) -> 
 
 
 class _LogitEffect:
-    """Tokens a decoder-stream feature's decoder direction promotes / suppresses through the model's true output
-    path: into the decoder residual stream (through W_O / W_out for head and MLP hooks), the final RMSNorm's
-    weight, T5's `d_model**-0.5` logit scaling where the model uses it, `W_U`. The norm's 1/RMS is held at 1
-    (the effect per unit of activation on a residual of RMS 1; the token ranking does not depend on it).
-    Computed by `ActivationCache.apply_ln_to_stack`, the analysis code that reads the decoder's output path."""
+    """Tokens a decoder-stream feature promotes / suppresses: its decoder direction taken into the decoder
+    residual stream (through W_O / W_out for head and MLP hooks) and read out by the model's own output path
+    (`unembed_directions`: final RMSNorm, logit scaling where the model uses it, `W_U`). A direct effect: the
+    layers between the hook and the output are not included."""
 
     def __init__(self, model: Any, hook: str, sae: Any, k: int, stream: str) -> None:
         self.model, self.k = model, k
@@ -489,9 +498,9 @@ class _LogitEffect:
     def _logits(self, features: Tensor) -> Tensor:  # [n, d_vocab]
         model = self.model
         d = self.directions[features.to(self.directions.device)].to(model.W_U.dtype)
-        if self.post_norm:
-            return (d @ model.W_U).float().cpu()
-        return (unembed_directions(model, d)).float().cpu()
+        with torch.no_grad():
+            logits = d @ model.W_U if self.post_norm else unembed_directions(model, d)
+        return logits.float().cpu()
 
     def of(self, f: int, strings: dict[int, str]) -> dict[str, Any]:
         if self.directions is None or f not in self._cache:
@@ -505,14 +514,12 @@ class _LogitEffect:
 
 
 def unembed_directions(model: Any, directions: Tensor) -> Tensor:  # [n, d_model] -> [n, d_vocab]
-    """Logits written by residual-stream directions at the decoder's end, through the final RMSNorm's weight
-    (its 1/RMS held at 1), T5's logit scaling where the model uses it, and `W_U`."""
-    from ..analysis.cache import ActivationCache
-
-    scale = torch.ones(len(directions), 1, dtype=directions.dtype, device=directions.device)  # [n, 1]
-    frozen = ActivationCache({"decoder_final_ln.hook_scale": scale}, model, has_batch_dim=False)
-    normalised = frozen.apply_ln_to_stack(directions[None], None, stack="decoder", has_batch_dim=False)[0]
-    return normalised @ model.W_U
+    """The logits the model's own output path gives a final decoder residual pointing along each direction: its
+    decoder final RMSNorm (weight included), T5's `d_model**-0.5` logit scaling where the model uses it, and
+    `W_U` -- the modules `decode` runs. RMSNorm is scale-free, so a direction's length does not matter."""
+    with torch.no_grad():
+        normalised = model.decoder_final_ln(directions[None])  # [1, n, d_model]
+        return model.unembed(normalised, model.embed.W_E)[0]
 
 
 _RESIDUAL_LEAVES = {
@@ -531,11 +538,16 @@ def residual_directions(model: Any, hook: str, W_dec: Tensor) -> tuple[Tensor | 
     """Each feature's decoder row as a direction in the decoder residual stream (`[d_sae, d_model]`), whether
     it is read after the final norm already (`unembed.hook_in`), and a note for the page."""
     parts = hook.split(".")
-    note = "Direct effect through the decoder's output path (final RMSNorm weight"
+    note = "Logits the model's output path (final RMSNorm"
     note += ", d_model**-0.5 logit scaling" if getattr(model.unembed, "scale", None) is not None else ""
-    note += ", W_U), per unit of activation with the final norm's 1/RMS held at 1; later layers are not included."
+    note += ", W_U) gives a final residual along the feature's decoder direction (direct effect: the layers after "
+    note += "the hook are not included)."
     if hook == "unembed.hook_in":
-        return W_dec, True, "Direct effect: the decoder direction times W_U (this hook is read after the final norm)."
+        return (
+            W_dec,
+            True,
+            "The feature's decoder direction times W_U (this hook is read after the final norm and scaling).",
+        )
     if hook == "hook_decoder_embed" or (len(parts) == 3 and parts[0] == "decoder" and parts[2] in _RESIDUAL_LEAVES):
         return W_dec, False, note
     if len(parts) == 4 and parts[0] == "decoder" and parts[2] in ("attn", "cross_attn"):
@@ -544,10 +556,10 @@ def residual_directions(model: Any, hook: str, W_dec: Tensor) -> tuple[Tensor | 
         H, d_head, _ = W_O.shape
         if parts[3] == "hook_z":
             dirs = torch.einsum("fhd,hdm->fm", W_dec.reshape(-1, H, d_head).to(W_O.dtype), W_O)
-            return dirs, False, note.replace("(final", "(through W_O, final")
+            return dirs, False, note.replace("direction (", "direction through W_O (")
         if parts[3] == "hook_result":
             return W_dec.reshape(len(W_dec), H, -1).sum(1), False, note
     if len(parts) == 4 and parts[0] == "decoder" and parts[2] == "mlp" and parts[3] == "hook_post":
         W_out = model.mod_dict[".".join(parts[:3])].W_out.detach()  # [d_mlp, d_model]
-        return W_dec.to(W_out.dtype) @ W_out, False, note.replace("(final", "(through W_out, final")
+        return W_dec.to(W_out.dtype) @ W_out, False, note.replace("direction (", "direction through W_out (")
     return None, False, f"No logit effect: {hook} does not write into the decoder residual stream."

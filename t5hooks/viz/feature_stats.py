@@ -81,6 +81,11 @@ class FeatureStats:
         self.sample = _Slots(F, reservoir, self.width, torch.float64, float("inf"), dev)
         self._gen = torch.Generator(device="cpu").manual_seed(seed)
 
+    def compact(self) -> None:
+        """Merge queued top-k and reservoir candidates (before reading `top` / `sample`)."""
+        self.top.compact()
+        self.sample.compact()
+
     @property
     def counts(self) -> Tensor:  # int64 [F] active tokens per feature
         return self.sketch.view(self.d_sae, N_BUCKETS).sum(1)
@@ -128,7 +133,11 @@ class FeatureStats:
 
 class _Slots:
     """`slots` kept entries per feature, ordered by a key (largest first for top-k, smallest for the
-    reservoir): key, activation, doc, pos and the context window of each."""
+    reservoir): key, activation, doc, pos and the context window of each. Candidates wait in a buffer and are
+    merged in (one sort over all features) when it holds about as many entries as the slots: the per-chunk
+    cost stays proportional to the candidates, not to `d_sae * slots`. Call `compact()` before reading."""
+
+    FIELDS = ("key", "value", "doc", "pos", "acts", "tokens")
 
     def __init__(self, F: int, slots: int, width: int, key_dtype: torch.dtype, empty: float, dev: torch.device):
         self.F, self.slots, self.empty = F, slots, empty
@@ -138,8 +147,11 @@ class _Slots:
         self.pos = torch.full((F, slots), -1, dtype=torch.int32, device=dev)
         self.acts = torch.full((F, slots, width), float("nan"), device=dev)
         self.tokens = torch.full((F, slots, width), -1, dtype=torch.int32, device=dev)
+        self._pending: list[dict[str, Tensor]] = []
+        self._pending_rows = 0
+        self._descending = True
 
-    def threshold(self) -> Tensor:  # [F] the key a newcomer must beat (the empty key while slots are free)
+    def threshold(self) -> Tensor:  # [F] the key a newcomer must beat (kept entries only: candidates are a superset)
         if self.slots == 0:
             return self.key.new_full((self.F,), self.empty)
         return self.key[:, -1]
@@ -149,43 +161,52 @@ class _Slots:
         return torch.isfinite(self.key)
 
     def offer(self, f, key, value, rows, window, *, descending: bool, ctx: Context) -> None:
-        """Merge candidates (feature `f`, `key`, `value`, chunk `rows`) into the kept entries of their features."""
+        """Queue candidates (feature `f`, `key`, `value`, chunk `rows`) with their context windows."""
         if not len(f) or self.slots == 0:
             return
-        S = self.slots
+        self._descending = descending
+        acts, tokens = window(rows, f)
+        shard_rows = (rows + ctx.start).cpu()
         dev = self.key.device
-        if len(f) >= self.F:  # many candidates (the first chunks): merge every feature
-            touched, local = torch.arange(self.F, device=dev), f
-        else:  # few: only the features with candidates
-            touched, local = torch.unique(f, return_inverse=True)
-        U = len(touched)
-        all_key = torch.cat([self.key[touched].reshape(-1), key.to(self.key.dtype)])
-        all_f = torch.cat([torch.arange(U, device=dev).repeat_interleave(S), local])
-        order = torch.argsort(all_key, descending=descending, stable=True)
+        self._pending.append(
+            {
+                "f": f,
+                "key": key.to(self.key.dtype),
+                "value": value.to(self.value.dtype),
+                "doc": ctx.doc[shard_rows].to(dev),
+                "pos": ctx.pos[shard_rows].to(dev),
+                "acts": acts,
+                "tokens": tokens,
+            }
+        )
+        self._pending_rows += len(f)
+        if self._pending_rows >= max(self.F * self.slots, 1 << 16):
+            self.compact()
+
+    def compact(self) -> None:
+        """Merge the queued candidates into the kept entries (the best `slots` per feature by key)."""
+        if not self._pending:
+            return
+        pending = {k: torch.cat([p[k] for p in self._pending]) for k in ("f", *self.FIELDS)}
+        self._pending, self._pending_rows = [], 0
+        F, S, dev = self.F, self.slots, self.key.device
+        f = pending["f"]
+        all_key = torch.cat([self.key.reshape(-1), pending["key"]])
+        all_f = torch.cat([torch.arange(F, device=dev).repeat_interleave(S), f])
+        order = torch.argsort(all_key, descending=self._descending, stable=True)
         order = order[torch.argsort(all_f[order], stable=True)]  # by feature, then key; ties keep the older
         f_sorted = all_f[order]
         rank = (
-            torch.arange(len(order), device=dev) - torch.searchsorted(f_sorted, torch.arange(U, device=dev))[f_sorted]
+            torch.arange(len(order), device=dev) - torch.searchsorted(f_sorted, torch.arange(F, device=dev))[f_sorted]
         )
         keep = rank < S  # exactly S per feature (the old slots, empty ones included, count)
         order, slot = order[keep], f_sorted[keep] * S + rank[keep]
-        old = order < U * S
-        src, cand = order[old], order[~old] - U * S
-        cand_rows = rows[cand]
-        shard_rows = (cand_rows + ctx.start).cpu()
-        acts, tokens = window(cand_rows, f[cand])
-        new_values = {
-            "key": key[cand].to(self.key.dtype),
-            "value": value[cand],
-            "doc": ctx.doc[shard_rows].to(dev),
-            "pos": ctx.pos[shard_rows].to(dev),
-            "acts": acts,
-            "tokens": tokens,
-        }
-        for name, fresh in new_values.items():
+        old = order < F * S
+        src, cand = order[old], order[~old] - F * S
+        for name in self.FIELDS:
             current = getattr(self, name)
-            before = current[touched].reshape(U * S, *current.shape[2:])
-            merged = torch.empty_like(before)
-            merged[slot[old]] = before[src]
-            merged[slot[~old]] = fresh.to(current.dtype)
-            current[touched] = merged.view(U, S, *current.shape[2:])
+            flat = current.reshape(F * S, *current.shape[2:])
+            merged = torch.empty_like(flat)
+            merged[slot[old]] = flat[src]
+            merged[slot[~old]] = pending[name][cand]
+            setattr(self, name, merged.view(current.shape))

@@ -97,7 +97,7 @@ def assert_not_blank(driver: Any, path: Path | None = None) -> None:
     colours = image.getcolors(maxcolors=1 << 20)
     assert colours is not None and len(colours) > 30, "the screenshot has almost no colours"
     white = sum(n for n, rgb in colours if min(rgb) > 245)
-    assert white < 0.97 * image.width * image.height, "the screenshot is (almost) blank"
+    assert white < 0.99 * image.width * image.height, "the screenshot is (almost) blank"
 
 
 def hover_text(driver: Any, element: Any) -> str:
