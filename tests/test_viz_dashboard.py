@@ -319,3 +319,23 @@ def test_console_errors_are_caught(browser, tmp_path: Path) -> None:
     )
     with pytest.raises(AssertionError, match="console errors"):
         load(browser, bad)
+
+
+def test_cli_dashboard(store: ActivationStore, model, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """`t5hooks dashboard --store --sae --out`: the model the store records is loaded and checked; the same
+    numbers as the Python call; a second run needs --force; a wrong hook is a one-line input error."""
+    from t5hooks.apps.cli import main
+
+    sae = relu_sae(128, 12, ENC, seed=4)
+    save_saelens(sae, tmp_path / "sae", hook_name=ENC)
+    args = ["dashboard", "--store", str(store.path), "--sae", str(tmp_path / "sae"), "--out", str(tmp_path / "d")]
+    assert main([*args, "--no-progress", "--top-k", "5"]) == 0
+    assert "model: t5hooks-tiny (checked" in capsys.readouterr().out
+    ref = feature_dashboard(store, sae, tmp_path / "ref", model=model, top_k=5, progress=False)
+    for f in (0, 7):
+        got, want = embedded(tmp_path / "d" / "features" / f"{f}.html"), embedded(ref / "features" / f"{f}.html")
+        assert got["top_examples"] == want["top_examples"] and got["max_activation"] == want["max_activation"]
+    assert main([*args, "--no-progress"]) == 2
+    assert "--force" in capsys.readouterr().err
+    assert main([*args, "--no-progress", "--force", "--hook", DEC]) == 2
+    assert "trained on" in capsys.readouterr().err

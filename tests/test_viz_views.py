@@ -148,3 +148,17 @@ def test_patching_page_in_chromium(browser, model: HookedEncoderDecoder, tmp_pat
     Select(browser.find_element(By.ID, "heatmap-view")).select_by_value("normalized")
     assert browser.execute_script(CELLS) == flat(data["normalized"])
     assert_not_blank(browser)
+
+
+def test_cli_view_attention(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from t5hooks.apps.cli import main
+
+    out = tmp_path / "attn.html"
+    assert main(["view", "attention", "hello world", "dlrow olleh", "--out", str(out), "--layers", "1"]) == 0
+    data = embedded(out.read_text())
+    assert {k: v["layers"] for k, v in data["attention"].items()} == {"encoder": [1], "decoder": [1], "cross": [1]}
+    assert "".join(data["tokens"]["encoder"]) == "hello world</s>"
+    assert main(["view", "attention", "hi", "--out", str(out)]) == 2  # exists: needs --force
+    assert "--force" in capsys.readouterr().err
+    assert main(["view", "attention", "hi", "--out", str(out), "--force", "--encoder-only"]) == 0
+    assert set(embedded(out.read_text())["attention"]) == {"encoder"}
