@@ -34,7 +34,10 @@ def t5_components(pipeline: str | os.PathLike) -> list[str]:
     return sorted(
         name
         for name, value in index.items()
-        if isinstance(value, (list, tuple)) and len(value) == 2 and value[0] == "transformers" and value[1] in T5_CLASSES
+        if isinstance(value, (list, tuple))
+        and len(value) == 2
+        and value[0] == "transformers"
+        and value[1] in T5_CLASSES
     )
 
 
@@ -69,7 +72,9 @@ def load_pipeline(
             )
         component = found[0]
     elif component not in found:
-        raise ValueError(f"{component!r} is not a T5-family text encoder of {str(pipeline)!r}; its T5 components: {found}")
+        raise ValueError(
+            f"{component!r} is not a T5-family text encoder of {str(pipeline)!r}; its T5 components: {found}"
+        )
     if component in from_pretrained_kwargs:
         raise ValueError(f"{component}= would replace the hooked encoder; pass encoder= (a HookedT5Encoder) instead")
     cls = pipeline_class or DiffusionPipeline
@@ -79,7 +84,11 @@ def load_pipeline(
         encoder = HookedT5Encoder.from_pretrained(str(pipeline), subfolder=component, dtype=dtype, **hub)
     elif not isinstance(encoder, HookedT5Encoder):
         raise TypeError(f"encoder must be a HookedT5Encoder, got {type(encoder).__name__}")
-    setattr(pipe, component, T5TextEncoder(encoder, intervene=intervene, steer=steer, config=_hf_config(pipeline, component)))
+    setattr(
+        pipe,
+        component,
+        T5TextEncoder(encoder, intervene=intervene, steer=steer, config=_hf_config(pipeline, component)),
+    )
     if device is not None:
         pipe.to(device)
     return pipe

@@ -274,7 +274,10 @@ class T5TextEncoder(nn.Module):
         recorded = {name for s in self._sessions for name in s.names}
         wanted = set(recorded)
         if hidden:
-            wanted |= {"hook_embed", *(f"encoder.{layer}.hook_resid_post" for layer in range(self.model.cfg.n_layers - 1))}
+            wanted |= {
+                "hook_embed",
+                *(f"encoder.{layer}.hook_resid_post" for layer in range(self.model.cfg.n_layers - 1)),
+            }
         if lens is not None:
             wanted |= {f"encoder.{layer}.hook_resid_post" for layer in lens.layers}
         names = tuple(name for name in self.model.hook_dict if name in wanted)
