@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from .capture import EncoderCaptureModule
-from .hook_points import NameFilter
+from .hook_io import NameFilter
 
 # Keyword arguments of T5EncoderModel.forward that a T5TextEncoder refuses (what they would need instead).
 REFUSED = {
