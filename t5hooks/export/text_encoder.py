@@ -68,14 +68,15 @@ class ExportedTextEncoder(nn.Module):
         **to_onnx_kwargs: Any,
     ) -> ExportedTextEncoder:
         """Export `text_encoder` with its fixed edits (`baked_edits`) to ONNX at `path` (`to_onnx`'s keywords:
-        `dtype`, `optimize`, ...; the file carries the text encoder's transformers config), then open it."""
+        `dtype`, `optimize`, ...; the file carries the text encoder's transformers config), then open it; its outputs
+        come in `text_encoder.dtype` (what the pipeline expects; `dtype="float32"` exports a bf16 encoder in fp32)."""
         from .onnx import to_onnx
 
         if not isinstance(text_encoder, T5TextEncoder):
             raise TypeError(f"expected a T5TextEncoder (encoder.as_text_encoder()), got {type(text_encoder).__name__}")
         metadata = {CONFIG_KEY: text_encoder.config.to_dict()}
         to_onnx(text_encoder.model, path, intervene=baked_edits(text_encoder), metadata=metadata, **to_onnx_kwargs)
-        return cls.from_onnx(path, providers=providers)
+        return cls.from_onnx(path, providers=providers).to(text_encoder.dtype)
 
     @classmethod
     def from_onnx(cls, path: str | os.PathLike, *, providers: Any = None, config: Any = None) -> ExportedTextEncoder:
