@@ -201,10 +201,6 @@ class T5TextEncoder(nn.Module):
         return self._hf_config
 
     @property
-    def tokenizer(self) -> Any:
-        return self.model.tokenizer
-
-    @property
     def intervene(self) -> dict[str, nn.Module]:
         """The fixed interventions `{hook name: module}`."""
         return dict(zip(self.intervene_names, self.interventions))
@@ -315,11 +311,6 @@ class T5TextEncoder(nn.Module):
             self._captures[key] = cap
         return cap
 
-    def capture_module(self, names: NameFilter = ()) -> EncoderCaptureModule:
-        """A capture module with this text encoder's fixed edits (steering vectors as "add" patches named by
-        `steer_names`): `cap(input_ids, mask, patches=text_encoder.steer)`; for `torch.export` / `to_onnx`."""
-        return self.model.capture(names, patch=list(self.steer_names), patch_mode="add", intervene=self.intervene)
-
     # ---- edits and records ------------------------------------------------------------------------
     @contextlib.contextmanager
     def capturing(
@@ -425,7 +416,7 @@ def diffusion_lens(
     what that pipeline's `encode_prompt` returns (PixArt: embeddings, mask, negative embeddings, negative mask;
     Flux: embeddings, pooled CLIP embeddings, text ids), ready for `pipe(prompt_embeds=..., ...)`. Runs without
     gradients."""
-    te = find_text_encoder(pipe)
+    te = _pipeline_text_encoder(pipe)
     n = te.model.cfg.n_layers
     chosen = tuple(range(n)) if layers is None else tuple(te._checked_layer(layer) for layer in layers)
     if not chosen:
@@ -438,7 +429,7 @@ def diffusion_lens(
     return result
 
 
-def find_text_encoder(pipe: Any) -> T5TextEncoder:
+def _pipeline_text_encoder(pipe: Any) -> T5TextEncoder:
     """The pipeline's one T5TextEncoder component."""
     components = getattr(pipe, "components", None)
     if not isinstance(components, Mapping):

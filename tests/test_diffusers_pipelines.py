@@ -135,8 +135,32 @@ def test_documented_route_and_surface(dirs, flux):
         te(ids.input_ids, head_mask=None)
 
 
+@pytest.mark.parametrize("family", ["umt5", "mt5"])
+def test_umt5_and_mt5_text_encoders(family):
+    """Wan's umT5 (a bias table per layer) and mT5 behind the adapter: transformers' outputs and config."""
+    from t5_fixtures import hf_encoder
+
+    hf = hf_encoder(family)
+    te = HookedT5Encoder.from_pretrained("test", hf_model=hf).as_text_encoder()
+    ids = torch.randint(3, hf.config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, 4:] = 0
+    with torch.no_grad():
+        expected = hf(ids, attention_mask=mask, output_hidden_states=True)
+        got = te(ids, mask, output_hidden_states=True)  # Wan: text_encoder(ids, mask).last_hidden_state
+    assert max_diff(expected.last_hidden_state, got.last_hidden_state) < 1e-5
+    assert all(max_diff(e, g) < 1e-5 for e, g in zip(expected.hidden_states, got.hidden_states))
+    assert te.config.model_type == hf.config.model_type == family
+    for key in ("d_model", "num_layers", "num_heads", "d_kv", "d_ff", "vocab_size", "dense_act_fn", "is_gated_act"):
+        assert getattr(te.config, key) == getattr(hf.config, key), key
+
+
 def test_load_pipeline_finds_the_t5_component(dirs):
     assert t5_components(dirs["flux"]) == ["text_encoder_2"] and t5_components(dirs["pixart"]) == ["text_encoder"]
+    sae = SAE(32, 64, use_error_term=True, seed=0).eval()
+    edited = load_pipeline(dirs["flux"], intervene={"encoder.1.hook_resid_post": sae}, device="cpu")
+    assert edited.text_encoder_2.intervene == {"encoder.1.hook_resid_post": sae}
+    assert edited.text_encoder_2.config.model_type == "t5" and edited.text_encoder_2.device == torch.device("cpu")
     with pytest.raises(ValueError, match="not a T5-family text encoder.*text_encoder_2"):
         load_pipeline(dirs["flux"], "text_encoder")
     with pytest.raises(ValueError, match="pass encoder="):

@@ -44,7 +44,8 @@ def baked_edits(text_encoder: T5TextEncoder) -> dict[str, nn.Module]:
 class ExportedTextEncoder(nn.Module):
     """A text-encoder stage that runs an exported graph: `T5EncoderModel`'s call (`input_ids`, `attention_mask`
     (none: every position attended), `return_dict`) returning a `BaseModelOutput`, with `.dtype`, `.device`,
-    `.config`. No weights live in torch: `to(dtype)` casts the outputs, `to(device)` is where they are put."""
+    `.config`. No weights live in torch: `to(dtype)` sets the dtype the outputs are cast to, `to(device)` the
+    `.device` pipelines put the token ids on (outputs come back on the ids' device)."""
 
     main_input_name = "input_ids"
 
