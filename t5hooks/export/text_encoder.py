@@ -114,7 +114,8 @@ class ExportedTextEncoder(nn.Module):
         dtype = next((t.dtype for t in program.state_dict.values() if t.is_floating_point()), torch.float32)
 
         def run(tokens: Tensor, mask: Tensor) -> Tensor:
-            return module(tokens, mask, {})["last_hidden_state"]
+            with torch.no_grad():  # an inference stage, as the ONNX Runtime one
+                return module(tokens, mask, {})["last_hidden_state"]
 
         return cls(run, config, dtype, "torch.export program")
 
