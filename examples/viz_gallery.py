@@ -1,6 +1,6 @@
 """The three kinds of views on the embedded t5hooks-tiny model (it reverses lowercase words), end to end:
 
-    extract -> train sae -> dashboard,  an attention view,  a cross-attention head patching map
+    extract -> train sae -> dashboard,  an attention view,  an encoder residual patching map
 
     python examples/viz_gallery.py OUT_DIR [--screenshots docs/img]
 
@@ -24,7 +24,7 @@ HOOK = "decoder.1.hook_resid_post"
 
 def build(out: Path) -> dict[str, Path]:
     from t5hooks import HookedEncoderDecoder
-    from t5hooks.analysis.patching import patch_heads
+    from t5hooks.analysis.patching import patch_residual
     from t5hooks.apps.cli import main
     from t5hooks.store import extract
     from t5hooks.viz import feature_dashboard
@@ -38,8 +38,9 @@ def build(out: Path) -> dict[str, Path]:
     extract(model, corpus, [HOOK, "encoder.1.hook_resid_post"], out / "acts", decoder_field="target",
             backend="eager", progress=False)  # fmt: skip
     # 2. train an SAE on the same hook (live, on the reversal task), saved in SAELens's format
-    main(["train", "sae", "--hook", HOOK, "--out", str(out / "saes"), "--steps", "400", "--d-sae", "64", "--k", "4",
-          "--no-compile"])  # fmt: skip
+    if main(["train", "sae", "--hook", HOOK, "--out", str(out / "saes"), "--steps", "200", "--d-sae", "64", "--k", "4",
+             "--no-compile"]):  # fmt: skip
+        raise SystemExit("t5hooks train sae failed")
     # 3. the dashboard
     feature_dashboard(out / "acts", out / "saes" / HOOK, out / "dash", model=model, overwrite=True, progress=False)
     # an attention view and a patching map
@@ -47,8 +48,8 @@ def build(out: Path) -> dict[str, Path]:
     tokens = model.to_tokens(["interpret", "interprez"], move_to_device=False)
     dec = model.to_decoder_tokens(["terpretni"], move_to_device=False)
     target = int(dec[0, 1])  # "t", the first letter of the answer: the last letter of the input
-    result = patch_heads(model, (tokens[:1], dec), (tokens[1:], dec), lambda logits: logits[:, 0, target].mean(),
-                         attn="cross", per_position=True)  # fmt: skip
+    result = patch_residual(model, (tokens[:1], dec), (tokens[1:], dec), lambda logits: logits[:, 0, target].mean(),
+                            stack="encoder")  # fmt: skip
     result.view().save(out / "patching.html")
     return {
         "index": out / "dash" / "index.html",
