@@ -14,6 +14,7 @@ that need code are refused, config values are typed and in range, weights are fi
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import warnings
@@ -39,7 +40,8 @@ from .checkpoint_checks import (
 )
 from .config import HookedT5Config
 from .weights.gguf_file import GGUFCheckpoint, is_gguf
-from .weights.safetensors_file import SafetensorsFile
+from .weights.quantised import RowDequantiser, dequantised, plan_quantisation
+from .weights.safetensors_file import SafetensorsFile, read_safetensors
 
 SUPPORTED_MODEL_TYPES = ("t5", "mt5", "umt5")
 HUB_KWARGS = ("cache_dir", "revision", "local_files_only", "token", "force_download")
@@ -322,21 +324,45 @@ def checkpoint_source(name_or_path: str, subfolder: str | None, hub_kwargs: dict
 def files_source(
     what: str, files: list[Path], hf_config: dict[str, Any], tokenizer_at: tuple[str, dict[str, Any]] | None
 ) -> CheckpointSource:
-    safetensors = [SafetensorsFile(f) for f in files if f.suffix == ".safetensors"]  # headers checked up front
-    counts: dict[torch.dtype, int] = {}
+    """Safetensors or PyTorch-pickle weight files. Every header is checked, and how each non-float tensor is
+    dequantised decided (`weights/quantised.py`: refused by name when unknown), before any weight is read."""
+    method = (hf_config.get("quantization_config") or {}).get("quant_method")
+    safetensors = [SafetensorsFile(f) for f in files if f.suffix == ".safetensors"]
+    pickles = [f for f in files if f.suffix != ".safetensors"]  # pytorch_model.bin: weights_only, no code runs
+    info: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
+    pickle_of: dict[str, Path] = {}
     for st in safetensors:
-        for dt, n in st.elements_by_dtype().items():
-            counts[dt] = counts.get(dt, 0) + n
-    stored = max(counts, key=counts.__getitem__) if counts else None  # the dtype most weights are stored in
+        info.update(st.info())
+    for file in pickles:  # zip pickles are memory-mapped: reading the names and shapes reads no weights
+        for name, tensor in read_torch_pickle(file).items():
+            info[name], pickle_of[name] = (tensor.dtype, tuple(tensor.shape)), file
+    plan = plan_quantisation(info, what, method)
+    counts: dict[torch.dtype, int] = {}
+    for name, (dt, shape) in info.items():
+        if name not in plan.auxiliary:
+            counts[dt] = counts.get(dt, 0) + math.prod(shape)
+    # the dtype most weights are stored in (quantised ones: "auto" gives bfloat16)
+    stored = max(counts, key=counts.__getitem__) if counts else torch.float32
 
     def read(dtype: torch.dtype, wanted: Callable[[str], bool]) -> Iterator[tuple[str, Tensor]]:
-        for file in files:
-            if file.suffix == ".safetensors":
-                yield from SafetensorsFile(file).tensors(dtype, wanted)
-            else:  # pytorch_model.bin: weights_only (no code runs); old-format files without mmap
-                yield from ((k, v) for k, v in read_torch_pickle(file).items() if wanted(k))
+        if safetensors:
+            yield from read_safetensors(safetensors, plan, dtype, wanted)
+        for file in pickles:
+            state = read_torch_pickle(file)
 
-    return CheckpointSource(what, hf_config, read, stored or torch.float32, tokenizer_at=tokenizer_at)
+            def read_one(name: str, target: torch.dtype | None, dequantise: RowDequantiser | None) -> Tensor:
+                t = state[name]  # noqa: B023 - used before the loop moves on
+                if dequantise is None:
+                    return t if target is None else t.to(target)
+                rows = t.shape[0] if t.ndim else 1
+                return dequantise(t.reshape(rows, -1), 0, rows, target or torch.float32).reshape(t.shape)
+
+            def aux(name: str) -> Tensor:
+                return state[name] if name in state else read_torch_pickle(pickle_of[name])[name]  # noqa: B023
+
+            yield from dequantised(list(state), plan, dtype, wanted, read_one, lambda n: tuple(info[n][1]), aux)
+
+    return CheckpointSource(what, hf_config, read, stored, tokenizer_at=tokenizer_at)
 
 
 def gguf_source(path: Path) -> CheckpointSource:

@@ -61,7 +61,14 @@ class GGUFCheckpoint:
             )
         self.tensor_infos = {t.name: t for t in self.reader.tensors}
         size = self.path.stat().st_size
+        integer_types = {gguf.GGMLQuantizationType[t] for t in ("I8", "I16", "I32", "I64")}
         for info in self.tensor_infos.values():
+            if gguf.GGMLQuantizationType(info.tensor_type) in integer_types:
+                raise CheckpointError(
+                    f"{self.path}: tensor {info.name!r} is stored as plain integers "
+                    f"({gguf.GGMLQuantizationType(info.tensor_type).name}), which no T5 weight is; supported: F32 / "
+                    f"F16 / BF16 / F64 and the quantised GGML types (Q8_0, Q4_K, ...)"
+                )
             if info.data_offset + info.n_bytes > size:
                 raise CheckpointError(
                     f"{self.path}: truncated GGUF file: tensor {info.name!r} ends at byte "
@@ -189,6 +196,8 @@ class GGUFCheckpoint:
                     values = raw.view(np.float32)
                 elif qtype == gguf.GGMLQuantizationType.F16:
                     values = raw.view(np.float16)
+                elif qtype == gguf.GGMLQuantizationType.F64:
+                    values = raw.view(np.float64)
                 else:
                     block, type_size = gguf.GGML_QUANT_SIZES[qtype]
                     rows = raw.reshape(-1, shape[-1] // block * type_size)
