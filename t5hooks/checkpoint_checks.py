@@ -66,7 +66,7 @@ def shard_names_from_index(index_file: Path, label: str) -> list[str]:
         index = json.loads(Path(index_file).read_text())
         weight_map = index["weight_map"]
     except (OSError, ValueError, KeyError, TypeError) as err:
-        raise CheckpointError(f"{label}: {Path(index_file).name} is not a valid shard index ({_short(err)})") from None
+        raise CheckpointError(f"{label}: {Path(index_file).name} is not a valid shard index ({short_reason(err)})") from None
     if not isinstance(weight_map, dict) or not weight_map:
         raise CheckpointError(f"{label}: {Path(index_file).name} has no 'weight_map' of parameter -> shard file")
     shards = sorted({str(v) for v in weight_map.values()})
@@ -106,7 +106,7 @@ def read_config_json(config_file: Path, label: str) -> dict[str, Any]:
     try:
         config = json.loads(Path(config_file).read_text())
     except (OSError, ValueError) as err:
-        raise CheckpointError(f"{label}: config.json is not valid JSON ({_short(err)})") from None
+        raise CheckpointError(f"{label}: config.json is not valid JSON ({short_reason(err)})") from None
     if not isinstance(config, dict):
         raise CheckpointError(f"{label}: config.json holds a {type(config).__name__}, expected an object")
     return config
@@ -224,7 +224,7 @@ def read_torch_pickle(file: Path) -> dict[str, Tensor]:
             f"safetensors.torch.save_file(state_dict, 'model.safetensors'))"
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError) as err:
-        raise CheckpointError(f"{file}: not a readable PyTorch checkpoint ({_short(err)})") from None
+        raise CheckpointError(f"{file}: not a readable PyTorch checkpoint ({short_reason(err)})") from None
     if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
         raise CheckpointError(f"{file}: holds a {type(state).__name__}, expected a state dict of tensors")
     return dict(state)
@@ -238,6 +238,6 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _short(err: BaseException, limit: int = 300) -> str:
+def short_reason(err: BaseException, limit: int = 300) -> str:
     text = " ".join(str(err).split())
     return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -19,13 +19,14 @@ import os
 import re
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from .allocation import check_allocation
 from .checkpoint_checks import (
     CheckpointError,
     check_hf_config,
@@ -37,6 +38,7 @@ from .checkpoint_checks import (
     read_config_json,
     read_torch_pickle,
     shard_names_from_index,
+    short_reason,
 )
 from .config import HookedT5Config
 from .weights.gguf_file import GGUFCheckpoint, is_gguf
@@ -48,6 +50,16 @@ HUB_KWARGS = ("cache_dir", "revision", "local_files_only", "token", "force_downl
 ENCODER_ONLY_ARCHITECTURES = ("T5EncoderModel", "MT5EncoderModel", "UMT5EncoderModel")
 # Checkpoints of these families overflow in fp16 (trained in bf16): gated-GELU MLPs (v1.1, Flan, mT5, UMT5).
 FP16_RISKY_ACTIVATIONS = ("gelu", "gelu_new", "gelu_fast", "gelu_pytorch_tanh")
+# Our size fields -> config.json's names (errors name the field the user can see).
+HF_FIELD_NAMES = {
+    "d_model": "d_model",
+    "d_head": "d_kv",
+    "n_heads": "num_heads",
+    "d_mlp": "d_ff",
+    "n_layers": "num_layers",
+    "n_decoder_layers": "num_decoder_layers",
+    "d_vocab": "vocab_size",
+}
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
 
@@ -128,6 +140,7 @@ class CheckpointSource:
     stored_dtype: torch.dtype
     tied: bool | None = None  # known for a live model; else decided from the weights
     tokenizer_at: tuple[str, dict[str, Any]] | None = None  # (name or path, kwargs) for AutoTokenizer
+    field_names: dict[str, str] = field(default_factory=lambda: dict(HF_FIELD_NAMES))  # ours -> the source's, in errors
 
 
 def load_pretrained(
@@ -158,6 +171,15 @@ def load_pretrained(
     check_hf_config(hf_config, source.what)
     _check_architecture(model_cls, hf_config, source.what)
     dtype = resolve_dtype(dtype, source.stored_dtype)
+    try:  # sizes only (no tensors): the weights the config implies must fit before any is read
+        sizes = HookedT5Config.from_hf_config(hf_config)
+    except (TypeError, KeyError, AttributeError) as err:  # values of the wrong type that check_hf_config does not know
+        raise CheckpointError(f"{source.what}: config.json cannot be used ({err})") from None
+    has_decoder = not model_cls.discards("decoder.0.attn.q_proj")
+    check_allocation(sizes, dtype, device, source.what, decoder=has_decoder, field_names=source.field_names)
+    found_tokenizer = None  # looked for before the weights are read: a broken tokenizer file fails fast
+    if tokenizer is None and hf_model is None and source.tokenizer_at is not None:
+        found_tokenizer = load_tokenizer(*source.tokenizer_at)
 
     state, lm_head = read_state(model_cls, source, dtype, device)
     if "embed.W_E" not in state:
@@ -187,8 +209,8 @@ def load_pretrained(
         raise CheckpointError(f"{source.what}: config.json cannot be used ({err})") from None
     warn_if_fp16_overflows(cfg, source.what)
     model = build_with_weights(model_cls, cfg, state, tokenizer, what=source.what)
-    if tokenizer is None and hf_model is None and source.tokenizer_at is not None:
-        model.tokenizer = _try_tokenizer(*source.tokenizer_at)
+    if found_tokenizer is not None:
+        model.tokenizer = found_tokenizer
     return model
 
 
@@ -371,7 +393,9 @@ def gguf_source(path: Path) -> CheckpointSource:
     def read(dtype: torch.dtype, wanted: Callable[[str], bool]) -> Iterator[tuple[str, Tensor]]:
         return checkpoint.tensors(dtype, wanted)
 
-    return CheckpointSource(str(path), checkpoint.hf_config(), read, checkpoint.stored_dtype())
+    return CheckpointSource(
+        str(path), checkpoint.hf_config(), read, checkpoint.stored_dtype(), field_names=checkpoint.field_names()
+    )
 
 
 def _check_not_pipeline_root(path: Path) -> None:
@@ -458,27 +482,40 @@ def _tokenizer_location(
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "spiece.model", "sentencepiece.bpe.model", "vocab.json")
 
 
-def _try_tokenizer(name_or_path: str, hub_kwargs: dict[str, Any]) -> Any:
-    """The checkpoint's tokenizer when its files are there (never with remote code); None otherwise, rather
-    than a tokenizer built from the model config alone (which maps every word to `<unk>`)."""
+def load_tokenizer(name_or_path: str, hub_kwargs: dict[str, Any]) -> Any:
+    """The checkpoint's tokenizer when its files are there (never with remote code). No tokenizer files: None
+    (rather than a tokenizer built from the model config alone, which maps every word to `<unk>`). Files that
+    are there but do not load: CheckpointError with the reason, never a silent None."""
     path = Path(name_or_path)
-    try:
-        if path.is_dir():
-            present = any((path / f).is_file() for f in TOKENIZER_FILES)
-        else:
-            from transformers.utils import cached_file
+    if path.is_dir():
+        present = [f for f in TOKENIZER_FILES if (path / f).is_file()]
+    else:
+        from transformers.utils import cached_file
 
-            present = any(
-                cached_file(name_or_path, f, _raise_exceptions_for_missing_entries=False, **hub_kwargs)
-                for f in TOKENIZER_FILES
-            )
-        if not present:
-            return None
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=False, **hub_kwargs)
-    except Exception:  # no usable tokenizer: the model still works with token ids
+        present = []
+        for f in TOKENIZER_FILES:
+            try:
+                if cached_file(name_or_path, f, _raise_exceptions_for_missing_entries=False, **hub_kwargs):
+                    present.append(f)
+            except OSError as err:  # offline and not cached, or the hub unreachable: say so, load without
+                warnings.warn(
+                    f"{name_or_path!r}: could not look for tokenizer files ({short_reason(err)}); the model is loaded "
+                    f"without a tokenizer (pass tokenizer=... to give one)",
+                    UserWarning,
+                    stacklevel=4,
+                )
+                return None
+    if not present:
         return None
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=False, **hub_kwargs)
+    except Exception as err:  # transformers, tokenizers and sentencepiece raise many types for a broken file
+        raise CheckpointError(
+            f"{name_or_path!r}: its tokenizer files ({', '.join(present)}) could not be loaded: "
+            f"{type(err).__name__}: {short_reason(err)} (repair or remove them, or pass tokenizer=...)"
+        ) from err
 
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
