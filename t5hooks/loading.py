@@ -494,11 +494,9 @@ def load_tokenizer(name_or_path: str, hub_kwargs: dict[str, Any]) -> Any:
                 if cached_file(name_or_path, f, _raise_exceptions_for_missing_entries=False, **hub_kwargs):
                     present.append(f)
             except OSError as err:  # offline and not cached, or the hub unreachable: say so, load without
-                warnings.warn(
+                warn_user(
                     f"{name_or_path!r}: could not look for tokenizer files ({short_reason(err)}); the model is loaded "
-                    f"without a tokenizer (pass tokenizer=... to give one)",
-                    UserWarning,
-                    stacklevel=4,
+                    f"without a tokenizer (pass tokenizer=... to give one)"
                 )
                 return None
     if not present:
