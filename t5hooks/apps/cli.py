@@ -10,6 +10,7 @@ import sys
 import traceback
 from collections.abc import Iterator, Sequence
 
+from ..atomic import LockHeld, LockLost
 from .common import CliError, CommandFailed
 
 __all__ = ["build_parser", "main"]
@@ -73,7 +74,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise
     except INPUT_ERRORS as err:
         return _fail(args.command, one_line(err), 2, debug)
-    except CommandFailed as err:
+    except (CommandFailed, LockHeld, LockLost) as err:
         return _fail(args.command, one_line(err), 1, debug)
     except Exception as err:
         return _fail(args.command, f"{type(err).__name__}: {one_line(err)}", 1, debug)
