@@ -18,6 +18,17 @@ import torch
 
 MAX_MODEL_BYTES = 1 << 40  # 1 TiB: ~20x the largest T5 ever released (umT5-XXL, 13B parameters, ~52 GB in fp32)
 SIZE_FIELDS = ("d_model", "d_head", "n_heads", "d_mlp", "n_layers", "n_decoder_layers", "d_vocab")
+# The largest value of each size among released T5-family models (t5-11b: d_ff 65536, 128 heads of 128; umT5:
+# 256384 tokens; 48 layers): a field above it is named first when a config is too big to allocate.
+LARGEST_RELEASED = {
+    "d_model": 4096,
+    "d_head": 128,
+    "n_heads": 128,
+    "d_mlp": 65536,
+    "n_layers": 48,
+    "n_decoder_layers": 48,
+    "d_vocab": 256384,
+}
 
 
 def weight_count(cfg: Any, decoder: bool = True) -> int:
@@ -80,22 +91,15 @@ def check_allocation(
         limit, where = memory, f"this machine's memory for {torch.device(device or 'cpu')} ({_size(memory)})"
     if needed <= limit:
         return
-    field = max(SIZE_FIELDS, key=lambda name: needed // max(1, weight_count(_with(cfg, name, 1), decoder) * itemsize))
-    label = (field_names or {}).get(field, field)
+    # name the fields beyond any released T5 (largest excess first); if none is, all of them
+    fields = [f for f in SIZE_FIELDS if f != "n_decoder_layers" or decoder]
+    outliers = sorted((f for f in fields if getattr(cfg, f) > LARGEST_RELEASED[f]),
+                      key=lambda f: getattr(cfg, f) // LARGEST_RELEASED[f], reverse=True)  # fmt: skip
+    named = ", ".join(f"{(field_names or {}).get(f, f)}={getattr(cfg, f)}" for f in (outliers or fields))
     raise ValueError(
-        f"{what}: {label}={getattr(cfg, field)} implies {_size(needed)} of {str(dtype).removeprefix('torch.')} "
-        f"weights, more than {where}; check {label} (nothing was allocated)"
+        f"{what}: {named} {'implies' if len(outliers) == 1 else 'imply'} {_size(needed)} of "
+        f"{str(dtype).removeprefix('torch.')} weights, more than {where} (nothing was allocated)"
     )
-
-
-class _Sizes:
-    def __init__(self, cfg: Any, **changes: int) -> None:
-        fields = (*SIZE_FIELDS, "gated_mlp", "relative_attention_num_buckets", "per_layer_position_bias")
-        self.__dict__.update({name: getattr(cfg, name) for name in (*fields, "tie_word_embeddings")}, **changes)
-
-
-def _with(cfg: Any, name: str, value: int) -> _Sizes:
-    return _Sizes(cfg, **{name: value})
 
 
 def _size(n: int) -> str:
