@@ -31,8 +31,12 @@ def test_warm_up_absorbs_slow_first_calls_and_the_median_is_the_steady_state():
 
 
 def test_a_wide_spread_is_flagged_noisy():
-    noisy = sleeper([2, 2, 2] + [2, 20] * 20)  # stable during warm-up, then alternating 2 / 20 ms
-    result = timing.time_rows([("jumpy", noisy), ("steady", sleeper([2]))], repeats=8)
+    jumpy = itertools.cycle([5, 40])  # never settles: alternating 5 / 40 ms
+
+    def noisy():
+        time.sleep(next(jumpy) / 1000)
+
+    result = timing.time_rows([("jumpy", noisy), ("steady", sleeper([10]))], repeats=8, warmup=2)
     assert result["jumpy"].noisy and result["jumpy"].cell().endswith("noisy")
     assert not result["steady"].noisy and "±" in result["steady"].cell()
 
