@@ -52,8 +52,10 @@ def test_commands_without_the_onnx_extra_name_it(missing, monkeypatch, capsys, t
     import t5hooks.export as export
     from t5hooks.apps.cli import main
 
-    for name in ("OnnxRunner", "to_onnx", "OnnxGenerator"):
+    for name in ("OnnxRunner", "to_onnx", "OnnxGenerator", "OnnxGeneration", "to_onnx_generator"):
         monkeypatch.delitem(export.__dict__, name, raising=False)
+    for module in ("ort", "onnx", "onnx_generation", "ort_optimize"):  # imported by earlier tests
+        monkeypatch.delitem(sys.modules, f"t5hooks.export.{module}", raising=False)
     missing("onnx", "onnxruntime", "onnx_ir", "onnxscript")
     out = tmp_path / ("x.onnx" if command == ["export"] else "folder")
     assert main([*command, "--out", str(out)]) == 1
