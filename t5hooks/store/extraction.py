@@ -139,20 +139,6 @@ def extract(
         open_store(store_dir, root, manifest, config.format, rank)
         progress_path, state = load_progress(store_dir, rank, world_size)
 
-<<<<<<< HEAD
-    summary = ExtractSummary(out_dir=root, rank=rank, world_size=world_size)
-    summary.windows_resumed = len(state["windows"])
-    if not state.get("complete"):
-        weights = manifest["model"]["weights_sample_sha256"]
-        runner = runner_for(model, shapes, config.backend, needs_decoder(model, axes, src), weights)
-        _extract_windows(
-            runner, model, src, axes, config, STORAGE_DTYPES[storage], store_dir, progress_path, state, summary,
-            t_start, rank=rank, world_size=world_size,
-        )  # fmt: skip
-        summary.backend = runner.describe()
-    if config.format == "saelens":
-        from .saelens import pack_when_complete
-=======
         summary = ExtractSummary(out_dir=root, rank=rank, world_size=world_size)
         summary.windows_resumed = len(state["windows"])
         if state.get("complete"):
@@ -164,9 +150,9 @@ def extract(
                 runner, model, src, axes, config, STORAGE_DTYPES[storage], store_dir, progress_path, state, summary,
                 t_start, rank=rank, world_size=world_size, lock=lock,
             )  # fmt: skip
+            summary.backend = runner.describe()
         if config.format == "saelens":
             from .saelens import pack_when_complete
->>>>>>> main
 
             summary.saelens_dir = pack_when_complete(store_dir, root, config.context_size, rank, world_size)
     summary.seconds = time.perf_counter() - t_start

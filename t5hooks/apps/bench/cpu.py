@@ -33,6 +33,7 @@ import argparse
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -372,11 +373,12 @@ def main(argv: list[str] | None = None) -> int:
     if not skip("generate"):
         generation_rows(args, hf, ours, tokens, mask, workdir, skip)
 
-    # ---- what compiling costs and buys (bench/compiling.py: cold / warm compile, recompiles, step vs eager)
+    # ---- what compiling costs and buys (bench/compiling.py: cold / warm compile, recompiles, step vs eager);
+    # it measures in fresh processes of its own, so it runs as one
     if not skip("compile-cost"):
-        from .compiling import compile_section
-
-        compile_section(args.quick, max(3, repeats // 2), skip)
+        argv = ["--repeats", str(max(3, repeats // 2)), "--threads", str(args.threads)]
+        argv += (["--quick"] if args.quick else []) + (["--skip", "whole"] if skip("whole") else [])
+        subprocess.run([sys.executable, "-m", "t5hooks.apps.bench.compiling", *argv], check=True)
     return 0
 
 
