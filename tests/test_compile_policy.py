@@ -71,3 +71,17 @@ def test_switch_when_paid_known_and_unknown_remaining_work():
     never.observe(1.0, 1)
     never.observe(1.0, 1)
     assert not never.should_compile(10**9) and not never.should_compile(None)
+
+
+def test_a_small_training_job_stays_eager_by_default(capsys, monkeypatch):
+    """`train_tiny` with its default `compile=None` on CPU: the measured eager steps decide, compiling would not
+    pay for a few steps (or at all, at the CPU default speed-up of 1x), so nothing is compiled or announced."""
+    from torch._dynamo.utils import counters
+
+    from t5hooks.apps.commands import train_tiny as module
+
+    monkeypatch.setattr(module, "exact_match_accuracy", lambda *a: 0.0)  # the held-out evaluation is not the point
+    graphs = counters["stats"]["unique_graphs"]
+    module.train_tiny(steps=4, batch_size=4, progress=False)
+    assert counters["stats"]["unique_graphs"] == graphs
+    assert "t5hooks: compiling" not in capsys.readouterr().err

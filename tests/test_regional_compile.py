@@ -42,76 +42,100 @@ def regions(graph: torch.fx.GraphModule) -> tuple[int, int]:
     return len({n.args[1] for n in calls}), len(calls)
 
 
-# A training run's batch shapes: full batches of varying lengths, a short last batch (sizes >= 2: PyTorch
+# A training run's batch shapes: batches of varying lengths, a short last batch (sizes >= 2: PyTorch
 # specialises sizes 0 and 1 whatever is marked dynamic, so a batch of one compiles a second graph).
-SHAPES = [(4, 12, 6), (4, 9, 5), (4, 16, 7), (3, 12, 6), (4, 6, 9), (2, 11, 4)]
+SHAPES = [(4, 12, 6), (4, 9, 5), (3, 16, 7), (2, 11, 4)]
+
+
+@pytest.fixture(scope="module")
+def training_run():
+    """One compiled capture of a 2+2-layer model (every layer's resid_post captured) trained for a step per batch
+    shape beside an eager twin. Compiled once with `aot_eager` (Dynamo + AOTAutograd: the regions and the
+    backward as inductor gets them, without its C++ build); the tests below read the one run."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    eager_model, compiled_model = tiny(n_layers=2, n_decoder_layers=2), tiny(n_layers=2, n_decoder_layers=2)
+    backend = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(compiled_model.capture(RESID), fullgraph=True, backend=backend)
+
+    def step(cap, model, tokens, dec, mask, dec_mask):
+        model.zero_grad()
+        out = cap(tokens, dec, mask, dec_mask, labels=dec)
+        loss = out["loss"] + 1e-2 * sum(out[n].abs().mean() for n in out if n.endswith("hook_resid_post"))
+        loss.backward()
+        return (
+            {name: value.detach() for name, value in out.items()},
+            loss.detach(),
+            [p.grad for p in model.parameters()],
+        )
+
+    steps = []
+    for seed, shape in enumerate(SHAPES):
+        args = batch(eager_model, *shape, seed)
+        steps.append((step(eager_model.capture(RESID), eager_model, *args), step(compiled, compiled_model, *args)))
+    return {"steps": steps, "backend": backend, "graph_breaks": sum(counters["graph_break"].values())}
 
 
 @pytest.mark.slow
-def test_regional_training_step_matches_eager_with_one_graph_and_one_region_per_stack():
-    torch._dynamo.reset()
-    eager_model, compiled_model = tiny(), tiny()
-    eager_cap = eager_model.capture(RESID, patch=["decoder.1.hook_mlp_out"], patch_mode="add")
-    backend = CompileCounterWithBackend("aot_eager")
-    compiled = torch.compile(
-        compiled_model.capture(eager_cap.names, patch=eager_cap.patch_names, patch_mode="add"),
-        fullgraph=True,
-        backend=backend,
-    )
-    steer = torch.randn(16)
-
-    def step(cap, tokens, dec, mask, dec_mask):
-        out = cap(tokens, dec, mask, dec_mask, patches={"decoder.1.hook_mlp_out": steer}, labels=dec)
-        loss = out["loss"] + 1e-2 * sum(out[n].abs().mean() for n in out if n.endswith("hook_resid_post"))
-        loss.backward()
-        return out, loss
-
-    for seed, shape in enumerate(SHAPES):
-        args = batch(eager_model, *shape, seed)
-        eager_model.zero_grad(), compiled_model.zero_grad()
-        ref_out, ref_loss = step(eager_cap, *args)
-        out, loss = step(compiled, *args)
+def test_regional_training_steps_equal_eager_forward_and_backward(training_run):
+    for (ref_out, ref_loss, ref_grads), (out, loss, grads) in training_run["steps"]:
         assert list(out) == list(ref_out)
         torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=0)
         for name in ref_out:
-            torch.testing.assert_close(out[name], ref_out[name], atol=1e-5, rtol=0)
-        for (name, p), q in zip(eager_model.named_parameters(), compiled_model.parameters()):
-            torch.testing.assert_close(q.grad, p.grad, atol=1e-4, rtol=0, msg=name)
-    assert backend.frame_count == 1  # one dynamic graph for every shape: no recompiles
-    # one region body per stack, called by every layer whose capture and patch sets look alike: the 3 encoder
-    # layers and decoder layers 0 and 2; the patched decoder layer 1 differs and is compiled on its own
-    assert regions(backend.graphs[0]) == (2, 5)
+            torch.testing.assert_close(out[name], ref_out[name], atol=1e-5, rtol=0, msg=name)
+        assert len(grads) == len(ref_grads) and all(g is not None for g in grads)
+        for got, want in zip(grads, ref_grads):  # every weight of the model
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
 
 
-def test_regions_inline_interventions_and_keep_side_outputs():
-    """A layer with an intervention runs inline (its module and side outputs in the outer graph); the others
-    stay regions; outputs equal eager, names and order included."""
+@pytest.mark.slow
+def test_one_graph_for_a_run_of_batch_shapes_and_no_graph_breaks(training_run):
+    assert training_run["backend"].frame_count == 1  # one dynamic graph for all 4 batch shapes: no recompiles
+    assert training_run["graph_breaks"] == 0
+
+
+@pytest.mark.slow
+def test_one_region_per_stack_reused_by_every_layer(training_run):
+    assert regions(training_run["backend"].graphs[0]) == (2, 4)  # 2 bodies (encoder, decoder), 4 layers call them
+
+
+@pytest.mark.slow
+def test_a_layer_with_an_intervention_runs_inline_and_a_patched_one_gets_its_own_region():
+    """Encoder layer 1 (an SAE spliced in) runs inline, its module and side outputs in the outer graph; decoder
+    layer 1 (patched) differs from layer 0 and gets a region body of its own. Outputs equal eager."""
     from t5hooks.interventions import SAE
 
     torch._dynamo.reset()
-    model = tiny()
-    sae = SAE(16, 32, seed=0)
-    cap = model.capture(RESID, intervene={"encoder.1.hook_resid_post": sae})
+    model = tiny(n_layers=2, n_decoder_layers=2)
+    cap = model.capture(
+        RESID, patch=["decoder.1.hook_mlp_out"], intervene={"encoder.1.hook_resid_post": SAE(16, 32, seed=0)}
+    )
     backend = CompileCounterWithBackend("eager")
-    compiled = torch.compile(cap, fullgraph=True, backend=backend)
     args = batch(model, 3, 9, 5, 0)
+    patches = {"decoder.1.hook_mlp_out": torch.randn(3, 5, 16, generator=torch.Generator().manual_seed(0))}
     with torch.no_grad():
-        out, ref = compiled(*args), cap(*args)
+        out, ref = torch.compile(cap, fullgraph=True, backend=backend)(*args, patches), cap(*args, patches)
     assert list(out) == list(ref) and any(name.startswith("encoder.1.hook_resid_post.") for name in out)
     for name in ref:
         torch.testing.assert_close(out[name], ref[name], atol=1e-5, rtol=0)
-    assert regions(backend.graphs[0]) == (2, 5)  # encoder layers 0, 2 and decoder layers 0-2; layer 1 inline
+    assert regions(backend.graphs[0]) == (3, 3)  # encoder 0; decoder 0; decoder 1 on its own
 
 
+@pytest.mark.slow
 def test_whole_graph_compile_when_regions_are_off():
     torch._dynamo.reset()
-    model = tiny()
+    model = tiny(n_layers=1, n_decoder_layers=1)
     cap = model.capture(RESID)
     cap.regional = False
     backend = CompileCounterWithBackend("eager")
+    args = batch(model, 2, 7, 5, 0)
     with torch.no_grad():
-        torch.compile(cap, fullgraph=True, backend=backend)(*batch(model, 2, 7, 5, 0))
+        out, ref = torch.compile(cap, fullgraph=True, backend=backend)(*args), cap(*args)
     assert regions(backend.graphs[0]) == (0, 0)
+    for name in ref:
+        torch.testing.assert_close(out[name], ref[name], atol=1e-5, rtol=0)
 
 
 WARM_SCRIPT = """
@@ -121,40 +145,53 @@ torch.set_num_threads(1)
 sys.path.insert(0, {tests!r})
 from test_regional_compile import RESID, batch, tiny
 from t5hooks.capture import compile_capture
+from t5hooks.compile_cache import cache_root
 
-model = tiny(n_layers=1, n_decoder_layers=1)
-fn = compile_capture(model.capture(RESID))
-tokens, dec, mask, dec_mask = batch(model, 3, 9, 5, 0)
-out = fn(tokens, dec, mask, dec_mask, labels=dec)
-out["loss"].backward()
-print(json.dumps({{"seconds": fn.compile_seconds["training"], "warm": fn.warm["training"],
-                  "loss": out["loss"].item(), "grad": model.embed.W_E.grad.norm().item()}}))
+result = {{"root": str(cache_root())}}
+for name, compiled in (("eager", False), ("compiled", True)):
+    model = tiny(n_layers=1, n_decoder_layers=1)
+    fn = compile_capture(model.capture(RESID)) if compiled else model.capture(RESID)
+    tokens, dec, mask, dec_mask = batch(model, 3, 9, 5, 0)
+    out = fn(tokens, dec, mask, dec_mask, labels=dec)
+    out["loss"].backward()
+    result[name] = [out["loss"].item(), model.embed.W_E.grad.norm().item()]
+result.update(seconds=fn.compile_seconds["training"], warm=fn.warm["training"])
+print(json.dumps(result))
 """
 
 
 @pytest.mark.slow
 def test_a_second_process_loads_the_compiled_training_step_from_the_cache(tmp_path):
-    """Two fresh processes, each with an empty inductor cache of its own: the second finds the first one's
-    artefacts in the t5hooks compile cache and compiles much faster, to the same numbers."""
+    """Two fresh processes, each with an empty inductor cache of its own and the compile cache in its documented
+    default place (`$XDG_CACHE_HOME/t5hooks/compile`): the first announces a cold compile with its expected
+    duration, the second finds the first one's artefacts, says so, and compiles much faster, to the same numbers
+    (equal to eager, forward and backward)."""
     import json
     import os
+    import re
     import subprocess
     import sys
     from pathlib import Path
 
+    from t5hooks import compile_cache
+
     script = WARM_SCRIPT.format(tests=str(Path(__file__).parent))
+    base = {k: v for k, v in os.environ.items() if k != compile_cache.ENV}
     runs = []
     for i in range(2):
-        env = {
-            **os.environ,
-            "T5HOOKS_COMPILE_CACHE": str(tmp_path / "cc"),
-            "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / f"inductor{i}"),
-        }
+        env = {**base, "XDG_CACHE_HOME": str(tmp_path / "xdg"), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / f"ind{i}")}
         done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=900)
         assert done.returncode == 0, done.stderr[-3000:]
         runs.append((json.loads(done.stdout.strip().splitlines()[-1]), done.stderr))
     (cold, cold_err), (warm, warm_err) = runs
+    root = tmp_path / "xdg" / "t5hooks" / "compile"
+    assert cold["root"] == str(root) and len(list(root.glob("*/*.bin"))) == 1  # one entry, in the documented place
     assert not cold["warm"] and warm["warm"]
-    assert "t5hooks: compiling the CaptureModule for training" in cold_err and "from the compile cache" in warm_err
+    said = r"t5hooks: compiling the CaptureModule for training \(one region per stack, cpu\): about \d+ s \("
+    assert re.search(said + "first compile of this work here", cold_err), cold_err[-2000:]
+    assert re.search(said + "from the compile cache; compile time: measured here", warm_err), warm_err[-2000:]
     assert warm["seconds"] < 0.5 * cold["seconds"], (cold["seconds"], warm["seconds"])
-    assert warm["loss"] == cold["loss"] and warm["grad"] == cold["grad"]
+    assert warm["compiled"] == cold["compiled"]  # bit-identical: the same compiled code
+    for run in (cold, warm):
+        assert run["compiled"] == pytest.approx(run["eager"], rel=1e-5)
+    assert compile_cache.clear(root) == 2 and not root.exists()  # the artefacts and their measured-times record

@@ -151,19 +151,21 @@ def child_steady(args: argparse.Namespace) -> dict[str, Any]:
 
 def run_child(argv: list[str], inductor_dir: str) -> dict[str, Any]:
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": inductor_dir}
-    cmd = [sys.executable, "-m", __name__, *argv]
+    cmd = [sys.executable, "-m", "t5hooks.apps.bench.compiling", *argv]  # not __name__: "__main__" under -m
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"benchmark child {' '.join(argv)} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def compile_section(quick: bool = False, repeats: int = 5, skip: Callable[[str], bool] = lambda _: False) -> None:
+def compile_section(
+    quick: bool = False, repeats: int = 5, skip: Callable[[str], bool] = lambda _: False, threads: int | None = None
+) -> None:
     """Run the compile rows and print their table (the compile section of `t5hooks bench cpu`)."""
     variants = [v for v in VARIANTS if not skip(v.split()[0])]
     work = Path(tempfile.mkdtemp(prefix="t5hooks-bench-compile-"))
     caches = {v: str(work / f"cache-{v.replace(' ', '-')}") for v in variants}
-    quick_flag = ["--quick"] if quick else []
+    quick_flag = (["--quick"] if quick else []) + ["--threads", str(threads or os.cpu_count() or 1)]
     print(f"\ncompile cost (load average at start {os.getloadavg()[0]:.1f}) ...", flush=True)
     results: dict[tuple[str, str, str], dict[str, Any]] = {}
     for kind in ("training", "inference"):
@@ -181,7 +183,8 @@ def compile_section(quick: bool = False, repeats: int = 5, skip: Callable[[str],
         "\ncapture training step (forward + backward) and inference forward, "
         f"{'tiny' if quick else 't5-small'} shape, every hook_resid_post captured; compile times from fresh "
         f"processes (CPU s = the process and its C++ compiler children); steady state: median of {repeats} "
-        f"interleaved runs, load average {steady['load'][0]:.1f} -> {steady['load'][1]:.1f}"
+        f"interleaved runs, {threads or os.cpu_count()} torch threads, load average {steady['load'][0]:.1f} -> "
+        f"{steady['load'][1]:.1f} on {os.cpu_count()} cores"
     )
     header = (
         f"{'row':34} {'cold wall s':>11} {'cold CPU s':>10} {'kernels':>7} {'warm wall s':>11} {'warm CPU s':>10} "
@@ -227,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(child_steady(args)))
         return 0
     words = [w.lower() for w in args.skip]
-    compile_section(args.quick, args.repeats, lambda name: any(w in name.lower() for w in words))
+    compile_section(args.quick, args.repeats, lambda name: any(w in name.lower() for w in words), args.threads)
     return 0
 
 
