@@ -9,7 +9,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from t5hooks.interventions.sae_training import SAETrainConfig, train_sae
-from t5hooks.interventions.synthetic import planted_features
+from synthetic import planted_features
 
 CFG = dict(
     architecture="standard",

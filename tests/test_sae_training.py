@@ -12,7 +12,7 @@ from t5hooks.apps.train_tiny import make_batch, random_word
 from t5hooks.interventions.live import LiveActivations, ce_loss_recovered
 from t5hooks.interventions.sae_training import SAETrainConfig, lr_factor, train_sae, train_saes
 from t5hooks.interventions.saelens_format import load_saelens
-from t5hooks.interventions.synthetic import max_cosine, planted_features
+from synthetic import max_cosine, planted_features
 
 
 def cycling(x, batch_size):

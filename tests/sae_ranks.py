@@ -1,0 +1,51 @@
+"""The SAE runs of the distributed test: standard (dead features, resampling on), TopK and BatchTopK (auxiliary
+loss on dead latents), each rank on its slice of every global batch. `torchrun tests/sae_ranks.py OUT` saves rank
+0's SAEs and checks that every rank holds the same weights; the test runs `train_all()` in one process too."""
+
+import sys
+from pathlib import Path
+
+import torch
+
+from synthetic import planted_features
+from t5hooks.interventions import distributed
+from t5hooks.interventions.sae_training import SAETrainConfig, train_sae
+
+GLOBAL_BATCH, STEPS, D_IN = 64, 16, 8
+RUNS = {
+    "standard": dict(l1_coefficient=2.0, resample_every=4, dead_after_tokens=GLOBAL_BATCH),
+    "topk": dict(k=2, dead_after_tokens=GLOBAL_BATCH, aux_coefficient=0.5),
+    "batchtopk": dict(k=2, dead_after_tokens=GLOBAL_BATCH, aux_coefficient=0.5),
+}
+
+
+def batches(x, rank, world):
+    for i in range(STEPS):
+        full = x[i * GLOBAL_BATCH : (i + 1) * GLOBAL_BATCH]
+        share = GLOBAL_BATCH // world
+        yield full[rank * share : (rank + 1) * share]
+
+
+def train_all(rank: int = 0, world: int = 1) -> dict[str, dict]:
+    _, x = planted_features(16, D_IN, GLOBAL_BATCH * STEPS, active=2, seed=2)
+    out = {}
+    for arch, extra in RUNS.items():
+        cfg = SAETrainConfig.for_architecture(arch, d_sae=24, lr=1e-2, total_steps=STEPS, metrics_every=4, **extra)
+        result = train_sae(batches(x, rank, world), D_IN, cfg, progress=False)
+        out[arch] = {"state": result.saes["sae"].state_dict(), "metrics": result.metrics}
+    return out
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo")
+    rank, world = distributed.rank_and_world()
+    results = train_all(rank, world)
+    for arch, result in results.items():  # every rank ends with rank 0's weights, bit for bit
+        for name, value in result["state"].items():
+            mine = value.clone()
+            torch.distributed.broadcast(value, src=0)
+            assert torch.equal(mine, value), (rank, arch, name)
+    if rank == 0:
+        torch.save(results, Path(sys.argv[1]) / "ranks.pt")
+    torch.distributed.destroy_process_group()
