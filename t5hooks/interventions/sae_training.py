@@ -28,6 +28,7 @@ import itertools
 import json
 import math
 import pickle
+import re
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -65,7 +66,7 @@ class SAETrainConfig:
     l1_warmup_steps: int = 0  # standard: the L1 coefficient ramps from 0 (SAELens: l1_warm_up_steps)
     aux_coefficient: float = 1.0  # topk / batchtopk auxiliary loss (SAELens: aux_loss_coefficient)
     aux_k: int | None = None  # dead latents in the auxiliary loss (default d_in // 2)
-    rescale_acts_by_decoder_norm: bool = True  # topk / batchtopk (SAELens's default); folded when training ends
+    rescale_acts_by_decoder_norm: bool | None = None  # None: True for topk / batchtopk (as SAELens), else False
     apply_b_dec_to_input: bool = True
     decoder_init_norm: float = 0.1  # decoder rows start at this norm (SAELens's heuristic init)
     b_dec_init: str = "mean"  # "mean" (global mean of the first batch) | "zeros" (SAELens)
@@ -82,6 +83,11 @@ class SAETrainConfig:
     metrics_every: int = 50
     checkpoint_every: int = 0  # 0 = only at the end
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.rescale_acts_by_decoder_norm is None:
+            self.rescale_acts_by_decoder_norm = self.architecture != "standard"
+        self.adam_betas = tuple(self.adam_betas)
 
     def check(self) -> None:
         """ValueError naming the first field out of range (every number finite, counts positive, ...)."""
@@ -119,12 +125,6 @@ class SAETrainConfig:
             )
         if self.architecture == "standard" and self.rescale_acts_by_decoder_norm:
             raise ValueError("rescale_acts_by_decoder_norm is for topk/batchtopk (the ReLU SAE's L1 uses the norms)")
-
-    @classmethod
-    def for_architecture(cls, architecture: str, **kwargs: Any) -> SAETrainConfig:
-        """Defaults for `architecture` (the ReLU SAE trains without decoder-norm rescaling, as in SAELens)."""
-        kwargs.setdefault("rescale_acts_by_decoder_norm", architecture != "standard")
-        return cls(architecture=architecture, **kwargs)
 
     @classmethod
     def from_saelens(cls, sae_cfg: Any, trainer_cfg: Any, **changes: Any) -> SAETrainConfig:
@@ -529,11 +529,11 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        reason = str(err).strip().splitlines()
-        why = next((line for line in reason if "Unsupported global" in line or "GLOBAL" in line), reason[0] if reason else "")
+        found = re.search(r"WeightsUnpickler error:\s*(.*?)(?: was not an allowed global|\n\n|$)", str(err), re.S)
+        why = " ".join((found.group(1) if found else "").split())[:200]
         raise ValueError(
             f"{path}: refused: it holds Python objects beyond tensors and plain values (loading it could run "
-            f"code); t5hooks checkpoints never do ({why.strip()[:200]})"
+            f"code); t5hooks checkpoints never do ({why or 'the safe unpickler rejected it'})"
         ) from None
     except (RuntimeError, EOFError, OSError) as err:
         if isinstance(err, FileNotFoundError):

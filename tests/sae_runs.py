@@ -1,13 +1,17 @@
-"""The SAE runs of the distributed test: standard (dead features, resampling on), TopK and BatchTopK (auxiliary
-loss on dead latents), each rank on its slice of every global batch. `torchrun tests/sae_ranks.py OUT` saves rank
-0's SAEs and checks that every rank holds the same weights; the test runs `train_all()` in one process too."""
+"""SAE runs shared by tests and the processes they start.
+
+`train_all(rank, world)`: the distributed test's runs: standard (dead features, resampling on), TopK and BatchTopK
+(auxiliary loss on dead latents), each rank on its slice of every global batch. `torchrun tests/sae_runs.py OUT`
+saves rank 0's SAEs and checks that every rank holds the same weights; the test runs `train_all()` in one process.
+`checkpointed_run(out)`: the kill test's run (checkpoints every 4 of 14 steps, resampling, warm-up and decay).
+"""
 
 import sys
 from pathlib import Path
 
 import torch
-
 from synthetic import planted_features
+
 from t5hooks.interventions import distributed
 from t5hooks.interventions.sae_training import SAETrainConfig, train_sae
 
@@ -30,10 +34,35 @@ def train_all(rank: int = 0, world: int = 1) -> dict[str, dict]:
     _, x = planted_features(16, D_IN, GLOBAL_BATCH * STEPS, active=2, seed=2)
     out = {}
     for arch, extra in RUNS.items():
-        cfg = SAETrainConfig.for_architecture(arch, d_sae=24, lr=1e-2, total_steps=STEPS, metrics_every=4, **extra)
+        cfg = SAETrainConfig(architecture=arch, d_sae=24, lr=1e-2, total_steps=STEPS, metrics_every=4, **extra)
         result = train_sae(batches(x, rank, world), D_IN, cfg, progress=False)
         out[arch] = {"state": result.saes["sae"].state_dict(), "metrics": result.metrics}
     return out
+
+
+def checkpointed_run(out, resume: bool = False):
+    _, x = planted_features(16, D_IN, 4096, active=2, seed=1)
+    cfg = SAETrainConfig(
+        architecture="standard",
+        d_sae=24,
+        l1_coefficient=0.5,
+        lr=3e-3,
+        total_steps=14,
+        warmup_steps=3,
+        decay_steps=4,
+        resample_every=5,
+        dead_after_tokens=64,
+        checkpoint_every=4,
+        metrics_every=2,
+    )
+
+    def cycling():
+        i = 0
+        while True:
+            yield x[(i % 64) * 64 : (i % 64 + 1) * 64]
+            i += 1
+
+    return train_sae(cycling(), D_IN, cfg, progress=False, checkpoint_dir=out, resume=resume)
 
 
 if __name__ == "__main__":
