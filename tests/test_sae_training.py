@@ -9,7 +9,7 @@ import torch
 from synthetic import max_cosine, planted_features
 
 from t5hooks import HookedEncoderDecoder
-from t5hooks.apps.train_tiny import make_batch, random_word
+from t5hooks.apps.reversal_task import make_batch, random_word
 from t5hooks.interventions.live import LiveActivations, ce_loss_recovered
 from t5hooks.interventions.sae_training import SAETrainConfig, l1_factor, lr_factor, train_sae, train_saes
 
