@@ -10,7 +10,7 @@ import torch
 from t5hooks import HookedEncoderDecoder
 from t5hooks.interventions.live import LiveActivations
 from t5hooks.interventions.sae_training import SAETrainConfig, train_saes
-from t5hooks.interventions.training import train_probe
+from t5hooks.interventions.spliced_training import train_probe
 from t5hooks.store import extract
 
 PROMPTS = ["a red fox", "the quick brown fox", "hello"] * 2

@@ -458,11 +458,15 @@ class SAETrainer:
             "metrics": [dict(m) for m in self.metrics],
         }
 
-    def load_state_dict(self, state: Mapping[str, Any], *, override: Sequence[str] = (), source: str = "checkpoint") -> None:
+    def load_state_dict(
+        self, state: Mapping[str, Any], *, override: Sequence[str] = (), source: str = "checkpoint"
+    ) -> None:
         """Continue from `state`; its configuration must equal this run's except the `override` fields
         (ValueError naming every difference otherwise)."""
         if dict(state["d_ins"]) != self.d_ins:
-            raise ValueError(f"{source} trains SAEs for {dict(state['d_ins'])} ({{hook: d_in}}); this run for {self.d_ins}")
+            raise ValueError(
+                f"{source} trains SAEs for {dict(state['d_ins'])} ({{hook: d_in}}); this run for {self.d_ins}"
+            )
         check_resume_config(state["config"], self.cfg.to_dict(), override, source)
         for hook, sae in self.saes.items():
             sae.load_state_dict(state["saes"][hook])

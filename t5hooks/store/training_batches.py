@@ -22,14 +22,11 @@ import math
 import struct
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
-
-if TYPE_CHECKING:
-    from .reader import ActivationStore
 
 # safetensors dtype names -> (numpy dtype to map the bytes, torch dtype to view them as)
 _MAPPED = {
@@ -48,7 +45,7 @@ class StoreBatches:
 
     def __init__(
         self,
-        store: ActivationStore,
+        store: Any,  # an ActivationStore
         hooks: str | Sequence[str],
         batch_size: int,
         seed: int = 0,

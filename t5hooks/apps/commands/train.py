@@ -139,7 +139,7 @@ def cmd_train_sae(args: argparse.Namespace) -> int:
 
 
 def cmd_train_probe(args: argparse.Namespace) -> int:
-    from ...interventions.training import train_probe
+    from ...interventions.spliced_training import train_probe
 
     _need_data(args, "--data")
     model = _model(args)
@@ -166,7 +166,7 @@ def cmd_train_probe(args: argparse.Namespace) -> int:
 
 
 def cmd_train_das(args: argparse.Namespace) -> int:
-    from ...interventions.training import train_das
+    from ...interventions.spliced_training import train_das
 
     _need_data(args, "--data")
     model = _model(args)
