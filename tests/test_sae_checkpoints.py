@@ -117,7 +117,7 @@ def test_checkpoint_holds_plain_values_and_code_is_refused(tmp_path, monkeypatch
 def test_resume_checks_the_configuration(tmp_path):
     out = tmp_path / "run"
     small_run(out)
-    with pytest.raises(ValueError, match=r"lr: .* has 0.0003, this run 0.001.*--override lr"):
+    with pytest.raises(ValueError, match=r"this run differs from .*lr: .* has 0.0003, this run 0.001.*--override lr"):
         small_run(out, lr=1e-3, total_steps=6)  # (total_steps too)
     with pytest.raises(ValueError, match=r"cannot continue with a different d_sae: 16 -> 32"):
         small_run(out, d_sae=32)
@@ -129,5 +129,5 @@ def test_resume_checks_the_configuration(tmp_path):
                        override=["lr", "total_steps"])  # fmt: skip
     assert [m["step"] for m in result.metrics] == [2, 4, 6]
     assert load_checkpoint(out / "checkpoint.pt")["config"]["lr"] == 1e-3
-    with pytest.raises(ValueError, match=r"override \['lrr'\]: not configuration fields"):
+    with pytest.raises(ValueError, match=r"override \['lrr'\]: not configuration or data fields"):
         train_sae(iter([]), 8, cfg, progress=False, checkpoint_dir=out, resume=True, override=["lrr"])

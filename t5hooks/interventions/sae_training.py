@@ -266,6 +266,7 @@ class SAETrainer:
         self.generator = torch.Generator().manual_seed(cfg.seed)
         self.b_dec_initialised = cfg.b_dec_init == "zeros"
         self.metrics: list[dict[str, Any]] = []
+        self.data: dict[str, Any] = {}  # what feeds the run (train_saes's `data`), checked on resume
         self.compile = compile
         self._compiled: dict[str, Callable] = {}
         if compile and cfg.architecture == "batchtopk" and distributed.active():
@@ -456,6 +457,7 @@ class SAETrainer:
             "generator": self.generator.get_state(),
             "b_dec_initialised": self.b_dec_initialised,
             "metrics": [dict(m) for m in self.metrics],
+            "data": dict(self.data),
         }
 
     def load_state_dict(
@@ -467,7 +469,8 @@ class SAETrainer:
             raise ValueError(
                 f"{source} trains SAEs for {dict(state['d_ins'])} ({{hook: d_in}}); this run for {self.d_ins}"
             )
-        check_resume_config(state["config"], self.cfg.to_dict(), override, source)
+        check_resume_config(state["config"], self.cfg.to_dict(), override, source, strict_keys=False)
+        check_resume_config(state["data"], self.data, override, f"{source} (its data)", strict_keys=False)
         for hook, sae in self.saes.items():
             sae.load_state_dict(state["saes"][hook])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -501,11 +504,17 @@ class SAETrainer:
 
 
 def check_resume_config(
-    saved: Mapping[str, Any], current: Mapping[str, Any], override: Sequence[str], source: str = "checkpoint"
+    saved: Mapping[str, Any],
+    current: Mapping[str, Any],
+    override: Sequence[str],
+    source: str = "checkpoint",
+    *,
+    strict_keys: bool = True,
 ) -> None:
     """ValueError listing every field where `saved` and `current` differ, unless named in `override`
-    (bookkeeping fields excepted); fields that fix the parameters' shapes cannot be overridden."""
-    unknown = [name for name in override if name not in current]
+    (bookkeeping fields excepted); fields that fix the parameters' shapes cannot be overridden.
+    `strict_keys=False`: `override` may name fields `current` does not have (they belong to another check)."""
+    unknown = [name for name in override if name not in current] if strict_keys else []
     if unknown:
         raise ValueError(f"override {unknown}: not configuration fields; valid: {', '.join(current)}")
     diffs, fixed = [], []
@@ -522,7 +531,7 @@ def check_resume_config(
     if diffs:
         names = ",".join(d.split(":")[0] for d in diffs)
         raise ValueError(
-            f"this run's configuration differs from the {source}'s: {'; '.join(diffs)} "
+            f"this run differs from {source}: {'; '.join(diffs)} "
             f"(to change them deliberately: override={names!r} / --override {names.replace(',', ' ')})"
         )
 
@@ -581,19 +590,27 @@ def train_saes(
     compile: bool = False,
     progress: bool = True,
     evaluate: Callable[[Mapping[str, SAE]], Mapping[str, float]] | None = None,
+    data: Mapping[str, Any] | None = None,
 ) -> TrainResult:
     """Train one SAE per hook of `d_ins` (`{hook: d_in}`) for `cfg.total_steps` batches of `source`.
 
     `evaluate(saes) -> {metric: value}` adds metrics at each metrics step (e.g. `ce_loss_recovered`; under
     torchrun every rank calls it). Rank 0 writes `checkpoint.pt`, `metrics.json` and, at the end, each SAE in
     SAELens's format under `checkpoint_dir/<hook>/`. `resume`: continue from `checkpoint_dir/checkpoint.pt` if
-    present (`override`: configuration fields allowed to differ from it).
+    present (`override`: configuration fields allowed to differ from it). `data`: a JSON-able description of
+    what feeds the run (source, batch size, ranks, seed): kept in the checkpoint and, on resume, checked like
+    the configuration (a resumed run skips the batches already consumed, so it must read the same data).
     """
     trainer = SAETrainer(d_ins, cfg, device=device, compile=compile)
+    trainer.data = json.loads(json.dumps(dict(data or {})))
     directory = Path(checkpoint_dir) if checkpoint_dir is not None else None
     if resume:
         if directory is None:
             raise ValueError("resume=True needs checkpoint_dir")
+        known = {*cfg.to_dict(), *trainer.data}
+        unknown = [name for name in override if name not in known]
+        if unknown:
+            raise ValueError(f"override {unknown}: not configuration or data fields; valid: {', '.join(known)}")
         path = directory / CHECKPOINT_NAME
         if path.exists():
             trainer.load_state_dict(load_checkpoint(path), override=override, source=str(path))
