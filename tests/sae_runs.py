@@ -3,6 +3,7 @@
 `train_all(rank, world)`: the distributed test's runs: standard (dead features, resampling on), TopK and BatchTopK
 (auxiliary loss on dead latents), each rank on its slice of every global batch. `torchrun tests/sae_runs.py OUT`
 saves rank 0's SAEs and checks that every rank holds the same weights; the test runs `train_all()` in one process.
+`probe_run(rank, world)`: a probe trained the same way (spliced_training under torchrun).
 `checkpointed_run(out)`: the kill test's run (checkpoints every 4 of 14 steps, resampling, warm-up and decay).
 """
 
@@ -40,6 +41,28 @@ def train_all(rank: int = 0, world: int = 1) -> dict[str, dict]:
     return out
 
 
+def probe_run(rank: int = 0, world: int = 1) -> dict:
+    """A regression probe on t5hooks-tiny, each rank on its slice of every global batch of 8 equal-length words
+    (equal token counts per rank: the ranks' mean gradient is the global batch's)."""
+    from t5hooks import HookedEncoderDecoder
+    from t5hooks.interventions import train_probe
+
+    model = HookedEncoderDecoder.from_pretrained("t5hooks-tiny").requires_grad_(False)
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(3, 120, (6, 8, 5), generator=g)
+    targets = torch.randn(6, 8, 5, 3, generator=g)
+    share = 8 // world
+
+    def batches():
+        for t, y in zip(tokens, targets):
+            sl = slice(rank * share, (rank + 1) * share)
+            yield {"input": t[sl], "targets": y[sl]}
+
+    torch.manual_seed(rank)  # different initial probes on each rank: rank 0's is broadcast
+    result = train_probe(model, "encoder.1.hook_resid_post", batches(), 3, task="regression", steps=6, lr=1e-2)
+    return result.interventions["encoder.1.hook_resid_post"].state_dict()
+
+
 def checkpointed_run(out, resume: bool = False):
     _, x = planted_features(16, D_IN, 4096, active=2, seed=1)
     cfg = SAETrainConfig(
@@ -70,6 +93,7 @@ if __name__ == "__main__":
     torch.distributed.init_process_group("gloo")
     rank, world = distributed.rank_and_world()
     results = train_all(rank, world)
+    results["probe"] = {"state": probe_run(rank, world)}
     for arch, result in results.items():  # every rank ends with rank 0's weights, bit for bit
         for name, value in result["state"].items():
             mine = value.clone()

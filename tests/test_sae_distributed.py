@@ -1,6 +1,7 @@
 """SAE training under a real `torchrun` (2 gloo ranks on CPU): each rank on half of every global batch, the ranks
 end with bit-identical SAEs equal (fp32 round-off) to one process on the whole batches, for ReLU with dead-feature
-resampling, TopK and BatchTopK with the auxiliary loss on dead latents (the runs: sae_runs.py)."""
+resampling, TopK and BatchTopK with the auxiliary loss on dead latents; and a probe trained by the spliced-
+intervention trainer (the runs: sae_runs.py)."""
 
 import os
 import subprocess
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from sae_runs import train_all
+from sae_runs import probe_run, train_all
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -34,3 +35,5 @@ def test_torchrun_two_ranks_equal_one_process(tmp_path):
     for arch in ("topk", "batchtopk"):  # latents died: the auxiliary loss ran
         assert max(m["sae/dead_fraction"] for m in one[arch]["metrics"]) > 0
     assert float(one["batchtopk"]["state"]["threshold"][0]) > 0
+    for name, value in probe_run().items():  # the probe trainer under torchrun too
+        torch.testing.assert_close(two["probe"]["state"][name], value, atol=1e-5, rtol=0, msg=f"probe {name}")
