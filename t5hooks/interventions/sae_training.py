@@ -223,9 +223,10 @@ def l1_factor(step: int, cfg: SAETrainConfig) -> float:
 class SAETrainer:
     """One SAE per hook, one optimiser, trained together from `{hook: [tokens, d_in]}` batches.
 
-    `device`: where the SAEs train (None: the device of the first batch). `compile`: run each SAE's step as one
-    `torch.compile`d graph of the dense formulation (it pays only where dense GEMMs are cheap relative to
-    Python overhead; on CPU the eager sparse kernels are faster, see `t5hooks bench sae`)."""
+    `device`: where the SAEs train (None: the device of the first batch). `compile`: run each SAE's loss as one
+    `torch.compile(fullgraph=True)` graph of the dense formulation (True: the default backend, or a backend name);
+    one graph for the whole run (the L1 warm-up, the dead-feature masks and the global token count are tensor
+    inputs). Off by default: on CPU the eager sparse kernels are faster (measured by `t5hooks bench sae`)."""
 
     def __init__(
         self,
@@ -233,7 +234,7 @@ class SAETrainer:
         cfg: SAETrainConfig,
         *,
         device: torch.device | str | None = None,
-        compile: bool = False,
+        compile: bool | str = False,
     ) -> None:
         cfg.check()
         if not d_ins:
@@ -336,7 +337,8 @@ class SAETrainer:
             if distributed.is_main():
                 print(f"compiling the SAE training step for {hook} (torch.compile; the first step takes tens of "
                       "seconds on CPU)...", file=sys.stderr, flush=True)  # fmt: skip
-            self._compiled[hook] = torch.compile(dense_training_step, fullgraph=True)
+            backend = self.compile if isinstance(self.compile, str) else "inductor"
+            self._compiled[hook] = torch.compile(dense_training_step, fullgraph=True, backend=backend)
         constants = dict(architecture=cfg.architecture, k=cfg.k, aux_k=cfg.aux_k or sae.d_in // 2)
         scalars = torch.tensor([l1, cfg.aux_coefficient, float(n_global)], dtype=torch.float32, device=x.device)
         loss, x_hat, fired, threshold = self._compiled[hook](sae, x, dead, scalars, **constants)
@@ -587,7 +589,7 @@ def train_saes(
     resume: bool = False,
     override: Sequence[str] = (),
     device: torch.device | str | None = None,
-    compile: bool = False,
+    compile: bool | str = False,
     progress: bool = True,
     evaluate: Callable[[Mapping[str, SAE]], Mapping[str, float]] | None = None,
     data: Mapping[str, Any] | None = None,
