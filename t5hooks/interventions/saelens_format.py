@@ -74,8 +74,6 @@ def load_saelens(directory: str | Path, *, device: str | torch.device | None = N
             f"{cfg_path}: normalize_activations={norm!r} is not supported (only 'none'); the SAE expects "
             "activations rescaled by statistics this folder does not hold"
         )
-    if cfg.get("rescale_acts_by_decoder_norm"):
-        raise ValueError(f"{cfg_path}: rescale_acts_by_decoder_norm=true is not supported")
     if (cfg.get("reshape_activations") or "none") != "none":
         raise ValueError(
             f"{cfg_path}: reshape_activations={cfg['reshape_activations']!r} is not supported (only 'none')"
@@ -94,6 +92,7 @@ def load_saelens(directory: str | Path, *, device: str | torch.device | None = N
         d_sae,
         k=k,
         apply_b_dec_to_input=bool(cfg.get("apply_b_dec_to_input", True)),
+        rescale_acts_by_decoder_norm=bool(cfg.get("rescale_acts_by_decoder_norm", False)),
         dtype=dtype,
         **kwargs,
     )

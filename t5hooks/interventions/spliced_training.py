@@ -207,6 +207,7 @@ def train_das(
     positions: Sequence[int] | None = None,
     steps: int = 200,
     lr: float = 1e-2,
+    das: RotatedSubspaceInterchange | None = None,
     **kwargs: Any,
 ) -> InterventionResult:
     """Distributed alignment search at `hook`: a rank-`k` subspace such that interchanging it from the source
@@ -217,10 +218,15 @@ def train_das(
     `decoder_input` / `source_decoder_input` (default: `labels` shifted right, for both runs). Each step runs
     the source only up to `hook` (the encoder alone for an encoder hook), without autograd, then the base run
     with the interchange; the loss is the base run's LM loss. (`RotatedSubspaceInterchange` also takes the two
-    runs stacked in one batch, `interchange_batch`, for a capture of your own.)
+    runs stacked in one batch, `interchange_batch`, for a capture of your own.) `das`: a module to continue
+    training (e.g. a previous run's, or one initialised like another library's); then `k` and `positions` are
+    its own.
     """
     device = _device(model)
-    das = RotatedSubspaceInterchange(_width(model, hook), k, positions=positions)
+    if das is None:
+        das = RotatedSubspaceInterchange(_width(model, hook), k, positions=positions)
+    elif das.k != k:
+        raise ValueError(f"das has rank {das.k}, k={k}")
     encoder_hook = model.layout.spec(hook).stack == "encoder" and hasattr(model, "decode")
     source_run = EncoderCaptureModule(model, [hook]) if encoder_hook else CaptureModule(model, [hook])
 

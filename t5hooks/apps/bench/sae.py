@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import io
 import os
 import statistics
@@ -210,9 +211,8 @@ def main(argv: list[str] | None = None) -> int:
         results: dict[str, list] = {row: [] for row in rows}
         for _ in range(args.rounds):
             for row in rows:
-                results[row].append(
-                    timed_run(lambda: Run(row, architecture, args, init, d_in), batches, held_out, args.eval_every)
-                )
+                make = functools.partial(Run, row, architecture, args, init, d_in)
+                results[row].append(timed_run(make, batches, held_out, args.eval_every))
         _report(architecture, results, args.eval_every, args.steps)
     if args.store:
         _store_rows(args)
