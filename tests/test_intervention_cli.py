@@ -70,6 +70,8 @@ def test_train_errors_come_before_any_work(tmp_path, capsys):
         (["--override", "lr"], "--override changes a resumed run's settings: it needs --resume"),
         (["--store", str(tmp_path), "--model", "t5-small"], "--store trains from stored activations"),
         (["--model", "some/model"], "--text is required for models other than t5hooks-tiny"),
+        *([(["--device", "cuda"], "CUDA is not available here")] if not torch.cuda.is_available() else []),
+        (["--device", "tpu"], "--device 'tpu' is not a device"),
     ]:
         assert main([*base, *extra, "--debug"]) == 2, extra  # --debug is taken by every subcommand
         assert message in capsys.readouterr().err, extra

@@ -84,3 +84,14 @@ def test_live_activations_several_hooks_one_forward():
         assert last[f"{hook}/explained_variance"] > 0.5
         assert last[f"{hook}/ce_loss_recovered"] > 0.3
     assert result.tokens_per_second > 0
+
+
+@pytest.mark.parametrize("architecture", ["standard", "topk"])
+def test_training_starts_near_a_sensible_reconstruction(architecture):
+    """Decoder rows start at norm 0.1 (SAELens's init) and the decoder bias at the data mean: the first step's
+    reconstruction explains about nothing instead of being several times the input (EV far below 0)."""
+    _, x = planted_features(256, 64, 2048, active=8, seed=3)
+    x = x + 2.0  # a mean offset, as residual streams have
+    cfg = SAETrainConfig(architecture=architecture, d_sae=1024, k=16, total_steps=1, metrics_every=1)
+    first = train_sae([x], 64, cfg, progress=False).metrics[0]["sae/explained_variance"]
+    assert -0.2 < first < 0.5, first

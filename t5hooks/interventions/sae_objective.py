@@ -123,17 +123,20 @@ def _standard_dense(sae: SAE, x: Tensor, obj: Objective, n_global: int, b_dec: T
 
 @torch.no_grad()
 def global_kth_largest(values: Tensor, k: int) -> Tensor:
-    """The k-th largest entry of `values` over every rank (k counts the global batch), identical on every rank:
-    each rank offers its own k largest, all ranks see all offers. A scalar tensor."""
+    """The k-th largest entry of `values` over every rank (k counts the global batch), identical on every rank
+    (-inf when there are fewer than k): each rank offers its entries at or above its own k-th largest (the
+    global top k is among them), every rank selects from all offers. A scalar tensor."""
     flat = values.reshape(-1)
-    local = flat.topk(min(k, flat.numel())).values
-    if distributed.active():
-        offer = flat.new_full((k,), -torch.inf)
-        offer[: local.numel()] = local
-        local = distributed.gather_rows(offer)
-        local = local.topk(min(k, local.numel())).values
-    return local[-1] if local.numel() >= k else local.new_tensor(-torch.inf)
+    local = _kth_largest(flat, min(k, flat.numel()))
+    if not distributed.active():
+        return local if flat.numel() >= k else local.new_tensor(-torch.inf)
+    offers = distributed.gather_rows(flat[flat >= local])
+    return _kth_largest(offers, k) if offers.numel() >= k else local.new_tensor(-torch.inf)
 
+
+def _kth_largest(flat: Tensor, k: int) -> Tensor:
+    """Selection, not sorting: `kthvalue` is several times faster than `topk(k)` for k in the tens of thousands."""
+    return flat.kthvalue(flat.numel() - k + 1).values
 
 def dense_training_step(
     sae: SAE, x: Tensor, dead: Tensor, scalars: Tensor, *, architecture: str, k: int, aux_k: int

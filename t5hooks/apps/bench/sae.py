@@ -128,21 +128,24 @@ class Run:
             self.trainer.train_step({"h": batch})
 
     @torch.no_grad()
-    def ev(self, x: Tensor) -> float:
+    def ev(self, x: Tensor) -> tuple[float, float]:
+        """(explained variance, L0) on `x`."""
         if self.kind == "SAELens":
-            x_hat = self.sae.decode(self.sae.encode(x))
+            features = self.sae.encode(x)
+            x_hat, l0 = self.sae.decode(features), float((features != 0).sum()) / x.shape[0]
         else:
             sae, cfg = self.trainer.saes["h"], self.cfg
             obj = Objective(cfg.architecture, cfg.k, 0.0, 0.0, cfg.aux_k, 0.0)
             dead = torch.zeros(cfg.d_sae, dtype=torch.bool)
-            x_hat = training_step(sae, x, obj, dead, x.shape[0]).x_hat
-        return float(1 - (x - x_hat).square().sum() / (x - x.mean(0)).square().sum())
+            r = training_step(sae, x, obj, dead, x.shape[0])
+            x_hat, l0 = r.x_hat, r.active / x.shape[0]
+        return float(1 - (x - x_hat).square().sum() / (x - x.mean(0)).square().sum()), l0
 
 
 def timed_run(
     make: Callable[[], Run], batches: Callable[[], Any], held_out: Tensor, eval_every: int
 ) -> tuple[float, dict[int, float], float]:
-    """(tokens/s over the timed steps, {step: held-out EV}, load average during the run)."""
+    """(tokens/s over the timed steps, {step: (held-out EV, L0)}, load average during the run)."""
     run = make()
     curve: dict[int, float] = {}
     seconds, tokens = 0.0, 0
@@ -175,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--architectures", nargs="+", default=list(SAELENS_CLASSES), choices=list(SAELENS_CLASSES))
     parser.add_argument("--compile", action="store_true", help="add compiled rows (inductor)")
     parser.add_argument("--store", action="store_true", help="add store-fed rows (TopK; tiny model activations)")
+    parser.add_argument("--no-mean-row", action="store_true", help="skip the b_dec = mean row")
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
     try:
@@ -195,7 +199,8 @@ def main(argv: list[str] | None = None) -> int:
         f"load average {os.getloadavg()[0]:.1f} at start",
         flush=True,
     )
-    rows = ["SAELens", "t5hooks", "t5hooks, b_dec = mean"] + (["t5hooks compiled"] if args.compile else [])
+    rows = ["SAELens", "t5hooks"] + ([] if args.no_mean_row else ["t5hooks, b_dec = mean"])
+    rows += ["t5hooks compiled"] if args.compile else []
     batches = lambda: train.split(args.batch_size)  # noqa: E731
     for architecture in args.architectures:
         torch.manual_seed(0)
@@ -223,12 +228,13 @@ def _report(architecture: str, results: dict[str, list], eval_every: int, steps:
     points = list(range(eval_every, steps + 1, eval_every))
     base = statistics.median(r[0] for r in results["SAELens"])
     head = " ".join(f"{'EV@' + str(p):>8}" for p in points)
-    print(f"\n{architecture:<10} {'trainer':<22} {'tokens/s':>10} {'vs SAELens':>10} {head} {'load':>6}")
+    print(f"\n{architecture:<10} {'trainer':<22} {'tokens/s':>10} {'vs SAELens':>10} {head} {'L0':>7} {'load':>6}")
     for row, runs in results.items():
         rate = statistics.median(r[0] for r in runs)
-        evs = " ".join(f"{statistics.median(r[1][p] for r in runs):>8.4f}" for p in points)
+        evs = " ".join(f"{statistics.median(r[1][p][0] for r in runs):>8.4f}" for p in points)
+        l0 = statistics.median(r[1][points[-1]][1] for r in runs)
         load = statistics.median(r[2] for r in runs)
-        print(f"{'':<10} {row:<22} {rate:>10,.0f} {rate / base:>9.2f}x {evs} {load:>6.1f}", flush=True)
+        print(f"{'':<10} {row:<22} {rate:>10,.0f} {rate / base:>9.2f}x {evs} {l0:>7.1f} {load:>6.1f}", flush=True)
 
 
 def _store_rows(args: argparse.Namespace) -> None:
