@@ -35,7 +35,7 @@ class Objective:
     l1_coefficient: float = 0.0  # this step's value (after any warm-up)
     aux_coefficient: float = 1.0
     aux_k: int | None = None
-    sparse_below: float = 0.05  # standard: sparse kernels when the last step's feature density was below this
+    sparse_below: float = 0.2  # standard: sparse kernels when the last step's feature density was below this
 
 
 @dataclass

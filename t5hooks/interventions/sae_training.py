@@ -79,7 +79,7 @@ class SAETrainConfig:
     decay_steps: int = 0  # linear decay to 0 over the last decay_steps (SAELens: lr_decay_steps)
     dead_after_tokens: int = 4_096_000  # dead: not fired for more than this many tokens (SAELens: 1000 steps x 4096)
     resample_every: int = 0  # standard: resample dead features every N steps (0 = never; not in SAELens)
-    sparse_below: float = 0.05  # standard: sparse kernels once fewer than this fraction of features are active
+    sparse_below: float = 0.2  # standard: sparse kernels below this active fraction (the break-even measured on CPU)
     metrics_every: int = 50
     checkpoint_every: int = 0  # 0 = only at the end
     seed: int = 0

@@ -91,13 +91,13 @@ def run_sae_demo(out_dir: str | Path = "t5hooks-sae-demo", steps: int = 300, see
             ) from None
     out_dir.mkdir(parents=True, exist_ok=True)
     model = HookedEncoderDecoder.from_pretrained("t5hooks-tiny").requires_grad_(False)
-    print(f"1. TopK SAE (d_sae 512, k 8) on {HOOK}, live activations of random words")
+    print(f"1. TopK SAE (d_sae 512, k 4) on {HOOK}, live activations of random words")
     cpu, wall = time.process_time(), time.perf_counter()
     live = LiveActivations(model, [HOOK], data.word_batches(model.tokenizer, 64, seed))
     cfg = SAETrainConfig(
         architecture="topk",
         d_sae=512,
-        k=8,
+        k=4,  # few features per token: a character is carried by one feature, whose ablation breaks it
         lr=3e-3,
         total_steps=steps,
         decay_steps=steps // 5,
