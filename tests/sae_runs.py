@@ -1,9 +1,13 @@
 """SAE runs shared by tests and the processes they start.
 
-`train_all(rank, world)`: the distributed test's runs: standard (dead features, resampling on), TopK and BatchTopK
-(auxiliary loss on dead latents), each rank on its slice of every global batch. `torchrun tests/sae_runs.py OUT`
-saves rank 0's SAEs and checks that every rank holds the same weights; the test runs `train_all()` in one process.
-`probe_run(rank, world)`: a probe trained the same way (spliced_training under torchrun).
+`train_all(rank, world)`: the distributed test's runs: standard, TopK and BatchTopK, each with dead features and
+resampling on (TopK / BatchTopK also with the auxiliary loss on dead latents), each rank on its slice of every
+global batch. `probe_run(rank, world)`: a probe trained the same way (spliced_training under torchrun).
+`tiny_store(path)`: a small store of t5hooks-tiny activations; `CLI_ARGS`: a `t5hooks train sae --store` run on it.
+`torchrun tests/sae_runs.py OUT STORE` (one launch for all of it) joins the process group as the CLI does
+(`apps.common.process_group`), runs the library runs, checks that every rank holds rank 0's weights bit for bit
+and saves them to OUT/ranks.pt, then runs the CLI on STORE in that group (per-rank `--batch-size 16`; rank 0
+writes OUT/cli); the test repeats each in one process.
 `checkpointed_run(out)`: the kill test's run (checkpoints every 4 of 14 steps, resampling, warm-up and decay).
 """
 
@@ -19,8 +23,8 @@ from t5hooks.interventions.sae_training import SAETrainConfig, train_sae
 GLOBAL_BATCH, STEPS, D_IN = 64, 16, 8
 RUNS = {
     "standard": dict(l1_coefficient=2.0, resample_every=4, dead_after_tokens=GLOBAL_BATCH),
-    "topk": dict(k=2, dead_after_tokens=GLOBAL_BATCH, aux_coefficient=0.5),
-    "batchtopk": dict(k=2, dead_after_tokens=GLOBAL_BATCH, aux_coefficient=0.5),
+    "topk": dict(k=2, dead_after_tokens=GLOBAL_BATCH, aux_coefficient=0.5, resample_every=5),
+    "batchtopk": dict(k=2, dead_after_tokens=GLOBAL_BATCH, aux_coefficient=0.5, resample_every=5),
 }
 
 
@@ -63,6 +67,22 @@ def probe_run(rank: int = 0, world: int = 1) -> dict:
     return result.interventions["encoder.1.hook_resid_post"].state_dict()
 
 
+CLI_ARGS = ["train", "sae", "--hook", "hook_embed", "encoder.1.hook_resid_post", "--architecture", "batchtopk",
+            "--d-sae", "32", "--k", "4", "--steps", "5", "--dead-after-steps", "1", "--resample-every", "2",
+            "--device", "cpu"]  # fmt: skip
+
+
+def tiny_store(path: Path) -> Path:
+    from t5hooks import HookedEncoderDecoder
+    from t5hooks.store import extract
+
+    model = HookedEncoderDecoder.from_pretrained("t5hooks-tiny")
+    words = [" ".join(["hooked", "sparse", "features", "of", "tiny", "models"][: 1 + i % 6]) for i in range(60)]
+    extract(model, words, ["hook_embed", "encoder.0.hook_resid_pre", "encoder.1.hook_resid_post"], path,
+            window=16, backend="eager", progress=False)  # fmt: skip
+    return path
+
+
 def checkpointed_run(out, resume: bool = False):
     _, x = planted_features(16, D_IN, 4096, active=2, seed=1)
     cfg = SAETrainConfig(
@@ -89,16 +109,22 @@ def checkpointed_run(out, resume: bool = False):
 
 
 if __name__ == "__main__":
+    from t5hooks.apps.cli import main
+    from t5hooks.apps.common import process_group
+
     torch.set_num_threads(1)
-    torch.distributed.init_process_group("gloo")
-    rank, world = distributed.rank_and_world()
-    results = train_all(rank, world)
-    results["probe"] = {"state": probe_run(rank, world)}
-    for arch, result in results.items():  # every rank ends with rank 0's weights, bit for bit
-        for name, value in result["state"].items():
-            mine = value.clone()
-            torch.distributed.broadcast(value, src=0)
-            assert torch.equal(mine, value), (rank, arch, name)
-    if rank == 0:
-        torch.save(results, Path(sys.argv[1]) / "ranks.pt")
-    torch.distributed.destroy_process_group()
+    out, store = Path(sys.argv[1]), sys.argv[2]
+    with process_group("cpu") as (rank, world):  # the CLI's own way into the group (gloo on CPU)
+        assert (rank, world) == distributed.rank_and_world() and world == 2
+        results = train_all(rank, world)
+        results["probe"] = {"state": probe_run(rank, world)}
+        for arch, result in results.items():  # every rank ends with rank 0's weights, bit for bit
+            for name, value in result["state"].items():
+                mine = value.clone()
+                torch.distributed.broadcast(value, src=0)
+                assert torch.equal(mine, value), (rank, arch, name)
+        if rank == 0:
+            torch.save(results, out / "ranks.pt")
+        # the CLI in the same group (re-initialising a destroyed group under torchrun is not reliable)
+        if main([*CLI_ARGS, "--store", store, "--batch-size", "16", "--out", str(out / "cli")]) != 0:
+            sys.exit("the CLI run failed")

@@ -1,19 +1,15 @@
 """`t5hooks train sae|probe|das` and `t5hooks sae-demo` end to end on t5hooks-tiny (in process, eager), training
-from an activation store, under torchrun, and every argument checked before any work."""
+from an activation store, and every argument checked before any work (under torchrun: test_sae_distributed.py)."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from sae_runs import tiny_store
 
-from t5hooks import HookedEncoderDecoder
 from t5hooks.apps.cli import main
 from t5hooks.interventions import load_interventions, load_saelens
-from t5hooks.store import extract
 
 ROOT = Path(__file__).resolve().parent.parent
 HOOKS = ["encoder.1.hook_resid_post", "decoder.1.hook_resid_post"]
@@ -82,12 +78,7 @@ def test_train_errors_come_before_any_work(tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    model = HookedEncoderDecoder.from_pretrained("t5hooks-tiny")
-    words = [" ".join(["hooked", "sparse", "features", "of", "tiny", "models"][: 1 + i % 6]) for i in range(60)]
-    path = tmp_path_factory.mktemp("store") / "acts"
-    extract(model, words, ["hook_embed", "encoder.0.hook_resid_pre", "encoder.1.hook_resid_post"], path,
-            window=16, backend="eager", progress=False)  # fmt: skip
-    return path
+    return tiny_store(tmp_path_factory.mktemp("store") / "acts")
 
 
 def test_train_sae_from_a_store(store, tmp_path, capsys):
@@ -103,31 +94,6 @@ def test_train_sae_from_a_store(store, tmp_path, capsys):
     assert load_saelens(out / "hook_embed").hook_name == "hook_embed"
     assert main([*args, "--steps", "6", "--resume", "--override", "steps"]) == 0
     assert json.loads((out / "metrics.json").read_text())[-1]["tokens"] == 6 * 32
-
-
-@pytest.mark.slow
-def test_torchrun_train_sae_from_a_store_equals_one_process(store, tmp_path):
-    """`torchrun --nproc-per-node 2 -m t5hooks.apps.cli train sae --store ... --batch-size 16` = one process with
-    `--batch-size 32`: the same SAEs and the same metrics (which count both ranks' tokens); rank 0 writes."""
-    args = ["train", "sae", "--store", str(store), "--hook", "hook_embed", "encoder.1.hook_resid_post",
-            "--architecture", "batchtopk", "--d-sae", "32", "--k", "4", "--steps", "5", "--dead-after-steps", "1",
-            "--device", "cpu"]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-    run = subprocess.run([*cmd, "-m", "t5hooks.apps.cli", *args, "--batch-size", "16", "--out", str(tmp_path / "two")],
-                         env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)  # fmt: skip
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert run.stdout.count("tokens/s over 2 ranks") == 1  # rank 0 alone reports
-    assert main([*args, "--batch-size", "32", "--out", str(tmp_path / "one")]) == 0
-    two = json.loads((tmp_path / "two" / "metrics.json").read_text())
-    one = json.loads((tmp_path / "one" / "metrics.json").read_text())
-    assert [m["tokens"] for m in two] == [m["tokens"] for m in one] == [5 * 32]
-    for key in one[-1]:
-        assert abs(two[-1][key] - one[-1][key]) < 1e-5, key
-    for hook in ("hook_embed", "encoder.1.hook_resid_post"):
-        a, b = load_saelens(tmp_path / "two" / hook), load_saelens(tmp_path / "one" / hook)
-        for name, value in b.state_dict().items():
-            torch.testing.assert_close(a.state_dict()[name], value, atol=1e-5, rtol=0, msg=f"{hook} {name}")
 
 
 @pytest.mark.slow

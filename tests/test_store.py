@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -336,31 +335,6 @@ def test_bad_input_is_a_clear_error_and_keeps_shards(model: HookedEncoderDecoder
     assert [p.name for p in foreign.iterdir()] == ["notes.txt"]
     with pytest.raises(ValueError, match="not a per-token"):
         extract(model, long, "encoder.0.attn.hook_pattern", tmp_path / "pattern", **kw)
-
-
-def test_batches_shuffled_deterministic_and_ddp_disjoint(model: HookedEncoderDecoder, tmp_path: Path) -> None:
-    extract(model, corpus(40, seed=6), "encoder.1.hook_mlp_out", tmp_path / "s", window=5, backend="eager",
-            progress=False)  # fmt: skip
-    store = ActivationStore(tmp_path / "s")
-    name = "encoder.1.hook_mlp_out"
-    rows = store.load(name)["acts"]
-    n = len(rows)
-    a = list(store.batches(name, 32, seed=0, buffer_rows=128))
-    b = list(store.batches(name, 32, seed=0, buffer_rows=128))
-    c = list(store.batches(name, 32, seed=1, buffer_rows=128))
-    assert all(x.shape == (32, 128) for x in a) and len(a) == n // 32
-    assert all(torch.equal(x, y) for x, y in zip(a, b))
-    assert not torch.equal(torch.cat(a), torch.cat(c))
-    seen = torch.cat(a)
-    assert not torch.equal(seen, rows[: len(seen)])  # shuffled
-    as_rows = lambda t: Counter(tuple(r.tolist()) for r in t)  # a multiset: repeated prompts repeat rows
-    stored = as_rows(rows)
-    assert not as_rows(seen) - stored  # each stored row at most once
-    ranks = [list(store.batches(name, 16, seed=0, rank=r, world_size=2, buffer_rows=64)) for r in range(2)]
-    assert len(ranks[0]) == len(ranks[1]) > 0
-    assert not as_rows(torch.cat(ranks[0] + ranks[1])) - stored  # the ranks' rows are disjoint
-    with pytest.raises(ValueError, match="no hook"):
-        next(store.batches("encoder.0.hook_mlp_out", 4))
 
 
 @pytest.mark.slow

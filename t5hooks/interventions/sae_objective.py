@@ -138,6 +138,7 @@ def _kth_largest(flat: Tensor, k: int) -> Tensor:
     """Selection, not sorting: `kthvalue` is several times faster than `topk(k)` for k in the tens of thousands."""
     return flat.kthvalue(flat.numel() - k + 1).values
 
+
 def dense_training_step(
     sae: SAE, x: Tensor, dead: Tensor, scalars: Tensor, *, architecture: str, k: int, aux_k: int
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:

@@ -8,7 +8,8 @@ The losses, initialisation, optimiser, learning-rate and L1 schedules, gradient 
 are SAELens's (`SAETrainConfig.from_saelens` converts a SAELens configuration exactly; see sae_objective.py for
 the formulas), so its hyper-parameters transfer. Differences, each a choice you can turn off: `b_dec_init="mean"`
 (the decoder bias starts at the data mean, so the first reconstructions are not off by the mean; SAELens starts
-at zero) and, for the ReLU SAE, `resample_every` (dead features re-initialised towards badly reconstructed inputs).
+at zero) and `resample_every` (dead features re-initialised towards badly reconstructed inputs; off by default,
+for any architecture: TopK and BatchTopK also have SAELens's auxiliary loss on dead latents).
 
 Under `torchrun` (torch.distributed initialised) each rank feeds its own share of every global batch and the
 ranks train one set of SAEs equal to one process on the global batch (see distributed.py): gradients, dead
@@ -78,7 +79,7 @@ class SAETrainConfig:
     warmup_steps: int = 0  # linear warm-up (SAELens: lr_warm_up_steps)
     decay_steps: int = 0  # linear decay to 0 over the last decay_steps (SAELens: lr_decay_steps)
     dead_after_tokens: int = 4_096_000  # dead: not fired for more than this many tokens (SAELens: 1000 steps x 4096)
-    resample_every: int = 0  # standard: resample dead features every N steps (0 = never; not in SAELens)
+    resample_every: int = 0  # resample dead features every N steps (0 = never; not in SAELens)
     sparse_below: float = 0.2  # standard: sparse kernels below this active fraction (the break-even measured on CPU)
     metrics_every: int = 50
     checkpoint_every: int = 0  # 0 = only at the end
@@ -321,7 +322,7 @@ class SAETrainer:
         self._update_counters(results, n_global)
         self.step += 1
         self.tokens_seen += n_global[next(iter(self.saes))]
-        if cfg.architecture == "standard" and cfg.resample_every and self.step % cfg.resample_every == 0:
+        if cfg.resample_every and self.step % cfg.resample_every == 0:
             for hook in self.saes:
                 self.resample_dead(hook, xs[hook])
         self._last = (xs, results, n_global)

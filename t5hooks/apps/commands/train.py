@@ -79,6 +79,9 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     sae.add_argument("--l1", type=float, default=5.0, help="L1 coefficient (standard)")
     sae.add_argument("--dead-after-steps", type=int, default=40, help="a feature that has not fired for more than "
                      "this many steps' tokens is dead (default: %(default)s)")  # fmt: skip
+    sae.add_argument("--resample-every", type=int, default=None, metavar="STEPS", help="re-initialise dead features "
+                     "every STEPS steps, 0 = never (default: 100 for standard, 0 for topk/batchtopk, whose "
+                     "auxiliary loss revives dead latents)")  # fmt: skip
     sae.add_argument("--text", default=None, help="text file, one input per line")
     sae.add_argument("--checkpoint-every", type=int, default=100)
     sae.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
@@ -133,6 +136,7 @@ def _check_numbers(args: argparse.Namespace) -> None:
     """Every numeric option in range (finite, positive where it counts something), before anything is loaded."""
     ints = {"--steps": (args.steps, 1), "--batch-size": (args.batch_size, 1)}
     for option, attr, low in (("--d-sae", "d_sae", 1), ("--k", "k", 1), ("--checkpoint-every", "checkpoint_every", 0),
+                              ("--resample-every", "resample_every", 0),
                               ("--classes", "classes", 2), ("--dead-after-steps", "dead_after_steps", 1)):  # fmt: skip
         if getattr(args, attr, None) is not None:
             ints[option] = (getattr(args, attr), low)
@@ -146,6 +150,14 @@ def _check_numbers(args: argparse.Namespace) -> None:
         raise CliError(f"--l1 must be a finite number >= 0, got {l1}")
     if getattr(args, "architecture", "standard") != "standard" and args.k > args.d_sae:
         raise CliError(f"--k {args.k} must not exceed --d-sae {args.d_sae}")
+
+
+def _resample_every(args: argparse.Namespace) -> int:
+    """--resample-every, or its default: 100 steps for the ReLU SAE, never for TopK / BatchTopK (their auxiliary
+    loss on dead latents is SAELens's remedy)."""
+    if args.resample_every is not None:
+        return args.resample_every
+    return 100 if args.architecture == "standard" else 0
 
 
 def _check_out(args: argparse.Namespace, files: tuple[str, ...], resumable: bool) -> Path:
@@ -236,7 +248,7 @@ def cmd_train_sae(args: argparse.Namespace) -> int:
             warmup_steps=min(20, args.steps // 10),
             decay_steps=args.steps // 5,
             dead_after_tokens=args.dead_after_steps * step_tokens,
-            resample_every=100 if args.architecture == "standard" else 0,
+            resample_every=_resample_every(args),
             metrics_every=max(1, min(50, args.steps)),
             checkpoint_every=args.checkpoint_every,
             seed=args.seed,
