@@ -2,7 +2,8 @@
 
 `train_all(rank, world)`: the distributed test's runs: standard, TopK and BatchTopK, each with dead features and
 resampling on (TopK / BatchTopK also with the auxiliary loss on dead latents), each rank on its slice of every
-global batch. `probe_run(rank, world)`: a probe trained the same way (spliced_training under torchrun).
+global batch. `probe_run(rank, world)`, `das_run(rank, world)`: a probe and a DAS rotation trained the same way
+(spliced_training under torchrun).
 `tiny_store(path)`: a small store of t5hooks-tiny activations; `CLI_ARGS`: a `t5hooks train sae --store` run on it.
 `torchrun tests/sae_runs.py OUT STORE` (one launch for all of it) joins the process group as the CLI does
 (`apps.common.process_group`), runs the library runs, checks that every rank holds rank 0's weights bit for bit
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import torch
 from synthetic import planted_features
+from torch import Tensor
 
 from t5hooks.interventions import distributed
 from t5hooks.interventions.sae_training import SAETrainConfig, train_sae
@@ -65,6 +67,25 @@ def probe_run(rank: int = 0, world: int = 1) -> dict:
     torch.manual_seed(rank)  # different initial probes on each rank: rank 0's is broadcast
     result = train_probe(model, "encoder.1.hook_resid_post", batches(), 3, task="regression", steps=6, lr=1e-2)
     return result.interventions["encoder.1.hook_resid_post"].state_dict()
+
+
+def das_run(rank: int = 0, world: int = 1) -> dict[str, dict | Tensor]:
+    """DAS (rank 4 at encoder block 1's output, position 1) the same way: 8 base/source pairs per global batch,
+    every label a real token (equal counts per rank)."""
+    from t5hooks import HookedEncoderDecoder
+    from t5hooks.interventions import train_das
+
+    model = HookedEncoderDecoder.from_pretrained("t5hooks-tiny").requires_grad_(False)
+    g = torch.Generator().manual_seed(1)
+    base, source = torch.randint(3, 120, (2, 4, 8, 5), generator=g)
+    labels = torch.randint(3, 120, (4, 8, 4), generator=g)
+    share = 8 // world
+    sl = slice(rank * share, (rank + 1) * share)
+    batches = ({"input": b[sl], "source_input": s[sl], "labels": y[sl]} for b, s, y in zip(base, source, labels))
+    torch.manual_seed(rank)  # different initial rotations on each rank: rank 0's is broadcast
+    result = train_das(model, "encoder.1.hook_resid_post", batches, 4, positions=[1], steps=4, lr=1e-2)
+    das = result.interventions["encoder.1.hook_resid_post"]
+    return {"state": das.state_dict(), "weight": das.rotation.weight.detach(), "losses": torch.tensor(result.losses)}
 
 
 CLI_ARGS = ["train", "sae", "--hook", "hook_embed", "encoder.1.hook_resid_post", "--architecture", "batchtopk",
@@ -118,6 +139,7 @@ if __name__ == "__main__":
         assert (rank, world) == distributed.rank_and_world() and world == 2
         results = train_all(rank, world)
         results["probe"] = {"state": probe_run(rank, world)}
+        results["das"] = das_run(rank, world)
         for arch, result in results.items():  # every rank ends with rank 0's weights, bit for bit
             for name, value in result["state"].items():
                 mine = value.clone()

@@ -75,7 +75,10 @@ def train_interventions(
     params = [p for m in cap.interventions for p in m.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the interventions have no trainable parameters")
-    distributed.broadcast_parameters(params)
+    # every rank starts from rank 0's state: parameters and buffers (as DDP), e.g. the orthogonal
+    # parametrisation's base of a DAS rotation, which a rank's own initialisation sets
+    state = [t for m in cap.interventions for t in (*m.parameters(), *m.buffers()) if t.dtype != torch.bool]
+    distributed.broadcast_parameters(state)
     optimizer = torch.optim.Adam(params, lr=lr)
     if compile and distributed.is_main():
         print("compiling the training step (torch.compile; the first steps take minutes on CPU)...", flush=True)
@@ -104,7 +107,7 @@ def train_interventions(
                 for p in params:
                     p.grad.div_(world)
             optimizer.step()
-            losses.append(float(loss.detach()))
+            losses.append(float(distributed.all_reduce_sum(loss.detach().reshape(1))) / world)  # the global mean
             tokens += kwargs["input"].numel()
             if bar is not None:
                 bar.update(1)
