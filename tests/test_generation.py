@@ -96,8 +96,14 @@ def test_sampling_is_seeded_and_respects_top_k(pair):
         tokens, 8, one_zero_attention_mask=mask, do_sample=True, top_p=1e-6, seed=3, stop_at_eos=False
     )
     assert torch.equal(tiny_p, greedy)
+    # temperature 0 is greedy, as TransformerLens's sample_logits; top_k and top_p together are refused (it would
+    # silently apply only top_k)
+    zero_t = model.generate(tokens, 8, one_zero_attention_mask=mask, do_sample=True, temperature=0, stop_at_eos=False)
+    assert torch.equal(zero_t, greedy)
     with pytest.raises(ValueError, match="temperature"):
-        model.generate(tokens, 3, do_sample=True, temperature=0)
+        model.generate(tokens, 3, one_zero_attention_mask=mask, do_sample=True, temperature=-1)
+    with pytest.raises(ValueError, match="exclusive"):
+        model.generate(tokens, 3, one_zero_attention_mask=mask, do_sample=True, top_k=2, top_p=0.5)
 
 
 def test_text_in_text_out_with_byte_tokenizer():

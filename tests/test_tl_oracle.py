@@ -357,7 +357,9 @@ def test_hook_api_details_match(tl, ours):
         for f in [names_filter, (lambda n: "mlp" in n) if names_filter is None else names_filter]:
             _, ref = run_tl(tl, tokens, dec, one_zero_attention_mask=mask, names_filter=f, remove_batch_dim=True)
             with torch.no_grad():
-                _, got = ours.run_with_cache(tokens, dec, one_zero_attention_mask=mask, names_filter=f, remove_batch_dim=True)
+                _, got = ours.run_with_cache(
+                    tokens, dec, one_zero_attention_mask=mask, names_filter=f, remove_batch_dim=True
+                )
             assert set(ref) <= set(got) and set(got) - set(ref) <= OURS_ONLY
             for name in ref:
                 assert_same_activation(got[name], ref[name], name)
@@ -542,14 +544,18 @@ def test_logit_attrs_refuses_encoder_residuals(ours):
     # the decoder's decomposition still sums to the logit
     attrs = cache.logit_attrs(cache.decompose_resid(), answer)
     logits = ours(tokens, dec, one_zero_attention_mask=mask)
-    torch.testing.assert_close(attrs.sum(0), logits[torch.arange(3)[:, None], :, answer[:, None]][:, 0], atol=1e-4, rtol=0)
+    torch.testing.assert_close(
+        attrs.sum(0), logits[torch.arange(3)[:, None], :, answer[:, None]][:, 0], atol=1e-4, rtol=0
+    )
 
 
 def test_get_act_name_embed_is_transformer_lens_hook_embed(tl):
     """Item 6: TransformerLens's `get_act_name("embed")` is `hook_embed` (its T5's encoder embedding)."""
     from transformer_lens import utils as tl_utils
 
-    assert utils.get_act_name("embed") == tl_utils.get_act_name("embed") == "hook_embed" and "hook_embed" in tl.hook_dict
+    assert (
+        utils.get_act_name("embed") == tl_utils.get_act_name("embed") == "hook_embed" and "hook_embed" in tl.hook_dict
+    )
     assert utils.get_act_name("embed", stack="decoder") == "hook_decoder_embed"
     assert utils.get_act_name("embed", stack="encoder") == "hook_embed"
     assert utils.get_act_name("decoder_embed") == "hook_decoder_embed"
