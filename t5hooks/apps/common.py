@@ -10,8 +10,7 @@ from typing import Any
 import torch
 
 from ..atomic import check_writable
-
-DTYPES = ("float32", "float16", "bfloat16")
+from ..dtypes import RUN_DTYPES, parse_dtype
 
 
 class CliError(Exception):
@@ -69,11 +68,13 @@ def load_model(
     from ..model import HookedEncoderDecoder
     from ..pretrained import DEFAULT_MODEL
 
-    if dtype not in DTYPES:
-        raise CliError(f"--dtype {dtype!r}; valid: {', '.join(DTYPES)}")
+    try:
+        torch_dtype = parse_dtype(dtype, allowed=RUN_DTYPES, what="--dtype")
+    except ValueError as err:
+        raise CliError(str(err)) from None
     torch_device = resolve_device(device)
     label = name or DEFAULT_MODEL
-    kwargs: dict[str, Any] = {"device": torch_device, "dtype": getattr(torch, dtype)}
+    kwargs: dict[str, Any] = {"device": torch_device, "dtype": torch_dtype}
     if subfolder:
         kwargs["subfolder"] = subfolder
     try:

@@ -22,7 +22,8 @@ import onnxruntime as ort
 import torch
 
 from ..padding import warn_if_right_padded
-from .onnx import PATCH_PREFIX, read_metadata
+from .metadata import read_metadata
+from .onnx import PATCH_PREFIX
 
 # ONNX Runtime's type strings -> numpy dtypes (what our graphs use).
 ORT_TYPES = {
