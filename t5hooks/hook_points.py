@@ -146,9 +146,17 @@ class HookPoint(nn.Module):
     def clear_context(self) -> None:
         self.ctx = {}
 
-    def has_hooks(self) -> bool:
-        """Python hooks attached (such activations must be computed explicitly)."""
-        return bool(self.fwd_hooks or self.bwd_hooks)
+    def has_hooks(
+        self, dir: Direction | Literal["both"] = "both", including_permanent: bool = True, level: int | None = None
+    ) -> bool:
+        """Python hooks attached in direction `dir` (TransformerLens's signature: `including_permanent=False` skips
+        permanent ones, `level` keeps one context's). Activations with hooks are computed explicitly."""
+        if dir not in ("fwd", "bwd", "both"):
+            raise ValueError(f"dir must be 'fwd', 'bwd' or 'both', got {dir!r}")
+        entries = (self.fwd_hooks if dir != "bwd" else []) + (self.bwd_hooks if dir != "fwd" else [])
+        return any(
+            (including_permanent or not e.is_permanent) and (level is None or e.context_level == level) for e in entries
+        )
 
     def layer(self) -> int:
         """The layer index in this point's name (`encoder.3.attn.hook_q` -> 3)."""

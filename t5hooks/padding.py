@@ -10,12 +10,11 @@ mistake, so it warns, through `warnings.warn`, on every such call (Python's warn
 
 from __future__ import annotations
 
-import sys
-import warnings
-from pathlib import Path
 from typing import Any
 
 import torch
+
+from .user_warning import warn_user
 
 
 def looks_right_padded(tokens: Any, eos_token_id: int | None, pad_token_id: int | None) -> bool:
@@ -37,20 +36,9 @@ def looks_right_padded(tokens: Any, eos_token_id: int | None, pad_token_id: int 
 def warn_if_right_padded(tokens: Any, eos_token_id: int | None, pad_token_id: int | None, what: str = "input") -> None:
     """Warn (at the caller's line) when a batch given without a mask `looks_right_padded`."""
     if looks_right_padded(tokens, eos_token_id, pad_token_id):
-        warnings.warn(
+        warn_user(
             f"{what} looks right-padded (a row ends in EOS={eos_token_id} followed by pad_token_id={pad_token_id}) "
             f"but no attention mask was given: every token is attended, the pads included (as TransformerLens and "
             f"Hugging Face do). Pass one_zero_attention_mask=..., or the (tokens, attention_mask) pair that "
-            f"model.to_tokens returns: model(model.to_tokens(texts), ...)",
-            UserWarning,
-            stacklevel=caller_stacklevel(),
+            f"model.to_tokens returns: model(model.to_tokens(texts), ...)"
         )
-
-
-def caller_stacklevel() -> int:
-    """The `warnings.warn` stacklevel of the first frame outside t5hooks and torch (the user's call)."""
-    inside = (str(Path(__file__).resolve().parent), str(Path(torch.__file__).resolve().parent))
-    frame, level = sys._getframe(1), 1
-    while frame is not None and frame.f_code.co_filename.startswith(inside):
-        frame, level = frame.f_back, level + 1
-    return level

@@ -104,7 +104,7 @@ class OnnxRunner:
     Returns `dict[str, np.ndarray]` in the graph's output order ("logits", then captured names).
     With the CUDA provider and torch CUDA tensors as inputs, returns torch CUDA tensors instead
     (IOBinding, no host copies). Inputs may be numpy arrays or torch tensors; masks not given are
-    inferred from the pad token as the eager model does; `patches={"<hook name>": tensor}` feeds the `patch.<hook name>` inputs.
+    all ones (every token attended) as the eager model does, with its warning for a right-padded-looking batch; `patches={"<hook name>": tensor}` feeds the `patch.<hook name>` inputs.
     Every input is checked against the graph (names, dtypes, ranks, sizes) before running.
     """
 
