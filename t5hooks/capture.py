@@ -26,13 +26,17 @@ SEQUENCE_INPUTS = ("input", "decoder_input", "one_zero_attention_mask", "decoder
 
 
 @functools.cache
-def _call_frame_runs_eagerly() -> None:
+def _call_frame_runs_eagerly() -> Callable[..., None]:
     """`torch.compile(cap)` enters through `CaptureBase.__call__`: run that frame eagerly (it only marks dynamic
-    axes) and compile what it calls; inlined into an outer compile or export it is traced as any other function.
+    axes and checks the padding) and compile what it calls; inlined into an outer compile or export it is traced as
+    any other function. Returns the padding check wrapped to run eagerly with all it calls (a function called from
+    the eager frame would otherwise be compiled on its own, and the check depends on the data).
     Done at the first capture module, not at import: `torch._dynamo` imports triton, which `import t5hooks` must not."""
+    import torch._dynamo
     from torch._dynamo.eval_frame import skip_code
 
     skip_code(CaptureBase.__call__.__code__)
+    return torch._dynamo.disable(warn_if_right_padded, recursive=True)
 
 
 class CaptureBase(nn.Module):
@@ -57,7 +61,7 @@ class CaptureBase(nn.Module):
         intervene: Mapping[str, nn.Module] | None = None,
     ) -> None:
         super().__init__()
-        _call_frame_runs_eagerly()
+        self._check_padding = _call_frame_runs_eagerly()
         self.model = model  # registered as a submodule: the same parameters, not a copy
         self.names: tuple[str, ...] = tuple(model.resolve_names(names)) if _nonempty(names) else ()
         patch_names = tuple(model.resolve_names(patch)) if _nonempty(patch) else ()
@@ -87,7 +91,7 @@ class CaptureBase(nn.Module):
             tokens = given.get("input")
             if isinstance(tokens, Tensor) and given.get("one_zero_attention_mask") is None:
                 cfg = self.model.cfg
-                warn_if_right_padded(tokens, cfg.eos_token_id, cfg.pad_token_id)
+                self._check_padding(tokens, cfg.eos_token_id, cfg.pad_token_id)
         return super().__call__(*args, **kwargs)
 
     @property

@@ -38,7 +38,7 @@ def namespace() -> dict:
 
     model = HookedEncoderDecoder.from_pretrained("t5hooks-tiny")
     torch.manual_seed(0)
-    tokens = model.to_tokens(["hello", "hooks"])
+    tokens, mask = model.to_tokens(["hello", "hooks"])
     dec = model.to_decoder_tokens(["olle", "skoo"])
     labels = torch.cat([dec[:, 1:], torch.ones_like(dec[:, :1])], dim=1)  # the decoder input shifted left + EOS
     d_model = model.cfg.d_model
@@ -49,7 +49,7 @@ def namespace() -> dict:
     return dict(
         model=model,
         tokens=tokens,
-        mask=(tokens != 0).long(),
+        mask=mask,
         dec=dec,
         dec_mask=torch.ones_like(dec),
         labels=labels,

@@ -182,6 +182,36 @@ def test_no_mask_attends_to_every_token_and_right_padding_warns_on_every_call(ti
     )
 
 
+@pytest.mark.slow
+def test_no_mask_compiled_and_onnx_attend_everything_and_warn(hf, tmp_path):
+    """Without a mask the compiled capture, OnnxRunner and OnnxGenerator attend to every token, as eagerly, and a
+    right-padded-looking batch warns on every call (the compiled graph cannot check: the capture module's eager
+    entry does)."""
+    from t5hooks.export import OnnxGenerator, OnnxRunner, to_onnx, to_onnx_generator
+
+    model = fresh(hf)
+    tokens, mask, dec, _ = random_batch(128, 3, 7, 4)
+    tokens[1, 3], tokens[2, 0] = 1, 1  # rows 1 and 2 now end in EOS then pads, as a tokenizer pads
+    ones = torch.ones_like(tokens)
+    names = ["encoder.1.attn.hook_attn_scores"]
+    with torch.no_grad():
+        eager = model.capture(names)(tokens, dec, ones)
+    compiled = torch.compile(model.capture(names), backend="aot_eager", fullgraph=True)
+    runner = OnnxRunner(to_onnx(model, tmp_path / "m.onnx", capture=names))
+    generator = OnnxGenerator(to_onnx_generator(model, tmp_path / "gen"))
+    for _ in range(2):
+        with pytest.warns(UserWarning, match="right-padded"), torch.no_grad():
+            out = compiled(tokens, dec)
+        for key in ["logits", *names]:
+            torch.testing.assert_close(out[key], eager[key], atol=1e-5, rtol=0)
+        with pytest.warns(UserWarning, match="right-padded"):
+            ort = runner(input=tokens, decoder_input=dec)
+        torch.testing.assert_close(torch.as_tensor(ort["logits"]), eager["logits"], atol=1e-4, rtol=0)
+        with pytest.warns(UserWarning, match="right-padded"):
+            steps = generator.generate(tokens, max_new_tokens=3, stop_at_eos=False)
+    assert torch.equal(torch.as_tensor(steps.tokens), model.generate((tokens, ones), 3, stop_at_eos=False))
+
+
 def test_text_decoder_input_has_no_eos(tiny):
     model = tiny
     dec = model.to_decoder_tokens("cba")

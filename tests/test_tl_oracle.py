@@ -14,6 +14,7 @@ against TransformerLens's own numbers and listed in the README's "What differs f
 
 import contextlib
 import importlib.metadata
+import inspect
 import io
 import json
 import logging
@@ -25,6 +26,7 @@ from t5_fixtures import hf_t5, sentencepiece_tokenizer
 from transformers import T5ForConditionalGeneration
 
 from t5hooks import HookedEncoderDecoder, utils
+from t5hooks.generation import SamplingConfig, choose_token, generate
 
 transformer_lens = pytest.importorskip("transformer_lens")  # CI requires it (conftest REFERENCE_PACKAGES)
 from transformer_lens import HookedEncoderDecoder as TLEncoderDecoder  # noqa: E402
@@ -49,6 +51,9 @@ def checkpoint(tmp_path_factory):
     return path
 
 
+_TL_HOOK_NAMES: set[str] = set()
+
+
 def load_tl(path):
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore", DeprecationWarning)
@@ -62,6 +67,7 @@ def load_tl(path):
     # Optional hook points on in both libraries, so every one of them is compared.
     model.cfg.use_attn_result = True
     model.cfg.use_hook_mlp_in = True
+    _TL_HOOK_NAMES.update(model.hook_dict)
     return model.eval()
 
 
@@ -115,6 +121,7 @@ def assert_same_activation(ours, ref, name):
 def assert_caches_match(cache, ref_cache):
     assert set(cache) - set(ref_cache) == OURS_ONLY
     assert not set(ref_cache) - set(cache)
+    assert "encoder.0.attn.rel_pos_hook" in _TL_HOOK_NAMES  # TransformerLens has the point; it never fires
     for name, ref in ref_cache.items():
         assert_same_activation(cache[name], ref, name)
 
@@ -144,6 +151,16 @@ def test_no_mask_means_every_token_is_attended(tl, ours, lengths):
     (whose input holds the pad id inside a row); t5hooks warns because the batch looks right-padded."""
     tokens, mask, dec = padded_batch(*lengths)
     ref_logits, ref_cache = run_tl(tl, tokens, dec)
+    logged = []
+    handler = logging.Handler()
+    handler.emit = lambda record: logged.append(record.getMessage())
+    logging.getLogger().addHandler(handler)
+    try:
+        with torch.no_grad():
+            tl(tokens, dec)  # TransformerLens logs (not warns) on every token input without a mask
+    finally:
+        logging.getLogger().removeHandler(handler)
+    assert any("No attention mask provided" in m for m in logged)
     with torch.no_grad(), pytest.warns(UserWarning, match="right-padded"):
         logits, cache = ours.run_with_cache(tokens, dec)
     torch.testing.assert_close(logits, ref_logits, atol=2e-5, rtol=0)
@@ -428,9 +445,39 @@ def test_generate_matches_greedy_sampled_and_eos_int_and_list(tl, ours):
         stops = {eos} if isinstance(eos, int) else set(eos)
         assert upto_eos(got, stops) == upto_eos(ref, stops), eos
         assert got.shape == ref.shape, eos  # both stop when every row has stopped
+        if isinstance(eos, int):  # after the stop TransformerLens repeats it, t5hooks pads (as Hugging Face)
+            stopped = [row for row in upto_eos(ref, stops) if len(row) < ref.shape[1]]
+            assert stopped and all(set(ref[i, len(r) :].tolist()) <= {eos} for i, r in enumerate(upto_eos(ref, stops)))
+            assert all(set(got[i, len(r) :].tolist()) <= {PAD} for i, r in enumerate(upto_eos(got, stops)))
+    # Defaults: TransformerLens samples, t5hooks is greedy (README "What differs").
+    assert inspect.signature(tl.generate).parameters["do_sample"].default is True
+    assert inspect.signature(generate).parameters["do_sample"].default is False
     # Item 1: a list of EOS ids stops text generation too ("hello" has one row).
-    text = ours.generate("hello", max_new_tokens=8, eos_token_id=[a], return_type="tensor")
-    assert a not in text[0, 1:-1].tolist() and (text[0, -1] == a or text.shape[1] == 9)
+    free = ours.generate("hello", max_new_tokens=8, stop_at_eos=False, return_type="tensor")[0].tolist()
+    stop = free[3]
+    text = ours.generate("hello", max_new_tokens=8, eos_token_id=[stop], return_type="tensor")[0].tolist()
+    assert text == free[: free.index(stop, 1) + 1]
+
+
+def test_sampling_steps_are_transformer_lens_sample_logits():
+    """Temperature 0 is argmax; `freq_penalty` lowers the temperature-scaled logits; with both top_k and top_p
+    TransformerLens applies only top_k (so t5hooks refuses the pair). Logits chosen so each order of operations
+    picks a different token with probability > 1 - 1e-3."""
+    from transformer_lens.utilities import sample_logits
+
+    logits = torch.tensor([[10.0, 9.9, -5.0]])
+    previous = torch.tensor([[0]])  # token 0 occurred once: penalty 1 after T=0.01 leaves it ahead by 9
+    torch.manual_seed(0)
+    ref = sample_logits(logits.clone(), temperature=0.01, freq_penalty=1.0, tokens=previous)
+    ours = choose_token(logits, SamplingConfig(True, 0.01, freq_penalty=1.0), torch.Generator().manual_seed(0),
+                        previous=previous)  # fmt: skip
+    assert ref.tolist() == ours.tolist() == [0]
+    assert sample_logits(logits.clone(), temperature=0.0).tolist() == [0]
+    assert choose_token(logits, SamplingConfig(True, 0.0)).tolist() == [0]
+    top_k_only = [int(sample_logits(logits.clone(), top_k=2, top_p=1e-6)) for _ in range(50)]
+    assert set(top_k_only) == {0, 1}  # top_p=1e-6 would have kept only token 0: it was dropped
+    with pytest.raises(ValueError, match="exclusive"):
+        SamplingConfig(True, top_k=2, top_p=0.5).validate()
 
 
 # ---- model helpers and the cache ----------------------------------------------------------------------------------
@@ -445,6 +492,16 @@ def test_weight_views_and_head_labels_match(tl, ours):
     for model in (ours, tl):
         with pytest.raises(NotImplementedError, match="relative"):
             model.W_pos  # noqa: B018
+        # no dropout in either (README): training mode computes the same numbers
+        assert not any(isinstance(m, torch.nn.Dropout) for m in model.modules())
+    tokens, mask, dec = padded_batch(6, 3)
+    with torch.no_grad():
+        ours.train()
+        try:
+            train_mode = ours(tokens, dec, one_zero_attention_mask=mask)
+        finally:
+            ours.eval()
+        torch.testing.assert_close(train_mode, ours(tokens, dec, one_zero_attention_mask=mask), atol=0, rtol=0)
 
 
 def test_activation_cache_methods_both_libraries_have(tl, ours):

@@ -39,12 +39,13 @@ def probe_shapes(model: Any, names: list[str], axes: dict[str, str]) -> dict[str
     device = next(model.parameters()).device
     cap = model.capture(names)
     tokens = torch.ones(1, 3, dtype=torch.long, device=device)
+    mask = torch.ones_like(tokens)  # every probe token is real: say so, no padding check needed
     with torch.inference_mode():
         if getattr(model.cfg, "n_decoder_layers", 0) > 0 and hasattr(model, "decode"):
             dec = torch.zeros(1, 2, dtype=torch.long, device=device)
-            out = cap(tokens, dec)
+            out = cap(tokens, dec, mask)
         else:
-            out = cap(tokens)
+            out = cap(tokens, mask)
     expected = {"encoder": 3, "decoder": 2}
     shapes = {}
     for name in names:
