@@ -64,7 +64,7 @@ def _is_real(value: Any) -> bool:
 def generate(
     model: Any,
     input: Any,
-    max_new_tokens: int = 20,
+    max_new_tokens: int = 10,
     *,
     one_zero_attention_mask: Tensor | None = None,
     do_sample: bool = False,

@@ -298,6 +298,25 @@ class HookedRootModule(nn.Module):
     def add_perma_hook(self, name: NameFilter, hook: HookFn, dir: Direction = "fwd") -> None:
         self.add_hook(name, hook, dir=dir, is_permanent=True)
 
+    def list_hooks(
+        self,
+        name_filter: NameFilter = None,
+        dir: Direction | Literal["both"] = "both",
+        including_permanent: bool = True,
+    ) -> dict[str, list[LensHandle]]:
+        """TransformerLens's `list_hooks`: the attached hooks by hook point name (points without any left out),
+        forward then backward; `name_filter` as everywhere (a name, glob, list or predicate)."""
+        if dir not in ("fwd", "bwd", "both"):
+            raise ValueError(f"dir must be 'fwd', 'bwd' or 'both', got {dir!r}")
+        out = {}
+        for name in self.resolve_names(name_filter):
+            hp = self.hook_dict[name]
+            handles = (hp.fwd_hooks if dir != "bwd" else []) + (hp.bwd_hooks if dir != "fwd" else [])
+            handles = [h for h in handles if including_permanent or not h.is_permanent]
+            if handles:
+                out[name] = handles
+        return out
+
     def remove_all_hook_fns(
         self,
         direction: Direction | Literal["both"] = "both",

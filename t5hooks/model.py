@@ -290,7 +290,7 @@ class HookedEncoderDecoder(HookedT5Base):
 
         return CaptureModule(self, names, patch=patch, patch_mode=patch_mode, intervene=intervene)
 
-    def generate(self, input: TextOrTokens, max_new_tokens: int = 20, **kwargs: Any) -> Any:
+    def generate(self, input: TextOrTokens, max_new_tokens: int = 10, **kwargs: Any) -> Any:
         """Autoregressive decoding with a KV cache; hooks fire at every step. See `t5hooks.generation.generate`
         (greedy by default; `eos_token_id` an id or a list, `do_sample`, `temperature`, `top_k`, `top_p`,
         `num_beams`, `return_cache`, ...). `input` may be the `(tokens, mask)` pair `to_tokens` returns."""

@@ -358,6 +358,11 @@ def test_hook_api_details_match(tl, ours):
         model.add_hook("hook_embed", lambda x, hook: calls.append("a"))
         model.add_hook("hook_embed", lambda x, hook: calls.append("b"), prepend=True)
         model.add_hook("hook_embed", lambda x, hook: calls.append("perm"), is_permanent=True)
+        model.add_hook(lambda name: name.endswith("hook_z"), lambda g, hook: None, dir="bwd")
+        listed = [
+            {name: len(handles) for name, handles in model.list_hooks(**kwargs).items()}
+            for kwargs in [{}, {"dir": "bwd"}, {"including_permanent": False}, {"name_filter": "hook_embed"}]
+        ]
         with torch.no_grad():
             model(tokens, dec, one_zero_attention_mask=mask)
         model.reset_hooks()  # permanent hooks survive
@@ -368,7 +373,7 @@ def test_hook_api_details_match(tl, ours):
         model.reset_hooks(including_permanent=True)
         with torch.no_grad():
             model(tokens, dec, one_zero_attention_mask=mask)
-        return calls, state
+        return calls, state, listed
 
     assert order_of(ours) == order_of(tl)
     for names_filter in [None, "encoder.1.hook_resid_post", ["hook_embed", "decoder.0.attn.hook_q"]]:
@@ -452,6 +457,8 @@ def test_generate_matches_greedy_sampled_and_eos_int_and_list(tl, ours):
     # Defaults: TransformerLens samples, t5hooks is greedy (README "What differs").
     assert inspect.signature(tl.generate).parameters["do_sample"].default is True
     assert inspect.signature(generate).parameters["do_sample"].default is False
+    assert inspect.signature(tl.generate).parameters["max_new_tokens"].default == 10
+    assert inspect.signature(ours.generate).parameters["max_new_tokens"].default == 10
     # Item 1: a list of EOS ids stops text generation too ("hello" has one row).
     free = ours.generate("hello", max_new_tokens=8, stop_at_eos=False, return_type="tensor")[0].tolist()
     stop = free[3]

@@ -288,7 +288,7 @@ class OnnxGenerator:
     def generate(
         self,
         input: Any,
-        max_new_tokens: int = 20,
+        max_new_tokens: int = 10,
         *,
         one_zero_attention_mask: Any = None,
         eos_token_id: int | Sequence[int] | None = None,
