@@ -502,15 +502,13 @@ class HookedT5Base(HookedRootModule):
         return self.embed.W_E
 
     @property
-    def W_pos(self) -> Tensor:
-        """Raises NotImplementedError, as TransformerLens's T5: T5 has no absolute positional embedding. Its
-        relative position bias tables are `encoder[0].attn.rel_bias_table` (and `decoder[0]`'s),
-        `[num_buckets, n_heads]` (UMT5: one per layer); the bias itself is the `rel_pos_hook` activation."""
-        raise NotImplementedError(
-            "T5 has no absolute positional embedding (W_pos): positions enter as a relative position bias, "
-            "encoder[0].attn.rel_bias_table / decoder[0].attn.rel_bias_table [num_buckets, n_heads], whose per-pair "
-            "values are the rel_pos_hook activations"
-        )
+    def W_pos(self) -> None:
+        """None: T5 has no absolute positional embedding. Its relative position bias tables are
+        `encoder[0].attn.rel_bias_table` (and `decoder[0]`'s), `[num_buckets, n_heads]` (UMT5: one per layer); the
+        bias itself is the `rel_pos_hook` activation. (TransformerLens's T5 raises NotImplementedError here; a
+        property that raises breaks tools that walk a module's attributes, `torch.jit.trace` and `hasattr` among
+        them.)"""
+        return None
 
     # Self-attention weights, stacked over this model's self-attention layers (encoder, then decoder).
     W_Q = property(lambda self: torch.stack([a.W_Q for a in self._self_attns()]))  # [L,H,d_model,d_head]

@@ -229,6 +229,10 @@ def test_the_pair_is_accepted_wherever_tokens_are(tl, ours):
         torch.testing.assert_close(ours.run_with_hooks(pair, dec), ref, atol=2e-5, rtol=0)
         torch.testing.assert_close(ours.capture([])(pair, dec)["logits"], ref, atol=2e-5, rtol=0)
         torch.testing.assert_close(ours(PROMPTS), tl(PROMPTS), atol=2e-5, rtol=0)
+        assert ours(pair, dec, None) is None and tl(tokens, dec, None, mask) is None  # return_type=None
+        # the decoder input takes a pair too (its mask is the decoder_attention_mask)
+        dec_mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+        torch.testing.assert_close(ours(pair, (dec, dec_mask)), ours(pair, dec, decoder_attention_mask=dec_mask))
     assert torch.equal(
         ours.generate(pair, max_new_tokens=3, stop_at_eos=False),
         ours.generate(tokens, max_new_tokens=3, one_zero_attention_mask=mask, stop_at_eos=False),
@@ -496,9 +500,11 @@ def test_weight_views_and_head_labels_match(tl, ours):
     for name in ["QK", "OV"]:
         torch.testing.assert_close(getattr(ours, name).AB, getattr(tl, name).AB, atol=1e-6, rtol=0, msg=name)
     assert ours.all_head_labels() == tl.all_head_labels()  # "EL{l}H{h}" then "DL{l}H{h}"
+    # Deliberate difference (README): TransformerLens raises; here None, so tools that walk attributes still work.
+    with pytest.raises(NotImplementedError, match="relative"):
+        tl.W_pos  # noqa: B018
+    assert ours.W_pos is None
     for model in (ours, tl):
-        with pytest.raises(NotImplementedError, match="relative"):
-            model.W_pos  # noqa: B018
         # no dropout in either (README): training mode computes the same numbers
         assert not any(isinstance(m, torch.nn.Dropout) for m in model.modules())
     tokens, mask, dec = padded_batch(6, 3)
