@@ -70,6 +70,20 @@ class HookedT5Encoder(HookedT5Base):
 
         return EncoderCaptureModule(self, names, patch=patch, patch_mode=patch_mode, intervene=intervene)
 
+    def as_text_encoder(
+        self,
+        *,
+        intervene: dict[str, nn.Module] | None = None,
+        steer: dict[str, Tensor] | None = None,
+        config: Any = None,
+    ):
+        """This encoder behind `T5EncoderModel`'s call surface, for a diffusers pipeline (`pipe.text_encoder_2 =
+        encoder.as_text_encoder()`): hooks, `intervene` / `steer` edits and `capturing(...)` records act inside
+        `pipe(...)`. See `t5hooks.text_encoder.T5TextEncoder`."""
+        from .text_encoder import T5TextEncoder
+
+        return T5TextEncoder(self, intervene=intervene, steer=steer, config=config)
+
     def fold_ln(self) -> HookedT5Encoder:
         """Fold each block's RMSNorm weights into the weights that read them (see analysis/fold.py). The final
         norm has no reader here and stays, so `last_hidden_state` is unchanged. Returns self."""

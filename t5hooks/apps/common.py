@@ -113,3 +113,20 @@ def finite_nonnegative(value: float | None, option: str) -> float | None:
     if value is not None and (not math.isfinite(value) or value < 0):
         raise CliError(f"{option} must be a finite number >= 0, got {value}")
     return value
+
+
+def add_model_arguments(parser: Any, what: str = "runs") -> None:
+    """`--model`, `--subfolder`, `--encoder-only`: the model options every model-loading command shares
+    (`what`: what the command does with an encoder-only checkpoint, e.g. "exports")."""
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="hub name, local directory, .safetensors/.gguf file or built-in name (default: the built-in tiny "
+        f"model); an encoder-only checkpoint (a diffusion pipeline's text encoder) {what} the encoder alone",
+    )
+    parser.add_argument(
+        "--subfolder", default=None, help="model folder inside --model, e.g. text_encoder_2 of a diffusers pipeline"
+    )
+    parser.add_argument(
+        "--encoder-only", action="store_true", help=f"{what} only the encoder of an encoder-decoder checkpoint"
+    )

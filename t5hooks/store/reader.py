@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .format import FORMAT_NAME, INDEX_COLUMNS, MANIFEST, STORAGE_DTYPES, index_key, read_json, read_shard
+from .format import FORMAT_NAME, INDEX_COLUMNS, INDEX_DTYPES, MANIFEST, STORAGE_DTYPES, index_key, read_json, read_shard
 
 
 class ActivationStore:
@@ -75,10 +75,9 @@ class ActivationStore:
             parts["acts"].append(tensors[name])
             for c in INDEX_COLUMNS:
                 parts[c].append(tensors[index_key(axis, c)])
-        if not self.shards:
-            empty = torch.zeros(0, dtype=torch.int64)
+        if not self.shards:  # the same dtypes as a store with rows
             acts = torch.zeros(0, *self.shape(name), dtype=self.dtype)
-            return {"acts": acts, "doc": empty, "pos": empty, "token_id": empty}
+            return {"acts": acts, **{c: torch.zeros(0, dtype=d) for c, d in INDEX_DTYPES.items()}}
         out = {k: torch.cat(v) for k, v in parts.items()}
         if not len(out["doc"]):
             return out

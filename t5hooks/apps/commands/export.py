@@ -23,7 +23,7 @@ from torch import Tensor
 
 from ...dtypes import EXPORT_DTYPES, cli_dtype
 from ...hook_io import PATCH_MODES
-from ..common import CliError, CommandFailed, check_output, finite_nonnegative, load_model
+from ..common import CliError, CommandFailed, add_model_arguments, check_output, finite_nonnegative, load_model
 
 FORMATS = ("onnx", "pt2", "torchscript")
 SUFFIXES = {"onnx": (".onnx",), "pt2": (".pt2",), "torchscript": (".pt", ".ts", ".torchscript")}
@@ -61,18 +61,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         default="replace",
         help="'replace' the activation or 'add' to it (default: %(default)s)",
     )
-    parser.add_argument(
-        "--model",
-        default=None,
-        help="hub name, local directory, .safetensors/.gguf file or built-in name (default: the built-in tiny "
-        "model); an encoder-only checkpoint exports the encoder (outputs last_hidden_state)",
-    )
-    parser.add_argument(
-        "--subfolder", default=None, help="model folder inside --model, e.g. text_encoder_2 of a diffusers pipeline"
-    )
-    parser.add_argument(
-        "--encoder-only", action="store_true", help="export only the encoder of an encoder-decoder checkpoint"
-    )
+    add_model_arguments(parser, "exports")  # an encoder graph outputs last_hidden_state
     parser.add_argument(
         "--out", required=True, metavar="PATH", help="output file: .onnx, .pt2, or .pt/.ts for torchscript"
     )

@@ -11,6 +11,7 @@ from typing import Any
 
 from ...dtypes import RUN_DTYPES, STORAGE_DTYPES, cli_dtype
 from ...store.config import BACKENDS, FORMATS
+from ..common import add_model_arguments
 
 
 def register(subparsers: Any) -> argparse.ArgumentParser:
@@ -31,18 +32,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         metavar="PATTERN",
         help="hook names or globs, e.g. 'encoder.*.hook_resid_post'",
     )
-    parser.add_argument(
-        "--model",
-        default=None,
-        help="hub name, local directory or built-in name (default: tiny); an encoder-only checkpoint (a diffusion "
-        "pipeline's text encoder) runs the encoder alone",
-    )
-    parser.add_argument(
-        "--subfolder", default=None, help="model folder inside --model, e.g. text_encoder_2 of a diffusers pipeline"
-    )
-    parser.add_argument(
-        "--encoder-only", action="store_true", help="load only the encoder of an encoder-decoder checkpoint"
-    )
+    add_model_arguments(parser, "runs")
     parser.add_argument("--field", default="text", help="JSONL / dataset field holding the prompt (default: text)")
     parser.add_argument(
         "--decoder-field", default=None, help="JSONL / dataset field with decoder targets (teacher forced)"

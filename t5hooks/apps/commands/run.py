@@ -7,7 +7,7 @@ import argparse
 import torch
 
 from ...dtypes import RUN_DTYPES, cli_dtype
-from ..common import CliError, check_output, load_model
+from ..common import CliError, add_model_arguments, check_output, load_model
 
 
 def parse_tokens(text: str, what: str) -> torch.Tensor:
@@ -131,18 +131,7 @@ def register(sub) -> None:
         description="Run one input through a model with every (or the chosen) hook point cached, "
         "and print shapes, norms, the strongest attention links and predictions.",
     )
-    run.add_argument(
-        "--model",
-        default=None,
-        help="hub name, local directory, .safetensors/.gguf file or built-in name (default: built-in tiny model); "
-        "an encoder-only checkpoint (a diffusion pipeline's text encoder) runs the encoder",
-    )
-    run.add_argument(
-        "--subfolder", default=None, help="model folder inside --model, e.g. text_encoder_2 of a diffusers pipeline"
-    )
-    run.add_argument(
-        "--encoder-only", action="store_true", help="run only the encoder of an encoder-decoder checkpoint"
-    )
+    add_model_arguments(run, "runs")
     src = run.add_mutually_exclusive_group()
     src.add_argument("--text", default="hooked", help="input text (default: %(default)r)")
     src.add_argument("--tokens", default=None, help="input token ids instead of text, e.g. '5 6 7 1'")
@@ -159,9 +148,22 @@ def register(sub) -> None:
         metavar="PATTERN",
         help="which cached names to tabulate (default: residual stream)",
     )
-    run.add_argument("--top-links", type=int, default=8, help="attention links to list (default: %(default)s)")
+    run.add_argument("--top-links", type=_count, default=8, help="attention links to list, >= 0 (default: %(default)s)")
     run.add_argument("--save", default=None, metavar="FILE.safetensors", help="save the cached activations")
     run.add_argument("--force", action="store_true", help="replace an existing --save file")
     run.add_argument("--device", default=None, help="cpu, cuda, ...")
     run.add_argument("--dtype", default="float32", type=cli_dtype(RUN_DTYPES), help="float32, bfloat16 or float16")
     run.set_defaults(func=cmd_run)
+
+
+def _count(text: str) -> int:
+    """An integer >= 0 (argparse type: a bad value is a one-line usage error before any work)."""
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be >= 0")
+    return value
