@@ -4,8 +4,10 @@ encoders (`T5EncoderModel` / `UMT5EncoderModel` / `MT5EncoderModel` checkpoints)
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from typing import Any, Literal
 
+import torch
 from torch import Tensor, nn
 
 from .base import HookedT5Base, TextOrTokens, as_config
@@ -56,6 +58,29 @@ class HookedT5Encoder(HookedT5Base):
         tokens, mask = self.prepare_encoder_inputs(input, one_zero_attention_mask)
         out = self.encode(tokens, mask)
         return out if return_type is not None else None
+
+    def attention_view(
+        self,
+        input: TextOrTokens,
+        *,
+        one_zero_attention_mask: Tensor | None = None,
+        batch_index: int = 0,
+        layers: Sequence[int] | None = None,
+    ) -> Any:
+        """Run `input` and show example `batch_index`'s self-attention patterns as an interactive page
+        (`t5hooks.viz.AttentionView`: displays in a notebook, `.save("attn.html")`), padded positions hidden."""
+        tokens, mask = self.prepare_encoder_inputs(input, one_zero_attention_mask)
+        with torch.no_grad():
+            _, cache = self.run_with_cache(
+                tokens, one_zero_attention_mask=mask, names_filter=lambda n: n.endswith("hook_pattern")
+            )
+        return cache.attention_view(
+            tokens,
+            batch_index=batch_index,
+            attention_mask=torch.ones_like(tokens) if mask is None else mask,
+            layers=layers,
+            title=f"Attention · {self.cfg.model_name}",
+        )
 
     def capture(
         self,

@@ -25,13 +25,13 @@ class OneLineParser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     from .bench import register as register_bench
-    from .commands import export, extract, run, train, train_tiny
+    from .commands import dashboard, export, extract, run, train, train_tiny, view
     from .demos import sae, tour
 
     parser = OneLineParser(prog="t5hooks", description="Hooked T5 encoder-decoders: look inside, run fast.")
     parser.add_argument("--debug", action="store_true", help="show the traceback of a failure")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (run, tour, train_tiny, export, extract, train, sae):
+    for module in (run, tour, train_tiny, export, extract, train, dashboard, view, sae):
         module.register(sub)
     register_bench(sub)
     bench = sub.choices["bench"]
