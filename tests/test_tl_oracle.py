@@ -64,7 +64,9 @@ def load_tl(path):
             model = TLEncoderDecoder.from_pretrained(str(path), hf_model=hf_model)
         finally:
             logging.disable(logging.NOTSET)
-    # Optional hook points on in both libraries, so every one of them is compared.
+    # Optional hook points on in both libraries, so every one of them is compared (hook_mlp_in is off by default
+    # in TransformerLens, on here: README).
+    assert not model.cfg.use_hook_mlp_in and not model.cfg.use_attn_result
     model.cfg.use_attn_result = True
     model.cfg.use_hook_mlp_in = True
     _TL_HOOK_NAMES.update(model.hook_dict)
@@ -313,6 +315,40 @@ def test_hook_mlp_in_feeds_only_the_mlp_unlike_transformer_lens_t5(tl, ours):
     assert_same_activation(got["decoder.1.hook_resid_post"], ref["decoder.1.hook_resid_mid_cross"], "resid_post")
 
 
+def test_loss_decoder_text_and_fold_ln_where_transformer_lens_has_none(checkpoint, tl, ours):
+    """Deliberate additions (README): TransformerLens's T5 silently returns logits for `return_type="loss"`, crashes
+    on decoder text and on `fold_ln=True`; here the loss is the cross-entropy of TransformerLens's own logits with
+    label i at position i, decoder text is the start token plus the text, and folding changes no logit."""
+    tokens, mask, dec = padded_batch(7, 4)
+    labels = torch.randint(3, 128, dec.shape, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        logging.disable(logging.WARNING)
+        try:
+            ref_logits = tl(tokens, dec, "loss", mask)
+            with pytest.raises(TypeError):
+                tl(PROMPTS, "hello")
+        finally:
+            logging.disable(logging.NOTSET)
+        assert ref_logits.shape == (*dec.shape, ours.cfg.d_vocab)  # logits, not a loss
+        loss = ours(tokens, dec, "loss", mask, labels=labels)
+        expected = torch.nn.functional.cross_entropy(ref_logits.flatten(0, 1), labels.flatten())
+        torch.testing.assert_close(loss, expected, atol=1e-5, rtol=0)
+        text_dec = ours.to_decoder_tokens(["hello", "hello"])
+        assert text_dec[0, 0] == 0 and EOS not in text_dec.tolist()[0]
+        pair = ours.to_tokens(PROMPTS)
+        ref_text = tl(pair[0], text_dec, one_zero_attention_mask=pair[1])
+        torch.testing.assert_close(ours(PROMPTS, ["hello", "hello"]), ref_text, atol=2e-5, rtol=0)
+    with pytest.raises(TypeError, match="fold_ln"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        TLEncoderDecoder.from_pretrained(
+            str(checkpoint), hf_model=T5ForConditionalGeneration.from_pretrained(checkpoint), fold_ln=True
+        )
+    folded = HookedEncoderDecoder.from_pretrained(str(checkpoint), fold_ln=True)
+    with torch.no_grad():
+        ref = tl(tokens, dec, one_zero_attention_mask=mask)
+        torch.testing.assert_close(folded(tokens, dec, one_zero_attention_mask=mask), ref, atol=2e-5, rtol=0)
+
+
 def test_backward_hooks_and_gradients_match(tl, ours):
     tokens, mask, dec = padded_batch(8, 4)
     targets = torch.randint(3, 128, dec.shape, generator=torch.Generator().manual_seed(5))
@@ -454,13 +490,25 @@ def test_generate_matches_greedy_sampled_and_eos_int_and_list(tl, ours):
         stops = {eos} if isinstance(eos, int) else set(eos)
         assert upto_eos(got, stops) == upto_eos(ref, stops), eos
         assert got.shape == ref.shape, eos  # both stop when every row has stopped
+        if eos == [a, b]:  # sampled (top_k=1) with a list of stop ids
+            sampled = dict(one_zero_attention_mask=mask, max_new_tokens=8, do_sample=True, top_k=1, eos_token_id=eos)
+            ref_s, got_s = tl_generate(tl, tokens, **sampled), ours.generate(tokens, **sampled)
+            assert upto_eos(got_s, stops) == upto_eos(ref_s, stops) == upto_eos(ref, stops)
         if isinstance(eos, int):  # after the stop TransformerLens repeats it, t5hooks pads (as Hugging Face)
             stopped = [row for row in upto_eos(ref, stops) if len(row) < ref.shape[1]]
             assert stopped and all(set(ref[i, len(r) :].tolist()) <= {eos} for i, r in enumerate(upto_eos(ref, stops)))
             assert all(set(got[i, len(r) :].tolist()) <= {PAD} for i, r in enumerate(upto_eos(got, stops)))
-    # Defaults: TransformerLens samples, t5hooks is greedy (README "What differs").
+    # Item 3 in generate: without a mask both attend to the pads (row 2's continuation changes with the mask).
+    ref_unmasked = tl_generate(tl, tokens, max_new_tokens=8, do_sample=False)
+    with pytest.warns(UserWarning, match="right-padded"):
+        ours_unmasked = ours.generate(tokens, max_new_tokens=8)
+    assert upto_eos(ours_unmasked, {EOS}) == upto_eos(ref_unmasked, {EOS}) and ours_unmasked.shape == ref_unmasked.shape
+    assert not torch.equal(ours_unmasked, ours_greedy)
+    # Defaults: TransformerLens samples and shows a progress bar, t5hooks is greedy and quiet (README "What differs").
     assert inspect.signature(tl.generate).parameters["do_sample"].default is True
     assert inspect.signature(generate).parameters["do_sample"].default is False
+    assert inspect.signature(tl.generate).parameters["verbose"].default is True
+    assert inspect.signature(generate).parameters["verbose"].default is False
     assert inspect.signature(tl.generate).parameters["max_new_tokens"].default == 10
     assert inspect.signature(ours.generate).parameters["max_new_tokens"].default == 10
     # Item 1: a list of EOS ids stops text generation too ("hello" has one row).
@@ -528,6 +576,10 @@ def test_activation_cache_methods_both_libraries_have(tl, ours):
     assert all(torch.equal(a, b) for a, b in zip(cache.values(), [cache[k] for k in cache.keys()]))
     assert dict(cache.items()).keys() == cache.keys()
     assert cache["embed"] is cache["hook_embed"] and torch.equal(ref["embed"], ref["hook_embed"])  # item 6
+    # (short name, layer) reads the decoder here; TransformerLens's looks up `blocks.{l}`, absent on its T5
+    assert cache["pattern", 1] is cache["decoder.1.attn.hook_pattern"]
+    with pytest.raises(KeyError, match="blocks.1.attn.hook_pattern"):
+        ref["pattern", 1]
     for batch_slice in [1, (0, 2), [2, 0]]:
         sliced, ref_sliced = cache.apply_slice_to_batch_dim(batch_slice), ref.apply_slice_to_batch_dim(batch_slice)
         assert sliced.has_batch_dim == ref_sliced.has_batch_dim
@@ -548,9 +600,17 @@ def test_activation_cache_methods_both_libraries_have(tl, ours):
         ("get_full_resid_decomposition", ()),
         ("stack_activation", ("resid_pre",)),
         ("get_neuron_results", (0,)),
+        ("stack_neuron_results", (1,)),
     ]:
         with pytest.raises(KeyError, match="blocks"):
             getattr(ref, method)(*args)
+    with pytest.raises(KeyError, match="ln_final"):  # its final norm is `decoder_final_ln` on T5
+        ref.apply_ln_to_stack(cache.decompose_resid())
+    for mode in (True, False):  # the same global switch
+        for c in (cache, ref):
+            c.toggle_autodiff(mode)
+            assert torch.is_grad_enabled() is mode
+    torch.set_grad_enabled(True)
     with pytest.raises(AttributeError):
         ref.logit_attrs(torch.zeros(1, 3, 5, ours.cfg.d_model), 5)
 
