@@ -112,6 +112,10 @@ class HookPoint(nn.Module):
         else:
             raise ValueError(f"hook direction must be 'fwd' or 'bwd', got {dir!r}")
 
+    def add_perma_hook(self, hook: HookFn, dir: Direction = "fwd") -> None:
+        """A hook that `reset_hooks()` keeps (only `reset_hooks(including_permanent=True)` removes it)."""
+        self.add_hook(hook, dir=dir, is_permanent=True)
+
     def _checked(self, result: Any, original: Tensor, kind: str) -> Tensor | None:
         if result is None:
             return None

@@ -137,28 +137,47 @@ def test_kernel_backends_agree_on_padding_causal_and_empty_rows(dtype):
 
 @pytest.mark.slow
 def test_masking_compiled_and_onnx_agree_with_eager(hf, tmp_path):
-    """Compiled capture (Dynamo + AOTAutograd, no inductor codegen) and ONNX Runtime agree with eager on a batch
-    with a fully masked example: the same finfo.min / -inf scores and zero pattern rows."""
+    """One compiled capture (Dynamo + AOTAutograd, no inductor codegen) and one ONNX graph, against eager:
+    - with masks, on a batch with a fully masked example: the same finfo.min / -inf scores and zero pattern rows;
+    - without a mask, on a right-padded-looking batch: every token attended, as eagerly, and a warning on every
+      call (the compiled graph cannot check: the capture module's eager entry does). OnnxGenerator: in
+      test_onnx_generation.py, which shares its export."""
     from t5hooks.export import OnnxRunner, to_onnx
 
     model = fresh(hf)
     tokens, mask, dec, dec_mask = random_batch(128, 3, 6, 4, pad_decoder=True)
     mask[2] = 0
     names = ["encoder.0.attn.hook_attn_scores", "decoder.0.attn.hook_attn_scores", "decoder.0.cross_attn.hook_pattern"]
+    compiled = torch.compile(model.capture(names), backend="aot_eager", fullgraph=True)
+    runner = OnnxRunner(to_onnx(model, tmp_path / "m.onnx", capture=names))
     with torch.no_grad():
         eager = model.capture(names)(tokens, dec, mask, dec_mask)
-        compiled = torch.compile(model.capture(names), backend="aot_eager", fullgraph=True)(tokens, dec, mask, dec_mask)
-    runner = OnnxRunner(to_onnx(model, tmp_path / "m.onnx", capture=names))
+        got = compiled(tokens, dec, mask, dec_mask)
     ort = runner(input=tokens, decoder_input=dec, one_zero_attention_mask=mask, decoder_attention_mask=dec_mask)
     for key in ["logits", *names]:
-        torch.testing.assert_close(compiled[key], eager[key], atol=1e-5, rtol=0)
+        torch.testing.assert_close(got[key], eager[key], atol=1e-5, rtol=0)
         torch.testing.assert_close(torch.as_tensor(ort[key]), eager[key], atol=1e-4, rtol=0)
     for name in names[:2]:  # the hidden entries are the same values on every path
         hidden = (eager[name] == FMIN) | torch.isneginf(eager[name])
         assert hidden.any()
-        assert torch.equal(compiled[name][hidden], eager[name][hidden])
+        assert torch.equal(got[name][hidden], eager[name][hidden])
         assert torch.equal(torch.as_tensor(ort[name])[hidden], eager[name][hidden])
     assert (eager["decoder.0.cross_attn.hook_pattern"][2] == 0).all()
+
+    # No mask: rows 1 and 2 end in EOS then pads, as a tokenizer pads.
+    tokens, _, dec, _ = random_batch(128, 3, 7, 4)
+    tokens[1, 3], tokens[2, 0] = 1, 1
+    with torch.no_grad():
+        eager = model.capture(names)(tokens, dec, torch.ones_like(tokens))
+    for _ in range(2):
+        with pytest.warns(UserWarning, match="right-padded"), torch.no_grad():
+            got = compiled(tokens, dec)
+        for key in ["logits", names[0]]:
+            torch.testing.assert_close(got[key], eager[key], atol=1e-5, rtol=0)
+        with pytest.warns(UserWarning, match="right-padded"):
+            ort = runner(input=tokens, decoder_input=dec)
+        torch.testing.assert_close(torch.as_tensor(ort["logits"]), eager["logits"], atol=1e-4, rtol=0)
+    assert not (eager[names[0]] == FMIN).any()  # nothing was masked
 
 
 def test_no_mask_attends_to_every_token_and_right_padding_warns_on_every_call(tiny):
@@ -180,36 +199,6 @@ def test_no_mask_attends_to_every_token_and_right_padding_warns_on_every_call(ti
     torch.testing.assert_close(
         model((tokens, mask), dec), model((tokens, mask), dec, decoder_attention_mask=torch.ones_like(dec))
     )
-
-
-@pytest.mark.slow
-def test_no_mask_compiled_and_onnx_attend_everything_and_warn(hf, tmp_path):
-    """Without a mask the compiled capture, OnnxRunner and OnnxGenerator attend to every token, as eagerly, and a
-    right-padded-looking batch warns on every call (the compiled graph cannot check: the capture module's eager
-    entry does)."""
-    from t5hooks.export import OnnxGenerator, OnnxRunner, to_onnx, to_onnx_generator
-
-    model = fresh(hf)
-    tokens, mask, dec, _ = random_batch(128, 3, 7, 4)
-    tokens[1, 3], tokens[2, 0] = 1, 1  # rows 1 and 2 now end in EOS then pads, as a tokenizer pads
-    ones = torch.ones_like(tokens)
-    names = ["encoder.1.attn.hook_attn_scores"]
-    with torch.no_grad():
-        eager = model.capture(names)(tokens, dec, ones)
-    compiled = torch.compile(model.capture(names), backend="aot_eager", fullgraph=True)
-    runner = OnnxRunner(to_onnx(model, tmp_path / "m.onnx", capture=names))
-    generator = OnnxGenerator(to_onnx_generator(model, tmp_path / "gen"))
-    for _ in range(2):
-        with pytest.warns(UserWarning, match="right-padded"), torch.no_grad():
-            out = compiled(tokens, dec)
-        for key in ["logits", *names]:
-            torch.testing.assert_close(out[key], eager[key], atol=1e-5, rtol=0)
-        with pytest.warns(UserWarning, match="right-padded"):
-            ort = runner(input=tokens, decoder_input=dec)
-        torch.testing.assert_close(torch.as_tensor(ort["logits"]), eager["logits"], atol=1e-4, rtol=0)
-        with pytest.warns(UserWarning, match="right-padded"):
-            steps = generator.generate(tokens, max_new_tokens=3, stop_at_eos=False)
-    assert torch.equal(torch.as_tensor(steps.tokens), model.generate((tokens, ones), 3, stop_at_eos=False))
 
 
 def test_text_decoder_input_has_no_eos(tiny):

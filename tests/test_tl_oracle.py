@@ -398,6 +398,8 @@ def test_hook_api_details_match(tl, ours):
         model.add_hook("hook_embed", lambda x, hook: calls.append("a"))
         model.add_hook("hook_embed", lambda x, hook: calls.append("b"), prepend=True)
         model.add_hook("hook_embed", lambda x, hook: calls.append("perm"), is_permanent=True)
+        model.hook_dict["hook_embed"].add_perma_hook(lambda x, hook: calls.append("point-perm"))
+        model.add_perma_hook("encoder.0.hook_resid_pre", lambda x, hook: calls.append("model-perm"))
         model.add_hook(lambda name: name.endswith("hook_z"), lambda g, hook: None, dir="bwd")
         listed = [
             {name: len(handles) for name, handles in model.list_hooks(**kwargs).items()}
