@@ -227,8 +227,9 @@ def test_resume_after_sigkill_equals_uninterrupted(model: HookedEncoderDecoder, 
     partial = ActivationStore(tmp_path / "resumed")
     assert len(partial.shards) == 2 and not partial.complete
     # a half-written shard of the next window, as a kill during the write would leave it (the writer's pid is dead)
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    stale = tmp_path / "resumed" / f".shard-00000-000002.tmp-{int(dead.stdout)}-deadbeef.safetensors"
+    probe = "from t5hooks.ownership import me; print(me().tag)"
+    dead = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
+    stale = tmp_path / "resumed" / f".shard-00000-000002.tmp-{dead.stdout.strip()}-deadbeef.safetensors"
     stale.write_bytes(b"\0" * 100)
     names = ["encoder.*.hook_resid_post", "decoder.0.hook_resid_post"]
     kw = dict(window=6, token_budget=64, backend="eager", progress=False)
