@@ -20,6 +20,7 @@ from torch import Tensor
 from .analysis.cache import ActivationCache
 from .hook_io import NameFilter
 from .kv_cache import DecoderCache
+from .stopping import stop_tokens
 
 NEG_INF = -1.0e9  # the "impossible" score HF's beam search uses
 
@@ -177,18 +178,6 @@ def generate(
     if return_cache:
         return result, [ActivationCache(step, model) for step in steps]
     return result
-
-
-def stop_tokens(eos_token_id: int | Sequence[int], d_vocab: int, device: torch.device) -> Tensor:
-    """The stop ids as a 1-D LongTensor: one id, or a list / tuple / tensor of ids (checked)."""
-    ids = eos_token_id.tolist() if isinstance(eos_token_id, Tensor) else eos_token_id
-    ids = [ids] if _is_int(ids) else ids
-    if not isinstance(ids, (list, tuple)) or not ids or not all(_is_int(i) for i in ids):
-        raise TypeError(f"eos_token_id must be a token id or a non-empty list of token ids, got {eos_token_id!r}")
-    bad = [int(i) for i in ids if not 0 <= int(i) < d_vocab]
-    if bad:
-        raise ValueError(f"eos_token_id has ids {bad} outside the vocabulary 0..{d_vocab - 1}")
-    return torch.tensor([int(i) for i in ids], dtype=torch.long, device=device)
 
 
 def _start(model: Any, batch: int, device: torch.device) -> Tensor:

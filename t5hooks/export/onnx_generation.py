@@ -30,11 +30,11 @@ import torch
 from torch import Tensor, nn
 
 from ..atomic import MANIFEST, ArtefactError, begin_multi_file, state_fingerprint, verify_manifest, write_manifest
-from ..generation import stop_tokens
 from ..hook_io import HookIO, NameFilter
 from ..hook_registry import HookLayout, default_layout
 from ..kv_cache import DecoderCache
 from ..padding import warn_if_right_padded
+from ..stopping import stop_tokens
 from .axes import BATCH, CACHE_AXES, ENC, INPUT_AXES, PRESENT, activation_axes, step_activation_axes
 from .onnx import (
     export_graph,
