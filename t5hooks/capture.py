@@ -20,18 +20,23 @@ from torch import Tensor, nn
 
 from .components import lm_loss
 from .hook_io import PATCH_MODES, HookIO, NameFilter
+from .padding import warn_if_right_padded
 
 SEQUENCE_INPUTS = ("input", "decoder_input", "one_zero_attention_mask", "decoder_attention_mask", "labels")
 
 
 @functools.cache
-def _call_frame_runs_eagerly() -> None:
+def _call_frame_runs_eagerly() -> Callable[..., None]:
     """`torch.compile(cap)` enters through `CaptureBase.__call__`: run that frame eagerly (it only marks dynamic
-    axes) and compile what it calls; inlined into an outer compile or export it is traced as any other function.
+    axes and checks the padding) and compile what it calls; inlined into an outer compile or export it is traced as
+    any other function. Returns the padding check wrapped to run eagerly with all it calls (a function called from
+    the eager frame would otherwise be compiled on its own, and the check depends on the data).
     Done at the first capture module, not at import: `torch._dynamo` imports triton, which `import t5hooks` must not."""
+    import torch._dynamo
     from torch._dynamo.eval_frame import skip_code
 
     skip_code(CaptureBase.__call__.__code__)
+    return torch._dynamo.disable(warn_if_right_padded, recursive=True)
 
 
 class CaptureBase(nn.Module):
@@ -56,7 +61,7 @@ class CaptureBase(nn.Module):
         intervene: Mapping[str, nn.Module] | None = None,
     ) -> None:
         super().__init__()
-        _call_frame_runs_eagerly()
+        self._check_padding = _call_frame_runs_eagerly()
         self.model = model  # registered as a submodule: the same parameters, not a copy
         self.names: tuple[str, ...] = tuple(model.resolve_names(names)) if _nonempty(names) else ()
         patch_names = tuple(model.resolve_names(patch)) if _nonempty(patch) else ()
@@ -70,15 +75,23 @@ class CaptureBase(nn.Module):
     def __call__(self, *args: Any, **kwargs: Any) -> dict[str, Tensor]:
         """Eagerly (outside any trace): mark the sequence axes of the token and mask inputs dynamic, each with
         its own symbol, so `torch.compile(cap, dynamic=True)` never ties the encoder and decoder lengths (duck
-        sizing would, when a first batch has E == D, and recompile at the next E != D). This frame itself is
-        never compiled (see `skip_code` below); inside an outer compile or export it is traced as usual."""
+        sizing would, when a first batch has E == D, and recompile at the next E != D); and warn about a
+        right-padded-looking token batch given without a mask (the compiled forward cannot: the check depends on
+        the data). This frame itself is never compiled (see `skip_code` below); inside an outer compile or export
+        it is traced as usual."""
         if not (torch.compiler.is_compiling() or torch.compiler.is_exporting()):
-            values = list(args[:4])  # no generator here: its frame would be compiled on its own
-            for key in SEQUENCE_INPUTS:
-                values.append(kwargs.get(key))
+            given = dict(zip(self.INPUT_NAMES, args))
+            given.update({k: v for k, v in kwargs.items() if k in SEQUENCE_INPUTS})
+            values = []  # no generator here: its frame would be compiled on its own
+            for value in given.values():
+                values.extend(value if isinstance(value, tuple) else [value])  # (tokens, mask) pairs
             for value in values:
                 if isinstance(value, Tensor) and value.ndim == 2 and value.shape[1] > 1:
                     torch._dynamo.maybe_mark_dynamic(value, 1)  # imported by _call_frame_runs_eagerly
+            tokens = given.get("input")
+            if isinstance(tokens, Tensor) and given.get("one_zero_attention_mask") is None:
+                cfg = self.model.cfg
+                self._check_padding(tokens, cfg.eos_token_id, cfg.pad_token_id)
         return super().__call__(*args, **kwargs)
 
     @property
@@ -178,8 +191,8 @@ class CaptureModule(CaptureBase):
         labels: Tensor | None = None,
     ) -> dict[str, Tensor]:
         model = self.model
-        tokens, mask, dec_tokens, dec_mask, labels = model.prepare_inputs(
-            input, decoder_input, one_zero_attention_mask, decoder_attention_mask, labels
+        tokens, mask, dec_tokens, dec_mask, labels = model.prepare_inputs(  # __call__ checked the padding
+            input, decoder_input, one_zero_attention_mask, decoder_attention_mask, labels, warn_padding=False
         )
         io = self.hook_io(patches)
         logits = model.decode(dec_tokens, model.encode(tokens, mask, io), mask, dec_mask, io)
@@ -221,7 +234,7 @@ class EncoderCaptureModule(CaptureBase):
         one_zero_attention_mask: Tensor | None = None,
         patches: Mapping[str, Tensor] | None = None,
     ) -> dict[str, Tensor]:
-        tokens, mask = self.model.prepare_encoder_inputs(input, one_zero_attention_mask)
+        tokens, mask = self.model.prepare_encoder_inputs(input, one_zero_attention_mask, warn_padding=False)
         io = self.hook_io(patches)
         return self.outputs(io, {"last_hidden_state": self.model.encode(tokens, mask, io)})  # [B,E,d_model]
 
