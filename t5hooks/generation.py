@@ -267,8 +267,8 @@ def _beam_search(
     beam_mask = None if mask is None else mask.repeat_interleave(num_beams, dim=0)
     encoder_out = model.encode(beam_tokens, beam_mask)
 
-    running = torch.full((B, num_beams, max_len), pad, dtype=torch.long, device=device)
-    running[:, :, 0] = model.cfg.decoder_start_token_id
+    # sequences grow by one column per step (nothing is sized by max_new_tokens, which may be huge)
+    running = torch.full((B, num_beams, 1), model.cfg.decoder_start_token_id, dtype=torch.long, device=device)
     running_scores = torch.full((B, num_beams), NEG_INF, device=device)
     running_scores[:, 0] = 0.0
     finished = running.clone()
@@ -283,20 +283,21 @@ def _beam_search(
     while True:
         if length > 1:
             new_step()
-        logits = stepper.next_logits(running[:, :, :length].reshape(B * num_beams, length), encoder_out, beam_mask)
+        logits = stepper.next_logits(running.reshape(B * num_beams, length), encoder_out, beam_mask)
         log_probs = F.log_softmax(logits, dim=-1).view(B, num_beams, V)
         scores = (log_probs + running_scores[:, :, None]).view(B, -1)  # [B, beams*V]
         cand_scores, cand_index = scores.topk(K, dim=-1)  # [B, K]
         cand_beam, cand_token = cand_index // V, cand_index % V
-        cand_seqs = running.gather(1, cand_beam[:, :, None].expand(-1, -1, max_len)).clone()
-        cand_seqs[:, :, length] = cand_token
+        cand_seqs = torch.cat(
+            [running.gather(1, cand_beam[:, :, None].expand(-1, -1, length)), cand_token[..., None]], 2
+        )
         hits_stop = torch.full_like(cand_token, length + 1 >= max_len, dtype=torch.bool)
         if eos is not None:
             hits_stop |= torch.isin(cand_token, eos)
 
         # running beams for the next step: the best candidates that did not stop
         keep = (cand_scores + hits_stop.float() * NEG_INF).topk(num_beams, dim=-1).indices
-        running = cand_seqs.gather(1, keep[:, :, None].expand(-1, -1, max_len))
+        running = cand_seqs.gather(1, keep[:, :, None].expand(-1, -1, length + 1))  # [B, beams, length + 1]
         running_scores = (cand_scores + hits_stop.float() * NEG_INF).gather(1, keep)
         parent = cand_beam.gather(1, keep)  # which old beam each new running beam extends
 
@@ -306,7 +307,8 @@ def _beam_search(
         normalised = normalised + (~can_improve).float() * NEG_INF + (~just_finished).float() * NEG_INF
         merged_scores = torch.cat([finished_scores, normalised], dim=1)
         best = merged_scores.topk(num_beams, dim=-1).indices
-        finished = torch.cat([finished, cand_seqs], dim=1).gather(1, best[:, :, None].expand(-1, -1, max_len))
+        finished = F.pad(finished, (0, 1), value=pad)  # [B, beams, length + 1]: shorter hypotheses end in pad
+        finished = torch.cat([finished, cand_seqs], dim=1).gather(1, best[:, :, None].expand(-1, -1, length + 1))
         finished_scores = merged_scores.gather(1, best)
         finished_any = torch.cat([finished_any, just_finished], dim=1).gather(1, best)
         finished_len = torch.cat([finished_len, torch.full_like(cand_token, length + 1)], dim=1).gather(1, best)

@@ -159,3 +159,15 @@ def test_byte_tokenizer_round_trips():
     from transformers import ByT5Tokenizer
 
     assert tok.encode("naïve ✓") == ByT5Tokenizer().encode("naïve ✓")
+
+
+def test_a_huge_max_new_tokens_allocates_nothing_for_it(pair):
+    """`max_new_tokens` is a bound, not a size: nothing is allocated for it, so 10**12 with rows that stop at EOS
+    gives what 10 gives (greedy, sampled and with beams)."""
+    _, model = pair
+    tokens, mask, _, _ = random_batch(model.cfg.d_vocab, 2, 6, 1)
+    every_id = list(range(model.cfg.d_vocab))  # every row stops at its first token
+    for kw in ({}, {"num_beams": 3}, {"do_sample": True, "seed": 0}):
+        want = model.generate(tokens, 10, one_zero_attention_mask=mask, eos_token_id=every_id, verbose=False, **kw)
+        got = model.generate(tokens, 10**12, one_zero_attention_mask=mask, eos_token_id=every_id, verbose=False, **kw)
+        assert torch.equal(got, want) and got.shape[1] == 2, kw
