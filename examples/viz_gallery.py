@@ -45,11 +45,11 @@ def build(out: Path) -> dict[str, Path]:
     feature_dashboard(out / "acts", out / "saes" / HOOK, out / "dash", model=model, overwrite=True, progress=False)
     # an attention view and a patching map
     model.attention_view("interpret", "terpretni").save(out / "attention.html")
-    tokens = model.to_tokens(["interpret", "interprez"], move_to_device=False)
+    tokens, mask = model.to_tokens(["interpret", "interprez"], move_to_device=False)
     dec = model.to_decoder_tokens(["terpretni"], move_to_device=False)
     target = int(dec[0, 1])  # "t", the first letter of the answer: the last letter of the input
-    result = patch_residual(model, (tokens[:1], dec), (tokens[1:], dec), lambda logits: logits[:, 0, target].mean(),
-                            stack="encoder")  # fmt: skip
+    result = patch_residual(model, (tokens[:1], dec, mask[:1]), (tokens[1:], dec, mask[1:]),
+                            lambda logits: logits[:, 0, target].mean(), stack="encoder")  # fmt: skip
     result.view().save(out / "patching.html")
     return {
         "index": out / "dash" / "index.html",

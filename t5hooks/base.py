@@ -24,8 +24,8 @@ from .config import HookedT5Config
 from .dtypes import parse_dtype
 from .hook_io import HookIO, is_tracing
 from .hook_points import HookedRootModule, HookPoint
+from .padding import warn_if_right_padded
 from .regions import run_encoder_block
-from .user_warning import warn_user
 
 TextOrTokens = Union[Tensor, str, Sequence[str]]
 
@@ -175,40 +175,34 @@ class HookedT5Base(HookedRootModule):
 
     # ---- input handling ----------------------------------------------------------------
     def prepare_encoder_inputs(
-        self, input: TextOrTokens, attention_mask: Tensor | None = None
+        self, input: TextOrTokens, attention_mask: Tensor | None = None, warn_padding: bool = True
     ) -> tuple[Tensor, Tensor | None]:
-        """Tokenize text (the mask then comes from the padding) and check tokens and mask; on the model's device."""
+        """Tokens and mask, checked and on the model's device, from text (the mask comes from the tokenizer's
+        padding, unless one is given), token ids, or the `(tokens, attention_mask)` pair `to_tokens` returns.
+
+        No mask means every token is attended (the reference's words; TransformerLens 3.9 and Hugging Face do the
+        same): a mask is never inferred from pad ids. A token batch without a mask that looks right-padded (EOS
+        then pads) warns, on every such call (`warn_padding=False` when the caller has already checked)."""
+        input, attention_mask = self._split_pair(input, attention_mask, "input", "one_zero_attention_mask")
         tokens, text_mask = self._tokens_and_mask(input, "input")
         if attention_mask is None:
-            attention_mask = text_mask if text_mask is not None else self.infer_padding_mask(tokens)
+            attention_mask = text_mask
+            if attention_mask is None and warn_padding and not is_tracing():
+                warn_if_right_padded(tokens, self.cfg.eos_token_id, self.cfg.pad_token_id)
         attention_mask = self._check_mask(attention_mask, tokens, "one_zero_attention_mask")
         return tokens.to(self.embed.W_E.device), attention_mask
 
-    # ---- tokenizer ---------------------------------------------------------------------
-    # ---- caching -----------------------------------------------------------------------
-    # ---- loading -----------------------------------------------------------------------
-
-    def infer_padding_mask(self, tokens: Tensor, decoder: bool = False) -> Tensor | None:
-        """The mask of a token batch given without one: 1 where the token is not `pad_token_id` (T5 never uses
-        the pad token inside a sequence). In the decoder, the leading start token is not padding even when it
-        is the pad id. None when there is no pad token (eagerly; the first time a mask is inferred, a warning
-        says so). While compiling or exporting the mask is always built (no data-dependent branch); it is all
-        ones, so the same numbers, when nothing is padded."""
-        mask = tokens != self.cfg.pad_token_id
-        if decoder:
-            mask[:, 0] = True
-        if is_tracing():
-            return mask.long()
-        if bool(mask.all()):
-            return None
-        if not getattr(self, "_warned_inferred_padding", False):
-            self._warned_inferred_padding = True
-            warn_user(
-                f"a token batch contains pad_token_id={self.cfg.pad_token_id} and no attention mask was given: "
-                f"masking those positions as padding (pass one_zero_attention_mask= / decoder_attention_mask= "
-                f"to silence this). This warning is shown once.",
-            )
-        return mask.long()
+    @staticmethod
+    def _split_pair(value: Any, mask: Tensor | None, what: str, mask_name: str) -> tuple[Any, Tensor | None]:
+        """`(tokens, attention_mask)` as `to_tokens` returns it -> tokens and mask; anything else unchanged."""
+        if isinstance(value, tuple) and len(value) == 2 and all(isinstance(v, Tensor) for v in value):
+            if mask is not None:
+                raise ValueError(
+                    f"{what} is a (tokens, attention_mask) pair (what to_tokens returns) and {mask_name} is given "
+                    f"too; pass the mask once"
+                )
+            return value
+        return value, mask
 
     def _tokens_and_mask(
         self, value: TextOrTokens, what: str, prepend_start: bool = False
@@ -266,23 +260,36 @@ class HookedT5Base(HookedRootModule):
         return mask.to(self.embed.W_E.device)
 
     # ---- tokenizer ---------------------------------------------------------------------
-    def _tokenize(self, text: str | Sequence[str], add_special_tokens: bool = True) -> tuple[Tensor, Tensor]:
+    def _tokenize(
+        self, text: str | Sequence[str], add_special_tokens: bool = True, truncate: bool = True
+    ) -> tuple[Tensor, Tensor]:
+        """Right-padded ids and mask `[batch, pos]`; truncated to `cfg.n_ctx` tokens (when known) as TransformerLens."""
         batch = [text] if isinstance(text, str) else list(text)
-        out = self.tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=add_special_tokens)
+        kwargs = {}
+        if truncate and self.cfg.n_ctx is not None:
+            kwargs = dict(truncation=True, max_length=self.cfg.n_ctx)
+        out = self.tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=add_special_tokens, **kwargs)
         return out["input_ids"].long(), out["attention_mask"].long()
 
     def _tokenize_decoder(self, text: str | Sequence[str]) -> tuple[Tensor, Tensor]:
         """Decoder text -> (start token + text tokens, mask): no EOS, so the model continues the text."""
-        tokens, mask = self._tokenize(text, add_special_tokens=False)
+        tokens, mask = self._tokenize(text, add_special_tokens=False, truncate=False)
         start = torch.full((tokens.shape[0], 1), self.cfg.decoder_start_token_id, dtype=tokens.dtype)
         return torch.cat([start, tokens], dim=1), torch.cat([torch.ones_like(start), mask], dim=1)
 
-    def to_tokens(self, input: str | Sequence[str], move_to_device: bool = True) -> Tensor:
-        """Text -> token ids `[batch, pos]` (padded with the pad token; the tokenizer adds EOS as T5 expects)."""
+    def to_tokens(
+        self, input: str | Sequence[str], move_to_device: bool = True, truncate: bool = True
+    ) -> tuple[Tensor, Tensor]:
+        """Text -> `(tokens, attention_mask)`, both `[batch, pos]`, as TransformerLens 3.9's
+        `HookedEncoderDecoder.to_tokens`: right-padded with the pad token, EOS appended by the tokenizer as T5
+        expects, truncated to `cfg.n_ctx` tokens (HF's `n_positions`, when the checkpoint has one) unless
+        `truncate=False`. The pair goes straight back in: `model(model.to_tokens(texts), decoder_input)`."""
         if self.tokenizer is None:
             raise ValueError("to_tokens needs a tokenizer: load the model with tokenizer=...")
-        tokens, _ = self._tokenize(input)
-        return tokens.to(self.embed.W_E.device) if move_to_device else tokens
+        tokens, mask = self._tokenize(input, truncate=truncate)
+        if move_to_device:
+            tokens, mask = tokens.to(self.embed.W_E.device), mask.to(self.embed.W_E.device)
+        return tokens, mask
 
     def to_decoder_tokens(self, input: str | Sequence[str], move_to_device: bool = True) -> Tensor:
         """Decoder text -> ids `[batch, 1 + pos]`: the start token, then the text without EOS (what text passed
@@ -293,13 +300,16 @@ class HookedT5Base(HookedRootModule):
         return tokens.to(self.embed.W_E.device) if move_to_device else tokens
 
     def to_string(self, tokens: Tensor | Sequence[int]) -> str | list[str]:
-        """Token ids -> text (a list of strings for a batch)."""
+        """Token ids -> text (a list of strings for a batch), decoded as TransformerLens does: special tokens kept
+        and spaces not cleaned up (so " ," stays " ,")."""
         if self.tokenizer is None:
             raise ValueError("to_string needs a tokenizer: load the model with tokenizer=...")
         tokens = torch.as_tensor(tokens)
         if tokens.ndim == 2:
-            return [self.tokenizer.decode(row.tolist()) for row in tokens]
-        return self.tokenizer.decode(tokens.tolist())
+            return [self.tokenizer.decode(row.tolist(), clean_up_tokenization_spaces=False) for row in tokens]
+        if tokens.ndim > 2:
+            raise ValueError(f"to_string takes ids [pos] or [batch, pos], got shape {tuple(tokens.shape)}")
+        return self.tokenizer.decode(tokens.reshape(-1).tolist(), clean_up_tokenization_spaces=False)
 
     def to_str_tokens(self, input: str | Tensor | Sequence[Any]) -> list[str] | list[list[str]]:
         """One string per token, for labelling plots. A string or one sequence of ids gives a list; a list of
@@ -309,7 +319,7 @@ class HookedT5Base(HookedRootModule):
         if isinstance(input, (list, tuple)) and input and isinstance(input[0], str):
             return [self.to_str_tokens(text) for text in input]
         if isinstance(input, str):
-            tokens = self.to_tokens(input, move_to_device=False)[0]
+            tokens = self.to_tokens(input, move_to_device=False)[0][0]
         else:
             tokens = torch.as_tensor(input)
             if tokens.ndim == 2:
@@ -319,7 +329,7 @@ class HookedT5Base(HookedRootModule):
         label = getattr(self.tokenizer, "str_tokens", None)  # a tokenizer that labels its own tokens
         if callable(label):
             return label(tokens.tolist())
-        return [self.tokenizer.decode([t]) for t in tokens.tolist()]
+        return [self.tokenizer.decode([t], clean_up_tokenization_spaces=False) for t in tokens.reshape(-1).tolist()]
 
     def to_single_token(self, string: str) -> int:
         """The id of a string that is exactly one token (without special tokens); an error otherwise."""
@@ -501,7 +511,10 @@ class HookedT5Base(HookedRootModule):
     @property
     def W_pos(self) -> None:
         """None: T5 has no absolute positional embedding. Its relative position bias tables are
-        `encoder[0].attn.rel_bias_table` (and `decoder[0]`'s), `[num_buckets, n_heads]`; UMT5 has one per layer."""
+        `encoder[0].attn.rel_bias_table` (and `decoder[0]`'s), `[num_buckets, n_heads]` (UMT5: one per layer); the
+        bias itself is the `rel_pos_hook` activation. (TransformerLens's T5 raises NotImplementedError here; a
+        property that raises breaks tools that walk a module's attributes, `torch.jit.trace` and `hasattr` among
+        them.)"""
         return None
 
     # Self-attention weights, stacked over this model's self-attention layers (encoder, then decoder).

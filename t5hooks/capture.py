@@ -14,7 +14,7 @@ import fnmatch
 import functools
 import os
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -24,18 +24,23 @@ from torch import Tensor, nn
 from .components import lm_loss
 from .hook_io import PATCH_MODES, HookIO, NameFilter
 from .hook_registry import VARYING_AXES
+from .padding import warn_if_right_padded
 
 SEQUENCE_INPUTS = ("input", "decoder_input", "one_zero_attention_mask", "decoder_attention_mask", "labels")
 
 
 @functools.cache
-def _call_frame_runs_eagerly() -> None:
+def _call_frame_runs_eagerly() -> Callable[..., None]:
     """`torch.compile(cap)` enters through `CaptureBase.__call__`: run that frame eagerly (it only marks dynamic
-    axes) and compile what it calls; inlined into an outer compile or export it is traced as any other function.
+    axes and checks the padding) and compile what it calls; inlined into an outer compile or export it is traced as
+    any other function. Returns the padding check wrapped to run eagerly with all it calls (a function called from
+    the eager frame would otherwise be compiled on its own, and the check depends on the data).
     Done at the first capture module, not at import: `torch._dynamo` imports triton, which `import t5hooks` must not."""
+    import torch._dynamo
     from torch._dynamo.eval_frame import skip_code
 
     skip_code(CaptureBase.__call__.__code__)
+    return torch._dynamo.disable(warn_if_right_padded, recursive=True)
 
 
 class CaptureBase(nn.Module):
@@ -60,7 +65,7 @@ class CaptureBase(nn.Module):
         intervene: Mapping[str, nn.Module] | None = None,
     ) -> None:
         super().__init__()
-        _call_frame_runs_eagerly()
+        self._check_padding = _call_frame_runs_eagerly()
         self.model = model  # registered as a submodule: the same parameters, not a copy
         self.names: tuple[str, ...] = tuple(model.resolve_names(names)) if _nonempty(names) else ()
         patch_names = tuple(model.resolve_names(patch)) if _nonempty(patch) else ()
@@ -83,15 +88,19 @@ class CaptureBase(nn.Module):
         """Eagerly (outside any trace): mark the batch and sequence axes of the token and mask inputs and of
         the patches dynamic, each sequence with its own symbol, so a compiled capture serves every batch shape
         with one graph and never ties the encoder and decoder lengths (duck sizing would, when a first batch
-        has E == D, and recompile at the next E != D). This frame itself is never compiled (see `skip_code`
-        above); inside an outer compile or export it is traced as usual."""
+        has E == D, and recompile at the next E != D); and warn about a right-padded-looking token batch given
+        without a mask (the compiled forward cannot: the check depends on the data). This frame itself is never
+        compiled (see `skip_code` above); inside an outer compile or export it is traced as usual."""
         if not (torch.compiler.is_compiling() or torch.compiler.is_exporting()):
-            # no function calls or generators here: their frames would be compiled on their own
+            # no generators or helper functions here: their frames would be compiled on their own
             n = len(self.INPUT_NAMES)
+            given = dict(zip(self.INPUT_NAMES, args))
+            given.update({k: v for k, v in kwargs.items() if k in SEQUENCE_INPUTS})
             marks = []  # (tensor, axis)
-            for value in [*args[:n], *[kwargs.get(key) for key in SEQUENCE_INPUTS]]:
-                if isinstance(value, Tensor) and value.ndim == 2:  # [batch, pos]: both vary between batches
-                    marks += [(value, 0), (value, 1)]
+            for value in given.values():
+                for part in value if isinstance(value, tuple) else [value]:  # (tokens, mask) pairs
+                    if isinstance(part, Tensor) and part.ndim == 2:  # [batch, pos]: both vary between batches
+                        marks += [(part, 0), (part, 1)]
             patches = args[n] if len(args) > n else kwargs.get("patches")
             for name, value in (patches or {}).items():
                 axes = self._patch_axes.get(name)  # the patch's batch / position axes
@@ -100,6 +109,10 @@ class CaptureBase(nn.Module):
             for value, axis in marks:
                 if value.shape[axis] > 1:  # PyTorch specialises sizes 0 and 1 whatever is marked
                     torch._dynamo.maybe_mark_dynamic(value, axis)  # imported by _call_frame_runs_eagerly
+            tokens = given.get("input")
+            if isinstance(tokens, Tensor) and given.get("one_zero_attention_mask") is None:
+                cfg = self.model.cfg
+                self._check_padding(tokens, cfg.eos_token_id, cfg.pad_token_id)
         return super().__call__(*args, **kwargs)
 
     @property
@@ -201,8 +214,8 @@ class CaptureModule(CaptureBase):
         labels: Tensor | None = None,
     ) -> dict[str, Tensor]:
         model = self.model
-        tokens, mask, dec_tokens, dec_mask, labels = model.prepare_inputs(
-            input, decoder_input, one_zero_attention_mask, decoder_attention_mask, labels
+        tokens, mask, dec_tokens, dec_mask, labels = model.prepare_inputs(  # __call__ checked the padding
+            input, decoder_input, one_zero_attention_mask, decoder_attention_mask, labels, warn_padding=False
         )
         io = self.hook_io(patches)
         logits = model.decode(dec_tokens, model.encode(tokens, mask, io), mask, dec_mask, io)
@@ -244,7 +257,7 @@ class EncoderCaptureModule(CaptureBase):
         one_zero_attention_mask: Tensor | None = None,
         patches: Mapping[str, Tensor] | None = None,
     ) -> dict[str, Tensor]:
-        tokens, mask = self.model.prepare_encoder_inputs(input, one_zero_attention_mask)
+        tokens, mask = self.model.prepare_encoder_inputs(input, one_zero_attention_mask, warn_padding=False)
         io = self.hook_io(patches)
         return self.outputs(io, {"last_hidden_state": self.model.encode(tokens, mask, io)})  # [B,E,d_model]
 

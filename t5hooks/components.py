@@ -403,9 +403,12 @@ def attention_context(
         ctx.materialise_all = not attn0.wants_fused(device)
     if ctx.materialise_all or any(layer.needs_scores(io, device) for layer in layers):
         bias = attn0.position_bias(q_len, k_len, q_offset, io) if table is not None else None
-        allowed = allowed_keys(key_padding_mask, q_len, k_len, causal=causal, q_offset=q_offset, device=device)
-        ctx.bias_mask = bias_and_mask(bias, allowed, dtype=torch.float32)
-        ctx.row_has_key = rows_with_keys(allowed) if key_padding_mask is not None else None
+        ctx.bias_mask = bias_and_mask(
+            bias, key_padding_mask, q_len, k_len, causal=causal, q_offset=q_offset, dtype=torch.float32, device=device
+        )
+        if key_padding_mask is not None:
+            allowed = allowed_keys(key_padding_mask, q_len, k_len, causal=causal, q_offset=q_offset, device=device)
+            ctx.row_has_key = rows_with_keys(allowed)
     return ctx
 
 

@@ -48,6 +48,9 @@ class HookedT5Config:
     pad_token_id: int = 0
     eos_token_id: int = 1
     decoder_start_token_id: int = 0
+    # The length `to_tokens` (and text input) truncates to, as TransformerLens's n_ctx: HF's `n_positions`. None:
+    # no truncation (T5's relative positions have no hard limit).
+    n_ctx: int | None = None
     use_attn_result: bool = False
     # TransformerLens's input-hook switches (set_use_hook_mlp_in / set_use_attn_in / set_use_split_qkv_input).
     # hook_mlp_in is on by default here: without TransformerLens's clone it costs nothing.
@@ -79,6 +82,8 @@ class HookedT5Config:
                 raise ValueError(f"HookedT5Config.{name} must be a positive int, got {value!r}")
         if self.act_fn not in ACTIVATIONS:
             raise ValueError(f"HookedT5Config.act_fn={self.act_fn!r} is not supported; valid: {', '.join(ACTIVATIONS)}")
+        if self.n_ctx is not None and (not isinstance(self.n_ctx, int) or self.n_ctx < 1):
+            raise ValueError(f"HookedT5Config.n_ctx must be None or a positive int, got {self.n_ctx!r}")
         if self.attn_impl not in ATTN_IMPLS:
             raise ValueError(f"HookedT5Config.attn_impl={self.attn_impl!r}; valid: {', '.join(ATTN_IMPLS)}")
         nb, md = self.relative_attention_num_buckets, self.relative_attention_max_distance
@@ -145,6 +150,7 @@ class HookedT5Config:
             pad_token_id=_first(c.get("pad_token_id"), 0),
             eos_token_id=_first(c.get("eos_token_id"), 1),
             decoder_start_token_id=_first(c.get("decoder_start_token_id"), _first(c.get("pad_token_id"), 0)),
+            n_ctx=c.get("n_positions"),
             initializer_factor=c.get("initializer_factor", 1.0),
             model_name=c.get("_name_or_path") or c.get("name_or_path") or "custom",
             original_architecture=(

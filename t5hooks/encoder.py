@@ -49,9 +49,10 @@ class HookedT5Encoder(HookedT5Base):
         one_zero_attention_mask: Tensor | None = None,
         return_type: Literal["last_hidden_state"] | None = "last_hidden_state",
     ) -> Tensor | None:
-        """Run the encoder. `input`: tokens `[B,E]`, a string or a list of strings (needs a tokenizer);
-        `one_zero_attention_mask` `[B,E]`, 1 = attend (derived from padding for strings). Returns the last
-        hidden state `[B,E,d_model]` (= `hook_encoder_out`), or None with `return_type=None`."""
+        """Run the encoder. `input`: tokens `[B,E]`, a string or a list of strings (needs a tokenizer), or the
+        `(tokens, mask)` pair `to_tokens` returns; `one_zero_attention_mask` `[B,E]`, 1 = attend (from the tokenizer
+        for strings; without one every token is attended, and a right-padded-looking batch warns). Returns the
+        last hidden state `[B,E,d_model]` (= `hook_encoder_out`), or None with `return_type=None`."""
         if return_type not in ("last_hidden_state", None):
             raise ValueError(f"return_type={return_type!r}; valid: 'last_hidden_state', None")
         tokens, mask = self.prepare_encoder_inputs(input, one_zero_attention_mask)

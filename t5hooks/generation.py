@@ -8,6 +8,7 @@ step). Python hooks on the model fire at every step, so steering hooks act durin
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -19,6 +20,7 @@ from torch import Tensor
 from .analysis.cache import ActivationCache
 from .hook_io import NameFilter
 from .kv_cache import DecoderCache
+from .stopping import stop_tokens
 
 NEG_INF = -1.0e9  # the "impossible" score HF's beam search uses
 
@@ -38,8 +40,13 @@ class SamplingConfig:
             raise ValueError(f"freq_penalty must be a finite number >= 0, got {self.freq_penalty!r}")
         if not isinstance(self.do_sample, bool):
             raise TypeError(f"do_sample must be True or False, got {self.do_sample!r}")
-        if not _is_real(self.temperature) or not math.isfinite(self.temperature) or self.temperature <= 0:
-            raise ValueError(f"temperature must be a finite number > 0, got {self.temperature!r}")
+        if not _is_real(self.temperature) or not math.isfinite(self.temperature) or self.temperature < 0:
+            raise ValueError(f"temperature must be a finite number >= 0 (0: greedy), got {self.temperature!r}")
+        if self.top_k is not None and self.top_p is not None:
+            raise ValueError(
+                "top_k and top_p are exclusive (TransformerLens's sample_logits applies only top_k when both are "
+                "given); pass one of them"
+            )
         if self.top_k is not None and (not _is_int(self.top_k) or self.top_k < 1):
             raise ValueError(f"top_k must be None or an integer >= 1, got {self.top_k!r}")
         if self.top_p is not None and (not _is_real(self.top_p) or not 0 < self.top_p <= 1):
@@ -58,7 +65,7 @@ def _is_real(value: Any) -> bool:
 def generate(
     model: Any,
     input: Any,
-    max_new_tokens: int = 20,
+    max_new_tokens: int = 10,
     *,
     one_zero_attention_mask: Tensor | None = None,
     do_sample: bool = False,
@@ -68,7 +75,7 @@ def generate(
     freq_penalty: float = 0.0,
     num_beams: int = 1,
     length_penalty: float = 1.0,
-    eos_token_id: int | None = None,
+    eos_token_id: int | Sequence[int] | None = None,
     stop_at_eos: bool = True,
     use_past_kv_cache: bool = True,
     seed: int | None = None,
@@ -79,9 +86,10 @@ def generate(
 ) -> Any:
     """Generate up to `max_new_tokens` decoder tokens per input (TransformerLens's keywords, plus beams).
 
-    Greedy unless `do_sample` (then `temperature`, `top_k`, `top_p`, and `freq_penalty`, which lowers each
-    logit by the penalty times how often the token already occurs in the decoder output, as TransformerLens
-    does when sampling). `use_past_kv_cache=False` reruns the decoder over the whole prefix at every step
+    Greedy unless `do_sample` (then `temperature`, 0 meaning greedy; `freq_penalty`, which lowers each
+    temperature-scaled logit by the penalty times how often the token already occurs in the decoder output; and
+    `top_k` or `top_p`: TransformerLens's `sample_logits`). `eos_token_id`: an id or a list of ids (a row stops at
+    any of them, as TransformerLens); default the config's EOS. `use_past_kv_cache=False` reruns the decoder over the whole prefix at every step
     (same tokens, slower; hooks then see every position). `verbose` shows a tqdm bar.
     Returns tokens `[B, 1 + T]` (starting with the decoder start token, rows that stopped at EOS
     padded with the pad token, as Hugging Face does; `return_type="tensor"`) or decoded strings
@@ -105,7 +113,9 @@ def generate(
         raise ValueError("beam sampling is not supported: use num_beams > 1 or do_sample=True, not both")
     text_input = isinstance(input, str) or (isinstance(input, (list, tuple)) and input and isinstance(input[0], str))
     tokens, mask, _, _, _ = model.prepare_inputs(input, None, one_zero_attention_mask)
-    eos = model.cfg.eos_token_id if eos_token_id is None else eos_token_id
+    eos = stop_tokens(
+        model.cfg.eos_token_id if eos_token_id is None else eos_token_id, model.cfg.d_vocab, tokens.device
+    )
     generator = None if seed is None else torch.Generator(device=tokens.device).manual_seed(seed)
 
     steps: list[dict[str, Tensor]] = []
@@ -204,28 +214,34 @@ def _sample_loop(stepper, tokens, mask, max_new_tokens, sampling, eos, generator
         if step > 0:
             new_step()
         logits = stepper.next_logits(out, encoder_out, mask)  # [B, V]
-        if sampling.do_sample and sampling.freq_penalty > 0:
-            counts = torch.zeros_like(logits).scatter_add_(1, out, torch.ones_like(out, dtype=logits.dtype))
-            logits = logits - sampling.freq_penalty * counts
-        next_token = choose_token(logits, sampling, generator)
+        next_token = choose_token(logits, sampling, generator, previous=out)
         next_token = torch.where(unfinished, next_token, torch.full_like(next_token, model.cfg.pad_token_id))
         out = torch.cat([out, next_token[:, None]], dim=1)
         if eos is not None:
-            unfinished &= next_token != eos
+            unfinished &= ~torch.isin(next_token, eos)
             if not unfinished.any():
                 break
     return out
 
 
-def choose_token(logits: Tensor, sampling: SamplingConfig, generator: torch.Generator | None = None) -> Tensor:
-    """Argmax, or a sample after temperature, top-k and top-p (nucleus) filtering, in that order."""
-    if not sampling.do_sample:
+def choose_token(
+    logits: Tensor,  # [B, V]
+    sampling: SamplingConfig,
+    generator: torch.Generator | None = None,
+    previous: Tensor | None = None,  # [B, T] the decoder tokens so far (start token included), for freq_penalty
+) -> Tensor:  # [B]
+    """Argmax, or TransformerLens's `sample_logits`: temperature (0: argmax), then `freq_penalty` times each
+    token's count in `previous`, then top-k or top-p (nucleus) filtering, then a sample."""
+    if not sampling.do_sample or sampling.temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits / sampling.temperature
+    if sampling.freq_penalty > 0 and previous is not None:
+        counts = torch.zeros_like(logits).scatter_add_(1, previous, torch.ones_like(previous, dtype=logits.dtype))
+        logits = logits - sampling.freq_penalty * counts
     if sampling.top_k is not None:
         kth = logits.topk(min(sampling.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    if sampling.top_p is not None and sampling.top_p < 1.0:
+    elif sampling.top_p is not None and sampling.top_p < 1.0:
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
         drop = cumulative - sorted_logits.softmax(dim=-1) >= sampling.top_p  # keep the smallest set reaching top_p
@@ -251,8 +267,8 @@ def _beam_search(
     beam_mask = None if mask is None else mask.repeat_interleave(num_beams, dim=0)
     encoder_out = model.encode(beam_tokens, beam_mask)
 
-    running = torch.full((B, num_beams, max_len), pad, dtype=torch.long, device=device)
-    running[:, :, 0] = model.cfg.decoder_start_token_id
+    # sequences grow by one column per step (nothing is sized by max_new_tokens, which may be huge)
+    running = torch.full((B, num_beams, 1), model.cfg.decoder_start_token_id, dtype=torch.long, device=device)
     running_scores = torch.full((B, num_beams), NEG_INF, device=device)
     running_scores[:, 0] = 0.0
     finished = running.clone()
@@ -267,20 +283,21 @@ def _beam_search(
     while True:
         if length > 1:
             new_step()
-        logits = stepper.next_logits(running[:, :, :length].reshape(B * num_beams, length), encoder_out, beam_mask)
+        logits = stepper.next_logits(running.reshape(B * num_beams, length), encoder_out, beam_mask)
         log_probs = F.log_softmax(logits, dim=-1).view(B, num_beams, V)
         scores = (log_probs + running_scores[:, :, None]).view(B, -1)  # [B, beams*V]
         cand_scores, cand_index = scores.topk(K, dim=-1)  # [B, K]
         cand_beam, cand_token = cand_index // V, cand_index % V
-        cand_seqs = running.gather(1, cand_beam[:, :, None].expand(-1, -1, max_len)).clone()
-        cand_seqs[:, :, length] = cand_token
+        cand_seqs = torch.cat(
+            [running.gather(1, cand_beam[:, :, None].expand(-1, -1, length)), cand_token[..., None]], 2
+        )
         hits_stop = torch.full_like(cand_token, length + 1 >= max_len, dtype=torch.bool)
         if eos is not None:
-            hits_stop |= cand_token == eos
+            hits_stop |= torch.isin(cand_token, eos)
 
         # running beams for the next step: the best candidates that did not stop
         keep = (cand_scores + hits_stop.float() * NEG_INF).topk(num_beams, dim=-1).indices
-        running = cand_seqs.gather(1, keep[:, :, None].expand(-1, -1, max_len))
+        running = cand_seqs.gather(1, keep[:, :, None].expand(-1, -1, length + 1))  # [B, beams, length + 1]
         running_scores = (cand_scores + hits_stop.float() * NEG_INF).gather(1, keep)
         parent = cand_beam.gather(1, keep)  # which old beam each new running beam extends
 
@@ -290,7 +307,8 @@ def _beam_search(
         normalised = normalised + (~can_improve).float() * NEG_INF + (~just_finished).float() * NEG_INF
         merged_scores = torch.cat([finished_scores, normalised], dim=1)
         best = merged_scores.topk(num_beams, dim=-1).indices
-        finished = torch.cat([finished, cand_seqs], dim=1).gather(1, best[:, :, None].expand(-1, -1, max_len))
+        finished = F.pad(finished, (0, 1), value=pad)  # [B, beams, length + 1]: shorter hypotheses end in pad
+        finished = torch.cat([finished, cand_seqs], dim=1).gather(1, best[:, :, None].expand(-1, -1, length + 1))
         finished_scores = merged_scores.gather(1, best)
         finished_any = torch.cat([finished_any, just_finished], dim=1).gather(1, best)
         finished_len = torch.cat([finished_len, torch.full_like(cand_token, length + 1)], dim=1).gather(1, best)

@@ -113,6 +113,10 @@ class HookPoint(nn.Module):
         else:
             raise ValueError(f"hook direction must be 'fwd' or 'bwd', got {dir!r}")
 
+    def add_perma_hook(self, hook: HookFn, dir: Direction = "fwd") -> None:
+        """A hook that `reset_hooks()` keeps (only `reset_hooks(including_permanent=True)` removes it)."""
+        self.add_hook(hook, dir=dir, is_permanent=True)
+
     def _checked(self, result: Any, original: Tensor, kind: str) -> Tensor | None:
         if result is None:
             return None
@@ -147,9 +151,17 @@ class HookPoint(nn.Module):
     def clear_context(self) -> None:
         self.ctx = {}
 
-    def has_hooks(self) -> bool:
-        """Python hooks attached (such activations must be computed explicitly)."""
-        return bool(self.fwd_hooks or self.bwd_hooks)
+    def has_hooks(
+        self, dir: Direction | Literal["both"] = "both", including_permanent: bool = True, level: int | None = None
+    ) -> bool:
+        """Python hooks attached in direction `dir` (TransformerLens's signature: `including_permanent=False` skips
+        permanent ones, `level` keeps one context's). Activations with hooks are computed explicitly."""
+        if dir not in ("fwd", "bwd", "both"):
+            raise ValueError(f"dir must be 'fwd', 'bwd' or 'both', got {dir!r}")
+        entries = (self.fwd_hooks if dir != "bwd" else []) + (self.bwd_hooks if dir != "fwd" else [])
+        return any(
+            (including_permanent or not e.is_permanent) and (level is None or e.context_level == level) for e in entries
+        )
 
     def layer(self) -> int:
         """The layer index in this point's name (`encoder.3.attn.hook_q` -> 3)."""
@@ -291,6 +303,25 @@ class HookedRootModule(nn.Module):
 
     def add_perma_hook(self, name: NameFilter, hook: HookFn, dir: Direction = "fwd") -> None:
         self.add_hook(name, hook, dir=dir, is_permanent=True)
+
+    def list_hooks(
+        self,
+        name_filter: NameFilter = None,
+        dir: Direction | Literal["both"] = "both",
+        including_permanent: bool = True,
+    ) -> dict[str, list[LensHandle]]:
+        """TransformerLens's `list_hooks`: the attached hooks by hook point name (points without any left out),
+        forward then backward; `name_filter` as everywhere (a name, glob, list or predicate)."""
+        if dir not in ("fwd", "bwd", "both"):
+            raise ValueError(f"dir must be 'fwd', 'bwd' or 'both', got {dir!r}")
+        out = {}
+        for name in self.resolve_names(name_filter):
+            hp = self.hook_dict[name]
+            handles = (hp.fwd_hooks if dir != "bwd" else []) + (hp.bwd_hooks if dir != "fwd" else [])
+            handles = [h for h in handles if including_permanent or not h.is_permanent]
+            if handles:
+                out[name] = handles
+        return out
 
     def remove_all_hook_fns(
         self,

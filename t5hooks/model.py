@@ -139,11 +139,13 @@ class HookedEncoderDecoder(HookedT5Base):
     ) -> Tensor | tuple[Tensor, Tensor] | None:
         """Run encoder and decoder (the reference's positional order: input, decoder_input, return_type, mask).
 
-        `input`: tokens `[B,E]`, a string or a list of strings (needs a tokenizer). `decoder_input`:
+        `input`: tokens `[B,E]`, a string or a list of strings (needs a tokenizer), or the `(tokens, mask)` pair
+        `to_tokens` returns. `decoder_input`:
         tokens `[B,D]` or text (the start token is prepended, no EOS appended: `logits[:, -1]` predicts the
         next token); defaults to `labels` shifted right behind the start token, else to one start token per
-        row. `one_zero_attention_mask`: `[B,E]`, 1 = attend (derived from padding for strings; inferred from
-        pad tokens, with a warning, for token batches). `decoder_attention_mask`: `[B,D]`. `return_type`:
+        row. `one_zero_attention_mask`: `[B,E]`, 1 = attend (from the tokenizer for strings; without one every
+        token is attended, and a right-padded-looking token batch warns). `decoder_attention_mask`: `[B,D]`
+        (none: every decoder token attended). `return_type`:
         "logits" `[B,D,d_vocab]`, "loss" (mean cross-entropy against `labels`, -100 ignored; `[B,D]` with
         `loss_per_token`), "both" -> (logits, loss), or None.
         """
@@ -176,15 +178,18 @@ class HookedEncoderDecoder(HookedT5Base):
         attention_mask: Tensor | None = None,
         decoder_attention_mask: Tensor | None = None,
         labels: Tensor | None = None,
+        warn_padding: bool = True,
     ) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None, Tensor | None]:
         """Tokenize strings, default the decoder input, and validate everything (clear errors, nothing mutated).
 
         Returns (tokens, attention_mask, decoder_tokens, decoder_attention_mask, labels) on the model's device.
-        Token batches given without a mask get one inferred from `pad_token_id` (see `infer_padding_mask`).
+        `input` / `decoder_input` may be the `(tokens, attention_mask)` pair `to_tokens` returns. A token batch
+        without a mask is attended everywhere (see `prepare_encoder_inputs`); the decoder input never gets an
+        inferred mask (the pad id is its start token, and a generated 0 inside it is a real token).
         Token-range checks are skipped while compiling (they would need a data-dependent branch).
         """
         device = self.embed.W_E.device
-        tokens, attention_mask = self.prepare_encoder_inputs(input, attention_mask)
+        tokens, attention_mask = self.prepare_encoder_inputs(input, attention_mask, warn_padding)
         B = tokens.shape[0]
         if labels is not None:
             labels = self._as_token_tensor(labels, "labels", allow_ignore=True).to(device)
@@ -196,11 +201,12 @@ class HookedEncoderDecoder(HookedT5Base):
             else:
                 dec_tokens = torch.full((B, 1), self.cfg.decoder_start_token_id, dtype=torch.long, device=device)
         else:
+            decoder_input, decoder_attention_mask = self._split_pair(
+                decoder_input, decoder_attention_mask, "decoder_input", "decoder_attention_mask"
+            )
             dec_tokens, dec_text_mask = self._tokens_and_mask(decoder_input, "decoder_input", prepend_start=True)
             if decoder_attention_mask is None:
-                decoder_attention_mask = (
-                    dec_text_mask if dec_text_mask is not None else self.infer_padding_mask(dec_tokens, decoder=True)
-                )
+                decoder_attention_mask = dec_text_mask
         if dec_tokens.shape[0] == 1 and B > 1:  # one decoder prompt for the whole batch
             dec_tokens = dec_tokens.expand(B, -1)
             if decoder_attention_mask is not None and decoder_attention_mask.shape[0] == 1:
@@ -324,9 +330,10 @@ class HookedEncoderDecoder(HookedT5Base):
 
         return CaptureModule(self, names, patch=patch, patch_mode=patch_mode, intervene=intervene)
 
-    def generate(self, input: TextOrTokens, max_new_tokens: int = 20, **kwargs: Any) -> Any:
+    def generate(self, input: TextOrTokens, max_new_tokens: int = 10, **kwargs: Any) -> Any:
         """Autoregressive decoding with a KV cache; hooks fire at every step. See `t5hooks.generation.generate`
-        (greedy by default; `do_sample`, `temperature`, `top_k`, `top_p`, `num_beams`, `return_cache`, ...)."""
+        (greedy by default; `eos_token_id` an id or a list, `do_sample`, `temperature`, `top_k`, `top_p`,
+        `num_beams`, `return_cache`, ...). `input` may be the `(tokens, mask)` pair `to_tokens` returns."""
         from .generation import generate
 
         return generate(self, input, max_new_tokens, **kwargs)
@@ -370,17 +377,23 @@ class HookedEncoderDecoder(HookedT5Base):
         return FactoredMatrix(self.W_V_cross, self.W_O_cross)
 
     def all_head_labels(self, stack: Literal["encoder", "decoder", "cross"] | None = None) -> list[str]:
-        """ "L{l}H{h}" per head. Without `stack`, in the order of the stacked weights (encoder layers,
-        then decoder layers); with it, layer indices within that stack."""
+        """Without `stack`, TransformerLens's labels in the order of the stacked weights: "EL{l}H{h}" per encoder
+        head, then "DL{l}H{h}" per decoder self-attention head. With it, "L{l}H{h}" per head of that stack
+        ("L{l}H{h}_cross" for cross-attention), as `ActivationCache.stack_head_results` labels them."""
+        H = self.cfg.n_heads
+        if stack is None:
+            return [f"EL{l}H{h}" for l in range(self.cfg.n_layers) for h in range(H)] + [
+                f"DL{l}H{h}" for l in range(self.cfg.n_decoder_layers) for h in range(H)
+            ]
         layers = {
-            None: self.cfg.n_layers + self.cfg.n_decoder_layers,
             "encoder": self.cfg.n_layers,
             "decoder": self.cfg.n_decoder_layers,
             "cross": self.cfg.n_decoder_layers,
         }
         if stack not in layers:
             raise ValueError(f"stack={stack!r}; valid: None, 'encoder', 'decoder', 'cross'")
-        return [f"L{layer}H{head}" for layer in range(layers[stack]) for head in range(self.cfg.n_heads)]
+        suffix = "_cross" if stack == "cross" else ""
+        return [f"L{l}H{h}{suffix}" for l in range(layers[stack]) for h in range(H)]
 
 
 @torch.no_grad()

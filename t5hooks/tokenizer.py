@@ -34,11 +34,17 @@ class ByteTokenizer:
         return_tensors: str | None = None,
         padding: bool = True,
         add_special_tokens: bool = True,
+        truncation: bool = False,
+        max_length: int | None = None,
     ) -> dict:
+        """`truncation` with `max_length`: at most that many ids per row, EOS kept last (as Hugging Face's)."""
         batch = [text] if isinstance(text, str) else list(text)
         if not all(isinstance(t, str) for t in batch):
             raise TypeError("ByteTokenizer takes a string or a list of strings")
         rows = [self.encode(t, add_special_tokens) for t in batch]
+        if truncation and max_length is not None:
+            keep = max_length - 1 if add_special_tokens else max_length
+            rows = [r if len(r) <= max_length else r[:keep] + r[len(r) - (max_length - keep) :] for r in rows]
         if return_tensors is None and not padding:
             return {"input_ids": rows if not isinstance(text, str) else rows[0]}
         width = max(len(r) for r in rows)
@@ -72,8 +78,14 @@ class ByteTokenizer:
         (a byte decoded alone may be half a character, so bytes are named, not decoded)."""
         return self.convert_ids_to_tokens(ids)
 
-    def decode(self, ids: Sequence[int] | torch.Tensor, skip_special_tokens: bool = False) -> str:
-        """Bytes back to text (invalid UTF-8 replaced); special tokens kept unless skipped."""
+    def decode(
+        self,
+        ids: Sequence[int] | torch.Tensor,
+        skip_special_tokens: bool = False,
+        clean_up_tokenization_spaces: bool = False,
+    ) -> str:
+        """Bytes back to text (invalid UTF-8 replaced); special tokens kept unless skipped. Bytes have no spaces
+        to clean up: `clean_up_tokenization_spaces` is accepted for the Hugging Face interface and changes nothing."""
         if isinstance(ids, torch.Tensor):
             ids = ids.tolist()
         if ids and isinstance(ids[0], list):
@@ -94,6 +106,9 @@ class ByteTokenizer:
         return "".join(text)
 
     def batch_decode(
-        self, batch: Sequence[Sequence[int]] | torch.Tensor, skip_special_tokens: bool = False
+        self,
+        batch: Sequence[Sequence[int]] | torch.Tensor,
+        skip_special_tokens: bool = False,
+        clean_up_tokenization_spaces: bool = False,
     ) -> list[str]:
         return [self.decode(row, skip_special_tokens) for row in batch]

@@ -1,13 +1,12 @@
 """TransformerLens's `utils` helpers that researchers call by habit, for encoder-decoder T5s.
 
-`get_act_name` is `t5hooks.analysis.act_name` under TransformerLens's name (and its shorthands:
-"k6" -> layer 6, "scale4ln1", TL layer types "attn"/"a", "mlp"/"m", "ln_final"); the decoder is the
-default stack, the one whose output is the logits.
+`get_act_name` is TransformerLens's (and its shorthands: "k6" -> layer 6, "scale4ln1", TL layer types
+"attn"/"a", "mlp"/"m", "ln_final"); `get_act_name("embed")` is "hook_embed" as there, and in the layers the
+decoder is the default stack, the one whose output is the logits.
 """
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import numpy as np
@@ -15,31 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .analysis.cache import _LAYER_TYPES, _sublayer, act_name
-
-_SHORTHAND = re.compile(r"^([a-z_]+?)(\d+)([a-z_]\w*)?$")
-
-
-def get_act_name(
-    name: str,
-    layer: int | None = None,
-    layer_type: str | None = None,
-    *,
-    stack: str = "decoder",
-    attn: str = "self",
-) -> str:
-    """Full hook name, as TransformerLens's `utils.get_act_name`: `get_act_name("pattern", 0)` ->
-    "decoder.0.attn.hook_pattern"; `get_act_name("scale", 2, "ln1", stack="encoder")`;
-    `get_act_name("k6")`; `get_act_name("pattern", 1, "cross")` (cross-attention)."""
-    match = _SHORTHAND.match(name) if layer is None and "." not in name else None
-    if match:
-        name, layer, layer_type = match.group(1), int(match.group(2)), match.group(3) or layer_type
-    ln = None
-    if layer_type is not None:
-        if _LAYER_TYPES.get(layer_type) == "final":
-            return act_name(name, None, stack, attn, "final")
-        attn, ln = _sublayer(layer_type, attn, ln)
-    return act_name(name, layer, stack, attn, ln)
+from .analysis.cache import get_act_name as get_act_name  # TransformerLens's name, re-exported
 
 
 def to_numpy(tensor: Any) -> np.ndarray:

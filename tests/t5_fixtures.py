@@ -148,3 +148,32 @@ def hf_encoder(family: str, seed: int = 0, **overrides):
     cfg = getattr(transformers, config_cls)(**{**BASE, **values, **overrides})
     model = getattr(transformers, model_cls)._from_config(cfg, attn_implementation="eager")
     return randomise(model, untie_lm_head=False)
+
+
+def sentencepiece_tokenizer():
+    """A T5-style fast tokenizer built in memory (no hub): a Unigram model over `▁`-prefixed words and single
+    characters with Metaspace pre-tokenizing and decoding, `<pad>`=0, `</s>`=1 appended to every text, `<unk>`=2,
+    and `clean_up_tokenization_spaces=True` as real T5 tokenizers have (so decoding " ," differs with and without
+    the clean-up). 94 pieces: every id fits the 128-id test vocabularies."""
+    import string
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    pieces = ["<pad>", "</s>", "<unk>", "▁hello", "▁world", "▁the", "▁cat", "▁sat", "▁on", "▁mat", "▁.", ".", ","]
+    pieces += ["▁,", "'s", "▁a", "▁is"]
+    for char in string.ascii_lowercase + string.digits + "!?'":
+        pieces += ["▁" + char, char]
+    pieces = list(dict.fromkeys(pieces))
+    scores = [0.0] * 3 + [-len(p) / 10 - i / 1000 for i, p in enumerate(pieces[3:])]
+    tokenizer = Tokenizer(models.Unigram(list(zip(pieces, scores)), unk_id=2))
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+    tokenizer.decoder = decoders.Metaspace()
+    tokenizer.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        pad_token="<pad>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        clean_up_tokenization_spaces=True,
+    )

@@ -51,7 +51,8 @@ def test_act_name_short_names_and_errors():
     assert act_name("normalized", 0, ln="ln3") == "decoder.0.ln3.hook_normalized"
     assert act_name("scale") == "decoder_final_ln.hook_scale"
     assert act_name("embed", stack="encoder") == "hook_embed"
-    assert act_name("embed") == "hook_decoder_embed"
+    assert act_name("embed") == "hook_embed"  # TransformerLens's name (test_tl_oracle.py)
+    assert act_name("embed", stack="decoder") == act_name("decoder_embed") == "hook_decoder_embed"
     assert act_name("encoder_out") == "hook_encoder_out"
     assert act_name("rel_pos", stack="encoder") == "encoder.0.attn.rel_pos_hook"
     assert act_name("rel_pos", 2, stack="decoder") == "decoder.2.attn.rel_pos_hook"  # UMT5: one per layer

@@ -36,6 +36,34 @@ def test_greedy_stops_at_eos_and_pads_like_hf():
     assert ours[0, 3] == 1 and torch.all(ours[0, 4:] == 0)  # stopped at EOS, then padded
 
 
+def test_a_list_of_eos_ids_stops_greedy_and_beam_search_as_hf(pair):
+    """`eos_token_id=[a, b]` (TransformerLens's documented form; test_tl_oracle.py compares greedy with it) stops a
+    row at either id, greedy and with beams, where Hugging Face's generate stops. After the stop HF's beam search
+    repeats the first stop id; t5hooks pads, as HF's greedy does."""
+    hf, model = pair
+    tokens, mask, _, _ = random_batch(model.cfg.d_vocab, 3, 10, 2)
+    free = model.generate(tokens, 10, one_zero_attention_mask=mask, num_beams=3, stop_at_eos=False)
+    generated = [t for t in free[:, 1:].flatten().tolist() if t > 1]
+    stops = [generated[0], generated[len(generated) // 2]]
+    for num_beams in (1, 3):
+        ref = hf.generate(
+            input_ids=tokens, attention_mask=mask, max_new_tokens=10, do_sample=False, num_beams=num_beams,
+            eos_token_id=stops,
+        )  # fmt: skip
+        ours = model.generate(tokens, 10, one_zero_attention_mask=mask, num_beams=num_beams, eos_token_id=stops)
+        assert ours.shape == ref.shape
+        for row, ref_row in zip(ours.tolist(), ref.tolist()):
+            end = next((i for i, t in enumerate(ref_row) if i > 0 and t in stops), len(ref_row) - 1)
+            assert row[: end + 1] == ref_row[: end + 1] and set(row[end + 1 :]) <= {0}
+        one = model.generate(tokens, 10, one_zero_attention_mask=mask, num_beams=num_beams, eos_token_id=stops[:1])
+        assert torch.equal(one, model.generate(tokens, 10, one_zero_attention_mask=mask, num_beams=num_beams,
+                                               eos_token_id=stops[0]))  # fmt: skip
+    with pytest.raises(ValueError, match="vocabulary"):
+        model.generate(tokens, 2, one_zero_attention_mask=mask, eos_token_id=[1, model.cfg.d_vocab])
+    with pytest.raises(TypeError, match="eos_token_id"):
+        model.generate(tokens, 2, one_zero_attention_mask=mask, eos_token_id=[])
+
+
 def test_kv_cache_decoding_equals_full_recompute(pair):
     _, model = pair
     tokens, mask, _, _ = random_batch(model.cfg.d_vocab, 2, 9, 2)
@@ -96,8 +124,14 @@ def test_sampling_is_seeded_and_respects_top_k(pair):
         tokens, 8, one_zero_attention_mask=mask, do_sample=True, top_p=1e-6, seed=3, stop_at_eos=False
     )
     assert torch.equal(tiny_p, greedy)
+    # temperature 0 is greedy, as TransformerLens's sample_logits; top_k and top_p together are refused (it would
+    # silently apply only top_k)
+    zero_t = model.generate(tokens, 8, one_zero_attention_mask=mask, do_sample=True, temperature=0, stop_at_eos=False)
+    assert torch.equal(zero_t, greedy)
     with pytest.raises(ValueError, match="temperature"):
-        model.generate(tokens, 3, do_sample=True, temperature=0)
+        model.generate(tokens, 3, one_zero_attention_mask=mask, do_sample=True, temperature=-1)
+    with pytest.raises(ValueError, match="exclusive"):
+        model.generate(tokens, 3, one_zero_attention_mask=mask, do_sample=True, top_k=2, top_p=0.5)
 
 
 def test_text_in_text_out_with_byte_tokenizer():
@@ -125,3 +159,15 @@ def test_byte_tokenizer_round_trips():
     from transformers import ByT5Tokenizer
 
     assert tok.encode("naïve ✓") == ByT5Tokenizer().encode("naïve ✓")
+
+
+def test_a_huge_max_new_tokens_allocates_nothing_for_it(pair):
+    """`max_new_tokens` is a bound, not a size: nothing is allocated for it, so 10**12 with rows that stop at EOS
+    gives what 10 gives (greedy, sampled and with beams)."""
+    _, model = pair
+    tokens, mask, _, _ = random_batch(model.cfg.d_vocab, 2, 6, 1)
+    every_id = list(range(model.cfg.d_vocab))  # every row stops at its first token
+    for kw in ({}, {"num_beams": 3}, {"do_sample": True, "seed": 0}):
+        want = model.generate(tokens, 10, one_zero_attention_mask=mask, eos_token_id=every_id, verbose=False, **kw)
+        got = model.generate(tokens, 10**12, one_zero_attention_mask=mask, eos_token_id=every_id, verbose=False, **kw)
+        assert torch.equal(got, want) and got.shape[1] == 2, kw

@@ -236,15 +236,14 @@ def test_string_inputs_with_a_tokenizer():
     tok = ByT5Tokenizer()
     model = hooked_from(hf, tokenizer=tok)
     texts = ["hello world", "hi"]
-    tokens = model.to_tokens(texts)
+    tokens, text_mask = model.to_tokens(texts)
     assert tokens.shape == (2, len("hello world") + 1)  # bytes + EOS, padded
     assert model.to_string(tokens[0]) == "hello world</s>"
     assert model.to_str_tokens("hi") == ["h", "i", "</s>"]
     with torch.no_grad():
         from_text = model(texts, "ok")[0]
-        mask = (tokens != 0).long()
         dec = torch.tensor([[0, ord("o") + 3, ord("k") + 3]]).expand(2, -1)  # start + text, no EOS
-        from_ids = model(tokens, dec, one_zero_attention_mask=mask)[0]
+        from_ids = model(tokens, dec, one_zero_attention_mask=text_mask)[0]
     torch.testing.assert_close(from_text, from_ids)
 
 

@@ -217,7 +217,10 @@ def score_gradient_per_bucket(case: Case, q, k, v, table, mask, grad_out):
         q_offset=case.q_offset,
     ).expand(case.batch, -1, -1, -1).clone().requires_grad_()  # fmt: skip
     allowed = allowed_keys(mask, case.q_len, case.k_len, causal=case.causal, q_offset=case.q_offset, device=q.device)
-    scores = torch.matmul(q, k.transpose(-1, -2)) * case.scale + bias_and_mask(bias, allowed, torch.float64)
+    additive = bias_and_mask(
+        bias, mask, case.q_len, case.k_len, causal=case.causal, q_offset=case.q_offset, dtype=torch.float64
+    )
+    scores = torch.matmul(q, k.transpose(-1, -2)) * case.scale + additive
     torch.matmul(masked_softmax(scores, rows_with_keys(allowed)), v).backward(grad_out)
     d_scores = bias.grad  # [B,H,Q,K]
     buckets = position_buckets(

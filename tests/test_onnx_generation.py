@@ -154,6 +154,18 @@ def test_single_row_without_mask(model, generator):
     np.testing.assert_array_equal(generator.generate(tokens.numpy(), 3).tokens, expected.numpy())
 
 
+def test_right_padded_batch_without_mask_attends_everything_and_warns(model, generator):
+    """No mask means every token is attended (as model.generate and TransformerLens); a batch that looks
+    right-padded (EOS then pads) warns on every call."""
+    tokens, _ = padded_batch(batch=3, enc=7, seed=5)
+    tokens[1, 3], tokens[2, 0] = 1, 1  # rows 1 and 2 end in EOS then pads, as a tokenizer pads
+    expected = model.generate((tokens, torch.ones_like(tokens)), 4, stop_at_eos=False)
+    for _ in range(2):
+        with pytest.warns(UserWarning, match="right-padded"):
+            result = generator.generate(tokens, 4, stop_at_eos=False)
+        np.testing.assert_array_equal(result.tokens, expected.numpy())
+
+
 def test_output_shapes_resolve_from_input_axes(generator):
     """With CUDA, the runner preallocates every output from the input axis sizes (IOBinding): check on CPU
     that each output shape of both graphs, 'past + 1' included, resolves to what ONNX Runtime returns."""

@@ -527,9 +527,10 @@ def test_numpy_patches_work_like_tensors():
 @pytest.mark.parametrize(
     "kwargs,match",
     [
-        ({"temperature": float("nan")}, "temperature must be a finite number > 0"),
+        ({"temperature": float("nan")}, "temperature must be a finite number >= 0"),
         ({"temperature": float("inf")}, "temperature"),
-        ({"temperature": 0.0}, "temperature"),
+        ({"temperature": -1.0}, "temperature"),  # 0 is greedy, as TransformerLens's sample_logits
+        ({"top_k": 2, "top_p": 0.5}, "exclusive"),
         ({"top_p": float("nan")}, r"top_p must be None or a number in \(0, 1\]"),
         ({"top_p": 1.5}, "top_p"),
         ({"top_k": 0}, "top_k must be None or an integer >= 1"),

@@ -46,7 +46,7 @@ def test_a_tokenizer_beside_the_weights_is_loaded(checkpoint, tmp_path):
     shutil.copytree(checkpoint, folder)
     tiny_tokenizer(folder)
     model = HookedEncoderDecoder.from_pretrained(str(folder))
-    assert model.tokenizer is not None and model.to_tokens("abc")[0].tolist()[:3] == [3, 4, 5]
+    assert model.tokenizer is not None and model.to_tokens("abc")[0][0].tolist()[:3] == [3, 4, 5]
 
 
 def test_no_tokenizer_files_means_no_tokenizer(checkpoint):

@@ -186,7 +186,7 @@ def test_model_token_helpers_loss_and_bias(hf):
     torch.testing.assert_close(model.tokens_to_residual_directions("a"), model.W_U[:, ord("a") + 3])
     assert model.tokens_to_residual_directions(torch.tensor([[5, 6]])).shape == (1, 2, model.cfg.d_model)
     assert model.to_str_tokens(["ab", "c"]) == [["a", "b", "</s>"], ["c", "</s>"]]
-    assert model.to_str_tokens(model.to_tokens(["ab", "c"])) == [["a", "b", "</s>"], ["c", "</s>", "<pad>"]]
+    assert model.to_str_tokens(model.to_tokens(["ab", "c"])[0]) == [["a", "b", "</s>"], ["c", "</s>", "<pad>"]]
     assert torch.equal(model.accumulated_bias(1), torch.zeros(model.cfg.d_model))
     # loss_fn against HF's loss
     hooked = hooked_from(hf)

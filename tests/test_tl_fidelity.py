@@ -1,7 +1,7 @@
 """TransformerLens fidelity: the reference's signatures and semantics, and no silent wrong answers (issue 10).
 
-Numbers are checked against Hugging Face transformers' T5 (tiny random configs) where HF has the quantity,
-and against TransformerLens's documented semantics otherwise.
+Numbers are checked against Hugging Face transformers' T5 (tiny random configs) where HF has the quantity;
+TransformerLens's own numbers are in test_tl_oracle.py, which runs TransformerLens 3.9 itself.
 """
 
 import inspect
@@ -58,18 +58,35 @@ def test_forward_positional_order_is_the_references(hf):
 
 
 # ---- masking -------------------------------------------------------------------------------------------
-def test_masked_scores_are_minus_inf_and_fully_masked_rows_give_zero_patterns(hf):
+FMIN = torch.finfo(torch.float32).min
+
+
+def test_masked_scores_are_transformer_lens_values_and_fully_masked_rows_give_zero_patterns(hf):
+    """Padding keys score finfo(float32).min and causal keys -inf, as TransformerLens 3.9 (test_tl_oracle.py
+    compares every score with it); a query with no visible key gets a zero pattern row (not NaN, not uniform)."""
     model = fresh(hf)
     tokens, mask, dec, dec_mask = random_batch(128, 3, 6, 4, pad_decoder=True)
     mask[2] = 0  # an example with no visible encoder token at all
-    names = ["encoder.0.attn.hook_attn_scores", "encoder.0.attn.hook_pattern", "decoder.0.cross_attn.hook_pattern"]
+    names = [
+        "encoder.0.attn.hook_attn_scores",
+        "decoder.0.attn.hook_attn_scores",
+        "decoder.0.cross_attn.hook_attn_scores",
+        "encoder.0.attn.hook_pattern",
+        "decoder.0.cross_attn.hook_pattern",
+    ]
     logits, cache = model.run_with_cache(
         tokens, dec, "logits", mask, decoder_attention_mask=dec_mask, names_filter=names + ["decoder.*.hook_z"]
     )
-    scores = cache["encoder.0.attn.hook_attn_scores"]
-    hidden = ~mask.bool()[:, None, None, :].expand_as(scores)
-    assert torch.isneginf(scores[hidden]).all() and torch.isfinite(scores[~hidden]).all()  # TransformerLens: -inf
-    for name in names[1:]:
+    for name in names[0], names[2]:
+        scores = cache[name]
+        hidden = ~mask.bool()[:, None, None, :].expand_as(scores)
+        assert (scores[hidden] == FMIN).all() and (scores[~hidden] > FMIN).all() and torch.isfinite(scores).all()
+    self_scores = cache["decoder.0.attn.hook_attn_scores"]  # [B,H,D,D]: causal -inf; padding (causally visible) min
+    after = torch.ones(4, 4, dtype=torch.bool).triu(1)[None, None].expand_as(self_scores)
+    padding = ~dec_mask.bool()[:, None, None, :].expand_as(self_scores) & ~after
+    assert torch.isneginf(self_scores[after]).all() and (self_scores[padding] == FMIN).all()
+    assert torch.isfinite(self_scores[~after & ~padding]).all() and padding.any()
+    for name in names[3:]:
         pattern = cache[name]
         assert not pattern.isnan().any()
         assert (pattern[2] == 0).all()  # no visible key: zeros, never NaN or uniform
@@ -79,53 +96,108 @@ def test_masked_scores_are_minus_inf_and_fully_masked_rows_give_zero_patterns(hf
     cap = model.capture(names)
     out = cap(tokens, dec, mask, dec_mask)
     for name in names:
-        torch.testing.assert_close(out[name], cache[name])
+        assert torch.equal(out[name], cache[name]), name
     out["logits"].sum().backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_kernel_backends_agree_on_padding_causal_and_empty_rows(dtype):
+    """The reference, SDPA and (interpreted) Triton paths give the same output on a batch with right padding, left
+    padding, an example with no visible key, causal masking with a KV-cache offset, and fp16 (where finfo.min
+    plus a bias can round to -inf)."""
+    from t5hooks.kernels import reference_relbias_attention, relbias_attention
+    from t5hooks.kernels.sdpa import sdpa_relbias_attention
+
+    g = torch.Generator().manual_seed(0)
+    B, H, Q, K, d = 4, 2, 3, 7, 8
+    q, k, v = (torch.randn(B, H, n, d, generator=g).to(dtype) for n in (Q, K, K))
+    table = (4 * torch.randn(16, H, generator=g)).to(dtype)
+    mask = torch.ones(B, K, dtype=torch.long)
+    mask[1, 4:] = 0  # right padding
+    mask[2, :3] = 0  # left padding
+    mask[3] = 0  # nothing visible
+    for causal, offset in [(False, 0), (True, K - Q)]:
+        options = dict(bidirectional=not causal, max_distance=20, causal=causal, q_offset=offset)
+        ref = reference_relbias_attention(q.double(), k.double(), v.double(), table.double(), key_padding_mask=mask,
+                                          **options)  # fmt: skip
+        assert (ref[3] == 0).all()
+        outs = {
+            "reference": reference_relbias_attention(q, k, v, table, key_padding_mask=mask, **options),
+            "sdpa": sdpa_relbias_attention(q, k, v, table, key_padding_mask=mask, **options),
+            "triton": relbias_attention(
+                q, k, v, table, key_padding_mask=mask, backend="triton", num_buckets=16, **options
+            ),
+        }
+        tol = 1e-5 if dtype == torch.float32 else 2e-3
+        for name, out in outs.items():
+            assert not out.isnan().any(), name
+            torch.testing.assert_close(out.double(), ref, atol=tol, rtol=0, msg=f"{name} causal={causal}")
+
+
 @pytest.mark.slow
-def test_minus_inf_masking_compiled_and_onnx(hf, tmp_path):
-    """Compiled capture (Dynamo + AOTAutograd, no inductor codegen) and ONNX Runtime agree with eager on a batch
-    with a fully masked example."""
+def test_masking_compiled_and_onnx_agree_with_eager(hf, tmp_path):
+    """One compiled capture (Dynamo + AOTAutograd, no inductor codegen) and one ONNX graph, against eager:
+    - with masks, on a batch with a fully masked example: the same finfo.min / -inf scores and zero pattern rows;
+    - without a mask, on a right-padded-looking batch: every token attended, as eagerly, and a warning on every
+      call (the compiled graph cannot check: the capture module's eager entry does). OnnxGenerator: in
+      test_onnx_generation.py, which shares its export."""
     from t5hooks.export import OnnxRunner, to_onnx
 
     model = fresh(hf)
-    tokens, mask, dec, dec_mask = random_batch(128, 3, 6, 4)
+    tokens, mask, dec, dec_mask = random_batch(128, 3, 6, 4, pad_decoder=True)
     mask[2] = 0
-    names = ["encoder.0.attn.hook_attn_scores", "decoder.0.cross_attn.hook_pattern"]
+    names = ["encoder.0.attn.hook_attn_scores", "decoder.0.attn.hook_attn_scores", "decoder.0.cross_attn.hook_pattern"]
+    compiled = torch.compile(model.capture(names), backend="aot_eager", fullgraph=True)
+    runner = OnnxRunner(to_onnx(model, tmp_path / "m.onnx", capture=names))
     with torch.no_grad():
         eager = model.capture(names)(tokens, dec, mask, dec_mask)
-        compiled = torch.compile(model.capture(names), backend="aot_eager", fullgraph=True)(tokens, dec, mask, dec_mask)
-    runner = OnnxRunner(to_onnx(model, tmp_path / "m.onnx", capture=names))
+        got = compiled(tokens, dec, mask, dec_mask)
     ort = runner(input=tokens, decoder_input=dec, one_zero_attention_mask=mask, decoder_attention_mask=dec_mask)
     for key in ["logits", *names]:
-        torch.testing.assert_close(compiled[key], eager[key], atol=1e-5, rtol=0)
+        torch.testing.assert_close(got[key], eager[key], atol=1e-5, rtol=0)
         torch.testing.assert_close(torch.as_tensor(ort[key]), eager[key], atol=1e-4, rtol=0)
+    for name in names[:2]:  # the hidden entries are the same values on every path
+        hidden = (eager[name] == FMIN) | torch.isneginf(eager[name])
+        assert hidden.any()
+        assert torch.equal(got[name][hidden], eager[name][hidden])
+        assert torch.equal(torch.as_tensor(ort[name])[hidden], eager[name][hidden])
     assert (eager["decoder.0.cross_attn.hook_pattern"][2] == 0).all()
 
+    # No mask: rows 1 and 2 end in EOS then pads, as a tokenizer pads.
+    tokens, _, dec, _ = random_batch(128, 3, 7, 4)
+    tokens[1, 3], tokens[2, 0] = 1, 1
+    with torch.no_grad():
+        eager = model.capture(names)(tokens, dec, torch.ones_like(tokens))
+    for _ in range(2):
+        with pytest.warns(UserWarning, match="right-padded"), torch.no_grad():
+            got = compiled(tokens, dec)
+        for key in ["logits", names[0]]:
+            torch.testing.assert_close(got[key], eager[key], atol=1e-5, rtol=0)
+        with pytest.warns(UserWarning, match="right-padded"):
+            ort = runner(input=tokens, decoder_input=dec)
+        torch.testing.assert_close(torch.as_tensor(ort["logits"]), eager["logits"], atol=1e-4, rtol=0)
+    assert not (eager[names[0]] == FMIN).any()  # nothing was masked
 
-def test_padded_token_batch_without_mask_infers_it_and_warns_once(tiny):
+
+def test_no_mask_attends_to_every_token_and_right_padding_warns_on_every_call(tiny):
+    """Issue 19 reverses issue 10's pad-id inference: without a mask every token is attended (the reference's
+    words, and what TransformerLens 3.9 and Hugging Face do; test_tl_oracle.py compares the numbers), eagerly,
+    compiled and in ONNX Runtime. A right-padded-looking batch warns on every call."""
     model = HookedEncoderDecoder.from_pretrained("t5hooks-tiny")
-    tokens = model.to_tokens(["ab", "abcdefgh"])
-    with pytest.warns(UserWarning, match="pad_token_id"):
-        out = model.generate(tokens, max_new_tokens=10, return_type="str")
-    assert out == ["ba", "hgfedcba"]  # attending to the pads gave 'bag'
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # once per model
-        assert model.generate(tokens, max_new_tokens=10, return_type="str") == out
-        masked = model(tokens, "x", "logits", (tokens != 0).long())
+    tokens, mask = model.to_tokens(["ab", "abcdefgh"])
+    assert model.generate((tokens, mask), max_new_tokens=10, return_type="str") == ["ba", "hgfedcba"]
+    for _ in range(2):
+        with pytest.warns(UserWarning, match="right-padded"):
+            unmasked = model.generate(tokens, max_new_tokens=10, return_type="str")
+    assert unmasked != ["ba", "hgfedcba"]  # the pads were attended
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.testing.assert_close(model(tokens, "x"), masked)
-    # The decoder's leading start token is the pad id but not padding; later pads are.
-    dec = torch.tensor([[0, 100, 101, 0, 0], [0, 102, 103, 104, 105]])
-    dec_mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        inferred = model(tokens, dec)
+        torch.testing.assert_close(model(tokens, "x"), model(tokens, "x", "logits", torch.ones_like(tokens)))
+    # The decoder never gets an inferred mask: the leading start token and a pad id inside are real tokens.
+    dec = torch.tensor([[0, 100, 101, 0, 0], [0, 102, 0, 104, 105]])
     torch.testing.assert_close(
-        inferred, model(tokens, dec, "logits", (tokens != 0).long(), decoder_attention_mask=dec_mask)
+        model((tokens, mask), dec), model((tokens, mask), dec, decoder_attention_mask=torch.ones_like(dec))
     )
 
 
@@ -134,7 +206,7 @@ def test_text_decoder_input_has_no_eos(tiny):
     dec = model.to_decoder_tokens("cba")
     assert dec.tolist() == [[0] + [ord(c) + 3 for c in "cba"]]  # start token, the text, no EOS
     logits = model("abcd", "dcb")
-    ids = model.to_tokens("abcd")
+    ids = model.to_tokens("abcd")  # the (tokens, mask) pair
     torch.testing.assert_close(logits, model(ids, model.to_decoder_tokens("dcb")))
     assert model.to_str_tokens([int(logits[0, -1].argmax())]) == ["a"]  # continues "dcb" -> "a"
 
@@ -258,7 +330,7 @@ def test_tokenizers_kept_or_none(tmp_path, hf):
     assert HookedEncoderDecoder.from_pretrained(str(tmp_path)).tokenizer is None
     model = HookedEncoderDecoder.from_pretrained(str(tmp_path))
     model.set_tokenizer(mine)
-    assert model.tokenizer is mine and model.to_tokens("a").tolist() == [[100, 1]]
+    assert model.tokenizer is mine and model.to_tokens("a")[0].tolist() == [[100, 1]]
 
 
 def test_cfg_dtype_follows_half_and_bfloat16(tiny):
@@ -286,8 +358,7 @@ def test_hooks_left_by_reset_hooks_end_false_survive_the_next_context(hf):
 
 def test_beam_step_caches_follow_the_beam_reorder():
     model = HookedEncoderDecoder.from_pretrained("t5hooks-tiny-random")  # untrained: beams reorder often
-    tokens = model.to_tokens(["abc", "hello", "xyzzy", "beam", "qwerty", "t5", "search", "zz"])
-    mask = (tokens != 0).long()
+    tokens, mask = model.to_tokens(["abc", "hello", "xyzzy", "beam", "qwerty", "t5", "search", "zz"])
     raw = []  # what each step's decoder really read (without the KV cache: the whole prefix of every beam)
     with model.hooks(fwd_hooks=[("hook_decoder_embed", lambda x, hook: raw.append(x.clone()))]):
         _, steps = model.generate(

@@ -33,8 +33,7 @@ def attention(model: HookedEncoderDecoder):
 
 
 def test_attention_view_embeds_the_cached_patterns(model: HookedEncoderDecoder, attention) -> None:
-    tokens, mask = model.to_tokens(["hello world", "hi"], move_to_device=False), None
-    mask = (tokens != 0).long()
+    tokens, mask = model.to_tokens(["hello world", "hi"], move_to_device=False)
     dec = model.to_decoder_tokens(["dlrow olleh", "ih"], move_to_device=False)
     dec_mask = torch.ones_like(dec)
     dec_mask[1, 3:] = 0  # "<pad> i h" then padding (the decoder starts with the pad id: mask by length)
@@ -59,7 +58,7 @@ def test_attention_view_embeds_the_cached_patterns(model: HookedEncoderDecoder, 
     assert view.data == data | {"title": "Attention"}
     with pytest.raises(ValueError, match="mask has"):
         cache.attention_view(tokens, dec, attention_mask=mask[:, :3])
-    _, no_patterns = model.run_with_cache(tokens, dec, names_filter="*.hook_resid_post")
+    _, no_patterns = model.run_with_cache(tokens, dec, names_filter="*.hook_resid_post", one_zero_attention_mask=mask)
     with pytest.raises(ValueError, match="no attention patterns"):
         no_patterns.attention_view()
     frame = attention._repr_html_()
@@ -67,11 +66,11 @@ def test_attention_view_embeds_the_cached_patterns(model: HookedEncoderDecoder, 
 
 
 def test_patching_map_embeds_the_result(model: HookedEncoderDecoder) -> None:
-    tok = model.to_tokens([CLEAN, CORRUPT], move_to_device=False)
+    tok, mask = model.to_tokens([CLEAN, CORRUPT], move_to_device=False)
     dec = model.to_decoder_tokens(["dlrow olleh"], move_to_device=False)
     answer = int(dec[0, 1])
     metric = lambda logits: logits[:, 0, answer].mean()
-    result = patch_heads(model, (tok[:1], dec), (tok[1:], dec), metric)
+    result = patch_heads(model, (tok[:1], dec, mask[:1]), (tok[1:], dec, mask[1:]), metric)
     data = result.view().data
     assert torch.equal(torch.tensor(data["values"]), result.values.float())  # exact float32 round trip
     assert torch.equal(torch.tensor(data["normalized"]), result.normalized().float())
@@ -133,10 +132,12 @@ def test_patching_page_in_chromium(browser, model: HookedEncoderDecoder, tmp_pat
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select
 
-    tok = model.to_tokens([CLEAN, CORRUPT], move_to_device=False)
+    tok, mask = model.to_tokens([CLEAN, CORRUPT], move_to_device=False)
     dec = model.to_decoder_tokens(["dlrow olleh"], move_to_device=False)
     answer = int(dec[0, 1])
-    result = patch_heads(model, (tok[:1], dec), (tok[1:], dec), lambda logits: logits[:, 0, answer].mean())
+    result = patch_heads(
+        model, (tok[:1], dec, mask[:1]), (tok[1:], dec, mask[1:]), lambda logits: logits[:, 0, answer].mean()
+    )
     data = load(browser, result.view().save(tmp_path / "patching.html"))
     flat = lambda grid: [v for row in grid for v in row]
     assert browser.execute_script(CELLS) == flat(data["values"])

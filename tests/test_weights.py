@@ -19,11 +19,14 @@ def test_weight_views_have_transformer_lens_shapes_and_share_storage():
         and model.W_U.shape == (dm, cfg.d_vocab)
         and model.b_U.shape == (cfg.d_vocab,)
     )
-    assert model.W_pos is None
+    assert model.W_pos is None  # TransformerLens's T5 raises (test_tl_oracle.py; README "What differs")
     assert model.QK.shape == (L, H, dm, dm) and model.OV.shape == (L, H, dm, dm)
     assert model.QK_cross.shape == (2, H, dm, dm)
-    assert len(model.all_head_labels()) == L * H and model.all_head_labels()[H] == "L1H0"
-    assert model.all_head_labels("cross")[-1] == f"L1H{H - 1}"
+    # TransformerLens's labels (test_tl_oracle.py): encoder "EL{l}H{h}", then decoder "DL{l}H{h}"
+    labels = model.all_head_labels()
+    assert len(labels) == L * H and labels[H] == "EL1H0" and labels[-1] == f"DL1H{H - 1}"
+    assert model.all_head_labels("decoder")[H] == "L1H0"
+    assert model.all_head_labels("cross")[-1] == f"L1H{H - 1}_cross"
     # per-layer views are views: editing them edits the model
     with torch.no_grad():
         model.encoder[1].attn.W_Q[0, 0, 0] = 123.0

@@ -14,6 +14,7 @@ times `W_U` gives logits exactly (T5 has no biases anywhere).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Literal, Union
 
@@ -58,7 +59,7 @@ def short_names(layout: HookLayout | None = None) -> tuple[str, ...]:
 def act_name(
     name: str,
     layer: int | None = None,
-    stack: Stack = "decoder",
+    stack: Stack | None = None,
     attn: AttnKind = "self",
     ln: str | None = None,
     layout: HookLayout | None = None,
@@ -69,7 +70,9 @@ def act_name(
     `act_name("resid_pre", 0, "encoder")` -> "encoder.0.hook_resid_pre";
     `act_name("scale", 1, "encoder", ln="ln2")` -> "encoder.1.ln2.hook_scale";
     `act_name("scale")` -> "decoder_final_ln.hook_scale" (no layer: the stack's final norm);
-    `act_name("embed", stack="encoder")` -> "hook_embed" ("embed" of the decoder is "hook_decoder_embed").
+    `act_name("embed")` -> "hook_embed" (TransformerLens's name: the encoder embedding); the decoder's is
+    `act_name("embed", stack="decoder")` or `act_name("decoder_embed")` -> "hook_decoder_embed".
+    `stack` None: a point outside the layers named `hook_<name>` (TransformerLens's name), else the decoder.
     A full hook name (with a dot, or starting with "hook_") and no layer is returned unchanged.
     Names come from the hook registry of `layout` (default: HookedEncoderDecoder's, every option on).
     """
@@ -77,7 +80,8 @@ def act_name(
         raise TypeError(f"activation name must be a string, got {type(name).__name__}")
     if layer is None and ("." in name or name.startswith("hook_")):
         return name
-    check_choice("stack", stack, STACKS)
+    if stack is not None:
+        check_choice("stack", stack, STACKS)
     check_choice("attn", attn, ATTN_KINDS)
     if attn == "cross" and stack == "encoder":
         raise ValueError("cross-attention exists only in the decoder: use stack='decoder' with attn='cross'")
@@ -94,6 +98,7 @@ def act_name(
         )
     if layer is None:
         return _unlayered_name(name, named, stack, ln)
+    stack = stack or "decoder"
     here = [s for s in named if s.layered and s.stack == stack]
     if not here:
         other = {s.stack for s in named if s.layered}
@@ -113,10 +118,15 @@ def act_name(
     return here[0].template.replace("{l}", str(layer), 1)
 
 
-def _unlayered_name(name: str, named: list[HookSpec], stack: str, ln: str | None) -> str:
+def _unlayered_name(name: str, named: list[HookSpec], stack: str | None, ln: str | None) -> str:
     """A short name without a layer: a point outside the layers (of `stack`, else the only one), or a
-    point that only layer 0 holds (the position bias)."""
+    point that only layer 0 holds (the position bias). Without a stack, TransformerLens's `hook_<name>` first."""
     outside = [s for s in named if not s.layered]
+    if stack is None:
+        own = [s for s in outside if s.template == f"hook_{name}"]
+        if own and ln is None:
+            return own[0].template
+        stack = "decoder"
     if outside:
         if ln not in (None, "final"):
             raise ValueError(f"{name!r} with ln={ln!r} needs a layer; without a layer it is the stack's final norm")
@@ -127,6 +137,32 @@ def _unlayered_name(name: str, named: list[HookSpec], stack: str, ln: str | None
     if len(only_layer0) == 1:  # one per stack, owned by layer 0 and shared by every layer
         return only_layer0[0].template.replace("{l}", "0", 1)
     raise ValueError(f"{name!r} exists in every layer: pass layer=")
+
+
+_SHORTHAND = re.compile(r"^([a-z_]+?)(\d+)([a-z_]\w*)?$")
+
+
+def get_act_name(
+    name: str,
+    layer: int | None = None,
+    layer_type: str | None = None,
+    *,
+    stack: Stack | None = None,
+    attn: AttnKind = "self",
+) -> str:
+    """Full hook name, as TransformerLens's `utils.get_act_name`: `get_act_name("embed")` -> "hook_embed";
+    `get_act_name("pattern", 0)` -> "decoder.0.attn.hook_pattern" (the decoder is the default stack);
+    `get_act_name("scale", 2, "ln1", stack="encoder")`; `get_act_name("k6")`; `get_act_name("pattern", 1, "cross")`
+    (cross-attention); TransformerLens's layer types "attn"/"a", "mlp"/"m", "block"/"b", "ln_final"."""
+    match = _SHORTHAND.match(name) if layer is None and "." not in name else None
+    if match:
+        name, layer, layer_type = match.group(1), int(match.group(2)), match.group(3) or layer_type
+    ln = None
+    if layer_type is not None:
+        if _LAYER_TYPES.get(layer_type) == "final":
+            return act_name(name, None, stack or "decoder", attn, "final")
+        attn, ln = _sublayer(layer_type, attn, ln)
+    return act_name(name, layer, stack, attn, ln)
 
 
 def apply_slice(x: Tensor, selection: SliceInput, dim: int) -> Tensor:
@@ -181,6 +217,18 @@ def _sublayer(kind: str, attn: str, ln: str | None) -> tuple[str, str | None]:
     raise ValueError(f"sublayer_type={kind!r}; valid: attn/a, mlp/m, block/b, ln1, ln2, ln3, ln_final, self, cross")
 
 
+def _read_from(stacked: Tensor, stack: str) -> Tensor:
+    """Mark a new stack of residual-stream pieces with the model stack it was read from, so `logit_attrs` can
+    refuse encoder residuals even when encoder and decoder lengths are equal (a slice of it loses the mark; its
+    shape is then checked against the decoder's)."""
+    stacked.t5hooks_stack = stack
+    return stacked
+
+
+def _labelled(components: Tensor, labels: list[str], return_labels: bool) -> Tensor | tuple[Tensor, list[str]]:
+    return (components, labels) if return_labels else components
+
+
 def check_choice(what: str, value: Any, valid: Sequence[str]) -> None:
     """ValueError naming the argument, the bad value and the valid ones."""
     if value not in valid:
@@ -202,9 +250,18 @@ class ActivationCache(Mapping):
 
     # ---- mapping -----------------------------------------------------------------------
     def __getitem__(self, key: str | tuple) -> Tensor:
+        """A full hook name, a short name read as TransformerLens's `get_act_name` (`cache["embed"]` is
+        "hook_embed", `cache["k6"]`), or a tuple key (see the class docstring)."""
         name = self._key_to_name(key) if isinstance(key, tuple) else key
         if name in self.cache_dict:
             return self.cache_dict[name]
+        if isinstance(name, str) and "." not in name:
+            try:
+                name = get_act_name(name)
+            except ValueError:
+                pass
+            if name in self.cache_dict:
+                return self.cache_dict[name]
         shown = f"{key!r} -> {name!r}" if name != key else repr(name)
         raise KeyError(unknown_name_message(name, list(self.cache_dict)) + f" (in this cache; looked up {shown})")
 
@@ -254,7 +311,7 @@ class ActivationCache(Mapping):
             if field in parts:
                 raise KeyError(f"key {key!r} gives the {field} twice")
             parts[field] = part
-        stack = parts.get("stack", "decoder")
+        stack = parts.get("stack") or "decoder"
         if parts.get("layer") is not None and parts["layer"] < 0:
             parts["layer"] += self._n_layers(stack)
         try:
@@ -391,10 +448,18 @@ class ActivationCache(Mapping):
             scale = apply_slice(self[f"{norm_name}.hook_scale"], pos_slice, dim=-2)  # [*batch_and_pos, 1]
             if self.has_batch_dim:
                 scale = apply_slice(scale, batch_slice, dim=0)
-            out = norm.w * (residual_stack / scale).to(norm.w.dtype)
+            try:
+                out = norm.w * (residual_stack / scale).to(norm.w.dtype)
+            except RuntimeError as err:
+                raise ValueError(
+                    f"the residual stack's batch/position dims {tuple(residual_stack.shape[1:-1])} do not fit the "
+                    f"scale of {norm_name} {tuple(scale.shape[:-1])} (stack={stack!r}; apply pos_slice to the stack "
+                    f"first). Residuals of the other stack do not fit: logit_attrs reads the decoder, and encoder "
+                    f"residuals have no direct path to the logits"
+                ) from err
         if norm_name == "decoder_final_ln" and self.model.unembed.scale is not None:
             out = out * self.model.unembed.scale
-        return out
+        return _read_from(out, stack)
 
     # ---- residual stream -------------------------------------------------------------------
     def accumulated_resid(
@@ -452,7 +517,7 @@ class ActivationCache(Mapping):
                 cross_attn_input=cross_attn_input,
                 recompute_ln=layer == n,
             )
-        return (components, labels) if return_labels else components
+        return _labelled(_read_from(components, stack), labels, return_labels)
 
     def decompose_resid(
         self,
@@ -504,7 +569,7 @@ class ActivationCache(Mapping):
             components = self.apply_ln_to_stack(
                 components, layer, mlp_input, pos_slice, stack=stack, cross_attn_input=cross_attn_input
             )
-        return (components, labels) if return_labels else components
+        return _labelled(_read_from(components, stack), labels, return_labels)
 
     def _stack(self, components: list[Tensor], stack: str, pos_slice: SliceInput) -> Tensor:
         """torch.stack, or an empty `[0, *batch_and_pos, d_model]` stack shaped like this stack's embedding."""
@@ -539,7 +604,7 @@ class ActivationCache(Mapping):
             components = self._with_remainder(components, labels, stack, layer, pos_slice)
         if apply_ln:
             components = self.apply_ln_to_stack(components, layer, pos_slice=pos_slice, stack=stack)
-        return (components, labels) if return_labels else components
+        return _labelled(_read_from(components, stack), labels, return_labels)
 
     # ---- per head and per neuron ---------------------------------------------------------
     def head_results(self, stack: Stack, layer: int, attn: AttnKind = "self") -> Tensor:
@@ -562,23 +627,25 @@ class ActivationCache(Mapping):
         apply_ln: bool = False,
         *,
         stack: Stack = "decoder",
-        attn: AttnKind = "self",
-    ) -> Tensor | tuple[Tensor, list[str]]:  # [layers * H (+1), *batch_and_pos, d_model]
-        """Every head's output for the heads of layers strictly before `layer` (None: all), labelled "L{l}H{h}"
-        (cross-attention: "L{l}H{h}_cross"). `incl_remainder` appends the rest of the residual stream read at
-        `layer`'s input; `apply_ln` applies the norm there (see `apply_ln_to_stack`)."""
+        attn: Literal["all", "self", "cross"] = "all",
+    ) -> Tensor | tuple[Tensor, list[str]]:  # [heads (+1), *batch_and_pos, d_model]
+        """Every head's output for the layers strictly before `layer` (None / -1: all), layer by layer in forward
+        order: "L{l}H{h}" for self-attention, then (decoder) "L{l}H{h}_cross" for cross-attention, so the heads sum
+        to all attention output. `attn="self"` / `"cross"` keeps one kind. `incl_remainder` appends the rest of the
+        residual stream read at `layer`'s input; `apply_ln` applies the norm there (see `apply_ln_to_stack`)."""
         _check_layer_arg(layer)
-        check_choice("attn", attn, ATTN_KINDS)
+        check_choice("attn", attn, ("all", *ATTN_KINDS))
         if attn == "cross" and stack != "decoder":
             raise ValueError("cross-attention heads exist only in the decoder: stack='decoder'")
+        kinds = [k for k in ATTN_KINDS if attn in ("all", k) and (k == "self" or stack == "decoder")]
         layer = self._resolve_layer(stack, layer)
         H = self.model.cfg.n_heads
-        suffix = "_cross" if attn == "cross" else ""
         parts, labels = [], []
         for l in range(layer):
-            result = apply_slice(self.head_results(stack, l, attn), pos_slice, dim=-3)  # [*batch_and_pos, H, d_model]
-            parts.append(result.movedim(-2, 0))
-            labels.extend(f"L{l}H{h}{suffix}" for h in range(H))
+            for kind in kinds:
+                result = apply_slice(self.head_results(stack, l, kind), pos_slice, dim=-3)  # [*b_and_pos, H, d_model]
+                parts.append(result.movedim(-2, 0))
+                labels.extend(f"L{l}H{h}{'_cross' if kind == 'cross' else ''}" for h in range(H))
         components = torch.cat(parts) if parts else self._stack([], stack, pos_slice)
         return self._finish_per_unit(
             components, labels, stack, layer, pos_slice, incl_remainder, apply_ln, return_labels
@@ -656,7 +723,7 @@ class ActivationCache(Mapping):
             components = self.apply_ln_to_stack(
                 components, layer, mlp_input, pos_slice, stack=stack, cross_attn_input=cross_attn_input
             )
-        return (components, labels) if return_labels else components
+        return _labelled(_read_from(components, stack), labels, return_labels)
 
     def stack_activation(
         self,
@@ -677,7 +744,9 @@ class ActivationCache(Mapping):
         layer = self._resolve_layer(stack, layer)
         if layer == 0:
             raise ValueError("stack_activation needs layer >= 1 (it stacks the layers strictly before it)")
-        return torch.stack([self[act_name(activation_name, l, stack, attn, ln)] for l in range(layer)])
+        return _read_from(
+            torch.stack([self[act_name(activation_name, l, stack, attn, ln)] for l in range(layer)]), stack
+        )
 
     # ---- views ---------------------------------------------------------------------------
     def attention_view(
@@ -766,6 +835,13 @@ class ActivationCache(Mapping):
         `batch_slice` is applied here (see `apply_ln_to_stack`); token tensors given for the whole batch (and,
         2-D, every position) are sliced the same way, so each row meets its own example's tokens.
         """
+        if getattr(residual_stack, "t5hooks_stack", "decoder") != "decoder":
+            raise ValueError(
+                f"logit_attrs got a residual stack of the {residual_stack.t5hooks_stack} (stack="
+                f"{residual_stack.t5hooks_stack!r}): encoder residuals reach the logits only through cross-attention, "
+                f"not through the decoder's final norm and unembedding that direct logit attribution applies; "
+                f"decompose the decoder (the default stack) or patch the encoder (analysis.patching) instead"
+            )
         tokens = self._slice_tokens(tokens, pos_slice, batch_slice)
         directions = self._token_directions(tokens)
         if incorrect_tokens is not None:

@@ -74,7 +74,7 @@ def to_onnx(
     """Export `model` (a HookedEncoderDecoder or HookedT5Encoder, or a ready `model.capture(...)`) to ONNX.
 
     Graph inputs: `input` `[B,E]`, `decoder_input` `[B,D]`, `one_zero_attention_mask` `[B,E]`,
-    `decoder_attention_mask` `[B,D]` (int64; `OnnxRunner` infers missing masks from the pad token, as the eager model), then
+    `decoder_attention_mask` `[B,D]` (int64; `OnnxRunner` fills a missing mask with ones, attending to every token as the eager model), then
     `patch.<name>` per patched hook (float, the activation's shape for "replace", broadcastable
     for "add"). Outputs: `logits` `[B,D,d_vocab]` then each captured hook name, in hook order.
     With `dynamic`, batch, encoder and decoder lengths vary (decoder length 1 included). A HookedT5Encoder's

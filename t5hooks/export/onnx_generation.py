@@ -33,6 +33,8 @@ from ..atomic import MANIFEST, ArtefactError, begin_multi_file, state_fingerprin
 from ..hook_io import HookIO, NameFilter
 from ..hook_registry import HookLayout, default_layout
 from ..kv_cache import DecoderCache
+from ..padding import warn_if_right_padded
+from ..stopping import stop_tokens
 from .axes import BATCH, CACHE_AXES, ENC, INPUT_AXES, PRESENT, activation_axes, step_activation_axes
 from .onnx import (
     export_graph,
@@ -286,23 +288,28 @@ class OnnxGenerator:
     def generate(
         self,
         input: Any,
-        max_new_tokens: int = 20,
+        max_new_tokens: int = 10,
         *,
         one_zero_attention_mask: Any = None,
-        eos_token_id: int | None = None,
+        eos_token_id: int | Sequence[int] | None = None,
         stop_at_eos: bool = True,
     ) -> OnnxGeneration:
-        """Greedy tokens for `input` `[B,E]` (padded rows need `one_zero_attention_mask`): argmax each
-        step; a row that emitted EOS continues with the pad token; stops when all rows have (as HF)."""
+        """Greedy tokens for `input` `[B,E]` (padded rows need `one_zero_attention_mask`; without one every token
+        is attended, as eagerly): argmax each step; a row that emitted EOS (`eos_token_id`: an id or a list of ids)
+        continues with the pad token; stops when all rows have (as `model.generate`)."""
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
         tokens = self._user_tensor(input, "input", "integer token ids")
-        mask = (
-            torch.ones_like(tokens)
-            if one_zero_attention_mask is None
-            else self._user_tensor(one_zero_attention_mask, "one_zero_attention_mask", "a 0/1 (or bool) mask")
+        if one_zero_attention_mask is None:
+            warn_if_right_padded(tokens, self.config.get("eos_token_id"), self.config.get("pad_token_id"))
+            mask = torch.ones_like(tokens)
+        else:
+            mask = self._user_tensor(one_zero_attention_mask, "one_zero_attention_mask", "a 0/1 (or bool) mask")
+        eos = stop_tokens(
+            self.config["eos_token_id"] if eos_token_id is None else eos_token_id,
+            int(self.config["d_vocab"]),
+            self.device,
         )
-        eos = int(self.config["eos_token_id"] if eos_token_id is None else eos_token_id)
         pad, start = int(self.config["pad_token_id"]), int(self.config["decoder_start_token_id"])
         B = tokens.shape[0]
 
@@ -324,7 +331,7 @@ class OnnxGenerator:
             steps.append({name: _numpy(result[name]) for name in captured})
             past = {name: self._tensor(result[name.replace("past.", "present.", 1)]) for name in past}
             if stop_at_eos:
-                unfinished &= next_token != eos
+                unfinished &= ~torch.isin(next_token, eos)
                 if not bool(unfinished.any()):
                     break
         encoder_acts = {name: _numpy(encoded[name]) for name in self.encoder.metadata["capture"]}

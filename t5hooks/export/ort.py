@@ -21,6 +21,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
+from ..padding import warn_if_right_padded
 from .metadata import read_metadata
 from .onnx import PATCH_PREFIX
 
@@ -42,7 +43,8 @@ TORCH_DTYPES = {
     np.dtype(np.float64): torch.float64,
 }
 TOKEN_INPUTS = ("input", "decoder_input")
-# Masks the runner infers when they are not given (1 except at pad tokens, as the eager model): mask -> its tokens.
+# Masks the runner fills with ones when they are not given (every token attended, as the eager model): mask -> its
+# tokens.
 DEFAULT_MASKS = {"one_zero_attention_mask": "input", "decoder_attention_mask": "decoder_input"}
 Array = Any  # np.ndarray | torch.Tensor
 
@@ -102,7 +104,7 @@ class OnnxRunner:
     Returns `dict[str, np.ndarray]` in the graph's output order ("logits", then captured names).
     With the CUDA provider and torch CUDA tensors as inputs, returns torch CUDA tensors instead
     (IOBinding, no host copies). Inputs may be numpy arrays or torch tensors; masks not given are
-    inferred from the pad token as the eager model does; `patches={"<hook name>": tensor}` feeds the `patch.<hook name>` inputs.
+    all ones (every token attended) as the eager model does, with its warning for a right-padded-looking batch; `patches={"<hook name>": tensor}` feeds the `patch.<hook name>` inputs.
     Every input is checked against the graph (names, dtypes, ranks, sizes) before running.
     """
 
@@ -219,10 +221,11 @@ class OnnxRunner:
             start = int(config.get("decoder_start_token_id", 0))
             tokens = feeds["input"]
             feeds["decoder_input"] = _full_like(tokens, (tokens.shape[0], 1), start, np.int64)
-        pad = int(config.get("pad_token_id", 0))
         for mask, tokens in DEFAULT_MASKS.items():
             if mask in self.inputs and mask not in feeds and tokens in feeds:
-                feeds[mask] = _padding_mask(feeds[tokens], pad, decoder=tokens == "decoder_input")
+                if tokens == "input":  # as the eager model: attend to everything, warn about a right-padded batch
+                    warn_if_right_padded(feeds[tokens], config.get("eos_token_id"), config.get("pad_token_id"))
+                feeds[mask] = _full_like(feeds[tokens], tuple(feeds[tokens].shape), 1, np.int64)
 
     def _check_one(self, spec: InputSpec, value: Array, sizes: dict[str, tuple[int, str]]) -> Array:
         dtype = _dtype_of(value)
@@ -353,18 +356,6 @@ def _cast(value: Array, dtype: np.dtype) -> Array:
         target = TORCH_DTYPES[dtype]
         return value if value.dtype == target else value.to(target)
     return np.ascontiguousarray(value, dtype=dtype)
-
-
-def _padding_mask(tokens: Array, pad: int, decoder: bool) -> Array:
-    """1 where the token is not the pad id (the decoder's leading start token always 1), as the eager model
-    infers a missing mask (`HookedEncoderDecoder.infer_padding_mask`), in int64 on the tokens' side."""
-    if isinstance(tokens, torch.Tensor):
-        mask = (tokens != pad).to(torch.int64)
-    else:
-        mask = (np.asarray(tokens) != pad).astype(np.int64)
-    if decoder:
-        mask[:, 0] = 1
-    return mask
 
 
 def _full_like(reference: Array, shape: tuple[int, ...], fill: int, dtype: Any) -> Array:

@@ -88,6 +88,13 @@ def position_bias(
     return rel_bias_table[buckets].permute(2, 0, 1).unsqueeze(0)  # [Q,K,H] -> [1,H,Q,K]
 
 
+def causal_keys(q_len: int, k_len: int, q_offset: int | Tensor = 0, device: torch.device | str | None = None) -> Tensor:
+    """`[1, 1, Q, K]` bool: key j is at or before query i's absolute position `i + q_offset`."""
+    query_pos = torch.arange(q_len, device=device)[:, None] + q_offset
+    key_pos = torch.arange(k_len, device=device)[None, :]
+    return (key_pos <= query_pos)[None, None]
+
+
 def allowed_keys(
     key_padding_mask: Tensor | None,
     q_len: int,
@@ -107,32 +114,41 @@ def allowed_keys(
         allowed = key_padding_mask.bool()[:, None, None, :]  # [B,1,1,K]
         device = key_padding_mask.device
     if causal:
-        query_pos = torch.arange(q_len, device=device)[:, None] + q_offset
-        key_pos = torch.arange(k_len, device=device)[None, :]
-        causal_allowed = (key_pos <= query_pos)[None, None]  # [1,1,Q,K]
+        causal_allowed = causal_keys(q_len, k_len, q_offset, device)  # [1,1,Q,K]
         allowed = causal_allowed if allowed is None else allowed & causal_allowed
     return allowed
 
 
-def masked_fill_value(dtype: torch.dtype) -> float:
-    """The score given to a hidden key: `-inf`, as TransformerLens shows it in `hook_attn_scores`.
+def bias_and_mask(
+    bias: Tensor | None,
+    key_padding_mask: Tensor | None,
+    q_len: int,
+    k_len: int,
+    *,
+    causal: bool = False,
+    q_offset: int | Tensor = 0,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+) -> Tensor | None:
+    """Position bias and mask as one additive score term `[B or 1, H or 1, Q, K]` in `dtype` (None: neither).
 
-    A row whose keys are all hidden is never softmaxed as `-inf`s (that is NaN): `masked_softmax`
-    gives it zeros, with finite gradients.
+    The mask's values are TransformerLens 3.9's: a padding key (`key_padding_mask` 0) scores
+    `torch.finfo(dtype).min`, a key after the query (causal) `-inf`; a key hidden both ways is `-inf`. The bias of a
+    padding key is absorbed (`bias + finfo.min == finfo.min`), so the scores a hook sees are those values exactly.
+    Computed once per stack and shared by all its layers, as T5 shares the bias. A row with no visible key is
+    softmaxed by `masked_softmax` to zeros, never NaN or uniform.
     """
-    return float("-inf")
-
-
-def bias_and_mask(bias: Tensor | None, allowed: Tensor | None, dtype: torch.dtype = torch.float32) -> Tensor | None:
-    """Fold position bias and mask into one additive term `[B or 1, H or 1, Q, K]` in `dtype`.
-
-    Computed once per stack and shared by all its layers, as T5 shares the bias.
-    """
-    if allowed is None:
+    hidden = None
+    if key_padding_mask is not None:
+        device = key_padding_mask.device
+        padding = torch.zeros(key_padding_mask.shape, dtype=dtype, device=device)
+        hidden = padding.masked_fill(~key_padding_mask.bool(), torch.finfo(dtype).min)[:, None, None, :]  # [B,1,1,K]
+    if causal:
+        after = ~causal_keys(q_len, k_len, q_offset, device if bias is None else bias.device)
+        causal_term = torch.zeros(after.shape, dtype=dtype, device=after.device).masked_fill(after, float("-inf"))
+        hidden = causal_term if hidden is None else hidden + causal_term  # finfo.min + -inf = -inf
+    if hidden is None:
         return None if bias is None else bias.to(dtype)
-    hidden = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
-        ~allowed, masked_fill_value(dtype)
-    )
     return hidden if bias is None else bias.to(dtype) + hidden
 
 
@@ -144,8 +160,8 @@ def rows_with_keys(allowed: Tensor | None) -> Tensor | None:
 def masked_softmax(scores: Tensor, row_has_key: Tensor | None = None) -> Tensor:
     """Softmax over keys in at least fp32; rows without any allowed key come out as zeros, never NaN.
 
-    Hidden keys score `-inf`; a row with no allowed key is softmaxed from zeros instead (so neither its
-    value nor its gradient is NaN) and then zeroed."""
+    Hidden keys score `finfo.min` (padding) or `-inf` (causal); a row with no allowed key is softmaxed from zeros
+    instead (so neither its value nor its gradient is NaN, and it is not uniform) and then zeroed."""
     dtype = torch.promote_types(scores.dtype, torch.float32)
     if row_has_key is not None:
         scores = torch.where(row_has_key, scores, torch.zeros((), dtype=scores.dtype, device=scores.device))
@@ -182,7 +198,10 @@ def reference_relbias_attention(
     scores = torch.matmul(q, k.transpose(-1, -2))
     if scale != 1.0:
         scores = scores * scale
-    additive = bias_and_mask(bias, allowed, dtype=torch.promote_types(scores.dtype, torch.float32))
+    dtype = torch.promote_types(scores.dtype, torch.float32)
+    additive = bias_and_mask(
+        bias, key_padding_mask, q_len, k_len, causal=causal, q_offset=q_offset, dtype=dtype, device=q.device
+    )
     if additive is not None:
         scores = scores + additive
     probs = masked_softmax(scores, rows_with_keys(allowed))

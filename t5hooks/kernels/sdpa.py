@@ -8,7 +8,7 @@ and hands it to SDPA, whose CPU kernel (blocked, online softmax) never materiali
 
 Differences from SDPA's own conventions, made to match the reference exactly:
 
-* hidden keys get the dtype's most negative finite value (as the reference), not -inf;
+* padding keys get the dtype's most negative finite value and keys after the query `-inf` (as the reference);
 * a query row that sees no key at all comes out as zeros (SDPA would average all values);
 * T5 does not scale scores by `1/sqrt(d)`: `scale` is passed explicitly (1.0 for T5).
 
@@ -47,7 +47,9 @@ def sdpa_relbias_attention(
             rel_bias_table, q_len, k_len, bidirectional=bidirectional, max_distance=max_distance, q_offset=q_offset
         )
     allowed = allowed_keys(key_padding_mask, q_len, k_len, causal=causal, q_offset=q_offset, device=q.device)
-    additive = bias_and_mask(bias, allowed, dtype=q.dtype)  # [B|1, H|1, Q, K] or None; SDPA wants q's dtype
+    additive = bias_and_mask(  # [B|1, H|1, Q, K] or None; SDPA wants q's dtype
+        bias, key_padding_mask, q_len, k_len, causal=causal, q_offset=q_offset, dtype=q.dtype, device=q.device
+    )
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=additive, scale=float(scale))
     row_has_key = rows_with_keys(allowed) if key_padding_mask is not None else None
     if row_has_key is not None:

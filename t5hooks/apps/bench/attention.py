@@ -159,10 +159,10 @@ def build_sdpa_float_bias(case: Case, mask: Tensor | None) -> Callable:
             table, case.q_len, case.k_len, bidirectional=case.bidirectional,
             max_distance=case.max_distance, q_offset=case.q_offset,
         )  # fmt: skip
-        allowed = allowed_keys(
-            mask, case.q_len, case.k_len, causal=case.causal, q_offset=case.q_offset, device=q.device
+        additive = bias_and_mask(
+            bias, mask, case.q_len, case.k_len, causal=case.causal, q_offset=case.q_offset, dtype=q.dtype
         )
-        return sdpa(q, k, v, attn_mask=bias_and_mask(bias, allowed, dtype=q.dtype), scale=1.0)
+        return sdpa(q, k, v, attn_mask=additive, scale=1.0)
 
     return run
 

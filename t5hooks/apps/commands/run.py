@@ -41,7 +41,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     else:
         if model.tokenizer is None:
             raise CliError("this model has no tokenizer: pass --tokens '1 2 3'")
-        tokens = model.to_tokens(args.text, move_to_device=False)
+        tokens, _ = model.to_tokens(args.text, move_to_device=False)  # one text: no padding to mask
     if encoder_only and (args.decoder_tokens is not None or args.decoder_text is not None):
         raise CliError("this is an encoder-only model: it takes no --decoder-text / --decoder-tokens")
     if args.decoder_tokens is not None:

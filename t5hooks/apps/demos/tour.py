@@ -69,8 +69,8 @@ def run_demo(out_dir: str | Path | None = None, word: str = "interpret", force: 
     print(f"   {word!r} -> {answer!r}")
 
     # 2. cross-attention alignment, teacher-forced on the answer
-    tokens = model.to_tokens(word)
-    target = model.to_tokens(word[::-1])  # reversed bytes + EOS
+    tokens = model.to_tokens(word)  # (tokens, mask)
+    target, _ = model.to_tokens(word[::-1])  # reversed bytes + EOS
     dec = model.shift_right(target)
     names = [f"decoder.{l}.cross_attn.hook_pattern" for l in range(model.cfg.n_decoder_layers)]
     with torch.no_grad():
@@ -161,9 +161,8 @@ def run_demo(out_dir: str | Path | None = None, word: str = "interpret", force: 
     onnx_path = out / "t5hooks-tiny.onnx"
     to_onnx(model, onnx_path, capture=capture)
     runner = OnnxRunner(onnx_path)
-    probe = model.to_tokens(["hooks", "onnx runtime"])
-    mask = (probe != 0).long()
-    probe_dec = model.shift_right(model.to_tokens(["skooh", "emitnur xnno"]))
+    probe, mask = model.to_tokens(["hooks", "onnx runtime"])
+    probe_dec = model.shift_right(model.to_tokens(["skooh", "emitnur xnno"])[0])
     dec_mask = torch.ones_like(probe_dec)
     ort_out = runner(
         input=probe, decoder_input=probe_dec, one_zero_attention_mask=mask, decoder_attention_mask=dec_mask
