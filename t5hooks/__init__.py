@@ -5,7 +5,8 @@ from .analysis.factored_matrix import FactoredMatrix
 from .capture import compile_capture
 from .config import HookedT5Config
 from .encoder import HookedT5Encoder
-from .hook_points import HookedRootModule, HookIO, HookPoint
+from .hook_io import HookIO
+from .hook_points import HookedRootModule, HookPoint
 from .model import HookedEncoderDecoder
 
 __version__ = "0.1.0"

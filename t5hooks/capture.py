@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from .components import lm_loss
-from .hook_points import PATCH_MODES, HookIO, NameFilter
+from .hook_io import PATCH_MODES, HookIO, NameFilter
 
 SEQUENCE_INPUTS = ("input", "decoder_input", "one_zero_attention_mask", "decoder_attention_mask", "labels")
 

@@ -156,12 +156,6 @@ def check_untied_head(config: Mapping[str, Any], lm_head: Tensor | None, label: 
         )
 
 
-def check_finite(state: Mapping[str, Tensor], label: str) -> None:
-    """Every weight finite: NaN or inf in a checkpoint is corruption (transformers loads it silently)."""
-    for _ in finite_checked(state.items(), label):
-        pass
-
-
 def finite_checked(tensors: Iterable[tuple[str, Tensor]], label: str) -> Iterator[tuple[str, Tensor]]:
     """Pass (name, tensor) pairs through; after the last, raise CheckpointError naming every tensor that holds
     NaN or inf (under the checkpoint's own names)."""

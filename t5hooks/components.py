@@ -1,8 +1,8 @@
-"""The layers of a T5: RMSNorm, Attention (self / cross), MLP (plain / gated), EncoderBlock, DecoderBlock.
+"""The layers of a T5: Embed, RMSNorm, Attention (self / cross), MLP (plain / gated), EncoderBlock, DecoderBlock.
 
 Weights are stored in `nn.Linear` layout (`[out, in]`, as in Hugging Face checkpoints) so each
 projection is one matmul; TransformerLens-shaped views (`W_Q` `[H, d_model, d_head]` ...) are
-properties over the same storage. Every forward takes an optional `HookIO` (see hook_points.py):
+properties over the same storage. Every forward takes an optional `HookIO` (see hook_io.py):
 `None` in ordinary eager runs, a recorder/patcher in capture, compile and export runs.
 """
 
@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import HookedT5Config
-from .hook_points import HookIO, HookPoint
+from .hook_io import HookIO
+from .hook_points import HookPoint
 from .kernels import cpu_gemm
 from .kernels.policy import fuses_by_default, layer_backend
 from .kernels.reference import allowed_keys, bias_and_mask, masked_softmax, position_bias, rows_with_keys
@@ -120,6 +121,17 @@ def mlp_sublayer(block: nn.Module, resid: Tensor, ln: RMSNorm, io: HookIO | None
     (TransformerLens's meaning): patching it changes the MLP's input, not the residual stream."""
     mlp_in = block.hook_mlp_in(resid, io) if block.cfg.use_hook_mlp_in else resid
     return block.hook_mlp_out(block.mlp(ln(mlp_in, io), io), io)
+
+
+class Embed(nn.Module):
+    """Token embedding shared by encoder and decoder (T5's `shared`)."""
+
+    def __init__(self, cfg: HookedT5Config) -> None:
+        super().__init__()
+        self.W_E = nn.Parameter(torch.empty(cfg.d_vocab, cfg.d_model, dtype=cfg.dtype))  # [d_vocab, d_model]
+
+    def forward(self, tokens: Tensor) -> Tensor:  # [B,pos] -> [B,pos,d_model]
+        return F.embedding(tokens, self.W_E)
 
 
 class RMSNorm(nn.Module):

@@ -9,6 +9,8 @@ from typing import Any, ClassVar
 
 import torch
 
+from .dtypes import dtype_name, parse_dtype
+
 # T5 checkpoints name activations as in transformers' ACT2FN; these are the ones T5-family models use.
 ACTIVATIONS = ("relu", "gelu", "gelu_new", "gelu_fast", "gelu_pytorch_tanh", "silu", "swish")
 ATTN_IMPLS = ("auto", "eager", "fused")
@@ -77,8 +79,7 @@ class HookedT5Config:
     def __post_init__(self) -> None:
         if self.n_decoder_layers is None:
             self.n_decoder_layers = self.n_layers
-        if isinstance(self.dtype, str):
-            self.dtype = getattr(torch, self.dtype.removeprefix("torch."))
+        self.dtype = parse_dtype(self.dtype, what="HookedT5Config.dtype")
         self.validate()
 
     def validate(self) -> None:
@@ -103,12 +104,6 @@ class HookedT5Config:
                 f"relative_attention_num_buckets={nb} / max_distance={md}: need num_buckets >= 4 and "
                 f"max_distance > num_buckets // 2"
             )
-        if self.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
-            raise ValueError(f"HookedT5Config.dtype={self.dtype}; valid: float32, float16, bfloat16, float64")
-
-    @property
-    def n_layers_total(self) -> int:
-        return self.n_layers + self.n_decoder_layers
 
     def copy(self, **changes: Any) -> HookedT5Config:
         """An independent copy (`extra` included), with `changes` applied and validated."""
@@ -116,7 +111,7 @@ class HookedT5Config:
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
-        out["dtype"] = str(self.dtype).removeprefix("torch.")
+        out["dtype"] = dtype_name(self.dtype)
         return out
 
     @classmethod

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .analysis.cache import ActivationCache
-from .hook_points import NameFilter
+from .hook_io import NameFilter
 from .kv_cache import DecoderCache
 
 NEG_INF = -1.0e9  # the "impossible" score HF's beam search uses

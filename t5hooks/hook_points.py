@@ -4,139 +4,29 @@ Two ways to reach an activation, one forward:
 
 * Python hooks (`add_hook`, `hooks()`, `run_with_hooks`, `run_with_cache`): functions
   `fn(tensor, hook) -> tensor | None` registered on a `HookPoint`, run eagerly.
-* A `HookIO` passed down the forward as an argument: it records the named activations it was
-  built for and applies patches to them. Its name sets are fixed Python constants, so
-  `torch.compile(fullgraph=True)` and `torch.export` see plain tensor code (see capture.py).
+* A `HookIO` passed down the forward as an argument (hook_io.py): it records the named activations it was
+  built for and applies patches and interventions to them, as explicit graph outputs.
 
-Every `HookPoint` declares the axes of its activation (`HookPoint(("batch", "pos", "d_model"))`); its
-name, stack and key stack come from where it sits in the module tree. `HookLayout` collects these
-declarations: export axes, the ONNX generator's encoder/decoder split, `act_name`, unknown-name
-hints and the README hook table all read it, so a new hook point is one line in one module.
+`HookedRootModule` names every point from its place in the module tree and keeps the registry of them
+(hook_registry.py).
 """
 
 from __future__ import annotations
 
-import difflib
 import fnmatch
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-HookFn = Callable[..., Any]  # fn(tensor, hook=HookPoint) -> Tensor | None
-NameFilter = Union[str, Callable[[str], bool], Sequence[str], None]
-Direction = Literal["fwd", "bwd"]
-PATCH_MODES = ("replace", "add")
-
-
-def is_tracing() -> bool:
-    """True under torch.compile, torch.export or torch.jit.trace: no data-dependent checks then."""
-    return torch.compiler.is_compiling() or torch.jit.is_tracing()
-
-
-class HookIO:
-    """Explicit-output channel for hook points: records some activations, patches others.
-
-    `capture` and `patch_modes` are fixed when it is built (constants to Dynamo); `patches`
-    holds the tensors. `outputs` fills in forward order as hook points are visited.
-    """
-
-    def __init__(
-        self,
-        capture: Iterable[str] = (),
-        patch_modes: Mapping[str, str] | None = None,
-        patches: Mapping[str, Tensor] | None = None,
-        interventions: Mapping[str, nn.Module] | None = None,
-    ) -> None:
-        self.capture = frozenset(capture)
-        self.patch_modes = dict(patch_modes or {})
-        self.patches = dict(patches or {})
-        self.interventions = dict(interventions or {})
-        self.outputs: dict[str, Tensor] = {}
-
-    def touches(self, name: str) -> bool:
-        """True if this name is captured, patched or intervened on (so it must be computed explicitly)."""
-        return name in self.capture or name in self.patch_modes or name in self.interventions
-
-    def visit(self, name: str, x: Tensor) -> Tensor:
-        """Patch, then intervene (side outputs recorded as `"<name>.<output>"`), then capture."""
-        mode = self.patch_modes.get(name)
-        if mode is not None:
-            x = apply_patch(name, x, self.patches[name], mode)
-        module = self.interventions.get(name)
-        if module is not None:
-            x, side = apply_intervention(name, module, x)
-            for key, value in side.items():
-                self.outputs[f"{name}.{key}"] = value
-        if name in self.capture:
-            self.outputs[name] = x
-        return x
-
-
-def apply_patch(name: str, x: Tensor, patch: Tensor, mode: str) -> Tensor:
-    """`replace`: the patch (same shape) stands in for `x`; `add`: broadcast-add it (a steering vector)."""
-    patch = patch.to(dtype=x.dtype, device=x.device)
-    if not is_tracing():
-        if mode == "replace" and patch.shape != x.shape:
-            raise ValueError(f"patch for {name!r} has shape {tuple(patch.shape)}; 'replace' needs {tuple(x.shape)}")
-        if mode == "add":
-            try:
-                ok = torch.broadcast_shapes(patch.shape, x.shape) == x.shape
-            except RuntimeError:
-                ok = False
-            if not ok:
-                raise ValueError(
-                    f"patch for {name!r} has shape {tuple(patch.shape)}; 'add' needs a shape that broadcasts "
-                    f"to {tuple(x.shape)}"
-                )
-    return patch if mode == "replace" else x + patch
-
-
-def apply_intervention(name: str, module: nn.Module, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-    """Run an intervention module on the activation at `name`.
-
-    Protocol: `module(x)` returns the replacement (same shape as `x`), or `(replacement, {output: tensor})`
-    whose named side outputs (SAE features, probe logits) the caller exposes as `"<name>.<output>"`.
-    """
-    result = module(x)
-    side: dict[str, Tensor] = {}
-    if isinstance(result, tuple):
-        if len(result) != 2 or not isinstance(result[1], Mapping):
-            raise TypeError(
-                f"intervention at {name!r} returned a tuple of {len(result)}; return a Tensor or (Tensor, dict)"
-            )
-        result, side = result[0], dict(result[1])
-    if not isinstance(result, Tensor):
-        raise TypeError(f"intervention at {name!r} returned {type(result).__name__}; return a Tensor or (Tensor, dict)")
-    if not is_tracing():
-        if result.shape != x.shape:
-            raise ValueError(
-                f"intervention at {name!r} returned shape {tuple(result.shape)}; it must keep the activation's "
-                f"shape {tuple(x.shape)}"
-            )
-        for key, value in side.items():
-            if not isinstance(key, str) or not key or not isinstance(value, Tensor):
-                raise TypeError(f"intervention at {name!r}: side outputs must map non-empty str names to Tensors")
-    return result, side
-
-
-def intervention_hook(name: NameFilter, module: nn.Module) -> tuple[NameFilter, HookFn]:
-    """A `(name, fn)` forward hook that splices `module` in eagerly; side outputs go to `hook.ctx`."""
-    if not isinstance(module, nn.Module):
-        raise TypeError(f"interventions[{name!r}] must be an nn.Module, got {type(module).__name__}")
-
-    def splice(x: Tensor, hook: HookPoint) -> Tensor:
-        out, side = apply_intervention(hook.name, module, x)
-        hook.ctx.update(side)
-        return out
-
-    return name, splice
+from .hook_io import Direction, HookFn, HookIO, NameFilter, intervention_hook
+from .hook_registry import HookLayout, HookSpec, layer_of, template_of, unknown_name_message
 
 
 @dataclass(eq=False)
@@ -288,204 +178,6 @@ class HookPoint(nn.Module):
         )
 
 
-# ---- the registry --------------------------------------------------------------------------
-# Axis names a HookPoint may declare. "pos": the positions its stack computes in this call (queries);
-# "key_pos": the keys an attention attends to (self-attention: the stack's positions, with a KV cache the
-# cached ones too; cross-attention: the encoder's). Only "batch", "pos" and "key_pos" vary between calls;
-# other names (any string is allowed: "d_sae", ...) are fixed sizes.
-AXES = {
-    "batch": "B",
-    "pos": "pos",
-    "key_pos": "key_pos",
-    "head": "H",
-    "d_head": "d_head",
-    "d_model": "d_model",
-    "d_mlp": "d_mlp",
-    "d_vocab": "d_vocab",
-    "1": "1",
-}
-STACK_LETTERS = {"encoder": "E", "decoder": "D"}
-
-
-def layer_of(name: str) -> int | None:
-    """The layer index in a hook name (`encoder.3.attn.hook_q` -> 3), or None outside the layers."""
-    for part in name.split("."):
-        if part.isdigit():
-            return int(part)
-    return None
-
-
-def template_of(name: str) -> str:
-    """The name with its layer index as `{l}`: `encoder.3.attn.hook_q` -> `encoder.{l}.attn.hook_q`."""
-    return ".".join("{l}" if part.isdigit() else part for part in name.split("."))
-
-
-@dataclass(frozen=True)
-class HookSpec:
-    """What the registry knows about one hook point (per layer template)."""
-
-    template: str  # "encoder.{l}.attn.hook_q"
-    axes: tuple[str, ...] | None  # ("batch", "pos", "head", "d_head"); None: not declared
-    stack: str | None  # the stack whose positions "pos" counts
-    key_stack: str | None  # the stack whose positions "key_pos" counts (attention points only)
-    alias: str | None = None
-    note: str = ""
-    layers: frozenset[int] = frozenset()  # the layers that hold it (empty: not inside a layer)
-
-    @property
-    def leaf(self) -> str:
-        return self.template.rsplit(".", 1)[-1]
-
-    @property
-    def layered(self) -> bool:
-        return "{l}" in self.template.split(".")
-
-    @property
-    def owner(self) -> str:
-        """The submodule inside its layer (or the root) holding it: "", "attn", "cross_attn", "mlp", "ln1", ..."""
-        parts = self.template.split(".")[:-1]
-        if self.layered:
-            parts = parts[parts.index("{l}") + 1 :]
-        return ".".join(parts)
-
-    @property
-    def short_names(self) -> tuple[str, ...]:
-        """Names `act_name` knows it by: the leaf without `hook_` (`rel_pos_hook` -> `rel_pos`), and its alias."""
-        short = self.leaf.removeprefix("hook_").removesuffix("_hook")
-        return (short,) if self.alias is None else (short, self.alias)
-
-    @property
-    def attn(self) -> str | None:
-        """ "self" or "cross" for points inside an attention module, else None."""
-        if self.key_stack is None:
-            return None
-        return "self" if self.key_stack == self.stack else "cross"
-
-    def position_axes(self) -> tuple[str | None, ...]:
-        """Per axis: "batch", the stack whose positions it counts ("encoder" / "decoder"), or None (fixed size)."""
-        if self.axes is None:
-            raise ValueError(f"hook point {self.template!r} declares no axes: construct it as HookPoint(axes)")
-        labels = {"batch": "batch", "pos": self.stack, "key_pos": self.key_stack}
-        return tuple(labels.get(axis) for axis in self.axes)
-
-    @property
-    def side(self) -> str | None:
-        """Which stack's run computes it: "decoder" if any axis counts decoder positions, else "encoder"
-        if any counts encoder positions (so cross-attention keys/values are encoder-side), else its stack."""
-        labels = self.position_axes()
-        for stack in ("decoder", "encoder"):
-            if stack in labels:
-                return stack
-        return self.stack
-
-    def shape(self) -> str:
-        """The shape for people: `[B, E, d_model]`, `[B, H, D, E]`, `[B, pos, d_mlp]` ({s} templates)."""
-        if self.axes is None:
-            return "?"
-        letters = {"pos": self.stack, "key_pos": self.key_stack}
-        out = []
-        for axis in self.axes:
-            stack = letters.get(axis)
-            if axis in letters and stack in STACK_LETTERS and not self.template.startswith("{s}"):
-                out.append(STACK_LETTERS[stack])
-            elif axis == "key_pos" and self.attn == "self":
-                out.append("pos")
-            else:
-                out.append(AXES.get(axis, axis))
-        return "[" + ", ".join(out) + "]"
-
-
-class HookLayout(Mapping):
-    """The registry: one `HookSpec` per hook template of a model, in model order (a read-only mapping)."""
-
-    def __init__(self, points: Iterable[HookPoint]) -> None:
-        specs: dict[str, HookSpec] = {}
-        for point in points:
-            spec = point.spec()
-            seen = specs.get(spec.template)
-            if seen is not None:
-                if (seen.axes, seen.stack, seen.key_stack) != (spec.axes, spec.stack, spec.key_stack):
-                    raise ValueError(f"hook points of {spec.template!r} disagree: {seen} vs {spec}")
-                spec = HookSpec(**{**seen.__dict__, "layers": seen.layers | spec.layers})
-            specs[spec.template] = spec
-        self._specs = specs
-
-    @classmethod
-    def of(cls, module: nn.Module) -> HookLayout:
-        return cls(m for m in module.modules() if isinstance(m, HookPoint))
-
-    def __getitem__(self, template: str) -> HookSpec:
-        return self._specs[template]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._specs)
-
-    def __len__(self) -> int:
-        return len(self._specs)
-
-    def spec(self, name: str) -> HookSpec:
-        """The spec of a full hook name; ValueError (with close names) if this layout has no such point."""
-        found = self._specs.get(template_of(name))
-        if found is None:
-            raise ValueError(unknown_name_message(template_of(name), list(self._specs)))
-        return found
-
-    def match(self, pattern: str) -> list[HookSpec]:
-        """Specs whose template a name or glob matches (its layer index read as any layer)."""
-        wanted = template_of(pattern)
-        return [s for t, s in self._specs.items() if fnmatch.fnmatchcase(t, wanted) or fnmatch.fnmatchcase(t, pattern)]
-
-    def n_layers(self, stack: str) -> int:
-        return max((max(s.layers) + 1 for s in self.values() if s.stack == stack and s.layers), default=0)
-
-    def rows(self) -> list[tuple[str, str, str]]:
-        """The hook table (hook names, shape, note): encoder/decoder templates that agree merge into `{s}`,
-        and points of one module with the same shape share a row."""
-        merged: dict[str, HookSpec] = {}
-        for spec in self.values():
-            if spec.stack in STACK_LETTERS and spec.template.startswith(spec.stack + "."):
-                other_stack = "decoder" if spec.stack == "encoder" else "encoder"
-                other = self._specs.get(other_stack + spec.template[len(spec.stack) :])
-                if other is not None and other.axes == spec.axes and other.attn == spec.attn:
-                    generic = "{s}" + spec.template[len(spec.stack) :]
-                    if generic not in merged:
-                        merged[generic] = HookSpec(**{**spec.__dict__, "template": generic})
-                    continue
-            merged[spec.template] = spec
-        rows: dict[tuple[str, str, str], list[str]] = {}
-        for spec in merged.values():
-            template = spec.template
-            if spec.layers == frozenset({0}) and self.n_layers(spec.stack) > 1:
-                template = template.replace("{l}", "0")  # held by layer 0 only
-            prefix, _, leaf = template.rpartition(".")
-            rows.setdefault((prefix, spec.shape(), spec.note), []).append(leaf)
-        return [
-            (f"{prefix + '.' if prefix else ''}{' / '.join(leaves)}", shape, note)
-            for (prefix, shape, note), leaves in rows.items()
-        ]
-
-    def markdown_table(self) -> str:
-        lines = ["| hook | shape | note |", "|---|---|---|"]
-        lines += [f"| `{names}` | `{shape}` | {note} |" for names, shape, note in self.rows()]
-        return "\n".join(lines)
-
-
-_default_layout: Callable[[], HookLayout] | None = None
-
-
-def set_default_layout(factory: Callable[[], HookLayout]) -> None:
-    """Register the layout that `act_name` and the export axes read when no model is given
-    (t5hooks.model registers HookedEncoderDecoder's)."""
-    global _default_layout
-    _default_layout = factory
-
-
-def default_layout() -> HookLayout:
-    if _default_layout is None:
-        raise RuntimeError("no default hook layout registered (import t5hooks first)")
-    return _default_layout()
-
-
 class HookedRootModule(nn.Module):
     """A module whose HookPoints are addressable by name (`hook_dict`) with TransformerLens's hook API."""
 
@@ -523,7 +215,7 @@ class HookedRootModule(nn.Module):
     @cached_property
     def layout(self) -> HookLayout:
         """This model's hook registry (rebuilt by `setup`)."""
-        return HookLayout(self.hook_dict.values())
+        return HookLayout(point.spec() for point in self.hook_dict.values())
 
     @classmethod
     def reference_layout(cls) -> HookLayout | None:
@@ -756,16 +448,3 @@ class HookedRootModule(nn.Module):
                     raise ValueError("run_with_cache(incl_bwd=True) needs a scalar output; use return_type='loss'")
                 out.backward()
         return out, cache
-
-
-def unknown_name_message(name: str, valid: Sequence[str], hint: str = "") -> str:
-    """'no hook point named X' with the closest valid names (and a configuration hint when one applies)."""
-    close = difflib.get_close_matches(name, valid, n=5, cutoff=0.5)
-    msg = f"no hook point matches {name!r}"
-    if close:
-        msg += f"; did you mean: {', '.join(close)}?"
-    else:
-        msg += f" ({len(valid)} hook points exist, e.g. {', '.join(valid[:3])})"
-    if hint:
-        msg += f" {hint}"
-    return msg

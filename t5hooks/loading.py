@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import re
-import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +37,8 @@ from .checkpoint_checks import (
     shard_names_from_index,
 )
 from .config import HookedT5Config
+from .dtypes import AUTO, parse_dtype
+from .user_warning import warn_user
 from .weights.gguf_file import GGUFCheckpoint, is_gguf
 from .weights.safetensors_file import SafetensorsFile
 
@@ -245,13 +246,10 @@ def build_with_weights(
 
 
 def resolve_dtype(dtype: torch.dtype | str, stored: torch.dtype) -> torch.dtype:
-    """`dtype` itself, or for "auto" the checkpoint's stored dtype (fp8: bfloat16)."""
-    if isinstance(dtype, str):
-        if dtype == "auto":
-            return stored if stored in (torch.float32, torch.float16, torch.bfloat16) else torch.bfloat16
-        dtype = getattr(torch, dtype.removeprefix("torch."), None)
-    if dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
-        raise ValueError(f"dtype={dtype!r}; valid: torch.float32, torch.bfloat16, torch.float16, torch.float64, 'auto'")
+    """`dtype` parsed (dtypes.py), with "auto" resolved to the checkpoint's stored dtype (fp8: bfloat16)."""
+    dtype = parse_dtype(dtype, allow_auto=True)
+    if dtype == AUTO:
+        return stored if stored in (torch.float32, torch.float16, torch.bfloat16) else torch.bfloat16
     return dtype
 
 
@@ -259,11 +257,9 @@ def warn_if_fp16_overflows(cfg: HookedT5Config, what: str) -> None:
     """One warning when a gated-GELU T5 (v1.1, Flan, mT5, UMT5; trained in bf16) is loaded in fp16, where its
     activations overflow (the fp16 clamp after every residual add stays on, as in Hugging Face)."""
     if cfg.dtype == torch.float16 and cfg.gated_mlp and cfg.act_fn in FP16_RISKY_ACTIVATIONS:
-        warnings.warn(
+        warn_user(
             f"{what}: T5 v1.1 / Flan-T5 / mT5 / UMT5 checkpoints overflow in float16 (they were trained in "
             f"bfloat16); load with dtype=torch.bfloat16 (or float32) for reliable activations",
-            UserWarning,
-            stacklevel=4,
         )
 
 

@@ -9,10 +9,12 @@ import torch
 from torch import Tensor, nn
 
 from .analysis.factored_matrix import FactoredMatrix
-from .components import RESID, Attention, DecoderBlock, RMSNorm, attention_context, lm_loss
+from .base import HookedT5Base, TextOrTokens, as_config
+from .components import RESID, Attention, DecoderBlock, Embed, RMSNorm, attention_context, lm_loss
 from .config import HookedT5Config
-from .encoder import Embed, HookedT5Base, TextOrTokens, as_config
-from .hook_points import HookIO, HookLayout, HookPoint, NameFilter, set_default_layout
+from .hook_io import HookIO, NameFilter
+from .hook_points import HookPoint
+from .hook_registry import HookLayout, set_default_layout
 from .kernels import cpu_gemm
 from .kv_cache import DecoderCache
 

@@ -519,7 +519,7 @@ def test_kernels_compile_for_h100():
 @pytest.mark.slow
 @needs_triton
 def test_bench_quick_writes_json_and_png(tmp_path):
-    from t5hooks.kernels import bench
+    from t5hooks.apps.bench import attention as bench
 
     argv = ["--quick", "--out", str(tmp_path), "--cases", "L40-padded", "decode-64",
             "--impls", "triton", "reference", "sdpa-no-bias"]  # fmt: skip
@@ -536,7 +536,7 @@ def test_bench_quick_writes_json_and_png(tmp_path):
 
 
 def test_bench_reports_failures_with_their_reason():
-    from t5hooks.kernels import bench
+    from t5hooks.apps.bench import attention as bench
 
     def broken(case, mask):
         def run(q, k, v, table):

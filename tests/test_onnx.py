@@ -15,8 +15,8 @@ from transformers.models.t5.modeling_t5 import T5Attention
 
 import t5hooks.kernels.op as kernel_op
 from t5hooks import HookedEncoderDecoder, HookedT5Config
-from t5hooks.apps import export_command as command
 from t5hooks.apps.cli import main as cli_main
+from t5hooks.apps.commands import export as command
 from t5hooks.export import OnnxRunner, to_onnx
 from t5hooks.export.onnx import external_data_files, name_graph_io
 from t5hooks.export.ort import _resolve_shape
@@ -345,7 +345,7 @@ def test_exporter_rejects_bad_names_and_paths(model, tmp_path):
         to_onnx(model, tmp_path / "missing" / "a.onnx")
     with pytest.raises(ValueError, match="must end in .onnx"):
         to_onnx(model, tmp_path / "a.pt")
-    with pytest.raises(ValueError, match="dtype='bfloat16' cannot be exported; valid: float32, float16"):
+    with pytest.raises(ValueError, match="export dtype='bfloat16' is not supported; valid: float32, float16"):
         to_onnx(model, tmp_path / "a.onnx", dtype="bfloat16")
     with pytest.raises(FileNotFoundError, match="no ONNX file"):
         OnnxRunner(tmp_path / "absent.onnx")

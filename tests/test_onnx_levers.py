@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from t5hooks import HookedEncoderDecoder
-from t5hooks.apps.train_tiny import held_out_words, make_batch
+from t5hooks.apps.reversal_task import held_out_words, make_batch
 from t5hooks.export import OnnxRunner, to_onnx
-from t5hooks.export.onnx import read_metadata
+from t5hooks.export.metadata import read_metadata
 from t5hooks.export.ort import session_options
 
 NAMES = ["encoder.*.hook_resid_post", "decoder.*.hook_resid_post", "decoder.1.hook_resid_mid"]

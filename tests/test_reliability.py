@@ -251,7 +251,7 @@ def test_generator_directories_mixed_or_interrupted_are_refused(tmp_path):
 
 
 def test_train_tiny_checks_out_before_training(tmp_path, capsys, monkeypatch):
-    import t5hooks.apps.train_tiny as train_tiny
+    import t5hooks.apps.commands.train_tiny as train_tiny
 
     def must_not_train(**kwargs):
         raise AssertionError("training started")
@@ -284,7 +284,7 @@ def test_train_tiny_below_min_accuracy_writes_nothing(tmp_path, capsys):
 
 
 def test_train_tiny_docstring_never_targets_the_shipped_weights():
-    from t5hooks.apps import train_tiny
+    from t5hooks.apps.commands import train_tiny
 
     usage = [line for line in train_tiny.__doc__.splitlines() if line.strip().startswith("t5hooks train-tiny")]
     assert usage and all("assets" not in line for line in usage)

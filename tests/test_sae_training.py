@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from t5hooks import HookedEncoderDecoder
-from t5hooks.apps.train_tiny import make_batch, random_word
+from t5hooks.apps.reversal_task import make_batch, random_word
 from t5hooks.interventions.live import LiveActivations, ce_loss_recovered
 from t5hooks.interventions.sae_training import SAETrainConfig, lr_factor, train_sae, train_saes
 from t5hooks.interventions.saelens_format import load_saelens

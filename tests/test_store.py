@@ -15,7 +15,6 @@ import torch
 from t5hooks import HookedEncoderDecoder, HookedT5Config
 from t5hooks.store import ActivationStore, extract
 from t5hooks.store.batching import padded_tokens, plan_batches
-from t5hooks.store.format import token_axis
 from t5hooks.tokenizer import ByteTokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,19 +56,25 @@ def test_plan_batches_respects_budget_and_covers_every_prompt() -> None:
         plan_batches(lengths, 0)
 
 
-def test_token_axis(model: HookedEncoderDecoder) -> None:
-    assert token_axis(model, "encoder.1.hook_resid_post") == "encoder"
-    assert token_axis(model, "hook_embed") == "encoder" and token_axis(model, "hook_encoder_out") == "encoder"
-    assert token_axis(model, "decoder.0.cross_attn.hook_k") == "encoder"
-    assert token_axis(model, "decoder.0.cross_attn.hook_q") == "decoder"
-    assert token_axis(model, "hook_decoder_embed") == "decoder" and token_axis(model, "unembed.hook_in") == "decoder"
+def test_token_stream(model: HookedEncoderDecoder) -> None:
+    assert model.layout.token_stream("encoder.1.hook_resid_post") == "encoder"
+    assert (
+        model.layout.token_stream("hook_embed") == "encoder"
+        and model.layout.token_stream("hook_encoder_out") == "encoder"
+    )
+    assert model.layout.token_stream("decoder.0.cross_attn.hook_k") == "encoder"
+    assert model.layout.token_stream("decoder.0.cross_attn.hook_q") == "decoder"
+    assert (
+        model.layout.token_stream("hook_decoder_embed") == "decoder"
+        and model.layout.token_stream("unembed.hook_in") == "decoder"
+    )
     from t5hooks.capture import EncoderCaptureModule  # what extract runs for encoder-stack hooks
 
     with pytest.raises(ValueError, match="computed by the decoder"):
         EncoderCaptureModule(model, ["hook_embed", "decoder.0.cross_attn.hook_k"])
     for name in ("encoder.0.attn.hook_pattern", "decoder.1.cross_attn.hook_attn_scores", "encoder.0.attn.rel_pos_hook"):
         with pytest.raises(ValueError, match="not a per-token"):
-            token_axis(model, name)
+            model.layout.token_stream(name)
 
 
 def test_rows_equal_run_with_cache(model: HookedEncoderDecoder, tmp_path: Path) -> None:
@@ -344,7 +349,7 @@ def test_torchrun_two_processes_equal_one(model: HookedEncoderDecoder, tmp_path:
 
 
 def test_bench_extract_quick_runs_and_outputs_agree(capsys: pytest.CaptureFixture[str]) -> None:
-    from t5hooks.apps.bench_extract import main
+    from t5hooks.apps.bench.extract import main
 
     assert main(["--quick", "--backend", "eager", "--prompts", "24"]) == 0  # exit 1 if the outputs disagree
     out = capsys.readouterr().out

@@ -4,13 +4,8 @@ import pytest
 import torch
 
 from t5hooks import HookedEncoderDecoder
-from t5hooks.apps.train_tiny import (
-    exact_match_accuracy,
-    held_out_words,
-    make_batch,
-    mirror_attention,
-    train_tiny,
-)
+from t5hooks.apps.commands.train_tiny import train_tiny
+from t5hooks.apps.reversal_task import exact_match_accuracy, held_out_words, make_batch, mirror_attention
 from t5hooks.pretrained import ASSETS, tiny_config
 
 

@@ -9,7 +9,7 @@ import torch
 import torch._dynamo
 
 from t5hooks import HookedEncoderDecoder
-from t5hooks.apps.train_tiny import make_batch, random_word
+from t5hooks.apps.reversal_task import make_batch, random_word
 from t5hooks.capture import CaptureModule
 from t5hooks.interventions import RotatedSubspaceInterchange, interchange_batch
 from t5hooks.interventions.training import interchange_inputs, train_das, train_probe, train_steering

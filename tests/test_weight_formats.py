@@ -292,7 +292,8 @@ def test_bad_files_give_one_line_errors_naming_the_file(tmp_path):
 MEASURE = r"""
 import json, sys, torch
 from t5hooks import HookedT5Encoder
-from t5hooks.weights.memory import peak_growth_bytes
+sys.path.insert(0, "tests")
+from peak_memory import peak_growth_bytes  # tests/peak_memory.py
 
 path, warm_up, dtype = sys.argv[1], sys.argv[2], getattr(torch, sys.argv[3])
 HookedT5Encoder.from_pretrained(warm_up, dtype=dtype)  # lazy imports (tokenizers, gguf) are not loading

@@ -20,7 +20,7 @@ from typing import Any, Literal, Union
 import torch
 from torch import Tensor
 
-from ..hook_points import HookLayout, HookSpec, default_layout, unknown_name_message
+from ..hook_registry import HookLayout, HookSpec, default_layout, unknown_name_message
 
 STACKS = ("encoder", "decoder")
 ATTN_KINDS = ("self", "cross")

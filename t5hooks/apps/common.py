@@ -10,8 +10,7 @@ from typing import Any
 import torch
 
 from ..atomic import check_writable
-
-DTYPES = ("float32", "float16", "bfloat16")
+from ..dtypes import RUN_DTYPES, parse_dtype
 
 
 class CliError(Exception):
@@ -69,11 +68,13 @@ def load_model(
     from ..model import HookedEncoderDecoder
     from ..pretrained import DEFAULT_MODEL
 
-    if dtype not in DTYPES:
-        raise CliError(f"--dtype {dtype!r}; valid: {', '.join(DTYPES)}")
+    try:
+        torch_dtype = parse_dtype(dtype, allowed=RUN_DTYPES, what="--dtype")
+    except ValueError as err:
+        raise CliError(str(err)) from None
     torch_device = resolve_device(device)
     label = name or DEFAULT_MODEL
-    kwargs: dict[str, Any] = {"device": torch_device, "dtype": getattr(torch, dtype)}
+    kwargs: dict[str, Any] = {"device": torch_device, "dtype": torch_dtype}
     if subfolder:
         kwargs["subfolder"] = subfolder
     try:
@@ -112,3 +113,20 @@ def finite_nonnegative(value: float | None, option: str) -> float | None:
     if value is not None and (not math.isfinite(value) or value < 0):
         raise CliError(f"{option} must be a finite number >= 0, got {value}")
     return value
+
+
+def add_model_arguments(parser: Any, what: str = "runs") -> None:
+    """`--model`, `--subfolder`, `--encoder-only`: the model options every model-loading command shares
+    (`what`: what the command does with an encoder-only checkpoint, e.g. "exports")."""
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="hub name, local directory, .safetensors/.gguf file or built-in name (default: the built-in tiny "
+        f"model); an encoder-only checkpoint (a diffusion pipeline's text encoder) {what} the encoder alone",
+    )
+    parser.add_argument(
+        "--subfolder", default=None, help="model folder inside --model, e.g. text_encoder_2 of a diffusers pipeline"
+    )
+    parser.add_argument(
+        "--encoder-only", action="store_true", help=f"{what} only the encoder of an encoder-decoder checkpoint"
+    )

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .train_tiny import make_batch, random_word
+from .reversal_task import make_batch, random_word
 
 Batch = dict[str, Tensor]
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from ..hook_points import HookLayout, default_layout
+from ..hook_registry import HookLayout, default_layout
 
 Axes = tuple  # tuple[str | None, ...]
 

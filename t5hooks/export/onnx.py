@@ -36,15 +36,15 @@ from torch import Tensor, nn
 
 from ..atomic import atomic_path
 from ..capture import CaptureBase, EncoderCaptureModule
-from ..hook_points import NameFilter
+from ..dtypes import EXPORT_DTYPES, parse_dtype
+from ..hook_io import NameFilter
 from .axes import output_axes
+from .metadata import METADATA_PREFIX
 from .torch_export import as_capture, dynamic_shapes, example_inputs
 
 PATCH_PREFIX = "patch."
-EXPORT_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 # Protobuf cannot hold a model over 2 GiB: weights beyond this size go to `<file>.data` next to it.
 EXTERNAL_DATA_THRESHOLD = 1 << 30
-METADATA_PREFIX = "t5hooks."
 
 
 def patch_input_name(hook_name: str) -> str:
@@ -306,11 +306,6 @@ def write_metadata(model: ir.Model, graph_kind: str, cfg: Any, **extra: Any) -> 
     model.producer_name = "t5hooks"
 
 
-def read_metadata(props: Mapping[str, str]) -> dict[str, Any]:
-    """Inverse of `write_metadata` (keys without the prefix); other metadata is ignored."""
-    return {k[len(METADATA_PREFIX) :]: json.loads(v) for k, v in props.items() if k.startswith(METADATA_PREFIX)}
-
-
 def save_checked(
     model: ir.Model,
     path: Path,
@@ -370,18 +365,9 @@ def _checked_path(path: str | os.PathLike) -> Path:
     return path
 
 
-def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
-    if dtype is None:
-        return None
-    key = dtype if isinstance(dtype, str) else str(dtype).removeprefix("torch.")
-    if key not in EXPORT_DTYPES:
-        raise ValueError(f"dtype={dtype!r} cannot be exported; valid: {', '.join(EXPORT_DTYPES)}")
-    return EXPORT_DTYPES[key]
-
-
 def model_in_dtype(model: nn.Module, dtype: torch.dtype | str | None) -> nn.Module:
     """`model` itself when it already has `dtype` (or none is asked), else a converted copy."""
-    dtype = resolve_dtype(dtype)
+    dtype = parse_dtype(dtype, allowed=EXPORT_DTYPES, what="export dtype")
     if dtype is None or model.W_E.dtype == dtype:
         return model
     return copy.deepcopy(model).to(dtype)

@@ -30,7 +30,8 @@ import torch
 from torch import Tensor, nn
 
 from ..atomic import MANIFEST, ArtefactError, begin_multi_file, state_fingerprint, verify_manifest, write_manifest
-from ..hook_points import HookIO, HookLayout, NameFilter, default_layout
+from ..hook_io import HookIO, NameFilter
+from ..hook_registry import HookLayout, default_layout
 from ..kv_cache import DecoderCache
 from .axes import BATCH, CACHE_AXES, ENC, INPUT_AXES, PRESENT, activation_axes, step_activation_axes
 from .onnx import (

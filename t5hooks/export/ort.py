@@ -21,7 +21,8 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from .onnx import PATCH_PREFIX, read_metadata
+from .metadata import read_metadata
+from .onnx import PATCH_PREFIX
 
 # ONNX Runtime's type strings -> numpy dtypes (what our graphs use).
 ORT_TYPES = {

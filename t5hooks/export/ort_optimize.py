@@ -24,7 +24,7 @@ from pathlib import Path
 import onnx
 
 from ..atomic import atomic_path
-from .onnx import METADATA_PREFIX
+from .metadata import METADATA_PREFIX, read_metadata
 
 QUANTIZE_MODES = ("int8",)
 # Hook names whose values exist only inside an RMSNorm: a fused norm node would not produce them.
@@ -113,11 +113,7 @@ def _load_inline(path: Path) -> onnx.ModelProto:
 
 
 def _metadata(model: onnx.ModelProto) -> dict:
-    return {
-        p.key[len(METADATA_PREFIX) :]: json.loads(p.value)
-        for p in model.metadata_props
-        if p.key.startswith(METADATA_PREFIX)
-    }
+    return read_metadata({p.key: p.value for p in model.metadata_props})
 
 
 def _set_metadata(model: onnx.ModelProto, key: str, value: object) -> None:

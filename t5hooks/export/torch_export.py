@@ -18,7 +18,7 @@ from torch.export import Dim, ExportedProgram
 
 from ..atomic import atomic_path
 from ..capture import CaptureBase
-from ..hook_points import NameFilter
+from ..hook_io import NameFilter
 from .axes import BATCH, DEC, ENC, INPUT_AXES, PAST, patch_axes
 
 

@@ -1,7 +1,7 @@
 """Modules that splice into hook points (`model.capture(..., intervene={hook: module})` or eagerly with
 `model.hooks(interventions=...)`): sparse autoencoders, linear probes, steering vectors, DAS interchange.
 
-Protocol (see `t5hooks.hook_points.apply_intervention`): `module(x)` returns the activation's replacement, or
+Protocol (see `t5hooks.hook_io.apply_intervention`): `module(x)` returns the activation's replacement, or
 `(replacement, {output: tensor})`; side outputs come out of a capture as `"<hook name>.<output>"`.
 """
 

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import orthogonal
 
-from ..hook_points import is_tracing
+from ..hook_io import is_tracing
 from .positions import position_mask
 
 

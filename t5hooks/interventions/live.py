@@ -17,13 +17,6 @@ from ..capture import CaptureModule
 TokenBatch = Mapping[str, Tensor]
 
 
-def position_stack(hook) -> str:
-    """The stack ("encoder" or "decoder") whose positions axis 1 of this hook point's activation counts (the registry's
-    axes; cross-attention keys and values count encoder positions)."""
-    axes = hook.axes or ()
-    return hook.key_stack if len(axes) > 1 and axes[1] == "key_pos" and hook.key_stack else hook.stack
-
-
 class LiveActivations:
     """Iterable of `{hook: [n_real_tokens, d]}` from one forward per token batch (no disk).
 
@@ -60,7 +53,7 @@ class LiveActivations:
         result = {}
         for hook in self.hooks:
             acts = out[hook]  # [B, pos, d]
-            mask = enc_mask if position_stack(self.capture.model.hook_dict[hook]) == "encoder" else dec_mask
+            mask = enc_mask if self.capture.model.layout.token_stream(hook) == "encoder" else dec_mask
             result[hook] = acts[mask.bool()] if mask is not None else acts.reshape(-1, acts.shape[-1])
         return result
 

@@ -32,7 +32,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
+from .. import dtypes
 from ..atomic import atomic_path
+from ..dtypes import dtype_name, parse_dtype
 
 FORMAT_NAME = "t5hooks-activation-store"
 FORMAT_VERSION = 1
@@ -40,31 +42,13 @@ MANIFEST = "manifest.json"
 INDEX_PREFIX = "__index__."
 INDEX_COLUMNS = ("doc", "pos", "token_id")
 AXES = ("encoder", "decoder")
-STORAGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16", "float": "float32"}
+STORAGE_DTYPES = {dtype_name(d): d for d in dtypes.STORAGE_DTYPES}  # name -> dtype
 
 
 def storage_dtype_name(dtype: torch.dtype | str | None, default: torch.dtype) -> str:
-    """'float32' | 'bfloat16' | 'float16' from a torch dtype, a name or an alias (fp32, bf16, fp16)."""
-    if dtype is None:
-        dtype = default
-    name = str(dtype).removeprefix("torch.") if isinstance(dtype, torch.dtype) else DTYPE_ALIASES.get(dtype, dtype)
-    if name not in STORAGE_DTYPES:
-        raise ValueError(f"storage dtype {dtype!r} is not supported; valid: float32 (fp32), bfloat16 (bf16), float16")
-    return name
-
-
-def token_axis(model: Any, name: str) -> str:
-    """Which token stream a hook's rows belong to, from the model's hook registry: "encoder" or "decoder"
-    (the stack its dim 1 counts; cross-attention keys/values count encoder positions). Attention scores,
-    patterns and position biases are per (query, key) pair, not per token: a ValueError."""
-    labels = model.layout.spec(name).position_axes()  # e.g. ("batch", "encoder", None)
-    if len(labels) < 2 or labels[0] != "batch" or labels[1] not in AXES or any(a in AXES for a in labels[2:]):
-        raise ValueError(
-            f"{name!r} is not a per-token activation; the store keeps one row per token: choose hook_q/k/v/z, "
-            f"hook_result, residual, MLP or norm hooks (not attention scores, patterns or position biases)"
-        )
-    return labels[1]
+    """'float32' | 'bfloat16' | 'float16' from a dtype or any name dtypes.py knows (fp32, bf16, fp16, ...);
+    None: `default` (the model's dtype)."""
+    return dtype_name(parse_dtype(dtype, allowed=STORAGE_DTYPES.values(), default=default, what="storage dtype"))
 
 
 def index_key(axis: str, column: str) -> str:

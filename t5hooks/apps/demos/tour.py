@@ -14,12 +14,12 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..atomic import check_writable
-from ..components import lm_loss
-from ..tables import format_table
-from ..timing import median_ms
-from .common import CliError
-from .train_tiny import MAX_LEN, MIN_LEN
+from ...atomic import check_writable
+from ...components import lm_loss
+from ...tables import format_table
+from ...timing import median_ms
+from ..common import CliError
+from ..reversal_task import MAX_LEN, MIN_LEN
 
 SHADES = " .:-=+*#%@"
 MAX_WORD = 64
@@ -35,9 +35,9 @@ def ascii_heatmap(values: Tensor, row_labels: list[str], col_labels: list[str]) 
 
 
 def run_demo(out_dir: str | Path | None = None, word: str = "interpret") -> int:
-    from ..export import OnnxRunner, to_onnx
-    from ..model import HookedEncoderDecoder
-    from ..pretrained import TRAINED_TINY
+    from ...export import OnnxRunner, to_onnx
+    from ...model import HookedEncoderDecoder
+    from ...pretrained import TRAINED_TINY
 
     if (
         not isinstance(word, str)
@@ -81,7 +81,7 @@ def run_demo(out_dir: str | Path | None = None, word: str = "interpret") -> int:
     pattern = cache[best_name][0, best_head]  # [D, E]
     enc_labels = model.to_str_tokens(tokens[0])
     dec_labels = ["<s>"] + model.to_str_tokens(target[0])[:-1]
-    from ..analysis.plotting import heatmap
+    from ...analysis.plotting import heatmap
 
     png = out / "cross_attention.png"
     heatmap(
@@ -103,7 +103,7 @@ def run_demo(out_dir: str | Path | None = None, word: str = "interpret") -> int:
     print(ascii_heatmap(pattern, dec_labels, enc_labels))
 
     # 3. which head matters most: zero each head's z in turn on 200 held-out words (teacher-forced)
-    from .train_tiny import exact_match_accuracy, held_out_words, make_batch
+    from ..reversal_task import exact_match_accuracy, held_out_words, make_batch
 
     words = held_out_words()[:200]
     batch = make_batch(words, model.tokenizer)
@@ -188,3 +188,21 @@ def run_demo(out_dir: str | Path | None = None, word: str = "interpret") -> int:
     print(format_table([(name, f"{ms:.2f}") for name, ms in timings], ("what", "ms")))
     print(f"\nfiles in {out}")
     return 0
+
+
+def cmd_demo(args) -> int:
+    return run_demo(args.out, word=args.word)
+
+
+def register(sub) -> None:
+    """Add `demo` to a `parser.add_subparsers()` object."""
+    demo = sub.add_parser(
+        "demo",
+        help="a guided tour on the embedded model (offline)",
+        description="Load the embedded t5hooks-tiny model, answer an example, show its cross-attention "
+        "alignment (PNG + ASCII), find the most important head by ablation, export ONNX "
+        "with captured activations and check ONNX Runtime parity, then time it all.",
+    )
+    demo.add_argument("--out", default="t5hooks-demo", help="folder for the PNG and ONNX files (default: %(default)s)")
+    demo.add_argument("--word", default="interpret", help="lowercase word to reverse (default: %(default)s)")
+    demo.set_defaults(func=cmd_demo)

@@ -18,9 +18,9 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
-from ..interventions.live import LiveActivations
-from ..interventions.sae_training import SAETrainConfig, train_sae, train_saes
-from . import intervention_data as data
+from ...interventions.live import LiveActivations
+from ...interventions.sae_training import SAETrainConfig, train_sae, train_saes
+from .. import intervention_data as data
 
 HOOK = "decoder.1.hook_resid_post"
 HOOKS = ["encoder.1.hook_resid_post", "decoder.1.hook_resid_post"]
@@ -99,7 +99,7 @@ def _quiet(fn):
         return fn()
 
 
-def run(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="t5hooks bench sae", description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokens", type=int, default=65_536, help="cached activations")
     parser.add_argument("--batch-size", type=int, default=1024)
@@ -111,7 +111,7 @@ def run(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--no-saelens", action="store_true")
     args = parser.parse_args(argv)
-    from ..model import HookedEncoderDecoder
+    from ...model import HookedEncoderDecoder
 
     try:
         import sae_lens  # noqa: F401

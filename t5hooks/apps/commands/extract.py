@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ..store.extract import BACKENDS, FORMATS
+from ...dtypes import RUN_DTYPES, STORAGE_DTYPES, cli_dtype
+from ...store.config import BACKENDS, FORMATS
+from ..common import add_model_arguments
 
 
 def register(subparsers: Any) -> argparse.ArgumentParser:
@@ -30,18 +32,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         metavar="PATTERN",
         help="hook names or globs, e.g. 'encoder.*.hook_resid_post'",
     )
-    parser.add_argument(
-        "--model",
-        default=None,
-        help="hub name, local directory or built-in name (default: tiny); an encoder-only checkpoint (a diffusion "
-        "pipeline's text encoder) runs the encoder alone",
-    )
-    parser.add_argument(
-        "--subfolder", default=None, help="model folder inside --model, e.g. text_encoder_2 of a diffusers pipeline"
-    )
-    parser.add_argument(
-        "--encoder-only", action="store_true", help="load only the encoder of an encoder-decoder checkpoint"
-    )
+    add_model_arguments(parser, "runs")
     parser.add_argument("--field", default="text", help="JSONL / dataset field holding the prompt (default: text)")
     parser.add_argument(
         "--decoder-field", default=None, help="JSONL / dataset field with decoder targets (teacher forced)"
@@ -51,9 +42,12 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--max-tokens", type=int, default=512, help="longest prompt in tokens (default: %(default)s)")
     parser.add_argument("--truncate", action="store_true", help="cut longer prompts to --max-tokens instead of failing")
     parser.add_argument("--skip-empty", action="store_true", help="skip empty prompts instead of failing")
-    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16", "fp32", "bf16", "fp16"],
-                        help="storage dtype (default: the model's)")  # fmt: skip
-    parser.add_argument("--model-dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    parser.add_argument(
+        "--dtype", default=None, type=cli_dtype(STORAGE_DTYPES), help="storage dtype (default: the model's)"
+    )
+    parser.add_argument(
+        "--model-dtype", default="float32", type=cli_dtype(RUN_DTYPES), help="float32, bfloat16, float16"
+    )
     parser.add_argument("--token-budget", type=int, default=8192, help="padded tokens per batch (default: %(default)s)")
     parser.add_argument(
         "--window", type=int, default=1024, help="look-ahead window = prompts per shard (default: %(default)s)"
@@ -73,8 +67,8 @@ def run_extract(args: argparse.Namespace) -> int:
 
     import torch
 
-    from ..store import extract
-    from .common import load_model
+    from ...store import extract
+    from ..common import load_model
 
     device = args.device
     if device is None and "LOCAL_RANK" in os.environ and torch.cuda.is_available():

@@ -15,80 +15,26 @@ The shipped weights in `t5hooks/assets/` are replaced only by a maintainer, deli
 
 from __future__ import annotations
 
+import argparse
 import math
 import random
-import string
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import Tensor
 
-from ..pretrained import save_tiny, tiny_config
-from ..tokenizer import ByteTokenizer
-
-ALPHABET = string.ascii_lowercase
-MIN_LEN, MAX_LEN = 2, 10
-PAD_TO = MAX_LEN + 1  # bytes + EOS
-HELD_OUT_SEED = 1234
-HELD_OUT_SIZE = 1000
-
-
-def random_word(rng: random.Random) -> str:
-    return "".join(rng.choice(ALPHABET) for _ in range(rng.randint(MIN_LEN, MAX_LEN)))
-
-
-def held_out_words(n: int = HELD_OUT_SIZE) -> list[str]:
-    """A fixed evaluation set, never trained on."""
-    rng = random.Random(HELD_OUT_SEED)
-    return [random_word(rng) for _ in range(n)]
-
-
-@dataclass
-class Batch:
-    tokens: Tensor  # [B, PAD_TO] input bytes + EOS, right-padded
-    mask: Tensor  # [B, PAD_TO]
-    labels: Tensor  # [B, PAD_TO] reversed bytes + EOS, -100 where padded
-
-
-def make_batch(words: list[str], tokenizer: ByteTokenizer) -> Batch:
-    def encode(texts: list[str]) -> tuple[Tensor, Tensor]:
-        rows = [tokenizer.encode(t) for t in texts]
-        ids = torch.zeros(len(rows), PAD_TO, dtype=torch.long)
-        mask = torch.zeros(len(rows), PAD_TO, dtype=torch.long)
-        for i, row in enumerate(rows):
-            ids[i, : len(row)] = torch.tensor(row)
-            mask[i, : len(row)] = 1
-        return ids, mask
-
-    tokens, mask = encode(words)
-    targets, target_mask = encode([w[::-1] for w in words])
-    return Batch(tokens, mask, targets.masked_fill(target_mask == 0, -100))
-
-
-def mirror_attention(patterns: list[Tensor], batch: Batch) -> Tensor:
-    """Mean cross-attention mass on the mirror position (decoder i -> encoder n-1-i), best head per layer."""
-    lengths = batch.mask.sum(1) - 1  # characters, without EOS
-    pos = torch.arange(PAD_TO)
-    mirror = (lengths[:, None] - 1 - pos[None, :]).clamp(min=0)  # [B, D]
-    valid = (pos[None, :] < lengths[:, None]).float()  # decoder positions that emit a character
-    best = []
-    for pattern in patterns:  # [B, H, D, E]
-        mass = pattern.detach().gather(3, mirror[:, None, :, None].expand(-1, pattern.shape[1], -1, 1))[..., 0]
-        best.append(((mass * valid[:, None]).sum((0, 2)) / valid.sum()).max())
-    return torch.stack(best).max()
-
-
-@torch.no_grad()
-def exact_match_accuracy(model, words: list[str], batch_size: int = 250) -> float:
-    """Fraction of words whose greedy generation is exactly their reversal."""
-    correct = 0
-    for start in range(0, len(words), batch_size):
-        chunk = words[start : start + batch_size]
-        outputs = model.generate(chunk, max_new_tokens=PAD_TO + 1, return_type="str")
-        correct += sum(out == w[::-1] for out, w in zip(outputs, chunk))
-    return correct / len(words)
+from ...pretrained import save_tiny, tiny_config
+from ...tokenizer import ByteTokenizer
+from ..common import CliError, CommandFailed, check_output
+from ..reversal_task import (
+    MAX_LEN,
+    MIN_LEN,
+    exact_match_accuracy,
+    held_out_words,
+    make_batch,
+    mirror_attention,
+    random_word,
+)
 
 
 def train_tiny(
@@ -106,8 +52,8 @@ def train_tiny(
 
     With `out`, writes safetensors there (atomically) only if the accuracy is at least `min_accuracy`;
     `out` is checked for writability before training (`overwrite=False`: it must not exist yet)."""
-    from ..atomic import check_writable
-    from ..model import HookedEncoderDecoder
+    from ...atomic import check_writable
+    from ...model import HookedEncoderDecoder
 
     if out is not None:
         check_writable(out, overwrite=overwrite)
@@ -174,3 +120,57 @@ def _progress(total: int, enabled: bool):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, disable=not enabled, desc="train-tiny", unit="step")
+
+
+def cmd_train_tiny(args: argparse.Namespace) -> int:
+    import math
+
+    if args.steps < 1 or args.batch_size < 1:
+        raise CliError(f"--steps and --batch-size must be >= 1, got {args.steps} and {args.batch_size}")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        raise CliError(f"--lr must be a finite number > 0, got {args.lr}")
+    if not 0 <= args.min_accuracy <= 1:
+        raise CliError(f"--min-accuracy must be in [0, 1], got {args.min_accuracy}")
+    if args.out:
+        if not str(args.out).endswith(".safetensors"):
+            raise CliError(f"--out {args.out!r}: the weights are written as a .safetensors file")
+        check_output(args.out, force=args.force)  # before training, not after
+    _, accuracy = train_tiny(
+        out=args.out,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        compile=not args.no_compile,
+        min_accuracy=args.min_accuracy,
+        overwrite=args.force,
+    )
+    if accuracy < args.min_accuracy:
+        kept = f"; {args.out} not written" if args.out else ""
+        raise CommandFailed(f"held-out accuracy {accuracy:.2%} is below --min-accuracy {args.min_accuracy:.2%}{kept}")
+    print(f"wrote {args.out}" if args.out else "(not saved: pass --out FILE.safetensors)")
+    return 0
+
+
+def register(sub) -> None:
+    """Add `train-tiny` to a `parser.add_subparsers()` object."""
+    train = sub.add_parser(
+        "train-tiny",
+        help="train the embedded tiny model (string reversal, a few minutes on CPU)",
+        description="Train t5hooks-tiny from scratch with a torch.compile'd capture module; reports "
+        "held-out exact-match accuracy. Exit status 1 if it is below --min-accuracy.",
+    )
+    train.add_argument(
+        "--out",
+        default=None,
+        metavar="FILE.safetensors",
+        help="where to write the weights (checked before training; written only if --min-accuracy is reached)",
+    )
+    train.add_argument("--force", action="store_true", help="replace an existing --out file")
+    train.add_argument("--steps", type=int, default=1200)
+    train.add_argument("--batch-size", type=int, default=128)
+    train.add_argument("--lr", type=float, default=3e-3)
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--no-compile", action="store_true", help="train eagerly (no torch.compile)")
+    train.add_argument("--min-accuracy", type=float, default=0.99, help="in [0, 1] (default: %(default)s)")
+    train.set_defaults(func=cmd_train_tiny)

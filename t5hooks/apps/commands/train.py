@@ -10,7 +10,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from . import intervention_data as data
+from .. import intervention_data as data
 
 
 def register(subparsers: Any) -> argparse.ArgumentParser:
@@ -66,7 +66,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def _model(args: argparse.Namespace):
-    from .cli import CliError, load_model
+    from ..common import CliError, load_model
 
     if args.steps < 1 or args.batch_size < 1:
         raise CliError("--steps and --batch-size must be positive")
@@ -81,15 +81,15 @@ def _is_tiny(args: argparse.Namespace) -> bool:
 
 
 def _need_data(args: argparse.Namespace, option: str) -> None:
-    from .cli import CliError
+    from ..common import CliError
 
     if not _is_tiny(args) and getattr(args, option.lstrip("-").replace("-", "_")) is None:
         raise CliError(f"{option} is required for models other than t5hooks-tiny")
 
 
 def cmd_train_sae(args: argparse.Namespace) -> int:
-    from ..interventions.live import LiveActivations, ce_loss_recovered
-    from ..interventions.sae_training import SAETrainConfig, train_saes
+    from ...interventions.live import LiveActivations, ce_loss_recovered
+    from ...interventions.sae_training import SAETrainConfig, train_saes
 
     _need_data(args, "--text")
     model = _model(args)
@@ -139,7 +139,7 @@ def cmd_train_sae(args: argparse.Namespace) -> int:
 
 
 def cmd_train_probe(args: argparse.Namespace) -> int:
-    from ..interventions.training import train_probe
+    from ...interventions.training import train_probe
 
     _need_data(args, "--data")
     model = _model(args)
@@ -166,7 +166,7 @@ def cmd_train_probe(args: argparse.Namespace) -> int:
 
 
 def cmd_train_das(args: argparse.Namespace) -> int:
-    from ..interventions.training import train_das
+    from ...interventions.training import train_das
 
     _need_data(args, "--data")
     model = _model(args)

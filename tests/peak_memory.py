@@ -1,4 +1,4 @@
-"""Peak resident memory of a piece of work, for checking that loading streams (Linux only).
+"""Test helper: the peak resident memory of a piece of work, for checking that loading streams (Linux only).
 
 `VmHWM` (the process's peak resident set) is reset to the current resident size by writing "5" to
 `/proc/self/clear_refs`; the growth of the peak over the starting size is what the work needed at most,

@@ -19,12 +19,12 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..interventions.live import LiveActivations
-from ..interventions.sae import SAE
-from ..interventions.sae_training import SAETrainConfig, train_saes
-from ..interventions.saelens_format import save_saelens
-from . import intervention_data as data
-from .train_tiny import PAD_TO, held_out_words, make_batch
+from ...interventions.live import LiveActivations
+from ...interventions.sae import SAE
+from ...interventions.sae_training import SAETrainConfig, train_saes
+from ...interventions.saelens_format import save_saelens
+from .. import intervention_data as data
+from ..reversal_task import PAD_TO, held_out_words, make_batch
 
 HOOK = "decoder.1.hook_resid_post"
 
@@ -74,8 +74,8 @@ def first_error(output: str, target: str) -> int | None:
 
 
 def run_sae_demo(out_dir: str | Path = "t5hooks-sae-demo", steps: int = 300, seed: int = 0) -> int:
-    from ..export import OnnxRunner, to_onnx
-    from ..model import HookedEncoderDecoder
+    from ...export import OnnxRunner, to_onnx
+    from ...model import HookedEncoderDecoder
 
     torch.manual_seed(seed)
     out_dir = Path(out_dir)

@@ -21,8 +21,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..hook_points import PATCH_MODES
-from .common import CliError, CommandFailed, check_output, finite_nonnegative, load_model
+from ...dtypes import EXPORT_DTYPES, cli_dtype
+from ...hook_io import PATCH_MODES
+from ..common import CliError, CommandFailed, add_model_arguments, check_output, finite_nonnegative, load_model
 
 FORMATS = ("onnx", "pt2", "torchscript")
 SUFFIXES = {"onnx": (".onnx",), "pt2": (".pt2",), "torchscript": (".pt", ".ts", ".torchscript")}
@@ -60,23 +61,12 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         default="replace",
         help="'replace' the activation or 'add' to it (default: %(default)s)",
     )
-    parser.add_argument(
-        "--model",
-        default=None,
-        help="hub name, local directory, .safetensors/.gguf file or built-in name (default: the built-in tiny "
-        "model); an encoder-only checkpoint exports the encoder (outputs last_hidden_state)",
-    )
-    parser.add_argument(
-        "--subfolder", default=None, help="model folder inside --model, e.g. text_encoder_2 of a diffusers pipeline"
-    )
-    parser.add_argument(
-        "--encoder-only", action="store_true", help="export only the encoder of an encoder-decoder checkpoint"
-    )
+    add_model_arguments(parser, "exports")  # an encoder graph outputs last_hidden_state
     parser.add_argument(
         "--out", required=True, metavar="PATH", help="output file: .onnx, .pt2, or .pt/.ts for torchscript"
     )
     parser.add_argument(
-        "--dtype", choices=list(TOLERANCE), default="float32", help="exported weights (default: %(default)s)"
+        "--dtype", type=cli_dtype(EXPORT_DTYPES), default="float32", help="exported weights (default: %(default)s)"
     )
     parser.add_argument(
         "--static",
@@ -130,7 +120,7 @@ def run_export(args: argparse.Namespace) -> int:
             "(encoder-only): export it with --optimize, without --quantize"
         )
 
-    from ..export.onnx import model_in_dtype
+    from ...export.onnx import model_in_dtype
 
     exported_model = model_in_dtype(model, args.dtype)
     target = exported_model.capture(capture, patch=patch, patch_mode=args.patch_mode).eval()
@@ -215,15 +205,15 @@ def _write(fmt: str, cap: Any, out: Path, *, dynamic: bool, verify: Any, overwri
     """Export `cap` to a temporary file beside `out`, run `verify(temp)`, then rename it to `out`.
     `levers`: `to_onnx`'s `optimize` / `quantize` (ONNX only)."""
     if fmt == "onnx":
-        from ..export.onnx import to_onnx
+        from ...export.onnx import to_onnx
 
         to_onnx(cap, out, dynamic=dynamic, verify=verify, overwrite=overwrite, **levers)
     elif fmt == "pt2":
-        from ..export.torch_export import save_exported, to_exported_program
+        from ...export.torch_export import save_exported, to_exported_program
 
         save_exported(to_exported_program(cap, dynamic=dynamic), out, verify=verify, overwrite=overwrite)
     else:
-        from ..export.torch_export import save_torchscript, to_torchscript
+        from ...export.torch_export import save_torchscript, to_torchscript
 
         save_torchscript(to_torchscript(cap), out, verify=verify, overwrite=overwrite)
 
@@ -232,16 +222,16 @@ def _load_written(fmt: str, path: Path, cap: Any) -> Any:
     """A callable `(inputs by graph input name, patches) -> dict of numpy` running the file as loaded from
     disk."""
     if fmt == "onnx":
-        from ..export.ort import OnnxRunner
+        from ...export.ort import OnnxRunner
 
         runner = OnnxRunner(path)
         return lambda inputs, patches: runner(**inputs, patches=patches)
     if fmt == "pt2":
-        from ..export.torch_export import load_exported
+        from ...export.torch_export import load_exported
 
         module = load_exported(path).module()
     else:
-        from ..export.torch_export import load_torchscript
+        from ...export.torch_export import load_torchscript
 
         module = load_torchscript(path)
     dtype = cap.model.W_E.dtype
@@ -261,7 +251,7 @@ def _fresh_inputs(cap: Any, static: bool) -> tuple[dict[str, Tensor], dict[str, 
     """Inputs (by graph input name, in `cap.INPUT_NAMES` order) other than the export example's: batch 3,
     encoder 11, decoder 4 (the example's shapes when static), the last row padded; random patches of full rank
     (an "add" patch broadcasts over positions)."""
-    from ..export.torch_export import activation_shapes, example_inputs
+    from ...export.torch_export import activation_shapes, example_inputs
 
     B, E, D = (2, 7, 5) if static else (3, 11, 4)
     cfg = cap.model.cfg

@@ -222,10 +222,10 @@ def main(argv: list[str] | None = None) -> int:
     repeats = args.repeats or (2 if args.quick else 8)
     from transformers import T5ForConditionalGeneration
 
-    from ..capture import compile_capture
-    from ..export import OnnxRunner, to_onnx
-    from ..export.ort import session_options
-    from ..model import HookedEncoderDecoder
+    from ...capture import compile_capture
+    from ...export import OnnxRunner, to_onnx
+    from ...export.ort import session_options
+    from ...model import HookedEncoderDecoder
 
     hf, cfg, (batch, enc, dec) = build(args.quick)
     hf_sdpa = T5ForConditionalGeneration._from_config(cfg, attn_implementation="sdpa").eval()
@@ -304,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     export_s: dict[str, float] = {}
     exported: dict[str, Path] = {}
     if not skip("ORT"):
-        from ..export.ort_optimize import optimize_onnx, quantize_onnx
+        from ...export.ort_optimize import optimize_onnx, quantize_onnx
 
         print("exporting: ORT ...", flush=True)
         start = time.perf_counter()
@@ -373,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
 def generation_rows(
     args: Any, hf: Any, ours: Any, tokens: Any, mask: Any, workdir: Path, skip: Callable[[str], bool]
 ) -> None:
-    from ..export import OnnxGenerator, to_onnx_generator
+    from ...export import OnnxGenerator, to_onnx_generator
 
     new = args.new_tokens
     print("exporting: the ORT generator's graphs ...", flush=True)
@@ -442,7 +442,7 @@ def ort_beam_search(hf: Any, directory: Path, threads: int) -> Callable[[np.ndar
 
     import onnxruntime as ort
 
-    from ..export.ort import session_options
+    from ...export.ort import session_options
 
     directory.mkdir(parents=True, exist_ok=True)
     hf.save_pretrained(directory / "hf")

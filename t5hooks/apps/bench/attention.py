@@ -34,15 +34,15 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..atomic import atomic_path
-from ..tables import format_table
-from ..timing import median_ms
-from . import prep
-from .op import relbias_attention
-from .policy import INTERPRETED
-from .reference import allowed_keys, bias_and_mask, position_bias, reference_relbias_attention
+from ...atomic import atomic_path
+from ...dtypes import RUN_DTYPES, cli_dtype, parse_dtype
+from ...kernels import prep
+from ...kernels.op import relbias_attention
+from ...kernels.policy import INTERPRETED
+from ...kernels.reference import allowed_keys, bias_and_mask, position_bias, reference_relbias_attention
+from ...tables import format_table
+from ...timing import median_ms
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 IMPLEMENTATIONS = ("triton", "reference", "sdpa-float-bias", "flex", "sdpa-no-bias")
 MODES = ("fwd", "fwd+bwd")
 #: Published peak HBM bandwidth (GB/s) by device-name fragment, to put the decode case in context.
@@ -457,7 +457,7 @@ def main(argv: list[str] | None = None) -> int:
         "--quick", action="store_true", help="tiny shapes, few repetitions (smoke test; forced without CUDA)"
     )
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default bf16 on CUDA, fp32 on CPU")
+    parser.add_argument("--dtype", type=cli_dtype(RUN_DTYPES), default=None, help="default bf16 on CUDA, fp32 on CPU")
     parser.add_argument("--cases", nargs="+", default=None, help="subset of case names to run")
     parser.add_argument("--impls", nargs="+", choices=IMPLEMENTATIONS, default=list(IMPLEMENTATIONS))
     parser.add_argument("--out", type=Path, default=Path("bench-results"), help="directory for attention.json/.png")
@@ -471,7 +471,7 @@ def main(argv: list[str] | None = None) -> int:
     quick = args.quick or device.type != "cuda"
     if quick and not args.quick:
         print("no CUDA device: running the --quick shapes")
-    dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    dtype = parse_dtype(args.dtype or ("bf16" if device.type == "cuda" else "fp32"))
     cases = quick_cases() if quick else default_cases()
     if args.cases is not None:
         unknown = sorted(set(args.cases) - {c.name for c in cases})

@@ -22,6 +22,7 @@ import transformers
 from transformers import T5Config, T5ForConditionalGeneration
 
 from t5hooks import HookedEncoderDecoder
+from t5hooks.dtypes import RUN_DTYPES, cli_dtype
 from t5hooks.hook_points import HookPoint
 from t5hooks.timing import interleaved_medians
 
@@ -56,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--dtype",
         default=None,
-        choices=["float32", "float16", "bfloat16"],
+        type=cli_dtype(RUN_DTYPES),
         help="default: float32 on CPU, bfloat16 on CUDA",
     )
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
