@@ -167,7 +167,6 @@ def _eligible(x: Tensor, weight: Tensor) -> bool:
     )
 
 
-@torch.compiler.assume_constant_result
 def _traced_setting(scope: str | None, model_setting: str | None, k: int, n: int) -> str:
     """What a traced linear with weight `[n, k]` emits: "mkl" (plain `aten.linear`, so inductor's own GEMM
     handling, freezing's packing included, applies) when auto keeps torch's default in both shape classes,
@@ -180,6 +179,10 @@ def _traced_setting(scope: str | None, model_setting: str | None, k: int, n: int
     if all(choose(shape_class, k, n) == "mkl" for shape_class in SHAPE_CLASSES):
         return "mkl"
     return "auto"
+
+
+# What `torch.compiler.assume_constant_result` does, without importing torch._dynamo (and triton) at import time.
+_traced_setting._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
 def shape_class(rows: int) -> str:
