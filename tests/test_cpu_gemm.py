@@ -304,13 +304,22 @@ def test_pack_limit_and_untrackable_weights_fall_back_to_unpacked_onednn(monkeyp
     torch.testing.assert_close(got, logits(model, tokens, dec, mask, "mkl"), atol=ATOL, rtol=RTOL)
 
 
-def test_training_and_other_dtypes_keep_torchs_default(kernels_run):
+def test_autograd_and_autocast_keep_torchs_default(kernels_run):
     model = tiny_model(cpu_gemm="onednn")
     tokens, dec, mask = batch()
     loss = model(tokens, dec, one_zero_attention_mask=mask, labels=dec, return_type="loss")
     loss.backward()
     assert set(kernels_run) == {"mkl"}
     assert all(p.grad is not None for n, p in model.named_parameters() if "proj" in n)
+    model.requires_grad_(False)  # a frozen model in a grad-enabled loop: inference until something needs grad
+    kernels_run.clear()
+    model(tokens, dec, one_zero_attention_mask=mask)
+    assert set(kernels_run) == {"onednn_packed"}
+    x = torch.randn(4, 32, requires_grad=True)  # e.g. downstream of a trained intervention: autograd, default GEMM
+    kernels_run.clear()
+    cpu_gemm.linear(x, model.encoder[0].attn.q_proj, "onednn").sum().backward()
+    assert kernels_run == ["mkl"]
+    torch.testing.assert_close(x.grad, model.encoder[0].attn.q_proj.sum(0).expand(4, -1))
     kernels_run.clear()
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # autocast decides the dtype itself
         assert model(tokens, dec, one_zero_attention_mask=mask).dtype == torch.bfloat16

@@ -17,7 +17,9 @@ one-off micro-benchmark at first use:
   manager; `compile_capture(..., cpu_gemm=)` uses it), the model's `cfg.cpu_gemm`, the environment variable
   `T5HOOKS_CPU_GEMM`, else `"auto"`.
 
-Only fp32 CPU inference goes through a backend: with grad enabled (training), under autocast, while
+Only fp32 CPU inference goes through a backend: where autograd records the linear (grad enabled and the input
+or the weight requires grad: training; a frozen model, `requires_grad_(False)`, in a grad-enabled loop is
+inference up to the first activation that requires grad), under autocast, while
 `torch.export` or the TorchScript tracer runs (exported graphs keep `aten.linear`), under a dispatch mode, for
 tensor subclasses (fake, functional, functorch-wrapped) and for other dtypes, `linear` is `F.linear`. Under
 `torch.compile` the backend is the custom op `torch.ops.t5hooks.cpu_linear` (an extern kernel to inductor,
@@ -140,31 +142,44 @@ def _traceable(x: Tensor, weight: Tensor) -> bool:
         and weight.dtype == torch.float32
         and weight.dim() == 2
         and x.dim() >= 2
-        and not torch.is_grad_enabled()
+        and not _needs_autograd(x, weight)
         and not torch.is_autocast_enabled("cpu")
     )
 
 
 def _eligible(x: Tensor, weight: Tensor) -> bool:
-    """Eager: plain fp32 CPU tensors, no autograd, no autocast, no dispatch mode, shapes F.linear accepts."""
+    """Eager: plain fp32 CPU tensors, no autograd, no autocast, no dispatch mode, shapes F.linear accepts.
+    (Cheapest tests first: this runs before every linear layer.)"""
     return (
-        type(x) is Tensor
-        and (type(weight) is Tensor or type(weight) is torch.nn.Parameter)
-        and x.device.type == "cpu"
-        and x.dtype == torch.float32
-        and weight.dtype == torch.float32
-        and weight.device.type == "cpu"
-        and weight.dim() == 2
-        and x.dim() >= 2
+        x.dtype is _FP32
+        and weight.dtype is _FP32
+        and type(x) is Tensor
+        and (type(weight) is Tensor or type(weight) is _Parameter)
+        and x.is_cpu
+        and weight.is_cpu
+        and weight.ndim == 2
+        and x.ndim >= 2
         and x.shape[-1] == weight.shape[1]
+        and not _needs_autograd(x, weight)
         and x.numel() > 0
         and weight.numel() > 0
-        and not torch.is_grad_enabled()
-        and not torch.is_autocast_enabled("cpu")
-        and torch._C._len_torch_dispatch_stack() == 0
-        and not torch._C._functorch.is_functorch_wrapped_tensor(x)
-        and not torch._C._functorch.is_functorch_wrapped_tensor(weight)
+        and not _functorch_wrapped(x)
+        and not _functorch_wrapped(weight)
+        and _dispatch_modes() == 0
+        and not _any_autocast()
     )
+
+
+_FP32 = torch.float32
+_Parameter = torch.nn.Parameter
+_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+_dispatch_modes = torch._C._len_torch_dispatch_stack
+_any_autocast = torch._C._is_any_autocast_enabled
+
+
+def _needs_autograd(x: Tensor, weight: Tensor) -> bool:
+    """Would autograd record this linear? (grad enabled and the input or the weight requires grad)"""
+    return torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
 
 
 def _traced_setting(scope: str | None, model_setting: str | None, k: int, n: int) -> str:
@@ -227,17 +242,24 @@ def _bf16_linear(x: Tensor, weight: Tensor) -> Tensor:
     return out.to(x.dtype)
 
 
-@torch.library.custom_op("t5hooks::cpu_linear", mutates_args=())
-def _cpu_linear_op(x: Tensor, weight: Tensor, setting: str) -> Tensor:
-    """`linear` inside a compiled graph: one extern call; the shape class is read from `x` at run time."""
+def _cpu_linear_impl(x: Tensor, weight: Tensor, setting: str) -> Tensor:
+    """`torch.ops.t5hooks.cpu_linear`: `linear` inside a compiled graph, one extern call; the shape class is read
+    from `x` at run time."""
     if not _eligible(x, weight):  # e.g. an empty batch
         return F.linear(x, weight)
     return _run(x, weight, setting)
 
 
-@_cpu_linear_op.register_fake
-def _(x: Tensor, weight: Tensor, setting: str) -> Tensor:
+def _cpu_linear_fake(x: Tensor, weight: Tensor, setting: str) -> Tensor:
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+# Defined with torch.library.Library rather than custom_op: the dispatcher then calls the implementation
+# directly, several times cheaper per call (it runs once per linear layer in a compiled graph).
+_LIB = torch.library.Library("t5hooks", "FRAGMENT")
+_LIB.define("cpu_linear(Tensor x, Tensor weight, str setting) -> Tensor", tags=(torch.Tag.pt2_compliant_tag,))
+_LIB.impl("cpu_linear", _cpu_linear_impl, "CPU")
+torch.library.register_fake("t5hooks::cpu_linear", _cpu_linear_fake, lib=_LIB)
 
 
 # ---- the measurement ------------------------------------------------------------------------------
