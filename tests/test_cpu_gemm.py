@@ -245,10 +245,11 @@ def test_packed_weights_follow_every_kind_of_weight_update(kernels_run):
     linear_bytes = cpu_gemm.packed_bytes()
     assert linear_bytes == 4 * sum(p.numel() for n, p in model.named_parameters() if "proj" in n or "W_E" in n)
 
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)  # training: grad enabled, torch's default kernels
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     kernels_run.clear()
-    model(tokens, dec, one_zero_attention_mask=mask, labels=dec, return_type="loss").backward()
-    assert "onednn_packed" not in kernels_run and "onednn" not in kernels_run
+    with cpu_gemm.use("onednn"):
+        model(tokens, dec, one_zero_attention_mask=mask, labels=dec, return_type="loss").backward()
+    assert "onednn_packed" not in kernels_run  # weights being trained are not packed
     optimizer.step()
     after_step = check("optimizer step")
     assert (after_step - before).abs().max() > 1e-2
@@ -304,22 +305,30 @@ def test_pack_limit_and_untrackable_weights_fall_back_to_unpacked_onednn(monkeyp
     torch.testing.assert_close(got, logits(model, tokens, dec, mask, "mkl"), atol=ATOL, rtol=RTOL)
 
 
-def test_autograd_and_autocast_keep_torchs_default(kernels_run):
+def test_training_runs_the_forward_by_the_backend_with_torchs_backward(kernels_run):
     model = tiny_model(cpu_gemm="onednn")
+    reference = tiny_model(cpu_gemm="mkl")
     tokens, dec, mask = batch()
-    loss = model(tokens, dec, one_zero_attention_mask=mask, labels=dec, return_type="loss")
-    loss.backward()
-    assert set(kernels_run) == {"mkl"}
-    assert all(p.grad is not None for n, p in model.named_parameters() if "proj" in n)
-    model.requires_grad_(False)  # a frozen model in a grad-enabled loop: inference until something needs grad
+    for m in (model, reference):
+        m(tokens, dec, one_zero_attention_mask=mask, labels=dec, return_type="loss").backward()
+    assert kernels_run[:37] == ["onednn"] * 37  # trainable weights change every step: never packed
+    grads = dict(reference.named_parameters())
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, grads[name].grad, atol=ATOL, rtol=1e-4, msg=name)
+
+    model.requires_grad_(False)  # a frozen model in a grad-enabled loop: its weights are packed
     kernels_run.clear()
     model(tokens, dec, one_zero_attention_mask=mask)
     assert set(kernels_run) == {"onednn_packed"}
-    x = torch.randn(4, 32, requires_grad=True)  # e.g. downstream of a trained intervention: autograd, default GEMM
-    kernels_run.clear()
-    cpu_gemm.linear(x, model.encoder[0].attn.q_proj, "onednn").sum().backward()
-    assert kernels_run == ["mkl"]
-    torch.testing.assert_close(x.grad, model.encoder[0].attn.q_proj.sum(0).expand(4, -1))
+    x = torch.randn(4, 32, requires_grad=True)  # e.g. downstream of a trained intervention
+    w = model.encoder[0].attn.q_proj
+    cpu_gemm.linear(x, w, "onednn").square().sum().backward()
+    torch.testing.assert_close(x.grad, 2 * F.linear(x, w).detach() @ w, atol=ATOL, rtol=RTOL)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", NO_NATIVE_BF16)
+        kernels_run.clear()
+        cpu_gemm.linear(x, w, "bf16").sum().backward()  # bf16 is inference only: fp32 under autograd
+        assert kernels_run == ["mkl"]
     kernels_run.clear()
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # autocast decides the dtype itself
         assert model(tokens, dec, one_zero_attention_mask=mask).dtype == torch.bfloat16
@@ -346,9 +355,7 @@ def test_compiled_capture_runs_the_extern_op_with_zero_graph_breaks():
     fn = compile_capture(cap, cpu_gemm="onednn")
     with torch.no_grad():
         got, codes = run_and_get_code(fn, tokens, dec, mask)
-        longer = fn(
-            *batch(enc=13, dec=7)
-        )  # other sequence lengths: the same dynamic graph, shape classes chosen at run time
+        longer = fn(*batch(enc=13, dec=7))  # other lengths: the same dynamic graph, shape class read at run time
     assert dict(counters["graph_break"]) == {}
     code = "\n".join(codes)
     assert code.count("= torch.ops.t5hooks.cpu_linear.default(") == 7 + 11 + 1  # every linear layer, one call each
@@ -363,6 +370,16 @@ def test_compiled_capture_runs_the_extern_op_with_zero_graph_breaks():
         got, codes = run_and_get_code(mkl, tokens, dec, mask)
     assert "cpu_linear" not in "\n".join(codes)
     torch.testing.assert_close(got["logits"], want["logits"], atol=ATOL, rtol=RTOL)
+
+    # training through the compiled capture: the op's forward, torch's matmuls for the backward; same gradients
+    loss, codes = run_and_get_code(lambda: fn(tokens, dec, mask, labels=dec)["loss"].backward())
+    assert "= torch.ops.t5hooks.cpu_linear.default(" in "\n".join(codes)
+    grads = {name: p.grad for name, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    with cpu_gemm.use("mkl"):
+        model(tokens, dec, one_zero_attention_mask=mask, labels=dec, return_type="loss").backward()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad, atol=ATOL, rtol=1e-4, msg=name)
     assert dict(counters["graph_break"]) == {}
 
 

@@ -17,14 +17,16 @@ one-off micro-benchmark at first use:
   manager; `compile_capture(..., cpu_gemm=)` uses it), the model's `cfg.cpu_gemm`, the environment variable
   `T5HOOKS_CPU_GEMM`, else `"auto"`.
 
-Only fp32 CPU inference goes through a backend: where autograd records the linear (grad enabled and the input
-or the weight requires grad: training; a frozen model, `requires_grad_(False)`, in a grad-enabled loop is
-inference up to the first activation that requires grad), under autocast, while
-`torch.export` or the TorchScript tracer runs (exported graphs keep `aten.linear`), under a dispatch mode, for
-tensor subclasses (fake, functional, functorch-wrapped) and for other dtypes, `linear` is `F.linear`. Under
-`torch.compile` the backend is the custom op `torch.ops.t5hooks.cpu_linear` (an extern kernel to inductor,
-with a fake implementation, so `fullgraph=True` holds), emitted only where some kernel other than MKL was
-chosen; the op picks the shape class at run time, so one graph serves dynamic batch and length.
+Only fp32 CPU GEMMs go through a backend: `linear` is plain `F.linear` under autocast, while `torch.export` or
+the TorchScript tracer runs (exported graphs keep standard ops), under a dispatch mode, for tensor subclasses
+(fake, functional, functorch-wrapped) and for other dtypes. Where autograd records the linear (grad enabled and
+the input or the weight requires grad) the forward runs the backend (never packed for a weight that requires
+grad: it changes every step; bf16 is inference only) and the backward torch's own matmuls (dx = dy W,
+dW = dy^T x), as `F.linear`'s does.
+Under `torch.compile` the backend is the op `torch.ops.t5hooks.cpu_linear` (an extern kernel to inductor, with
+a fake implementation, so `fullgraph=True` holds), emitted only where the setting, or `auto`'s measurement for
+that weight shape, leaves MKL; the op reads the shape class at run time, so one dynamic graph serves every
+batch and length.
 
 Packed weights are cached per parameter and rebuilt when the parameter changes: an in-place update
 (optimizer step, `load_state_dict`, `copy_` under no_grad: the version counter moves), new data (`.to()`,
@@ -58,7 +60,7 @@ ENV = "T5HOOKS_CPU_GEMM"
 CACHE_ENV = "T5HOOKS_CPU_GEMM_CACHE"
 PACK_LIMIT_ENV = "T5HOOKS_CPU_GEMM_PACK_MB"
 SETTINGS = ("auto", "mkl", "onednn", "bf16")
-KERNELS = ("mkl", "onednn", "onednn_packed", "bf16")
+AUTO_KERNELS = ("mkl", "onednn", "onednn_packed")  # what auto chooses among (fp32 only: never bf16)
 SHAPE_CLASSES = ("decode", "prefill")
 DECODE_MAX_ROWS = 32  # rows (= tokens) of a GEMM in the decode class; more rows: prefill
 MARGIN = 1.10  # auto moves off torch's default (and onto packing) only for a gain at least this large
@@ -123,14 +125,19 @@ def linear(x: Tensor, weight: Tensor, setting: str | None = None) -> Tensor:
         if not _traceable(x, weight):
             return F.linear(x, weight)
         chosen = _traced_setting(_SCOPE, setting, weight.shape[1], weight.shape[0])
-        if chosen == "mkl":
+        trained = _needs_autograd(x, weight) and weight.requires_grad
+        if chosen == "mkl" or (chosen == "bf16" and _needs_autograd(x, weight)):
             return F.linear(x, weight)
-        return torch.ops.t5hooks.cpu_linear(x, weight, chosen)
+        return torch.ops.t5hooks.cpu_linear(x, weight, chosen, not trained)
     if not _eligible(x, weight):
         return F.linear(x, weight)
     chosen = resolve_setting(setting)
     if chosen == "mkl":
         return F.linear(x, weight)
+    if _needs_autograd(x, weight):  # the op's registered backward: torch's own matmuls
+        if chosen == "bf16":  # bf16 is for inference only
+            return F.linear(x, weight)
+        return torch.ops.t5hooks.cpu_linear(x, weight, chosen, not weight.requires_grad)
     return _run(x, weight, chosen)
 
 
@@ -142,13 +149,12 @@ def _traceable(x: Tensor, weight: Tensor) -> bool:
         and weight.dtype == torch.float32
         and weight.dim() == 2
         and x.dim() >= 2
-        and not _needs_autograd(x, weight)
         and not torch.is_autocast_enabled("cpu")
     )
 
 
 def _eligible(x: Tensor, weight: Tensor) -> bool:
-    """Eager: plain fp32 CPU tensors, no autograd, no autocast, no dispatch mode, shapes F.linear accepts.
+    """Eager: plain fp32 CPU tensors, no autocast, no dispatch mode, shapes F.linear accepts.
     (Cheapest tests first: this runs before every linear layer.)"""
     return (
         x.dtype is _FP32
@@ -160,7 +166,6 @@ def _eligible(x: Tensor, weight: Tensor) -> bool:
         and weight.ndim == 2
         and x.ndim >= 2
         and x.shape[-1] == weight.shape[1]
-        and not _needs_autograd(x, weight)
         and x.numel() > 0
         and weight.numel() > 0
         and not _functorch_wrapped(x)
@@ -205,8 +210,9 @@ def shape_class(rows: int) -> str:
     return "decode" if rows <= DECODE_MAX_ROWS else "prefill"
 
 
-def _run(x: Tensor, weight: Tensor, setting: str) -> Tensor:
-    """One linear by the kernel `setting` calls for (auto: measured for this shape class and weight shape)."""
+def _run(x: Tensor, weight: Tensor, setting: str, pack: bool = True) -> Tensor:
+    """One linear by the kernel `setting` calls for (auto: measured for this shape class and weight shape).
+    `pack=False` for a weight being trained (it changes every step): oneDNN on the weight as it is."""
     n, k = weight.shape
     if setting == "bf16":
         return _bf16_linear(x, weight)
@@ -216,7 +222,7 @@ def _run(x: Tensor, weight: Tensor, setting: str) -> Tensor:
             return F.linear(x, weight)
     else:  # "onednn": packed while the cache has room
         kernel = "onednn_packed"
-    if kernel == "onednn_packed":
+    if kernel == "onednn_packed" and pack:
         packed = packed_weight(weight, "fp32")
         if packed is not None:
             return _onednn(x, packed)
@@ -242,24 +248,43 @@ def _bf16_linear(x: Tensor, weight: Tensor) -> Tensor:
     return out.to(x.dtype)
 
 
-def _cpu_linear_impl(x: Tensor, weight: Tensor, setting: str) -> Tensor:
-    """`torch.ops.t5hooks.cpu_linear`: `linear` inside a compiled graph, one extern call; the shape class is read
-    from `x` at run time."""
+def _cpu_linear_impl(x: Tensor, weight: Tensor, setting: str, pack: bool) -> Tensor:
+    """`torch.ops.t5hooks.cpu_linear`: `linear` inside a compiled graph (one extern call; the shape class is read
+    from `x` at run time) and wherever autograd records it."""
     if not _eligible(x, weight):  # e.g. an empty batch
         return F.linear(x, weight)
-    return _run(x, weight, setting)
+    return _run(x, weight, setting, pack)
 
 
-def _cpu_linear_fake(x: Tensor, weight: Tensor, setting: str) -> Tensor:
+def _cpu_linear_fake(x: Tensor, weight: Tensor, setting: str, pack: bool) -> Tensor:
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
 # Defined with torch.library.Library rather than custom_op: the dispatcher then calls the implementation
 # directly, several times cheaper per call (it runs once per linear layer in a compiled graph).
 _LIB = torch.library.Library("t5hooks", "FRAGMENT")
-_LIB.define("cpu_linear(Tensor x, Tensor weight, str setting) -> Tensor", tags=(torch.Tag.pt2_compliant_tag,))
+_LIB.define(
+    "cpu_linear(Tensor x, Tensor weight, str setting, bool pack) -> Tensor", tags=(torch.Tag.pt2_compliant_tag,)
+)
 _LIB.impl("cpu_linear", _cpu_linear_impl, "CPU")
 torch.library.register_fake("t5hooks::cpu_linear", _cpu_linear_fake, lib=_LIB)
+
+
+def _save_inputs(ctx: object, inputs: tuple[Tensor, Tensor, str, bool], output: Tensor) -> None:
+    x, weight, _, _ = inputs
+    ctx.save_for_backward(x, weight)  # type: ignore[attr-defined]
+
+
+def _linear_backward(ctx: object, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:
+    """F.linear's backward, by torch's own matmuls: `dx = dy W` `[..., K]`, `dW = dy^T x` `[N, K]`."""
+    x, weight = ctx.saved_tensors  # type: ignore[attr-defined]
+    needs = ctx.needs_input_grad  # type: ignore[attr-defined]
+    dx = grad @ weight if needs[0] else None
+    dw = grad.reshape(-1, grad.shape[-1]).T @ x.reshape(-1, x.shape[-1]) if needs[1] else None
+    return dx, dw, None, None
+
+
+torch.library.register_autograd("t5hooks::cpu_linear", _linear_backward, setup_context=_save_inputs, lib=_LIB)
 
 
 # ---- the measurement ------------------------------------------------------------------------------
@@ -284,7 +309,7 @@ def choose(shape_class: str, k: int, n: int) -> str:
             return _CHOICES[key]
         disk = _disk_entries()
         name = _disk_key(key)
-        if disk.get(name) in ("mkl", "onednn", "onednn_packed"):
+        if disk.get(name) in AUTO_KERNELS:
             _CHOICES[key] = disk[name]
             return disk[name]
         if not torch.backends.mkldnn.is_available():
@@ -454,51 +479,61 @@ def packed_weight(weight: Tensor, kind: str) -> Tensor | None:
         return None
     key = (id(weight), kind)
     entry = _PACKED.get(key)
-    if entry is not None:
-        if (
-            entry.weight() is weight
-            and entry.version == weight._version
-            and entry.data_ptr == weight.data_ptr()
-            and not entry.storage.expired()
-            and entry.shape == tuple(weight.shape)
-            and entry.stride == weight.stride()
-        ):
-            return entry.tensor
-        _drop(key)
-    nbytes = weight.numel() * (4 if kind == "fp32" else 2)
-    if _packed_bytes + nbytes > pack_limit_bytes():
-        _warn_once(
-            "pack-limit",
-            f"cpu_gemm: packed weights would exceed {PACK_LIMIT_ENV}={pack_limit_bytes() >> 20} MiB; further "
-            "weights run oneDNN unpacked (raise the limit for full speed)",
+    if entry is not None and _current(entry, weight):
+        return entry.tensor
+    with _LOCK:  # a miss: (re)pack once, with consistent byte accounting
+        entry = _PACKED.get(key)
+        if entry is not None:
+            if _current(entry, weight):
+                return entry.tensor
+            _drop(key)
+        nbytes = weight.numel() * (4 if kind == "fp32" else 2)
+        if _packed_bytes + nbytes > pack_limit_bytes():
+            _warn_once(
+                "pack-limit",
+                f"cpu_gemm: packed weights would exceed {PACK_LIMIT_ENV}={pack_limit_bytes() >> 20} MiB; further "
+                "weights run oneDNN unpacked (raise the limit for full speed)",
+            )
+            return None
+        with torch.inference_mode(False), torch.no_grad():
+            source = weight.detach()
+            if kind == "bf16":
+                source = source.to(torch.bfloat16)
+                tensor = torch.ops.mkldnn._reorder_linear_weight(source, None) if native_bf16() else source
+            else:
+                tensor = torch.ops.mkldnn._reorder_linear_weight(source.contiguous(), None)
+        _PACKED[key] = _Packed(
+            weight=weakref.ref(weight, lambda _, key=key: _drop(key)),
+            storage=StorageWeakRef(weight.untyped_storage()),
+            data_ptr=weight.data_ptr(),
+            version=weight._version,
+            shape=tuple(weight.shape),
+            stride=weight.stride(),
+            tensor=tensor,
+            nbytes=nbytes,
         )
-        return None
-    with torch.inference_mode(False), torch.no_grad():
-        source = weight.detach()
-        if kind == "bf16":
-            source = source.to(torch.bfloat16)
-            tensor = torch.ops.mkldnn._reorder_linear_weight(source, None) if native_bf16() else source
-        else:
-            tensor = torch.ops.mkldnn._reorder_linear_weight(source.contiguous(), None)
-    _PACKED[key] = _Packed(
-        weight=weakref.ref(weight, lambda _, key=key: _drop(key)),
-        storage=StorageWeakRef(weight.untyped_storage()),
-        data_ptr=weight.data_ptr(),
-        version=weight._version,
-        shape=tuple(weight.shape),
-        stride=weight.stride(),
-        tensor=tensor,
-        nbytes=nbytes,
+        _packed_bytes += nbytes
+        return tensor
+
+
+def _current(entry: _Packed, weight: Tensor) -> bool:
+    """Was `entry` packed from `weight` as it is now? (same object, storage, place, version, shape)"""
+    return (
+        entry.weight() is weight
+        and entry.version == weight._version
+        and entry.data_ptr == weight.data_ptr()
+        and not entry.storage.expired()
+        and entry.shape == tuple(weight.shape)
+        and entry.stride == weight.stride()
     )
-    _packed_bytes += nbytes
-    return tensor
 
 
 def _drop(key: tuple[int, str]) -> None:
     global _packed_bytes
-    entry = _PACKED.pop(key, None)
-    if entry is not None:
-        _packed_bytes -= entry.nbytes
+    with _LOCK:
+        entry = _PACKED.pop(key, None)
+        if entry is not None:
+            _packed_bytes -= entry.nbytes
 
 
 def packed_bytes() -> int:

@@ -446,13 +446,15 @@ def report_auto_choices(cfg: Any) -> None:
     from ...kernels import cpu_gemm
 
     inner = cfg.num_heads * cfg.d_kv
-    shapes = {  # [N, K] of every linear layer
-        (inner, cfg.d_model): "q/k/v",
-        (cfg.d_model, inner): "o",
-        (cfg.d_ff, cfg.d_model): "MLP in/gate",
-        (cfg.d_model, cfg.d_ff): "MLP out",
-        (cfg.vocab_size, cfg.d_model): "unembed",
-    }
+    shapes: dict[tuple[int, int], str] = {}  # [N, K] of every linear layer -> which layers have it
+    for shape, layer in (
+        ((inner, cfg.d_model), "q/k/v"),
+        ((cfg.d_model, inner), "o"),
+        ((cfg.d_ff, cfg.d_model), "MLP in/gate"),
+        ((cfg.d_model, cfg.d_ff), "MLP out"),
+        ((cfg.vocab_size, cfg.d_model), "unembed"),
+    ):
+        shapes[shape] = f"{shapes[shape]}/{layer}" if shape in shapes else layer
     start = time.perf_counter()
     picked = {
         (c, n, k): cpu_gemm.choose(c, k, n) for c in cpu_gemm.SHAPE_CLASSES for (n, k) in shapes
