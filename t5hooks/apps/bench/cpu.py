@@ -18,7 +18,8 @@ untied head) built from `transformers.T5Config` with random weights, fp32; batch
   compiled capture module (all `hook_resid_post`) with each lever as its own row, ONNX Runtime with each
   lever as its own row; median ms, ratio to HF eager, the model's effective GFLOP/s, and max |logits - HF
   eager logits| (bf16 and int8 rows show their error);
-* a training step (forward + backward of the loss) of HF, t5hooks eager and the compiled capture module;
+* a training step (forward + backward of the loss) of HF, t5hooks eager and the compiled capture module, the
+  latter two with torch's default GEMMs and with `auto`;
 * greedy generation rows (HF `generate`, t5hooks `generate` per setting, the ONNX Runtime generator), the
   same tokens asserted;
 * extraction rows: `t5hooks extract` (eager and compiled, per setting) against HF + forward hooks, real
@@ -478,7 +479,11 @@ def report_auto_choices(cfg: Any) -> None:
 
 def training_rows(hf: Any, ours: Any, tokens: Any, mask: Any, dec_tokens: Any, repeats: int, skip: Any) -> None:
     """One training step's forward + backward of the loss (teacher-forced on `dec_tokens`): HF eager, t5hooks
-    eager, the compiled capture module. Grad is enabled, so every linear runs torch's default kernels."""
+    eager and the compiled capture module, each with torch's default GEMMs (`cpu_gemm=mkl`) and with `auto` (the
+    forward's GEMMs by the backend, the backward by torch's matmuls)."""
+    from ...capture import compile_capture
+    from ...kernels import cpu_gemm
+
     labels = dec_tokens.clone()
     hf.train()  # dropout is 0: the same function, with autograd
     ours.train()
@@ -489,33 +494,48 @@ def training_rows(hf: Any, ours: Any, tokens: Any, mask: Any, dec_tokens: Any, r
         loss.backward()
         return loss
 
-    def ours_step() -> Any:
-        ours.zero_grad(set_to_none=True)
-        loss = ours(tokens, dec_tokens, return_type="loss", one_zero_attention_mask=mask, labels=labels)
-        loss.backward()
-        return loss
+    def eager_step(setting: str | None) -> Callable[[], Any]:
+        def step() -> Any:
+            ours.zero_grad(set_to_none=True)
+            with cpu_gemm.use(setting):
+                loss = ours(tokens, dec_tokens, return_type="loss", one_zero_attention_mask=mask, labels=labels)
+            loss.backward()
+            return loss
 
-    rows: dict[str, Callable[[], Any]] = {"HF eager train step": hf_step, "t5hooks eager train step": ours_step}
-    if not skip("compiled"):
-        compiled = torch.compile(ours.capture(RESID), fullgraph=True)
+        return step
 
-        def compiled_step() -> Any:
+    def compiled_step(setting: str | None) -> Callable[[], Any]:
+        compiled = compile_capture(ours.capture(RESID), cpu_gemm=setting)  # no freezing: weights train
+
+        def step() -> Any:
             ours.zero_grad(set_to_none=True)
             loss = compiled(tokens, dec_tokens, mask, labels=labels)["loss"]
             loss.backward()
             return loss
 
-        print("compiling: the training step ...", flush=True)
+        print(f"compiling: the training step, cpu_gemm={setting or 'auto'} ...", flush=True)
         start = time.perf_counter()
-        compiled_step()
+        step()
         print(f"  {time.perf_counter() - start:.0f} s", flush=True)
-        rows["compiled capture train step (all resid_post)"] = compiled_step
+        return step
+
+    rows: dict[str, Callable[[], Any]] = {
+        "HF eager train step": hf_step,
+        "t5hooks eager train step, cpu_gemm=mkl": eager_step("mkl"),
+        "t5hooks eager train step (auto)": eager_step(None),
+    }
+    if not skip("compiled"):
+        rows["compiled capture train step, cpu_gemm=mkl"] = compiled_step("mkl")
+        rows["compiled capture train step (auto)"] = compiled_step(None)
     losses = {name: float(fn().detach()) for name, fn in rows.items()}
     times = interleaved(rows, max(1, repeats // 2))
     hf.eval()
     ours.eval()
     base = times["HF eager train step"]
-    print(f"\ntraining step (forward + backward of the loss), median of {max(1, repeats // 2)} interleaved runs:")
+    print(
+        f"\ntraining step (forward + backward of the loss; compiled rows return all resid_post too), median of "
+        f"{max(1, repeats // 2)} interleaved runs:"
+    )
     width = max(map(len, times))
     for name, seconds in times.items():
         print(f"{name:{width}}  {seconds * 1e3:8.1f} ms  {base / seconds:6.2f}x  loss {losses[name]:.6f}")
