@@ -8,7 +8,7 @@ PIP    := $(BIN)/python -m pip install -q -c constraints.txt
 # CPU build of torch (lies on the build machines' disk); the package itself only needs torch>=2.7.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: install demo test test-fast lint bench clean
+.PHONY: install browser demo test test-fast lint bench clean
 
 install: $(STAMP)
 
@@ -26,9 +26,18 @@ demo: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow"
 
-# Everything (what CI runs).
-test: $(STAMP)
+# Everything (what CI runs). The page tests drive a real headless Chromium: Debian's chromium + chromium-driver.
+test: $(STAMP) browser
 	$(BIN)/python -m pytest
+
+# Debian's Chromium and its WebDriver for the page tests (tests/test_viz_*.py); skipped when both are there.
+# Needs root or sudo and the Debian archive (as CI has); elsewhere install them once by hand.
+browser:
+	@if [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; then :; \
+	elif command -v apt-get >/dev/null; then \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q chromium chromium-driver; \
+	else echo "make browser: install Chromium and chromedriver at /usr/bin (or set T5HOOKS_CHROMIUM / T5HOOKS_CHROMEDRIVER)"; fi
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

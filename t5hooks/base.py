@@ -16,6 +16,7 @@ from typing import Any, Literal, Union
 import torch
 from torch import Tensor, nn
 
+from .allocation import check_allocation
 from .analysis.cache import ActivationCache
 from .analysis.factored_matrix import FactoredMatrix
 from .components import RESID, Attention, Embed, EncoderBlock, RMSNorm, attention_context, optional_hook
@@ -52,6 +53,11 @@ class HookedT5Base(HookedRootModule):
     DISCARDED_PREFIXES: tuple[str, ...] = ()
 
     def build_encoder(self, cfg: HookedT5Config, tokenizer: Any) -> None:
+        # the weights the config implies must fit where they are built and where they go (ValueError naming the
+        # field otherwise), before any is allocated; nothing to check when building on the meta device
+        decoder = not self.discards("decoder.0.attn.q_proj")
+        for device in {torch.empty(()).device, *([torch.device(cfg.device)] if cfg.device else [])}:
+            check_allocation(cfg, cfg.dtype, device, "HookedT5Config", decoder=decoder)
         self.cfg = cfg
         self.tokenizer = tokenizer
         self.embed = Embed(cfg)

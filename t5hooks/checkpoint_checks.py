@@ -36,10 +36,25 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?
 _CHECKPOINT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".json", ".gguf", ".ckpt")
 
 
+def looks_local(name: str, suffixes: tuple[str, ...] = ()) -> bool:
+    """Whether `name` is evidently meant as a local path rather than a hub id: absolute, `./` / `../` / `~`,
+    a backslash, more than one `/`, not a valid hub id, ending in one of `suffixes`, or starting with a
+    folder that exists here (`data/corpus` when `data/` is a local folder)."""
+    first = name.split("/", 1)[0]
+    return (
+        os.path.isabs(name)
+        or name.startswith((".", "~"))
+        or "\\" in name
+        or not _HUB_ID.match(name)
+        or name.lower().endswith(suffixes)
+        or ("/" in name and Path(first).is_dir())
+    )
+
+
 def check_local_path(name_or_path: str) -> Path | None:
     """The local directory `name_or_path` names, None for a hub id; FileNotFoundError / NotADirectoryError
-    when it is evidently meant as a path (absolute, `./`, `~`, several `/`, a file suffix) but is not a
-    directory, so a typo in a path is never reported as a bad hub id."""
+    when it is evidently meant as a path (`looks_local`) but is not a directory, so a typo in a path is
+    reported at once, never looked up (and retried) on the hub."""
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return path
@@ -47,14 +62,7 @@ def check_local_path(name_or_path: str) -> Path | None:
         raise NotADirectoryError(
             f"{name_or_path!r} is a file; pass the directory that holds config.json and the weights"
         )
-    looks_local = (
-        os.path.isabs(name_or_path)
-        or name_or_path.startswith((".", "~"))
-        or "\\" in name_or_path
-        or not _HUB_ID.match(name_or_path)
-        or name_or_path.endswith(_CHECKPOINT_SUFFIXES)
-    )
-    if looks_local:
+    if looks_local(name_or_path, _CHECKPOINT_SUFFIXES):
         raise FileNotFoundError(f"no such directory: {name_or_path!r} (a local path; hub ids look like 'org/name')")
     return None
 
@@ -66,7 +74,9 @@ def shard_names_from_index(index_file: Path, label: str) -> list[str]:
         index = json.loads(Path(index_file).read_text())
         weight_map = index["weight_map"]
     except (OSError, ValueError, KeyError, TypeError) as err:
-        raise CheckpointError(f"{label}: {Path(index_file).name} is not a valid shard index ({_short(err)})") from None
+        raise CheckpointError(
+            f"{label}: {Path(index_file).name} is not a valid shard index ({short_reason(err)})"
+        ) from None
     if not isinstance(weight_map, dict) or not weight_map:
         raise CheckpointError(f"{label}: {Path(index_file).name} has no 'weight_map' of parameter -> shard file")
     shards = sorted({str(v) for v in weight_map.values()})
@@ -106,7 +116,7 @@ def read_config_json(config_file: Path, label: str) -> dict[str, Any]:
     try:
         config = json.loads(Path(config_file).read_text())
     except (OSError, ValueError) as err:
-        raise CheckpointError(f"{label}: config.json is not valid JSON ({_short(err)})") from None
+        raise CheckpointError(f"{label}: config.json is not valid JSON ({short_reason(err)})") from None
     if not isinstance(config, dict):
         raise CheckpointError(f"{label}: config.json holds a {type(config).__name__}, expected an object")
     return config
@@ -218,7 +228,7 @@ def read_torch_pickle(file: Path) -> dict[str, Tensor]:
             f"safetensors.torch.save_file(state_dict, 'model.safetensors'))"
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError) as err:
-        raise CheckpointError(f"{file}: not a readable PyTorch checkpoint ({_short(err)})") from None
+        raise CheckpointError(f"{file}: not a readable PyTorch checkpoint ({short_reason(err)})") from None
     if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
         raise CheckpointError(f"{file}: holds a {type(state).__name__}, expected a state dict of tensors")
     return dict(state)
@@ -232,6 +242,6 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _short(err: BaseException, limit: int = 300) -> str:
+def short_reason(err: BaseException, limit: int = 300) -> str:
     text = " ".join(str(err).split())
     return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -145,9 +145,15 @@ class RMSNorm(nn.Module):
         self.hook_scale = HookPoint(("batch", "pos", "1"))  # sqrt(mean(x^2) + eps), fp32
         self.hook_normalized = HookPoint(("batch", "pos", "d_model"))  # x / scale
 
-    def forward(self, x: Tensor, io: HookIO | None = None) -> Tensor:
-        scale = self.hook_scale(torch.sqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps), io)
-        normalized = self.hook_normalized((x / scale).to(self.w.dtype), io)
+    def forward(self, x: Tensor, io: HookIO | None = None, *, hooked: bool = True) -> Tensor:
+        """`hooked=False`: the same numbers without passing the hook points (a readout outside the model's own
+        forward, such as the diffusion lens's final norm of an intermediate layer)."""
+        scale = torch.sqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
+        if hooked:
+            scale = self.hook_scale(scale, io)
+        normalized = (x / scale).to(self.w.dtype)
+        if hooked:
+            normalized = self.hook_normalized(normalized, io)
         return self.w * normalized
 
 

@@ -163,10 +163,16 @@ class HookedT5Config:
             decoder_start_token_id=_first(c.get("decoder_start_token_id"), _first(c.get("pad_token_id"), 0)),
             initializer_factor=c.get("initializer_factor", 1.0),
             model_name=c.get("_name_or_path") or c.get("name_or_path") or "custom",
-            original_architecture=(c.get("architectures") or ["T5ForConditionalGeneration"])[0],
+            original_architecture=(
+                c.get("architectures") or [DEFAULT_ARCHITECTURES.get(c.get("model_type"), "T5ForConditionalGeneration")]
+            )[0],
         )
         values.update(overrides)
         return cls(**values)
+
+
+# The architecture a config without `architectures` (built in code, not saved by a model) is taken to describe.
+DEFAULT_ARCHITECTURES = {"mt5": "MT5ForConditionalGeneration", "umt5": "UMT5ForConditionalGeneration"}
 
 
 def _first(value: Any, default: int) -> int:

@@ -4,8 +4,10 @@ encoders (`T5EncoderModel` / `UMT5EncoderModel` / `MT5EncoderModel` checkpoints)
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from typing import Any, Literal
 
+import torch
 from torch import Tensor, nn
 
 from .base import HookedT5Base, TextOrTokens, as_config
@@ -56,6 +58,29 @@ class HookedT5Encoder(HookedT5Base):
         out = self.encode(tokens, mask)
         return out if return_type is not None else None
 
+    def attention_view(
+        self,
+        input: TextOrTokens,
+        *,
+        one_zero_attention_mask: Tensor | None = None,
+        batch_index: int = 0,
+        layers: Sequence[int] | None = None,
+    ) -> Any:
+        """Run `input` and show example `batch_index`'s self-attention patterns as an interactive page
+        (`t5hooks.viz.AttentionView`: displays in a notebook, `.save("attn.html")`), padded positions hidden."""
+        tokens, mask = self.prepare_encoder_inputs(input, one_zero_attention_mask)
+        with torch.no_grad():
+            _, cache = self.run_with_cache(
+                tokens, one_zero_attention_mask=mask, names_filter=lambda n: n.endswith("hook_pattern")
+            )
+        return cache.attention_view(
+            tokens,
+            batch_index=batch_index,
+            attention_mask=torch.ones_like(tokens) if mask is None else mask,
+            layers=layers,
+            title=f"Attention · {self.cfg.model_name}",
+        )
+
     def capture(
         self,
         names: NameFilter,
@@ -68,6 +93,20 @@ class HookedT5Encoder(HookedT5Base):
         from .capture import EncoderCaptureModule
 
         return EncoderCaptureModule(self, names, patch=patch, patch_mode=patch_mode, intervene=intervene)
+
+    def as_text_encoder(
+        self,
+        *,
+        intervene: dict[str, nn.Module] | None = None,
+        steer: dict[str, Tensor] | None = None,
+        config: Any = None,
+    ):
+        """This encoder behind `T5EncoderModel`'s call surface, for a diffusers pipeline (`pipe.text_encoder_2 =
+        encoder.as_text_encoder()`): hooks, `intervene` / `steer` edits and `capturing(...)` records act inside
+        `pipe(...)`. See `t5hooks.text_encoder.T5TextEncoder`."""
+        from .text_encoder import T5TextEncoder
+
+        return T5TextEncoder(self, intervene=intervene, steer=steer, config=config)
 
     def fold_ln(self) -> HookedT5Encoder:
         """Fold each block's RMSNorm weights into the weights that read them (see analysis/fold.py). The final

@@ -14,16 +14,18 @@ that need code are refused, config values are typed and in range, weights are fi
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from .allocation import check_allocation
 from .checkpoint_checks import (
     CheckpointError,
     check_hf_config,
@@ -35,18 +37,30 @@ from .checkpoint_checks import (
     read_config_json,
     read_torch_pickle,
     shard_names_from_index,
+    short_reason,
 )
 from .config import HookedT5Config
 from .dtypes import AUTO, parse_dtype
 from .user_warning import warn_user
 from .weights.gguf_file import GGUFCheckpoint, is_gguf
-from .weights.safetensors_file import SafetensorsFile
+from .weights.quantised import RowDequantiser, dequantised, plan_quantisation
+from .weights.safetensors_file import SafetensorsFile, read_safetensors
 
 SUPPORTED_MODEL_TYPES = ("t5", "mt5", "umt5")
 HUB_KWARGS = ("cache_dir", "revision", "local_files_only", "token", "force_download")
 ENCODER_ONLY_ARCHITECTURES = ("T5EncoderModel", "MT5EncoderModel", "UMT5EncoderModel")
 # Checkpoints of these families overflow in fp16 (trained in bf16): gated-GELU MLPs (v1.1, Flan, mT5, UMT5).
 FP16_RISKY_ACTIVATIONS = ("gelu", "gelu_new", "gelu_fast", "gelu_pytorch_tanh")
+# Our size fields -> config.json's names (errors name the field the user can see).
+HF_FIELD_NAMES = {
+    "d_model": "d_model",
+    "d_head": "d_kv",
+    "n_heads": "num_heads",
+    "d_mlp": "d_ff",
+    "n_layers": "num_layers",
+    "n_decoder_layers": "num_decoder_layers",
+    "d_vocab": "vocab_size",
+}
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
 
@@ -127,6 +141,7 @@ class CheckpointSource:
     stored_dtype: torch.dtype
     tied: bool | None = None  # known for a live model; else decided from the weights
     tokenizer_at: tuple[str, dict[str, Any]] | None = None  # (name or path, kwargs) for AutoTokenizer
+    field_names: dict[str, str] = field(default_factory=lambda: dict(HF_FIELD_NAMES))  # ours -> the source's, in errors
 
 
 def load_pretrained(
@@ -157,6 +172,15 @@ def load_pretrained(
     check_hf_config(hf_config, source.what)
     _check_architecture(model_cls, hf_config, source.what)
     dtype = resolve_dtype(dtype, source.stored_dtype)
+    try:  # sizes only (no tensors): the weights the config implies must fit before any is read
+        sizes = HookedT5Config.from_hf_config(hf_config)
+    except (TypeError, KeyError, AttributeError) as err:  # values of the wrong type that check_hf_config does not know
+        raise CheckpointError(f"{source.what}: config.json cannot be used ({err})") from None
+    has_decoder = not model_cls.discards("decoder.0.attn.q_proj")
+    check_allocation(sizes, dtype, device, source.what, decoder=has_decoder, field_names=source.field_names)
+    found_tokenizer = None  # looked for before the weights are read: a broken tokenizer file fails fast
+    if tokenizer is None and hf_model is None and source.tokenizer_at is not None:
+        found_tokenizer = load_tokenizer(*source.tokenizer_at)
 
     state, lm_head = read_state(model_cls, source, dtype, device)
     if "embed.W_E" not in state:
@@ -186,8 +210,8 @@ def load_pretrained(
         raise CheckpointError(f"{source.what}: config.json cannot be used ({err})") from None
     warn_if_fp16_overflows(cfg, source.what)
     model = build_with_weights(model_cls, cfg, state, tokenizer, what=source.what)
-    if tokenizer is None and hf_model is None and source.tokenizer_at is not None:
-        model.tokenizer = _try_tokenizer(*source.tokenizer_at)
+    if found_tokenizer is not None:
+        model.tokenizer = found_tokenizer
     return model
 
 
@@ -318,21 +342,45 @@ def checkpoint_source(name_or_path: str, subfolder: str | None, hub_kwargs: dict
 def files_source(
     what: str, files: list[Path], hf_config: dict[str, Any], tokenizer_at: tuple[str, dict[str, Any]] | None
 ) -> CheckpointSource:
-    safetensors = [SafetensorsFile(f) for f in files if f.suffix == ".safetensors"]  # headers checked up front
-    counts: dict[torch.dtype, int] = {}
+    """Safetensors or PyTorch-pickle weight files. Every header is checked, and how each non-float tensor is
+    dequantised decided (`weights/quantised.py`: refused by name when unknown), before any weight is read."""
+    method = (hf_config.get("quantization_config") or {}).get("quant_method")
+    safetensors = [SafetensorsFile(f) for f in files if f.suffix == ".safetensors"]
+    pickles = [f for f in files if f.suffix != ".safetensors"]  # pytorch_model.bin: weights_only, no code runs
+    info: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
+    pickle_of: dict[str, Path] = {}
     for st in safetensors:
-        for dt, n in st.elements_by_dtype().items():
-            counts[dt] = counts.get(dt, 0) + n
-    stored = max(counts, key=counts.__getitem__) if counts else None  # the dtype most weights are stored in
+        info.update(st.info())
+    for file in pickles:  # zip pickles are memory-mapped: reading the names and shapes reads no weights
+        for name, tensor in read_torch_pickle(file).items():
+            info[name], pickle_of[name] = (tensor.dtype, tuple(tensor.shape)), file
+    plan = plan_quantisation(info, what, method)
+    counts: dict[torch.dtype, int] = {}
+    for name, (dt, shape) in info.items():
+        if name not in plan.auxiliary:
+            counts[dt] = counts.get(dt, 0) + math.prod(shape)
+    # the dtype most weights are stored in (quantised ones: "auto" gives bfloat16)
+    stored = max(counts, key=counts.__getitem__) if counts else torch.float32
 
     def read(dtype: torch.dtype, wanted: Callable[[str], bool]) -> Iterator[tuple[str, Tensor]]:
-        for file in files:
-            if file.suffix == ".safetensors":
-                yield from SafetensorsFile(file).tensors(dtype, wanted)
-            else:  # pytorch_model.bin: weights_only (no code runs); old-format files without mmap
-                yield from ((k, v) for k, v in read_torch_pickle(file).items() if wanted(k))
+        if safetensors:
+            yield from read_safetensors(safetensors, plan, dtype, wanted)
+        for file in pickles:
+            state = read_torch_pickle(file)
 
-    return CheckpointSource(what, hf_config, read, stored or torch.float32, tokenizer_at=tokenizer_at)
+            def read_one(name: str, target: torch.dtype | None, dequantise: RowDequantiser | None) -> Tensor:
+                t = state[name]  # noqa: B023 - used before the loop moves on
+                if dequantise is None:
+                    return t if target is None else t.to(target)
+                rows = t.shape[0] if t.ndim else 1
+                return dequantise(t.reshape(rows, -1), 0, rows, target or torch.float32).reshape(t.shape)
+
+            def aux(name: str) -> Tensor:
+                return state[name] if name in state else read_torch_pickle(pickle_of[name])[name]  # noqa: B023
+
+            yield from dequantised(list(state), plan, dtype, wanted, read_one, lambda n: tuple(info[n][1]), aux)
+
+    return CheckpointSource(what, hf_config, read, stored, tokenizer_at=tokenizer_at)
 
 
 def gguf_source(path: Path) -> CheckpointSource:
@@ -341,7 +389,9 @@ def gguf_source(path: Path) -> CheckpointSource:
     def read(dtype: torch.dtype, wanted: Callable[[str], bool]) -> Iterator[tuple[str, Tensor]]:
         return checkpoint.tensors(dtype, wanted)
 
-    return CheckpointSource(str(path), checkpoint.hf_config(), read, checkpoint.stored_dtype())
+    return CheckpointSource(
+        str(path), checkpoint.hf_config(), read, checkpoint.stored_dtype(), field_names=checkpoint.field_names()
+    )
 
 
 def _check_not_pipeline_root(path: Path) -> None:
@@ -428,27 +478,38 @@ def _tokenizer_location(
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "spiece.model", "sentencepiece.bpe.model", "vocab.json")
 
 
-def _try_tokenizer(name_or_path: str, hub_kwargs: dict[str, Any]) -> Any:
-    """The checkpoint's tokenizer when its files are there (never with remote code); None otherwise, rather
-    than a tokenizer built from the model config alone (which maps every word to `<unk>`)."""
+def load_tokenizer(name_or_path: str, hub_kwargs: dict[str, Any]) -> Any:
+    """The checkpoint's tokenizer when its files are there (never with remote code). No tokenizer files: None
+    (rather than a tokenizer built from the model config alone, which maps every word to `<unk>`). Files that
+    are there but do not load: CheckpointError with the reason, never a silent None."""
     path = Path(name_or_path)
-    try:
-        if path.is_dir():
-            present = any((path / f).is_file() for f in TOKENIZER_FILES)
-        else:
-            from transformers.utils import cached_file
+    if path.is_dir():
+        present = [f for f in TOKENIZER_FILES if (path / f).is_file()]
+    else:
+        from transformers.utils import cached_file
 
-            present = any(
-                cached_file(name_or_path, f, _raise_exceptions_for_missing_entries=False, **hub_kwargs)
-                for f in TOKENIZER_FILES
-            )
-        if not present:
-            return None
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=False, **hub_kwargs)
-    except Exception:  # no usable tokenizer: the model still works with token ids
+        present = []
+        for f in TOKENIZER_FILES:
+            try:
+                if cached_file(name_or_path, f, _raise_exceptions_for_missing_entries=False, **hub_kwargs):
+                    present.append(f)
+            except OSError as err:  # offline and not cached, or the hub unreachable: say so, load without
+                warn_user(
+                    f"{name_or_path!r}: could not look for tokenizer files ({short_reason(err)}); the model is loaded "
+                    f"without a tokenizer (pass tokenizer=... to give one)"
+                )
+                return None
+    if not present:
         return None
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=False, **hub_kwargs)
+    except Exception as err:  # transformers, tokenizers and sentencepiece raise many types for a broken file
+        raise CheckpointError(
+            f"{name_or_path!r}: its tokenizer files ({', '.join(present)}) could not be loaded: "
+            f"{type(err).__name__}: {short_reason(err)} (repair or remove them, or pass tokenizer=...)"
+        ) from err
 
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

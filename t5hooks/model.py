@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
@@ -216,6 +217,43 @@ class HookedEncoderDecoder(HookedT5Base):
         start = torch.full_like(labels[:, :1], self.cfg.decoder_start_token_id)
         shifted = torch.cat([start, labels[:, :-1]], dim=1)
         return shifted.masked_fill(shifted == -100, self.cfg.pad_token_id)
+
+    def attention_view(
+        self,
+        input: TextOrTokens,
+        decoder_input: TextOrTokens | None = None,
+        *,
+        one_zero_attention_mask: Tensor | None = None,
+        decoder_attention_mask: Tensor | None = None,
+        batch_index: int = 0,
+        kinds: Sequence[str] | None = None,
+        layers: Sequence[int] | None = None,
+    ) -> Any:
+        """Run `input` (and `decoder_input`) and show example `batch_index`'s encoder self-, decoder self- and
+        cross-attention patterns as an interactive page (`t5hooks.viz.AttentionView`: displays in a notebook,
+        `.save("attn.html")`), padded positions hidden."""
+        tokens, mask, dec, dec_mask, _ = self.prepare_inputs(
+            input, decoder_input, one_zero_attention_mask, decoder_attention_mask
+        )
+        with torch.no_grad():
+            _, cache = self.run_with_cache(
+                tokens,
+                dec,
+                one_zero_attention_mask=mask,
+                decoder_attention_mask=dec_mask,
+                names_filter=lambda n: n.endswith("hook_pattern"),
+            )
+        ones = lambda t: torch.ones_like(t)
+        return cache.attention_view(
+            tokens,
+            dec,
+            batch_index=batch_index,
+            attention_mask=ones(tokens) if mask is None else mask,
+            decoder_attention_mask=ones(dec) if dec_mask is None else dec_mask,
+            kinds=kinds,
+            layers=layers,
+            title=f"Attention · {self.cfg.model_name}",
+        )
 
     def tokens_to_residual_directions(self, tokens: str | int | Tensor) -> Tensor:  # [*tokens_shape, d_model]
         """The unembedding columns of `tokens` (a one-token string, an id, or an id tensor): the residual

@@ -35,7 +35,7 @@ SLOW_CASES = {
 # Reference implementations that some tests check against (the `test` extra). Locally a missing one skips
 # those tests; with T5HOOKS_REQUIRE_REFERENCES=1 (set by .ci/run) a missing one fails the run, so CI never
 # passes with the reference checks silently skipped.
-REFERENCE_PACKAGES = ("sae_lens", "pyvene", "datasets", "gguf")
+REFERENCE_PACKAGES = ("sae_lens", "pyvene", "datasets", "gguf", "diffusers")
 
 
 def pytest_configure(config):

@@ -44,3 +44,21 @@ def test_plots_name_the_extra(missing):
     missing("matplotlib")
     with pytest.raises(ModuleNotFoundError, match=r"pip install 't5hooks\[plot\]'"):
         heatmap(torch.zeros(2, 2))
+
+
+@pytest.mark.parametrize("command", [["export"], ["demo"], ["sae-demo"]])
+def test_commands_without_the_onnx_extra_name_it(missing, monkeypatch, capsys, tmp_path, command):
+    """After a plain `pip install -e .`: every command that needs the extra says which, and how to install it."""
+    import t5hooks.export as export
+    from t5hooks.apps.cli import main
+
+    for name in ("OnnxRunner", "to_onnx", "OnnxGenerator", "OnnxGeneration", "to_onnx_generator"):
+        monkeypatch.delitem(export.__dict__, name, raising=False)
+    for module in ("ort", "onnx", "onnx_generation", "ort_optimize"):  # imported by earlier tests
+        monkeypatch.delitem(sys.modules, f"t5hooks.export.{module}", raising=False)
+    missing("onnx", "onnxruntime", "onnx_ir", "onnxscript")
+    out = tmp_path / ("x.onnx" if command == ["export"] else "folder")
+    assert main([*command, "--out", str(out)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "pip install 't5hooks[onnx]'" in err, err
+    assert not out.exists()

@@ -95,15 +95,18 @@ def assert_one_line(err: str, *fragments: str) -> None:
 
 
 def test_temp_names_keep_the_suffix_and_stale_ones_are_cleaned(tmp_path):
+    from t5hooks.ownership import Owner, me
+
     final = tmp_path / "model.pt2"
     tmp = temp_path_for(final)
     assert tmp.parent == tmp_path and tmp.name.startswith(".model.tmp-") and tmp.suffix == ".pt2"
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    stale = tmp_path / f".model.tmp-{int(dead.stdout)}-0123abcd.pt2"
+    owner = Owner(int(dead.stdout), 1, me().machine).tag  # exited, on this machine (test_ownership.py: the rule)
+    stale = tmp_path / f".model.tmp-{owner}-0123abcd.pt2"
     stale.write_bytes(b"left by a killed run")
     mine = temp_path_for(final)  # this process is alive: its temp files are not stale
     mine.write_bytes(b"in progress")
-    other = tmp_path / f".other.tmp-{int(dead.stdout)}-0123abcd.pt2"  # another target's: left alone
+    other = tmp_path / f".other.tmp-{owner}-0123abcd.pt2"  # another target's: left alone
     other.write_bytes(b"x")
     assert remove_stale_temps(final) == [stale]
     assert mine.exists() and other.exists() and not stale.exists()

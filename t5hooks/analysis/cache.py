@@ -679,6 +679,39 @@ class ActivationCache(Mapping):
             raise ValueError("stack_activation needs layer >= 1 (it stacks the layers strictly before it)")
         return torch.stack([self[act_name(activation_name, l, stack, attn, ln)] for l in range(layer)])
 
+    # ---- views ---------------------------------------------------------------------------
+    def attention_view(
+        self,
+        tokens: Tensor | Sequence[str] | None = None,
+        decoder_tokens: Tensor | Sequence[str] | None = None,
+        *,
+        batch_index: int = 0,
+        attention_mask: Tensor | None = None,
+        decoder_attention_mask: Tensor | None = None,
+        kinds: Sequence[str] | None = None,
+        layers: Sequence[int] | None = None,
+        title: str = "Attention",
+    ) -> Any:
+        """The cached attention patterns (`hook_pattern`: encoder, decoder and cross-attention) of one example as
+        an interactive page (`t5hooks.viz.AttentionView`: `_repr_html_`, `.save(path)`). `tokens` /
+        `decoder_tokens`: ids (shown through the model's tokenizer) or strings, one per position; positions
+        where a mask is 0 are hidden."""
+        from ..viz.attention import attention_view, token_strings
+
+        return attention_view(
+            self.cache_dict,
+            has_batch_dim=self.has_batch_dim,
+            batch_index=batch_index,
+            tokens={
+                "encoder": token_strings(self.model, tokens, batch_index),
+                "decoder": token_strings(self.model, decoder_tokens, batch_index),
+            },
+            masks={"encoder": attention_mask, "decoder": decoder_attention_mask},
+            kinds=kinds,
+            layers=layers,
+            title=title,
+        )
+
     # ---- logits --------------------------------------------------------------------------
     def _token_directions(self, tokens: str | int | Tensor) -> Tensor:  # [*token_shape, d_model]
         """Unembedding columns of `tokens` (a single-token string, an id, or an id tensor)."""

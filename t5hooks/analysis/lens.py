@@ -28,6 +28,7 @@ class LabelledGrid:
     row_labels: list[str]
     col_labels: list[str]
     title: str = ""
+    axes: tuple[str, str] = ("row", "column")  # what rows and columns index, e.g. ("layer", "head")
 
     def __post_init__(self) -> None:
         if self.values.ndim != 2 or tuple(self.values.shape) != (len(self.row_labels), len(self.col_labels)):
@@ -42,6 +43,19 @@ class LabelledGrid:
 
         kwargs.setdefault("title", self.title)
         return heatmap(self.values, self.row_labels, self.col_labels, path=path, **kwargs)
+
+    def view(self) -> Any:
+        """An interactive heatmap (`t5hooks.viz.HeatmapView`: hover shows row, column and value)."""
+        from ..viz.heatmap import heatmap_view
+
+        return heatmap_view(self.values, self.row_labels, self.col_labels, title=self.title, axes=self.axes)
+
+    def html(self) -> str:
+        """A self-contained HTML page of the interactive heatmap (`.view().save(path)` writes it to a file)."""
+        return self.view().html()
+
+    def _repr_html_(self) -> str:
+        return self.view()._repr_html_()
 
 
 def token_labels(model: Any, tokens: Tensor, other: Tensor | None = None) -> list[str]:
@@ -177,4 +191,5 @@ def head_logit_attribution(
         [f"L{l}" for l in range(L)],
         [f"H{h}" for h in range(H)],
         title=f"Decoder {kind} heads: direct {what} attribution at position {pos}",
+        axes=("layer", "head"),
     )

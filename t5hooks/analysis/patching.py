@@ -104,6 +104,24 @@ class PatchingResult(LabelledGrid):
         )
         return heatmap(self.values, self.row_labels, self.col_labels, path=path, **kwargs)
 
+    def view(self) -> Any:
+        """An interactive heatmap (`t5hooks.viz.HeatmapView`): hover shows the row (layer, head), the column (head,
+        position) and the value; the page switches between the metric and the normalised effect."""
+        from ..viz.heatmap import heatmap_view
+
+        return heatmap_view(
+            self.values,
+            self.row_labels,
+            self.col_labels,
+            title=self.title,
+            axes=self.axes,
+            value_label="patched metric",
+            center=self.corrupted_metric,
+            clean_metric=self.clean_metric,
+            corrupted_metric=self.corrupted_metric,
+            method=self.method,
+        )
+
 
 # ---- public sweeps -----------------------------------------------------------------------------
 def patch_residual(
@@ -149,6 +167,7 @@ def patch_residual(
         method,
         batch_rows,
         compile,
+        axes=("layer", f"{stack} position" if per_position else "positions"),
     )
 
 
@@ -189,7 +208,10 @@ def patch_heads(
     title = f"{stack} {kind} head (hook_z) patching"
     if per_position:
         rows = [f"L{l}H{h}" for l in layers for h in range(H)]
-        return _run(model, refs, targets, metric, rows, refs.position_tokens(stack), title, method, batch_rows, compile)
+        return _run(
+            model, refs, targets, metric, rows, refs.position_tokens(stack), title, method, batch_rows, compile,
+            axes=("layer and head", f"{stack} position"),
+        )  # fmt: skip
     return _run(
         model,
         refs,
@@ -201,6 +223,7 @@ def patch_heads(
         method,
         batch_rows,
         compile,
+        axes=("layer", "head"),
     )
 
 
@@ -240,7 +263,10 @@ def patch_cross_attn_edges(
             rows.append(f"L{l} {dec_labels[q]}")
             targets.extend(_Target(z_name, _edge_delta(message, q, k, head)) for k in range(E))
     title = "cross-attention edge patching" + ("" if head is None else f", head {head}")
-    return _run(model, refs, targets, metric, rows, refs.position_tokens("encoder"), title, method, batch_rows, compile)
+    return _run(
+        model, refs, targets, metric, rows, refs.position_tokens("encoder"), title, method, batch_rows, compile,
+        axes=("layer and decoder position", "encoder position"),
+    )  # fmt: skip
 
 
 # ---- targets ------------------------------------------------------------------------------------
@@ -394,6 +420,8 @@ def _run(
     method: str,
     batch_rows: int,
     compile: bool | str,
+    *,
+    axes: tuple[str, str],
 ) -> PatchingResult:
     if method == "activation":
         values = _activation_sweep(model, refs, targets, metric, batch_rows, compile)
@@ -409,6 +437,7 @@ def _run(
         clean_metric=refs.metrics["clean"],
         corrupted_metric=refs.metrics["corrupted"],
         method=method,
+        axes=axes,
     )
 
 

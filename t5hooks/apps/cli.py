@@ -10,6 +10,7 @@ import sys
 import traceback
 from collections.abc import Iterator, Sequence
 
+from ..atomic import LockHeld, LockLost
 from .common import CliError, CommandFailed
 
 __all__ = ["build_parser", "main"]
@@ -24,13 +25,13 @@ class OneLineParser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     from .bench import register as register_bench
-    from .commands import export, extract, run, train, train_tiny
+    from .commands import dashboard, export, extract, run, train, train_tiny, view
     from .demos import sae, tour
 
     parser = OneLineParser(prog="t5hooks", description="Hooked T5 encoder-decoders: look inside, run fast.")
     parser.add_argument("--debug", action="store_true", help="show the traceback of a failure")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (run, tour, train_tiny, export, extract, train, sae):
+    for module in (run, tour, train_tiny, export, extract, train, dashboard, view, sae):
         module.register(sub)
     register_bench(sub)
     bench = sub.choices["bench"]
@@ -55,6 +56,20 @@ INPUT_ERRORS = (
 )
 
 
+# Optional packages -> the extra of pyproject.toml that installs them (a missing one is named with its install line).
+EXTRA_FOR_MODULE = {
+    "onnx": "onnx",
+    "onnxruntime": "onnx",
+    "onnxscript": "onnx",
+    "onnx_ir": "onnx",
+    "matplotlib": "plot",
+    "datasets": "store",
+    "pyarrow": "store",
+    "gguf": "gguf",
+    "triton": "gpu",
+}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one subcommand. Every failure is one line on stderr (`--debug`: with the traceback); exit status
     2 for usage and input errors, 1 for runtime failures, 130 when interrupted, 143 on SIGTERM (temporary
@@ -73,8 +88,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise
     except INPUT_ERRORS as err:
         return _fail(args.command, one_line(err), 2, debug)
-    except CommandFailed as err:
+    except (CommandFailed, LockHeld, LockLost) as err:
         return _fail(args.command, one_line(err), 1, debug)
+    except ModuleNotFoundError as err:
+        extra = EXTRA_FOR_MODULE.get((err.name or "").split(".")[0])
+        if extra is None:
+            return _fail(args.command, f"ModuleNotFoundError: {one_line(err)}", 1, debug)
+        return _fail(
+            args.command,
+            f"this needs the {extra!r} extra (no module named {err.name!r}): pip install 't5hooks[{extra}]'",
+            1,
+            debug,
+        )
     except Exception as err:
         return _fail(args.command, f"{type(err).__name__}: {one_line(err)}", 1, debug)
 

@@ -20,6 +20,7 @@ _LAZY = {
     "OnnxGenerator": ".onnx_generation",
     "OnnxGeneration": ".onnx_generation",
     "to_onnx_generator": ".onnx_generation",
+    "ExportedTextEncoder": ".text_encoder",
 }
 
 
@@ -40,6 +41,7 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
+    "ExportedTextEncoder",
     "OnnxGeneration",
     "OnnxGenerator",
     "OnnxRunner",

@@ -69,6 +69,7 @@ def to_onnx(
     optimize: bool = False,
     quantize: str | None = None,
     intervene: Mapping[str, nn.Module] | None = None,
+    metadata: Mapping[str, Any] | None = None,
 ) -> Path:
     """Export `model` (a HookedEncoderDecoder or HookedT5Encoder, or a ready `model.capture(...)`) to ONNX.
 
@@ -87,6 +88,7 @@ def to_onnx(
     Both see `t5hooks.export.ort_optimize`; neither works with external data (graphs over 2 GiB).
     `intervene={hook name: module}`: spliced modules (SAEs, probes, ...) become part of the graph; their side
     outputs follow as `"<hook name>.<output>"` (e.g. `decoder.1.hook_resid_post.features`).
+    `metadata`: extra JSON-serialisable entries for the file's metadata (`OnnxRunner(path).metadata`).
     Returns the path. Raises ValueError for unknown hook names, a bad path or dtype.
     """
     path = _checked_path(path)
@@ -94,6 +96,10 @@ def to_onnx(
         raise ValueError(f"quantize={quantize!r}; valid: 'int8' or None")
     if not overwrite and path.exists():
         raise FileExistsError(f"{path} already exists (pass overwrite=True to replace it)")
+    extra = dict(metadata or {})
+    reserved = sorted({"graph", "config", "dtype", "capture", "patch_modes"} & set(extra))
+    if reserved:
+        raise ValueError(f"metadata keys {reserved} are t5hooks' own; use other names")
     cap = _capture_in_dtype(as_capture(model, capture, patch, patch_mode, intervene), dtype).eval()
     args = example if example is not None else example_inputs(cap)
     n_inputs = len(cap.INPUT_NAMES)
@@ -119,7 +125,9 @@ def to_onnx(
             side_output = value.name not in output_names[: 1 + len(cap.names)]
             set_axes(value, None if side_output else output_axes(value.name, cap.model.layout))
     graph_kind = "encoder_forward" if isinstance(cap, EncoderCaptureModule) else "forward"
-    write_metadata(program.model, graph_kind, cap.model.cfg, capture=list(cap.names), patch_modes=cap.patch_modes)
+    write_metadata(
+        program.model, graph_kind, cap.model.cfg, capture=list(cap.names), patch_modes=cap.patch_modes, **extra
+    )
     if optimize or quantize:
         verify = _rewritten_then(verify, optimize, quantize)
     save_checked(program.model, path, external_data, verify=verify, overwrite=overwrite)

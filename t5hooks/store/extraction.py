@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from ..atomic import LOCK_NAME, FolderLock, exclusive_lock
 from .config import ExtractConfig
 from .format import (
     AXES,
@@ -35,7 +36,7 @@ from .format import (
 )
 from .manifest import load_progress, open_store
 from .runner import CaptureRunner, needs_decoder, probe_shapes, runner_for
-from .sources import Source, open_source
+from .sources import Source, check_digest, open_source
 from .windows import chunks, encode_window, run_window
 
 
@@ -117,6 +118,9 @@ def extract(
 
     root = Path(out_dir)
     store_dir = root / "native" if config.format == "saelens" else root
+    for folder in (root, store_dir):
+        if folder.exists() and not folder.is_dir():
+            raise ValueError(f"out_dir {folder} exists and is not a directory")
     shapes = probe_shapes(model, resolved, axes)
     manifest = {
         "model": model_fingerprint(model),
@@ -124,22 +128,27 @@ def extract(
         "source": src.fingerprint(),
         **config.manifest_settings(storage, world_size),
     }
-    open_store(store_dir, root, manifest, config.format, rank)
-    progress_path, state = load_progress(store_dir, rank, world_size)
+    # one writer per rank of a store: a second extract into the folder is refused, naming the first
+    purpose = f"t5hooks extract{f' (rank {rank} of {world_size})' if world_size > 1 else ''} into {root}"
+    with exclusive_lock(store_dir, purpose, name=f"{LOCK_NAME}-rank{rank}") as lock:
+        open_store(store_dir, root, manifest, config.format, rank)
+        progress_path, state = load_progress(store_dir, rank, world_size)
 
-    summary = ExtractSummary(out_dir=root, rank=rank, world_size=world_size)
-    summary.windows_resumed = len(state["windows"])
-    if not state.get("complete"):
-        weights = manifest["model"]["weights_sample_sha256"]
-        runner = runner_for(model, shapes, config.backend, needs_decoder(model, axes, src), weights)
-        _extract_windows(
-            runner, model, src, axes, config, STORAGE_DTYPES[storage], store_dir, progress_path, state, summary,
-            t_start, rank=rank, world_size=world_size,
-        )  # fmt: skip
-    if config.format == "saelens":
-        from .saelens import pack_when_complete
+        summary = ExtractSummary(out_dir=root, rank=rank, world_size=world_size)
+        summary.windows_resumed = len(state["windows"])
+        if state.get("complete"):
+            check_digest(state.get("source"), src.whole_digest(), "this store")
+        else:
+            weights = manifest["model"]["weights_sample_sha256"]
+            runner = runner_for(model, shapes, config.backend, needs_decoder(model, axes, src), weights)
+            _extract_windows(
+                runner, model, src, axes, config, STORAGE_DTYPES[storage], store_dir, progress_path, state, summary,
+                t_start, rank=rank, world_size=world_size, lock=lock,
+            )  # fmt: skip
+        if config.format == "saelens":
+            from .saelens import pack_when_complete
 
-        summary.saelens_dir = pack_when_complete(store_dir, root, config.context_size, rank, world_size)
+            summary.saelens_dir = pack_when_complete(store_dir, root, config.context_size, rank, world_size)
     summary.seconds = time.perf_counter() - t_start
     return summary
 
@@ -159,13 +168,17 @@ def _extract_windows(
     *,
     rank: int,
     world_size: int,
+    lock: FolderLock,
 ) -> None:
     from tqdm.auto import tqdm
 
     window = config.window
     done_windows = len(state["windows"])
     mine = (p for p in src if p.doc % world_size == rank)
-    mine = islice(mine, done_windows * window, None)  # resume: skip the recorded input ranges
+    if done_windows:  # resume: skip the recorded input ranges, checking they read as they did
+        for _ in islice(mine, done_windows * window):
+            pass
+        check_digest(state["windows"][-1].get("source"), src.digest(), f"window {done_windows - 1}")
     total = _rank_total(src, rank, world_size)
     bar = tqdm(
         total=total,
@@ -188,6 +201,7 @@ def _extract_windows(
             rows, n_real, n_padded = run_window(
                 runner, encoded, axes, config.token_budget, config.max_batch, pad_id, storage
             )
+            lock.check()  # still this store's writer (LockLost otherwise): nothing of another run is overwritten
             path = store_dir / shard_name(rank, index)
             record = {
                 "window": index,
@@ -199,6 +213,7 @@ def _extract_windows(
                 "rows": {a: int(rows[index_key(a, "doc")].numel()) for a in AXES if index_key(a, "doc") in rows},
                 "real_tokens": n_real,
                 "padded_tokens": n_padded,
+                "source": src.digest(),  # the hash of the source up to this window's last prompt (files)
             }
             write_shard(path, rows, record)
             state["windows"].append(record)
@@ -218,6 +233,7 @@ def _extract_windows(
             _maybe_stop_for_test(index)
     bar.close()
     state["complete"] = True
+    state["source"] = src.digest()  # the whole source, read to its end
     write_json(progress_path, state)
 
 

@@ -41,6 +41,7 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 INDEX_PREFIX = "__index__."
 INDEX_COLUMNS = ("doc", "pos", "token_id")
+INDEX_DTYPES = {"doc": torch.int64, "pos": torch.int32, "token_id": torch.int32}  # stored and loaded as these
 AXES = ("encoder", "decoder")
 STORAGE_DTYPES = {dtype_name(d): d for d in dtypes.STORAGE_DTYPES}  # name -> dtype
 

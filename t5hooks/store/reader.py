@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .format import FORMAT_NAME, INDEX_COLUMNS, MANIFEST, STORAGE_DTYPES, index_key, read_json, read_shard
+from .format import FORMAT_NAME, INDEX_COLUMNS, INDEX_DTYPES, MANIFEST, STORAGE_DTYPES, index_key, read_json, read_shard
 
 
 class ActivationStore:
@@ -75,15 +75,32 @@ class ActivationStore:
             parts["acts"].append(tensors[name])
             for c in INDEX_COLUMNS:
                 parts[c].append(tensors[index_key(axis, c)])
-        if not self.shards:
-            empty = torch.zeros(0, dtype=torch.int64)
+        if not self.shards:  # the same dtypes as a store with rows
             acts = torch.zeros(0, *self.shape(name), dtype=self.dtype)
-            return {"acts": acts, "doc": empty, "pos": empty, "token_id": empty}
+            return {"acts": acts, **{c: torch.zeros(0, dtype=d) for c, d in INDEX_DTYPES.items()}}
         out = {k: torch.cat(v) for k, v in parts.items()}
         if not len(out["doc"]):
             return out
         order = torch.argsort(out["doc"] * (int(out["pos"].max()) + 1) + out["pos"], stable=True)
         return {k: v[order] for k, v in out.items()}
+
+    def iter_shards(self, name: str, *, source_tokens: bool = False) -> Iterator[dict[str, Any]]:
+        """One hook's rows shard by shard, in store order: {"acts": [rows, *shape], "doc", "pos", "token_id":
+        [rows]}, rows by (doc, pos) (a document never spans shards). With `source_tokens`, a decoder hook's
+        shards also carry "source": the encoder tokens of the same documents ({"doc", "token_id"}), when the
+        store holds encoder rows. Memory: one shard; for one streaming pass over a store."""
+        self._hook(name)
+        axis = self.axis(name)
+        for shard in self.shards:
+            keys = [name, *(index_key(axis, c) for c in INDEX_COLUMNS)]
+            with_source = source_tokens and axis == "decoder" and "encoder" in shard["rows"]
+            if with_source:
+                keys += [index_key("encoder", "doc"), index_key("encoder", "token_id")]
+            tensors = read_shard(self.path / shard["file"], keys)
+            out: dict[str, Any] = {"acts": tensors[name], **{c: tensors[index_key(axis, c)] for c in INDEX_COLUMNS}}
+            if with_source:
+                out["source"] = {c: tensors[index_key("encoder", c)] for c in ("doc", "token_id")}
+            yield out
 
     def batches(
         self,

@@ -39,12 +39,13 @@ def probe_shapes(model: Any, names: list[str], axes: dict[str, str]) -> dict[str
     device = next(model.parameters()).device
     cap = model.capture(names)
     tokens = torch.ones(1, 3, dtype=torch.long, device=device)
+    every = torch.ones_like(tokens)  # the masks are given: a library call never triggers the user's pad warning
     with torch.inference_mode():
         if getattr(model.cfg, "n_decoder_layers", 0) > 0 and hasattr(model, "decode"):
             dec = torch.zeros(1, 2, dtype=torch.long, device=device)
-            out = cap(tokens, dec)
+            out = cap(tokens, dec, every, torch.ones_like(dec))
         else:
-            out = cap(tokens)
+            out = cap(tokens, every)
     expected = {"encoder": 3, "decoder": 2}
     shapes = {}
     for name in names:
@@ -123,9 +124,8 @@ class CaptureRunner:
         elif self.encoder_only:
             out = self.fn(tokens.to(self.device), one_zero_attention_mask=mask.long().to(self.device))
         else:
-            d = self.device
-            args = (tokens.to(d), dec.to(d) if self.needs_decoder else None, mask.long().to(d))
-            out = self.fn(*args, dec_mask.long().to(d)) if self.needs_decoder else self.fn(*args)
+            d = self.device  # without decoder targets: the model's default, one start token, with its mask given
+            out = self.fn(tokens.to(d), dec.to(d), mask.long().to(d), dec_mask.long().to(d))
         return out, inputs
 
 

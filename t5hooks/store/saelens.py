@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..atomic import scratch_dir
 from .format import index_key, read_shard, write_json
 from .reader import ActivationStore
 
@@ -69,11 +69,8 @@ def write_saelens(store: ActivationStore, root: Path, context_size: int) -> dict
             "token_ids": datasets.Sequence(datasets.Value("int32"), length=context_size),
         }
     )
-    build = root / f".saelens-build-{os.getpid()}"
-    shutil.rmtree(build, ignore_errors=True)
-    build.mkdir(parents=True)
     rows = dropped = 0
-    try:
+    with scratch_dir(root, "saelens-build") as build:  # a killed run's build folder is removed by the next
         writer = ArrowWriter(features=features, path=str(build / "packed.arrow"))
         carry: dict[str, torch.Tensor] = {}
         token_key = index_key(axis, "token_id")
@@ -103,8 +100,6 @@ def write_saelens(store: ActivationStore, root: Path, context_size: int) -> dict
         files = sorted((build / "dataset").iterdir(), key=lambda p: p.name == "state.json")  # state.json last
         for f in files:
             os.replace(f, root / f.name)
-    finally:
-        shutil.rmtree(build, ignore_errors=True)
     record = {"context_size": context_size, "rows": rows, "hooks": d_in, "dropped_tokens": dropped, "dtype": dtype}
     write_json(root / MARKER, record)
     return record

@@ -15,8 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..checkpoint_checks import looks_local
+
 TEXT_SUFFIXES = (".txt", ".text")
 JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
+# Suffixes that mark a name as a local data file, never a hub dataset id.
+DATA_SUFFIXES = (*TEXT_SUFFIXES, *JSONL_SUFFIXES, ".csv", ".tsv", ".parquet", ".arrow", ".gz", ".zst", ".bz2", ".xz")
 
 
 @dataclass(frozen=True)
@@ -34,6 +38,15 @@ class Source:
 
     def fingerprint(self) -> dict[str, Any]:
         raise NotImplementedError
+
+    def digest(self) -> dict[str, Any] | None:
+        """A hash of the content read so far by the current iteration (None: this source has none; its
+        fingerprint covers the content)."""
+        return None
+
+    def whole_digest(self) -> dict[str, Any] | None:
+        """The hash `digest()` gives after a whole iteration, computed now (None: none)."""
+        return None
 
     def __len__(self) -> int:  # may raise TypeError (streaming sources have no length)
         raise TypeError(f"{type(self).__name__} has no length")
@@ -68,52 +81,84 @@ class ListSource(Source):
         return {"kind": "list", "n": len(self.items), "sha256": digest}
 
 
-class TextFileSource(Source):
-    """One prompt per line (the trailing newline removed); `doc` is the 0-based line number."""
+class FileSource(Source):
+    """A file read line by line (lines end with `\\n` or `\\r\\n`). The SHA-256 of the bytes read so far is
+    updated as they are read (`digest()`), so checking that a file has not changed costs no extra read."""
+
+    kind = "file"
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
+        self._hash, self._bytes = hashlib.sha256(), 0
 
-    def __iter__(self) -> Iterator[Prompt]:
-        with open(self.path, encoding="utf-8") as f:
-            for i, line in enumerate(f):
-                yield Prompt(i, line.rstrip("\r\n"))
+    def _lines(self) -> Iterator[tuple[int, str]]:
+        self._hash, self._bytes = hashlib.sha256(), 0
+        with open(self.path, "rb") as f:
+            for i, raw in enumerate(f):
+                self._hash.update(raw)
+                self._bytes += len(raw)
+                try:
+                    text = raw.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    raise ValueError(
+                        f"{self.path}:{i + 1}: not UTF-8 text ({err.reason} at byte {err.start})"
+                    ) from None
+                yield i, text.rstrip("\r\n")
+
+    def digest(self) -> dict[str, Any] | None:
+        """`{"bytes", "sha256"}` of what the current (or last) iteration has read: the whole file once it ends."""
+        return {"bytes": self._bytes, "sha256": self._hash.hexdigest()}
+
+    def whole_digest(self) -> dict[str, Any] | None:
+        h, n = hashlib.sha256(), 0
+        with open(self.path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+                n += len(block)
+        return {"bytes": n, "sha256": h.hexdigest()}
 
     def fingerprint(self) -> dict[str, Any]:
-        return {"kind": "text", "path": str(self.path.resolve()), **_file_digest(self.path)}
+        # the size here; the content hash is taken while reading and checked window by window (digest())
+        return {"kind": self.kind, "path": str(self.path.resolve()), "bytes": self.path.stat().st_size}
 
 
-class JsonlSource(Source):
-    """One JSON object per line: `field` is the prompt, `decoder_field` (optional) the decoder target."""
+class TextFileSource(FileSource):
+    """One prompt per line (the line ending removed); `doc` is the 0-based line number."""
 
-    def __init__(self, path: str | os.PathLike, field: str = "text", decoder_field: str | None = None) -> None:
-        self.path, self.field, self.decoder_field = Path(path), field, decoder_field
+    kind = "text"
 
     def __iter__(self) -> Iterator[Prompt]:
-        with open(self.path, encoding="utf-8") as f:
-            for i, line in enumerate(f):
-                if not line.strip():
-                    yield Prompt(i, "")  # an empty line is an empty prompt (extract reports or skips it)
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise ValueError(f"{self.path}:{i + 1}: not valid JSON ({err.msg})") from err
-                where = f"{self.path}:{i + 1}"
-                yield Prompt(i, _field(record, self.field, where), _decoder(record, self.decoder_field, where))
+        for i, line in self._lines():
+            yield Prompt(i, line)
+
+
+class JsonlSource(FileSource):
+    """One JSON object per line: `field` is the prompt, `decoder_field` (optional) the decoder target."""
+
+    kind = "jsonl"
+
+    def __init__(self, path: str | os.PathLike, field: str = "text", decoder_field: str | None = None) -> None:
+        super().__init__(path)
+        self.field, self.decoder_field = field, decoder_field
+
+    def __iter__(self) -> Iterator[Prompt]:
+        for i, line in self._lines():
+            if not line.strip():
+                yield Prompt(i, "")  # an empty line is an empty prompt (extract reports or skips it)
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{self.path}:{i + 1}: not valid JSON ({err.msg})") from err
+            where = f"{self.path}:{i + 1}"
+            yield Prompt(i, _field(record, self.field, where), _decoder(record, self.decoder_field, where))
 
     @property
     def has_decoder(self) -> bool:
         return self.decoder_field is not None
 
     def fingerprint(self) -> dict[str, Any]:
-        return {
-            "kind": "jsonl",
-            "path": str(self.path.resolve()),
-            "field": self.field,
-            "decoder_field": self.decoder_field,
-            **_file_digest(self.path),
-        }
+        return {**super().fingerprint(), "field": self.field, "decoder_field": self.decoder_field}
 
 
 class DatasetSource(Source):
@@ -170,7 +215,11 @@ def open_source(
     if isinstance(source, (list, tuple)):
         return ListSource(source)
     if isinstance(source, (str, os.PathLike)):
-        path = Path(source)
+        path = Path(source).expanduser()
+        if not path.exists() and looks_local(str(source), DATA_SUFFIXES):
+            raise FileNotFoundError(
+                f"no such file or folder: {str(source)!r} (a local path; hub datasets are named like 'org/name')"
+            )
         if path.is_file():
             if path.suffix.lower() in JSONL_SUFFIXES:
                 return JsonlSource(path, field, decoder_field)
@@ -210,8 +259,14 @@ def _load_dataset(name: str, field: str, decoder_field: str | None, split: str, 
             raise ValueError(f"{name}: unknown file type {path.suffix!r}; use .txt (one prompt a line) or .jsonl")
         try:
             ds = datasets.load_dataset(name, split=split, streaming=streaming)
+            # the revision (hub: the commit; local data files: their hash) and what the builder was given:
+            # a re-published or edited dataset gets another fingerprint, so a resume cannot mix the two
+            builder = datasets.load_dataset_builder(name)
         except Exception as err:  # the hub / builders raise many types; report one clear error
             raise ValueError(f"could not load dataset {name!r} (split {split!r}): {err}") from err
+        description.update(revision=builder.hash, config_id=builder.config_id)
+        if not streaming:
+            description["fingerprint"] = ds._fingerprint
     return DatasetSource(ds, field, decoder_field, description=description)
 
 
@@ -232,13 +287,11 @@ def _decoder(record: Any, field: str | None, where: str) -> str | None:
     return None if field is None else _field(record, field, where)
 
 
-def _file_digest(path: Path, chunk: int = 1 << 20) -> dict[str, Any]:
-    """Size plus a hash of the first and last MiB: cheap for huge corpora, catches edits and swaps."""
-    size = path.stat().st_size
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        h.update(f.read(chunk))
-        if size > chunk:
-            f.seek(max(chunk, size - chunk))
-            h.update(f.read(chunk))
-    return {"bytes": size, "sha256_ends": h.hexdigest()}
+def check_digest(recorded: dict[str, Any] | None, current: dict[str, Any] | None, where: str) -> None:
+    """ValueError unless the content hash recorded when a window was stored equals the source's now."""
+    if recorded is not None and current is not None and recorded != current:
+        raise ValueError(
+            f"the source has changed since {where} was stored (first {recorded['bytes']} bytes: sha256 "
+            f"{recorded['sha256'][:12]}... then, {current['sha256'][:12]}... now over {current['bytes']} bytes); "
+            f"refusing to mix its old and new data in one store: restore the file, or extract into a new out_dir"
+        )

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from .batching import padded_tokens, plan_batches
-from .format import AXES, index_key
+from .format import AXES, INDEX_DTYPES, index_key
 from .runner import CaptureRunner, Encoded
 from .sources import Prompt
 
@@ -93,11 +93,11 @@ def run_window(
         out, inputs = runner.run(items, pad_id)
         for axis in used_axes:
             tokens, mask = inputs[axis]  # [B,L], [B,L] bool (real tokens)
-            docs = torch.tensor([e.doc for e in items], dtype=torch.int64)[:, None].expand_as(tokens)
-            pos = torch.arange(tokens.shape[1], dtype=torch.int32)[None].expand_as(tokens)
+            docs = torch.tensor([e.doc for e in items], dtype=INDEX_DTYPES["doc"])[:, None].expand_as(tokens)
+            pos = torch.arange(tokens.shape[1], dtype=INDEX_DTYPES["pos"])[None].expand_as(tokens)
             parts.setdefault(index_key(axis, "doc"), []).append(docs[mask])
             parts.setdefault(index_key(axis, "pos"), []).append(pos[mask])
-            parts.setdefault(index_key(axis, "token_id"), []).append(tokens[mask].to(torch.int32))
+            parts.setdefault(index_key(axis, "token_id"), []).append(tokens[mask].to(INDEX_DTYPES["token_id"]))
         for name, axis in axes.items():
             act = out[name]  # [B,L,*shape]
             _, mask = inputs[axis]
@@ -107,8 +107,8 @@ def run_window(
     rows: dict[str, Tensor] = {}
     for axis in used_axes:
         if not batches:  # every prompt of the window was skipped: an empty shard keeps the windows contiguous
-            rows[index_key(axis, "doc")] = torch.zeros(0, dtype=torch.int64)
-            rows[index_key(axis, "pos")] = rows[index_key(axis, "token_id")] = torch.zeros(0, dtype=torch.int32)
+            for column, dtype in INDEX_DTYPES.items():
+                rows[index_key(axis, column)] = torch.zeros(0, dtype=dtype)
             for name in (n for n, a in axes.items() if a == axis):
                 rows[name] = torch.zeros(0, *runner.shapes[name], dtype=storage)
             continue

@@ -2,7 +2,10 @@
 
 * safetensors (`safetensors_file.py`): our own reader of the documented layout (8-byte header length,
   JSON header, raw data), so every tensor is read straight into its own buffer and a truncated or
-  mislabelled file is refused before anything is read; fp32 / fp16 / bf16 and fp8 (`fp8.py`).
+  mislabelled file is refused before anything is read; fp32 / fp16 / bf16.
+* quantised weights (`quantised.py`): int8 / fp8 weights in the scaled layouts real exports use
+  (compressed-tensors, ComfyUI, bitsandbytes int8, optimum-quanto), planned from the headers and dequantised
+  on load; any other non-float tensor is refused by name before anything is read.
 * GGUF (`gguf_file.py`): llama.cpp's format, parsed and dequantised with the `gguf` package.
 
 Readers yield `(Hugging Face parameter name, tensor)`; `loading.py` maps the names to ours.

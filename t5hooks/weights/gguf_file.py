@@ -61,7 +61,14 @@ class GGUFCheckpoint:
             )
         self.tensor_infos = {t.name: t for t in self.reader.tensors}
         size = self.path.stat().st_size
+        integer_types = {gguf.GGMLQuantizationType[t] for t in ("I8", "I16", "I32", "I64")}
         for info in self.tensor_infos.values():
+            if gguf.GGMLQuantizationType(info.tensor_type) in integer_types:
+                raise CheckpointError(
+                    f"{self.path}: tensor {info.name!r} is stored as plain integers "
+                    f"({gguf.GGMLQuantizationType(info.tensor_type).name}), which no T5 weight is; supported: F32 / "
+                    f"F16 / BF16 / F64 and the quantised GGML types (Q8_0, Q4_K, ...)"
+                )
             if info.data_offset + info.n_bytes > size:
                 raise CheckpointError(
                     f"{self.path}: truncated GGUF file: tensor {info.name!r} ends at byte "
@@ -78,11 +85,41 @@ class GGUFCheckpoint:
     def _key(self, template: str) -> str:
         return template.format(arch=self.arch)
 
+    def size_field(self, template: str, default: int | None = None) -> int:
+        """An integer size from the metadata, checked: present (or defaulted), an integer >= 0."""
+        key = self._key(template)
+        value = self.field(key, default)
+        if value is None:
+            raise CheckpointError(f"{self.path}: the GGUF metadata has no {key}")
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+            raise CheckpointError(f"{self.path}: GGUF metadata {key}={value!r}; expected an integer >= 0")
+        return int(value)
+
+    def field_names(self) -> dict[str, str]:
+        """Our size fields -> the metadata keys (or tensors) they come from, for errors."""
+        gguf = _gguf_package()
+        keys, attn = gguf.Keys.LLM, gguf.Keys.Attention
+        return {
+            "d_model": self._key(keys.EMBEDDING_LENGTH),
+            "d_head": self._key(attn.KEY_LENGTH),
+            "n_heads": self._key(attn.HEAD_COUNT),
+            "d_mlp": self._key(keys.FEED_FORWARD_LENGTH),
+            "n_layers": self._key(keys.BLOCK_COUNT),
+            "n_decoder_layers": "the decoder blocks' tensors",
+            "d_vocab": "token_embd's shape",
+        }
+
     def _hf_names(self) -> dict[str, str]:
         """GGUF tensor name -> Hugging Face T5 parameter name."""
         gguf = _gguf_package()
-        n_blocks = int(self.field(self._key(gguf.Keys.LLM.BLOCK_COUNT), 0))
-        n_dec = int(self.field(self._key(gguf.Keys.LLM.DECODER_BLOCK_COUNT), n_blocks) or n_blocks)
+        n_blocks = self.size_field(gguf.Keys.LLM.BLOCK_COUNT, 0)
+        n_dec = self.size_field(gguf.Keys.LLM.DECODER_BLOCK_COUNT, n_blocks) or n_blocks
+        for key, count in ((gguf.Keys.LLM.BLOCK_COUNT, n_blocks), (gguf.Keys.LLM.DECODER_BLOCK_COUNT, n_dec)):
+            if count > len(self.tensor_infos):  # every block has tensors: a larger count is a corrupt header
+                raise CheckpointError(
+                    f"{self.path}: GGUF metadata {self._key(key)}={count}, but the file holds only "
+                    f"{len(self.tensor_infos)} tensors (every block has several); the header is damaged"
+                )
         name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.T5, max(n_blocks, n_dec))
         # The map goes from HF names to GGUF names: invert it over every name a T5 checkpoint can have.
         inverse: dict[str, str] = {}
@@ -129,26 +166,28 @@ class GGUFCheckpoint:
         embed = next((i for i, n in self.hf_names.items() if n == "shared.weight"), None)
         if embed is None:
             raise CheckpointError(f"{self.path}: no token embedding (token_embd) in this T5 GGUF file")
-        n_layers = int(self.field(self._key(keys.BLOCK_COUNT)))
+        n_layers = self.size_field(keys.BLOCK_COUNT)
         n_dec = sum(1 for n in hf if n.startswith("decoder.block.") and n.endswith("layer.0.SelfAttention.q.weight"))
         per_layer_bias = any(
             n.endswith("relative_attention_bias.weight") and not n.startswith(("encoder.block.0.", "decoder.block.0."))
             for n in hf
         )
-        d_model = int(self.field(self._key(keys.EMBEDDING_LENGTH)))
-        n_heads = int(self.field(self._key(attn.HEAD_COUNT)))
+        d_model = self.size_field(keys.EMBEDDING_LENGTH)
+        n_heads = self.size_field(attn.HEAD_COUNT)
+        if n_heads == 0:
+            raise CheckpointError(f"{self.path}: GGUF metadata {self._key(attn.HEAD_COUNT)}=0")
         config = {
             "model_type": "umt5" if per_layer_bias else "t5",
             "architectures": ["T5ForConditionalGeneration" if n_dec else "T5EncoderModel"],
             "d_model": d_model,
-            "d_ff": int(self.field(self._key(keys.FEED_FORWARD_LENGTH))),
+            "d_ff": self.size_field(keys.FEED_FORWARD_LENGTH),
             "num_layers": n_layers,
             "num_decoder_layers": n_dec or n_layers,
             "num_heads": n_heads,
-            "d_kv": int(self.field(self._key(attn.KEY_LENGTH), d_model // n_heads)),
+            "d_kv": self.size_field(attn.KEY_LENGTH, d_model // n_heads),
             "vocab_size": int(self.tensor_infos[embed].shape[-1]),
             "layer_norm_epsilon": float(self.field(self._key(attn.LAYERNORM_RMS_EPS), 1e-6)),
-            "relative_attention_num_buckets": int(self.field(self._key(attn.REL_BUCKETS_COUNT), 32)),
+            "relative_attention_num_buckets": self.size_field(attn.REL_BUCKETS_COUNT, 32),
             "relative_attention_max_distance": 128,  # not stored in GGUF; every released T5 uses 128
             "feed_forward_proj": "gated-gelu" if gated else "relu",
             "decoder_start_token_id": int(self.field(self._key(keys.DECODER_START_TOKEN_ID), 0)),
@@ -189,6 +228,8 @@ class GGUFCheckpoint:
                     values = raw.view(np.float32)
                 elif qtype == gguf.GGMLQuantizationType.F16:
                     values = raw.view(np.float16)
+                elif qtype == gguf.GGMLQuantizationType.F64:
+                    values = raw.view(np.float64)
                 else:
                     block, type_size = gguf.GGML_QUANT_SIZES[qtype]
                     rows = raw.reshape(-1, shape[-1] // block * type_size)

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from . import CheckpointError
-from .fp8 import FP8_DTYPES, check_scale, dequantise, is_auxiliary, scale_key
+from .quantised import QuantisationPlan, RowDequantiser, dequantised
 
 DTYPES = {
     "F64": torch.float64,
@@ -96,21 +96,19 @@ class SafetensorsFile:
         """Tensor names in file order."""
         return sorted(self.entries, key=lambda k: self.entries[k].start)
 
-    def elements_by_dtype(self) -> dict[torch.dtype, int]:
-        """How many weight values each float dtype stores (scale and marker tensors not counted)."""
-        counts: dict[torch.dtype, int] = {}
-        for e in self.entries.values():
-            if e.dtype.is_floating_point and not is_auxiliary(e.name):
-                counts[e.dtype] = counts.get(e.dtype, 0) + math.prod(e.shape)
-        return counts
+    def info(self) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+        """`{name: (stored dtype, shape)}` in file order, from the header alone."""
+        return {name: (self.entries[name].dtype, self.entries[name].shape) for name in self.names()}
 
-    def read(self, name: str, f: BinaryIO, dtype: torch.dtype | None = None, scale: Tensor | None = None) -> Tensor:
-        """One tensor, in `dtype` (default: as stored; fp8 multiplied by `scale` when given). Stored as it is
-        wanted, it is read straight into its own buffer; otherwise it is read and converted in row blocks of
-        about `CHUNK_ELEMENTS` values, so a conversion never holds a second full-size copy."""
+    def read(
+        self, name: str, f: BinaryIO, dtype: torch.dtype | None = None, dequantise: RowDequantiser | None = None
+    ) -> Tensor:
+        """One tensor, in `dtype` (default: as stored), through `dequantise` when given. Stored as it is wanted,
+        it is read straight into its own buffer; otherwise it is read and converted in row blocks of about
+        `CHUNK_ELEMENTS` values, so a conversion never holds a second full-size copy."""
         entry = self.entries[name]
         target = dtype or entry.dtype
-        if target == entry.dtype and scale is None:
+        if target == entry.dtype and dequantise is None:
             out = torch.empty(entry.shape, dtype=entry.dtype)
             self._read_into(f, entry, entry.start, out)
             return out
@@ -125,11 +123,16 @@ class SafetensorsFile:
             end = min(rows, begin + step)
             chunk = torch.empty((end - begin, by_row.shape[1]), dtype=entry.dtype)
             self._read_into(f, entry, entry.start + begin * row_bytes, chunk)
-            if entry.dtype in FP8_DTYPES:
-                by_row[begin:end] = dequantise(chunk, _scale_rows(scale, begin, end), target)
+            if dequantise is not None:
+                by_row[begin:end] = dequantise(chunk, begin, end, target)
             else:
                 by_row[begin:end].copy_(chunk)  # converts in place: no full-size temporary
         return out
+
+    def read_alone(self, name: str, dtype: torch.dtype | None = None) -> Tensor:
+        """One (small) tensor, opening the file for it."""
+        with open(self.path, "rb") as f:
+            return self.read(name, f, dtype)
 
     def _read_into(self, f: BinaryIO, entry: TensorEntry, offset: int, out: Tensor) -> None:
         f.seek(offset)
@@ -138,31 +141,29 @@ class SafetensorsFile:
         if got != wanted:
             raise self.error(f"tensor {entry.name!r}: read {got} of {wanted} bytes (file truncated while reading?)")
 
-    def tensors(
-        self, dtype: torch.dtype | None = None, wanted: Callable[[str], bool] | None = None
-    ) -> Iterator[tuple[str, Tensor]]:
-        """`(name, tensor)` in file order: float tensors in `dtype` (None: as stored, fp8 as float32), fp8
-        weights multiplied by their scale when the file has one; integer tensors as stored. Scale and marker
-        tensors are not yielded, nor (unread) tensors `wanted` rejects."""
-        names = self.names()
-        with open(self.path, "rb") as f:
-            for name in names:
-                if is_auxiliary(name) or (wanted is not None and not wanted(name)):
-                    continue
-                entry = self.entries[name]
-                target = dtype if entry.dtype.is_floating_point else None
-                scale = None
-                if entry.dtype in FP8_DTYPES:
-                    target = target or torch.float32
-                    key = scale_key(name, names)
-                    if key is not None:
-                        scale = self.read(key, f, torch.float32)
-                        check_scale(scale, entry.shape, f"{self.path}: {name}")
-                yield name, self.read(name, f, target, scale)
 
+def read_safetensors(
+    files: list[SafetensorsFile],
+    plan: QuantisationPlan,
+    dtype: torch.dtype | None = None,
+    wanted: Callable[[str], bool] | None = None,
+) -> Iterator[tuple[str, Tensor]]:
+    """`(weight name, tensor)` from the files of one checkpoint, in file order, as `plan` (made from all their
+    headers, so a scale may sit in another shard than its weight) says: float tensors in `dtype` (None: as
+    stored), quantised weights dequantised; auxiliary tensors not yielded, nor (unread) weights `wanted`
+    rejects."""
+    holder = {name: st for st in files for name in st.entries}
 
-def _scale_rows(scale: Tensor | None, begin: int, end: int) -> Tensor | None:
-    """The part of a (scalar or per-row) scale that applies to rows `begin:end`."""
-    if scale is None or scale.numel() == 1:
-        return scale
-    return scale.reshape(-1)[begin:end]
+    def aux(name: str) -> Tensor:
+        return holder[name].read_alone(name)
+
+    for st in files:
+        with open(st.path, "rb") as f:
+
+            def read(name: str, target: torch.dtype | None, dequantise: RowDequantiser | None) -> Tensor:
+                return st.read(name, f, target, dequantise)  # noqa: B023 - used before the loop moves on
+
+            def shape_of(name: str) -> tuple[int, ...]:
+                return st.entries[name].shape  # noqa: B023
+
+            yield from dequantised(st.names(), plan, dtype, wanted, read, shape_of, aux)

@@ -1,4 +1,4 @@
-"""The benchmarks, one module each: `t5hooks bench attention|model|cpu|extract|sae` (benchmarks/ holds thin
+"""The benchmarks, one module each: `t5hooks bench attention|model|cpu|extract|sae|dashboard` (benchmarks/ holds thin
 wrappers). Each module's `main(argv)` parses its own arguments."""
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ BENCHMARKS = {
     "cpu": "every CPU fast path against Hugging Face, with the machine's GEMM GFLOP/s",
     "extract": "corpus extraction against a hand-rolled Hugging Face hook loop",
     "sae": "SAE training against SAELens's trainer",
+    "dashboard": "feature-dashboard build time against store size (4096 features, up to 1M tokens)",
 }
 
 

@@ -89,7 +89,7 @@ def versions() -> str:
     try:
         deps = np.show_config(mode="dicts")["Build Dependencies"]["blas"]
         blas = f"{deps.get('name', '?')} {deps.get('version', '')}".strip()
-    except Exception:  # noqa: BLE001 - numpy builds differ in what they report
+    except (KeyError, TypeError, ValueError, AttributeError):  # numpy builds differ: the line then shows "?"
         pass
     config = torch.__config__.show()
     mkldnn = next((line.split(" v", 1)[1].split()[0] for line in config.splitlines() if "MKL-DNN v" in line), "?")

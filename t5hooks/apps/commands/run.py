@@ -148,9 +148,22 @@ def register(sub) -> None:
         metavar="PATTERN",
         help="which cached names to tabulate (default: residual stream)",
     )
-    run.add_argument("--top-links", type=int, default=8, help="attention links to list (default: %(default)s)")
+    run.add_argument("--top-links", type=_count, default=8, help="attention links to list, >= 0 (default: %(default)s)")
     run.add_argument("--save", default=None, metavar="FILE.safetensors", help="save the cached activations")
     run.add_argument("--force", action="store_true", help="replace an existing --save file")
     run.add_argument("--device", default=None, help="cpu, cuda, ...")
     run.add_argument("--dtype", default="float32", type=cli_dtype(RUN_DTYPES), help="float32, bfloat16 or float16")
     run.set_defaults(func=cmd_run)
+
+
+def _count(text: str) -> int:
+    """An integer >= 0 (argparse type: a bad value is a one-line usage error before any work)."""
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be >= 0")
+    return value

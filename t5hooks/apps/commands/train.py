@@ -42,14 +42,14 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     sae.add_argument("--text", default=None, help="text file, one input per line")
     sae.add_argument("--checkpoint-every", type=int, default=100)
     sae.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
-    sae.set_defaults(func=cmd_train_sae)
+    sae.set_defaults(func=_holding_out(cmd_train_sae))
 
     probe = sub.add_parser("probe", help="a linear probe (classification) at one hook")
     common(probe)
     probe.add_argument("--hook", required=True)
     probe.add_argument("--data", default=None, help='JSONL {"text", "label"} (default tiny task: character identity)')
     probe.add_argument("--classes", type=int, default=None, help="number of classes (default: from the data)")
-    probe.set_defaults(func=cmd_train_probe)
+    probe.set_defaults(func=_holding_out(cmd_train_probe))
 
     das = sub.add_parser("das", help="distributed alignment search: a rank-k interchange subspace at one hook")
     common(das)
@@ -61,8 +61,29 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         default=None,
         help='JSONL {"base", "source", "target"} (default tiny task: swap the character at --position)',
     )
-    das.set_defaults(func=cmd_train_das)
+    das.set_defaults(func=_holding_out(cmd_train_das))
     return parser
+
+
+def _holding_out(command: Any) -> Any:
+    """Run `command` holding an exclusive lock on `--out` (a hidden `.<name>.t5hooks-lock` beside it, so the
+    folder itself is not created early): a second training into the same folder is refused, naming the
+    first. Under torchrun only rank 0 writes, so only it locks."""
+
+    def run(args: argparse.Namespace) -> int:
+        import os
+
+        from ...atomic import exclusive_lock
+
+        if int(os.environ.get("RANK", "0")) != 0:
+            return command(args)
+        out = Path(args.out).absolute()
+        with exclusive_lock(
+            out.parent, f"t5hooks train {args.what} --out {args.out}", name=f".{out.name}.t5hooks-lock"
+        ):
+            return command(args)
+
+    return run
 
 
 def _model(args: argparse.Namespace):

@@ -142,9 +142,12 @@ def run_sae_demo(out_dir: str | Path = "t5hooks-sae-demo", steps: int = 300, see
     batch = make_batch(words[:8], model.tokenizer)
     dec = model.shift_right(batch.labels)
     with torch.no_grad():
-        ref = model.capture([HOOK], intervene={HOOK: sae})(batch.tokens, dec, batch.mask)
+        ref = model.capture([HOOK], intervene={HOOK: sae})(batch.tokens, dec, batch.mask, torch.ones_like(dec))
     got = OnnxRunner(path)(
-        input=batch.tokens.numpy(), decoder_input=dec.numpy(), one_zero_attention_mask=batch.mask.numpy()
+        input=batch.tokens.numpy(),
+        decoder_input=dec.numpy(),
+        one_zero_attention_mask=batch.mask.numpy(),
+        decoder_attention_mask=torch.ones_like(dec).numpy(),
     )
     key = HOOK + ".features"
     diff = float(abs(got[key] - ref[key].numpy()).max())

@@ -17,7 +17,7 @@ from torch import Tensor
 from ...atomic import check_writable
 from ...components import lm_loss
 from ...tables import format_table
-from ...timing import median_ms
+from ...timing import NOISY, machine_load, time_rows
 from ..common import CliError
 from ..reversal_task import MAX_LEN, MIN_LEN
 
@@ -71,7 +71,7 @@ def run_demo(out_dir: str | Path | None = None, word: str = "interpret") -> int:
     dec = model.shift_right(target)
     names = [f"decoder.{l}.cross_attn.hook_pattern" for l in range(model.cfg.n_decoder_layers)]
     with torch.no_grad():
-        _, cache = model.run_with_cache(tokens, dec, names_filter=names)
+        _, cache = model.run_with_cache(tokens, dec, decoder_attention_mask=torch.ones_like(dec), names_filter=names)
     mirror = torch.arange(len(word) - 1, -1, -1)
     best_name, best_head, best_mass = None, 0, -1.0
     for name in names:
@@ -108,10 +108,17 @@ def run_demo(out_dir: str | Path | None = None, word: str = "interpret") -> int:
     words = held_out_words()[:200]
     batch = make_batch(words, model.tokenizer)
     batch_dec = model.shift_right(batch.labels)
+    batch_mask = torch.ones_like(batch_dec)  # causal: padding after the answer cannot change it (masks given)
 
     def answer_log_prob(hooks: list) -> float:
         with torch.no_grad():
-            logits = model.run_with_hooks(batch.tokens, batch_dec, one_zero_attention_mask=batch.mask, fwd_hooks=hooks)
+            logits = model.run_with_hooks(
+                batch.tokens,
+                batch_dec,
+                one_zero_attention_mask=batch.mask,
+                decoder_attention_mask=batch_mask,
+                fwd_hooks=hooks,
+            )
         return -lm_loss(logits, batch.labels).item()  # mean log-probability of the answer tokens
 
     def zero_head(head: int):
@@ -154,9 +161,12 @@ def run_demo(out_dir: str | Path | None = None, word: str = "interpret") -> int:
     probe = model.to_tokens(["hooks", "onnx runtime"])
     mask = (probe != 0).long()
     probe_dec = model.shift_right(model.to_tokens(["skooh", "emitnur xnno"]))
-    ort_out = runner(input=probe, decoder_input=probe_dec, one_zero_attention_mask=mask)
+    dec_mask = torch.ones_like(probe_dec)
+    ort_out = runner(
+        input=probe, decoder_input=probe_dec, one_zero_attention_mask=mask, decoder_attention_mask=dec_mask
+    )
     with torch.no_grad():
-        eager_out = model.capture(capture)(probe, probe_dec, mask)
+        eager_out = model.capture(capture)(probe, probe_dec, mask, dec_mask)
     worst = max(float((torch.as_tensor(ort_out[k]) - eager_out[k]).abs().max()) for k in eager_out)
     print(
         f"\n4. ONNX export {onnx_path.name}: outputs {list(ort_out)[:3]} ... ({len(ort_out)} in all); "
@@ -165,27 +175,45 @@ def run_demo(out_dir: str | Path | None = None, word: str = "interpret") -> int:
     if worst >= 1e-4:
         return 1
 
-    # 5. timings
+    # 5. timings: warmed up until stable, interleaved, median ± spread, beside the machine's load
     cap = model.capture(capture)
     with torch.inference_mode():
-        timings = [
-            ("eager forward", median_ms(lambda: model(probe, probe_dec, one_zero_attention_mask=mask))),
-            (
-                "run_with_cache (all hook points)",
-                median_ms(lambda: model.run_with_cache(probe, probe_dec, one_zero_attention_mask=mask)),
-            ),
-            ("capture module (patterns + resid_post)", median_ms(lambda: cap(probe, probe_dec, mask))),
-            (
-                "ONNX Runtime (same outputs)",
-                median_ms(lambda: runner(input=probe, decoder_input=probe_dec, one_zero_attention_mask=mask)),
-            ),
-            (
-                "generate 12 tokens (batch 2)",
-                median_ms(lambda: model.generate(["hooks", "onnx runtime"], 12), repeats=3),
-            ),
-        ]
-    print("\n5. timings (CPU, batch 2, median ms)")
-    print(format_table([(name, f"{ms:.2f}") for name, ms in timings], ("what", "ms")))
+        timings = time_rows(
+            [
+                (
+                    "eager forward",
+                    lambda: model(probe, probe_dec, one_zero_attention_mask=mask, decoder_attention_mask=dec_mask),
+                ),
+                (
+                    "run_with_cache (all hook points)",
+                    lambda: model.run_with_cache(
+                        probe, probe_dec, one_zero_attention_mask=mask, decoder_attention_mask=dec_mask
+                    ),
+                ),
+                ("capture module (patterns + resid_post)", lambda: cap(probe, probe_dec, mask, dec_mask)),
+                (
+                    "ONNX Runtime (same outputs)",
+                    lambda: runner(
+                        input=probe,
+                        decoder_input=probe_dec,
+                        one_zero_attention_mask=mask,
+                        decoder_attention_mask=dec_mask,
+                    ),
+                ),
+                ("generate 12 tokens (batch 2)", lambda: model.generate(["hooks", "onnx runtime"], 12)),
+            ],
+            repeats=15,
+            budget_s=10.0,
+        )
+    samples = next(iter(timings.values())).samples
+    print(f"\n5. timings (CPU, batch 2; ms, median ± half the interquartile range of {samples} interleaved rounds "
+          f"after a warm-up until stable; {machine_load()})")  # fmt: skip
+    print(format_table([(name, t.cell()) for name, t in timings.items()], ("what", "ms")))
+    if any(t.noisy for t in timings.values()):
+        print(
+            f"noisy: a spread over {NOISY:.0%} of the median; the machine is busy ({machine_load()}), so these rows "
+            f"are not comparable: run again on a quiet machine"
+        )
     print(f"\nfiles in {out}")
     return 0
 
