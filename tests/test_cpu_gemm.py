@@ -356,7 +356,6 @@ def test_compiled_capture_runs_the_extern_op_with_zero_graph_breaks():
     fn = compile_capture(cap, cpu_gemm="onednn")
     with torch.no_grad():
         got, codes = run_and_get_code(fn, tokens, dec, mask)
-        longer = fn(*batch(enc=13, dec=7))  # other lengths: the same dynamic graph, shape class read at run time
     assert dict(counters["graph_break"]) == {}
     code = "\n".join(codes)
     assert code.count("= torch.ops.t5hooks.cpu_linear.default(") == 7 + 11 + 1  # every linear layer, one call each
@@ -364,31 +363,48 @@ def test_compiled_capture_runs_the_extern_op_with_zero_graph_breaks():
     assert list(got) == list(want)
     for name in want:
         torch.testing.assert_close(got[name], want[name], atol=ATOL, rtol=RTOL, msg=name)
-    assert longer["logits"].shape == (3, 7, 96)
-
-    mkl = compile_capture(cap, cpu_gemm="mkl")  # the setting is guarded: a new graph, with inductor's own GEMMs
-    with torch.no_grad():
-        got, codes = run_and_get_code(mkl, tokens, dec, mask)
-    assert "cpu_linear" not in "\n".join(codes)
-    torch.testing.assert_close(got["logits"], want["logits"], atol=ATOL, rtol=RTOL)
-
-    # training through the compiled capture: the op's forward, torch's matmuls for the backward; same gradients
-    loss, codes = run_and_get_code(lambda: fn(tokens, dec, mask, labels=dec)["loss"].backward())
-    assert "= torch.ops.t5hooks.cpu_linear.default(" in "\n".join(codes)
-    grads = {name: p.grad for name, p in model.named_parameters()}
-    model.zero_grad(set_to_none=True)
-    with cpu_gemm.use("mkl"):
-        model(tokens, dec, one_zero_attention_mask=mask, labels=dec, return_type="loss").backward()
-    for name, p in model.named_parameters():
-        torch.testing.assert_close(grads[name], p.grad, atol=ATOL, rtol=1e-4, msg=name)
-    assert dict(counters["graph_break"]) == {}
 
 
 @pytest.mark.slow
-def test_exported_graphs_hold_standard_ops_only(tmp_path):
-    import onnx
+def test_compiled_linear_chooses_per_shape_class_at_run_time_and_trains(monkeypatch, kernels_run):
+    """One dynamic graph serves both shape classes (the op reads the rows at run time); the setting is guarded
+    (mkl: a new graph with inductor's own GEMM); under autograd the op's forward and torch's backward."""
+    from torch._dynamo.utils import counters
+    from torch._inductor.utils import run_and_get_code
 
-    from t5hooks.export import to_onnx
+    monkeypatch.setattr(cpu_gemm, "measure", fixed_timings(decode="onednn_packed", prefill="mkl"))
+    torch._dynamo.reset()
+    counters.clear()
+    g = torch.Generator().manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(24, 16, generator=g) / 4)
+    fn = torch.compile(lambda x: cpu_gemm.linear(x, w, "auto"), fullgraph=True, dynamic=True)
+    with torch.no_grad():
+        x = torch.randn(4, 16, generator=g)
+        got, codes = run_and_get_code(fn, x)
+        assert "torch.ops.t5hooks.cpu_linear.default(" in "\n".join(codes)
+        for rows, kernel in ((4, "onednn_packed"), (70, "mkl")):
+            x = torch.randn(rows, 16, generator=g)
+            kernels_run.clear()
+            got = fn(x)
+            assert kernels_run == [kernel], rows
+            torch.testing.assert_close(got, F.linear(x, w), atol=ATOL, rtol=RTOL)
+        kernels_run.clear()
+        with cpu_gemm.use("mkl"):
+            got, codes = run_and_get_code(fn, x)
+        assert "cpu_linear" not in "\n".join(codes)
+    assert dict(counters["graph_break"]) == {}
+
+    x = torch.randn(6, 16, generator=g, requires_grad=True)
+    kernels_run.clear()
+    fn(x).square().sum().backward()
+    assert kernels_run == ["onednn"]  # a weight being trained is never packed
+    want_x, want_w = torch.autograd.grad(F.linear(x, w).square().sum(), (x, w))
+    torch.testing.assert_close(x.grad, want_x, atol=ATOL, rtol=1e-5)
+    torch.testing.assert_close(w.grad, want_w, atol=ATOL, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_exported_graphs_hold_standard_ops_only():
     from t5hooks.export.torch_export import to_exported_program
 
     model = tiny_model(n_layers=1, cpu_gemm="onednn")  # forced: any leak of the backend into an export would show
@@ -397,7 +413,11 @@ def test_exported_graphs_hold_standard_ops_only(tmp_path):
     targets = {str(node.target) for node in program.graph.nodes if node.op == "call_function"}
     assert any("linear" in t or "mm" in t for t in targets)
     assert not [t for t in targets if "mkldnn" in t or "t5hooks" in t]
-    path = to_onnx(model, tmp_path / "t5.onnx", ["encoder.0.hook_resid_post"])
-    graph = onnx.load(str(path)).graph
-    domains = {node.domain for node in graph.node}
-    assert domains <= {"", "ai.onnx"} and "MatMul" in {node.op_type for node in graph.node}
+    # to_onnx runs torch.onnx.export(dynamo=True) (export/onnx.py): the same exporter path, shown on one component
+    # (the whole model's ONNX export costs ~30 s more here and proves nothing further)
+    mlp = model.encoder[0].mlp.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        onnx_program = torch.onnx.export(mlp, (torch.randn(2, 5, 32),), dynamo=True, verbose=False)
+    nodes = onnx_program.model_proto.graph.node
+    assert {node.domain for node in nodes} <= {"", "ai.onnx"} and "MatMul" in {node.op_type for node in nodes}

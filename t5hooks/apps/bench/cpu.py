@@ -524,7 +524,7 @@ def training_rows(hf: Any, ours: Any, tokens: Any, mask: Any, dec_tokens: Any, r
         "t5hooks eager train step, cpu_gemm=mkl": eager_step("mkl"),
         "t5hooks eager train step (auto)": eager_step(None),
     }
-    if not skip("compiled"):
+    if not skip("compiled capture train"):
         rows["compiled capture train step, cpu_gemm=mkl"] = compiled_step("mkl")
         rows["compiled capture train step (auto)"] = compiled_step(None)
     losses = {name: float(fn().detach()) for name, fn in rows.items()}
@@ -602,10 +602,12 @@ def generation_rows(
     from ...export import OnnxGenerator, to_onnx_generator
 
     new = args.new_tokens
-    print("exporting: the ORT generator's graphs ...", flush=True)
-    to_onnx_generator(ours, workdir / "generator")
-    generator = OnnxGenerator(workdir / "generator", ["CPUExecutionProvider"], threads=args.threads)
     tok_np, mask_np = tokens.numpy(), mask.numpy()
+    ort_row = "ORT generator (encoder + KV-cached step)"
+    if not skip(ort_row):
+        print("exporting: the ORT generator's graphs ...", flush=True)
+        to_onnx_generator(ours, workdir / "generator")
+        generator = OnnxGenerator(workdir / "generator", ["CPUExecutionProvider"], threads=args.threads)
     with torch.inference_mode():
         rows = {
             "HF generate (greedy)": lambda: hf.generate(
@@ -613,10 +615,11 @@ def generation_rows(
             ),
             "t5hooks generate, cpu_gemm=mkl": lambda: generate_with(ours, "mkl", tokens, new, mask),
             "t5hooks generate (auto)": lambda: generate_with(ours, None, tokens, new, mask),
-            "ORT generator (encoder + KV-cached step)": lambda: torch.as_tensor(
-                generator.generate(tok_np, new, one_zero_attention_mask=mask_np).tokens
-            ),
         }
+        if not skip(ort_row):
+            rows[ort_row] = lambda: torch.as_tensor(
+                generator.generate(tok_np, new, one_zero_attention_mask=mask_np).tokens
+            )
         results = {name: fn() for name, fn in rows.items()}
         first = results["HF generate (greedy)"]
         same = all(torch.equal(torch.as_tensor(r), first) for r in results.values())
