@@ -317,6 +317,11 @@ def test_training_runs_the_forward_by_the_backend_with_torchs_backward(kernels_r
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.grad, grads[name].grad, atol=ATOL, rtol=1e-4, msg=name)
 
+    auto = tiny_model(cpu_gemm="auto")  # auto measures inference GEMMs: training keeps torch's default
+    kernels_run.clear()
+    auto(tokens, dec, one_zero_attention_mask=mask, labels=dec, return_type="loss").backward()
+    assert set(kernels_run) == {"mkl"}
+
     model.requires_grad_(False)  # a frozen model in a grad-enabled loop: its weights are packed
     kernels_run.clear()
     model(tokens, dec, one_zero_attention_mask=mask)
@@ -368,7 +373,8 @@ def test_compiled_capture_runs_the_extern_op_with_zero_graph_breaks():
 @pytest.mark.slow
 def test_compiled_linear_chooses_per_shape_class_at_run_time_and_trains(monkeypatch, kernels_run):
     """One dynamic graph serves both shape classes (the op reads the rows at run time); the setting is guarded
-    (mkl: a new graph with inductor's own GEMM); under autograd the op's forward and torch's backward."""
+    (mkl: a new graph with inductor's own GEMM); under autograd with "onednn", the op's forward and torch's
+    backward."""
     from torch._dynamo.utils import counters
     from torch._inductor.utils import run_and_get_code
 
@@ -395,8 +401,9 @@ def test_compiled_linear_chooses_per_shape_class_at_run_time_and_trains(monkeypa
     assert dict(counters["graph_break"]) == {}
 
     x = torch.randn(6, 16, generator=g, requires_grad=True)
+    trained = torch.compile(lambda x: cpu_gemm.linear(x, w, "onednn"), fullgraph=True)
     kernels_run.clear()
-    fn(x).square().sum().backward()
+    trained(x).square().sum().backward()
     assert kernels_run == ["onednn"]  # a weight being trained is never packed
     want_x, want_w = torch.autograd.grad(F.linear(x, w).square().sum(), (x, w))
     torch.testing.assert_close(x.grad, want_x, atol=ATOL, rtol=1e-5)

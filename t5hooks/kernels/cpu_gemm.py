@@ -20,9 +20,10 @@ one-off micro-benchmark at first use:
 Only fp32 CPU GEMMs go through a backend: `linear` is plain `F.linear` under autocast, while `torch.export` or
 the TorchScript tracer runs (exported graphs keep standard ops), under a dispatch mode, for tensor subclasses
 (fake, functional, functorch-wrapped) and for other dtypes. Where autograd records the linear (grad enabled and
-the input or the weight requires grad) the forward runs the backend (never packed for a weight that requires
-grad: it changes every step; bf16 is inference only) and the backward torch's own matmuls (dx = dy W,
-dW = dy^T x), as `F.linear`'s does.
+the input or the weight requires grad) `auto` and `bf16` run `F.linear` (auto measures inference GEMMs only);
+with `"onednn"` the forward runs oneDNN (never packed for a weight that requires grad: it changes every step)
+and the backward torch's own matmuls (dx = dy W, dW = dy^T x), as `F.linear`'s does. A frozen model (no
+parameter requires grad, nor the input) counts as inference even with grad enabled.
 Under `torch.compile` the backend is the op `torch.ops.t5hooks.cpu_linear` (an extern kernel to inductor, with
 a fake implementation, so `fullgraph=True` holds), emitted only where the setting, or `auto`'s measurement for
 that weight shape, leaves MKL; the op reads the shape class at run time, so one dynamic graph serves every
@@ -126,7 +127,7 @@ def linear(x: Tensor, weight: Tensor, setting: str | None = None) -> Tensor:
             return F.linear(x, weight)
         chosen = _traced_setting(_SCOPE, setting, weight.shape[1], weight.shape[0])
         trained = _needs_autograd(x, weight) and weight.requires_grad
-        if chosen == "mkl" or (chosen == "bf16" and _needs_autograd(x, weight)):
+        if chosen == "mkl" or (chosen in _INFERENCE_ONLY and _needs_autograd(x, weight)):
             return F.linear(x, weight)
         return torch.ops.t5hooks.cpu_linear(x, weight, chosen, not trained)
     if not _eligible(x, weight):
@@ -135,10 +136,16 @@ def linear(x: Tensor, weight: Tensor, setting: str | None = None) -> Tensor:
     if chosen == "mkl":
         return F.linear(x, weight)
     if _needs_autograd(x, weight):  # the op's registered backward: torch's own matmuls
-        if chosen == "bf16":  # bf16 is for inference only
+        if chosen in _INFERENCE_ONLY:
             return F.linear(x, weight)
         return torch.ops.t5hooks.cpu_linear(x, weight, chosen, not weight.requires_grad)
     return _run(x, weight, chosen)
+
+
+# Settings that leave autograd-recorded linears to torch's default: bf16 (it changes numbers) and auto (its
+# micro-benchmark times inference GEMMs; a loaded-machine training step ran slower with oneDNN's forward, see
+# benchmarks/RESULTS.md, so training keeps MKL unless "onednn" is asked for).
+_INFERENCE_ONLY = ("bf16", "auto")
 
 
 def _traceable(x: Tensor, weight: Tensor) -> bool:

@@ -19,7 +19,7 @@ untied head) built from `transformers.T5Config` with random weights, fp32; batch
   lever as its own row; median ms, ratio to HF eager, the model's effective GFLOP/s, and max |logits - HF
   eager logits| (bf16 and int8 rows show their error);
 * a training step (forward + backward of the loss) of HF, t5hooks eager and the compiled capture module, the
-  latter two with torch's default GEMMs and with `auto`;
+  latter two with torch's default GEMMs (what `auto` runs under autograd) and with oneDNN;
 * greedy generation rows (HF `generate`, t5hooks `generate` per setting, the ONNX Runtime generator), the
   same tokens asserted;
 * extraction rows: `t5hooks extract` (eager and compiled, per setting) against HF + forward hooks, real
@@ -479,8 +479,8 @@ def report_auto_choices(cfg: Any) -> None:
 
 def training_rows(hf: Any, ours: Any, tokens: Any, mask: Any, dec_tokens: Any, repeats: int, skip: Any) -> None:
     """One training step's forward + backward of the loss (teacher-forced on `dec_tokens`): HF eager, t5hooks
-    eager and the compiled capture module, each with torch's default GEMMs (`cpu_gemm=mkl`) and with `auto` (the
-    forward's GEMMs by the backend, the backward by torch's matmuls)."""
+    eager and the compiled capture module, each with torch's default GEMMs (`cpu_gemm=mkl`, what `auto` runs
+    under autograd) and with `cpu_gemm=onednn` (the forward's GEMMs by oneDNN, the backward by torch's matmuls)."""
     from ...capture import compile_capture
     from ...kernels import cpu_gemm
 
@@ -522,11 +522,12 @@ def training_rows(hf: Any, ours: Any, tokens: Any, mask: Any, dec_tokens: Any, r
     rows: dict[str, Callable[[], Any]] = {
         "HF eager train step": hf_step,
         "t5hooks eager train step, cpu_gemm=mkl": eager_step("mkl"),
-        "t5hooks eager train step (auto)": eager_step(None),
+        "t5hooks eager train step (auto: MKL under autograd)": eager_step(None),
+        "t5hooks eager train step, cpu_gemm=onednn": eager_step("onednn"),
     }
     if not skip("compiled capture train"):
         rows["compiled capture train step, cpu_gemm=mkl"] = compiled_step("mkl")
-        rows["compiled capture train step (auto)"] = compiled_step(None)
+        rows["compiled capture train step, cpu_gemm=onednn"] = compiled_step("onednn")
     losses = {name: float(fn().detach()) for name, fn in rows.items()}
     times = interleaved(rows, max(1, repeats // 2))
     hf.eval()
