@@ -22,13 +22,19 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 demo: $(STAMP)
 	$(BIN)/t5hooks demo
 
+# Tests run in TEST_WORKERS pytest-xdist processes (each test is single-threaded: one worker per core), whole
+# files per worker so module fixtures are built once. TEST_WORKERS=0 runs them in this process.
+TEST_WORKERS ?= 2
+XDIST := $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
+
 # The developer loop: everything not marked slow (under 90 s on 2 cores).
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -m "not slow"
+	$(BIN)/python -m pytest $(XDIST) -m "not slow"
 
-# Everything (what CI runs). The page tests drive a real headless Chromium: Debian's chromium + chromium-driver.
+# Everything (what CI runs), with the slowest tests listed at the end. The page tests drive a real headless
+# Chromium: Debian's chromium + chromium-driver.
 test: $(STAMP) browser
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest $(XDIST) --durations=30
 
 # Debian's Chromium and its WebDriver for the page tests (tests/test_viz_*.py); skipped when both are there.
 # Needs root or sudo and the Debian archive (as CI has); elsewhere install them once by hand.

@@ -11,6 +11,15 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# `make test` runs two pytest-xdist workers (one per core, whole files per worker): each compiles into its own
+# inductor cache, so two compiles of the same graph never race on one cache folder (subprocesses inherit it).
+if os.environ.get("PYTEST_XDIST_WORKER") and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    import tempfile
+
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(
+        tempfile.gettempdir(), f"torchinductor-{os.getuid()}-{os.environ['PYTEST_XDIST_WORKER']}"
+    )
+
 # The test models are tiny: one thread is as fast, and immune to oversubscription when the machine is busy.
 torch.set_num_threads(1)
 

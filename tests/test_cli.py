@@ -82,3 +82,5 @@ def test_demo_runs_offline_end_to_end(tmp_path):
     assert "anti-diagonal" in out and "hurts most" in out and "ONNX Runtime vs eager" in out and "OK" in out
     assert (tmp_path / "demo" / "cross_attention.png").stat().st_size > 1000
     assert (tmp_path / "demo" / "t5hooks-tiny.onnx").exists()
+    again = t5hooks("demo", "--out", str(tmp_path / "demo"), offline=True)  # its files exist: --force replaces them
+    assert again.returncode == 2 and "holds a previous demo (cross_attention.png); pass --force" in again.stderr

@@ -46,8 +46,10 @@ def assert_same_function(ours, theirs, x):
 
 @pytest.mark.parametrize(
     "architecture,extra,cls",
-    [("standard", {}, SAE), ("topk", {"k": 6}, TopKSAE), ("jumprelu", {}, JumpReLUSAE)],
-)
+    [("standard", {}, SAE), ("topk", {"k": 6}, TopKSAE), ("jumprelu", {}, JumpReLUSAE),
+     ("topk", {"k": 6, "rescale_acts_by_decoder_norm": True}, TopKSAE)],
+    ids=["standard", "topk", "jumprelu", "topk-rescaled"],
+)  # fmt: skip
 def test_load_saelens_folder(tmp_path, architecture, extra, cls):
     theirs = reference_sae(architecture, **extra)
     theirs.save_model(tmp_path)

@@ -1,6 +1,6 @@
 """Trained interventions: DAS rotation math against pyvene's LowRankRotatedSpaceIntervention on the same
-weights (outputs and gradients) and a float64 reference of the documented formula; DAS on t5hooks-tiny, base and
-source in one compiled forward; a linear probe learns character identity on t5hooks-tiny; a steering vector trains."""
+weights (outputs and gradients) and a float64 reference of the documented formula; DAS on t5hooks-tiny (the
+trainer's two-pass step equals one stacked base + source forward, which also compiles whole); a linear probe learns character identity on t5hooks-tiny; a steering vector trains."""
 
 import random
 
@@ -12,9 +12,15 @@ from t5hooks import HookedEncoderDecoder
 from t5hooks.apps.reversal_task import make_batch, random_word
 from t5hooks.capture import CaptureModule
 from t5hooks.interventions import RotatedSubspaceInterchange, interchange_batch
-from t5hooks.interventions.training import interchange_inputs, train_das, train_probe, train_steering
+from t5hooks.interventions.spliced_training import das_loss, interchange_runs, train_das, train_probe, train_steering
 
 D, K = 12, 3
+
+
+def stacked(model, batch):
+    """Base and source runs stacked on the batch axis: one forward for both."""
+    base, source = interchange_runs(model, batch, torch.device("cpu"))
+    return {k: interchange_batch(base[k], source[k]) for k in base}
 
 
 def das_module(seed=0, **kw):
@@ -127,20 +133,42 @@ def test_das_finds_the_character_subspace(tiny):
     batch = next(das_batches(tiny, position, seed=1))
     cap = CaptureModule(tiny, [], intervene={hook: das})
     with torch.no_grad():
-        out = cap(**interchange_inputs(tiny, batch))
+        out = cap(**stacked(tiny, batch))
     labels = batch["labels"]
     pred = out["logits"][: labels.shape[0]].argmax(-1)
     accuracy = ((pred == labels) | (labels == -100)).all(1).float().mean()  # interchange intervention accuracy
     assert accuracy > 0.85
     # base and source in one compiled forward: no graph break, same logits as eager
     torch._dynamo.reset()
-    explanation = torch._dynamo.explain(cap)(**interchange_inputs(tiny, batch))
+    explanation = torch._dynamo.explain(cap)(**stacked(tiny, batch))
     assert explanation.graph_break_count == 0 and explanation.graph_count == 1
     compiled = torch.compile(cap, fullgraph=True, backend="aot_eager")
     with torch.no_grad():
-        torch.testing.assert_close(
-            compiled(**interchange_inputs(tiny, batch))["logits"], out["logits"], atol=1e-5, rtol=0
-        )
+        torch.testing.assert_close(compiled(**stacked(tiny, batch))["logits"], out["logits"], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("hook", ["encoder.1.hook_resid_post", "decoder.0.hook_resid_mid"])
+def test_two_pass_das_equals_the_stacked_forward(tiny, hook):
+    """train_das's step (source run stopped at the hook, no autograd; then the base run) has the loss and the
+    gradient of one stacked base + source forward."""
+    batch = next(das_batches(tiny, 1))
+    grads = []
+    for mode in ("stacked", "two-pass"):
+        torch.manual_seed(0)
+        das = RotatedSubspaceInterchange(tiny.cfg.d_model, 4, positions=[1])
+        cap = CaptureModule(tiny, [], intervene={hook: das})
+        if mode == "stacked":
+            out = cap(**stacked(tiny, batch))
+        else:
+            base, source = interchange_runs(tiny, batch, torch.device("cpu"))
+            with torch.no_grad():
+                das.source = CaptureModule(tiny, [hook])(**source)[hook]
+            out = cap(**base)
+        loss = das_loss(out, batch["labels"])
+        loss.backward()
+        grads.append((loss.detach(), das.rotation.parametrizations.weight.original.grad))
+    torch.testing.assert_close(grads[0][0], grads[1][0], atol=1e-6, rtol=0)
+    torch.testing.assert_close(grads[0][1], grads[1][1], atol=1e-6, rtol=1e-5)
 
 
 def test_steering_vector_trains(tiny):

@@ -3,7 +3,10 @@ the check that an output path can be written (done before any long work)."""
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -130,3 +133,25 @@ def add_model_arguments(parser: Any, what: str = "runs") -> None:
     parser.add_argument(
         "--encoder-only", action="store_true", help=f"{what} only the encoder of an encoder-decoder checkpoint"
     )
+
+
+@contextlib.contextmanager
+def process_group(device: str | None = None) -> Iterator[tuple[int, int]]:
+    """Under torchrun (WORLD_SIZE > 1): join the process group for the duration (nccl when `device` is CUDA,
+    gloo otherwise) and yield `(rank, world_size)`; outside torchrun yield `(0, 1)`."""
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available():
+        yield 0, 1
+        return
+    started = not dist.is_initialized()
+    if started:
+        cuda = device is not None and str(device).startswith("cuda")
+        if cuda:
+            torch.cuda.set_device(torch.device(device))
+        dist.init_process_group(backend="nccl" if cuda else "gloo")
+    try:
+        yield dist.get_rank(), dist.get_world_size()
+    finally:
+        if started:
+            dist.destroy_process_group()

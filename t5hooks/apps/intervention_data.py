@@ -63,11 +63,16 @@ def _encode(tokenizer, texts: list[str]) -> tuple[Tensor, Tensor]:
     return enc["input_ids"], enc["attention_mask"]
 
 
-def text_file_batches(path: str | Path, tokenizer, batch_size: int, seed: int = 0) -> Iterator[Batch]:
-    """Lines of a text file, shuffled per epoch (seeded), as encoder inputs (decoder: the start token)."""
-    lines = [line for line in Path(path).read_text().splitlines() if line.strip()]
+def text_file_batches(
+    path: str | Path, tokenizer, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1
+) -> Iterator[Batch]:
+    """Lines of a text file, shuffled per epoch (seeded), as encoder inputs (decoder: the start token). Under
+    torchrun each rank reads every `world_size`-th line from its `rank`-th."""
+    lines = [line for line in Path(path).read_text().splitlines() if line.strip()][rank::world_size]
     if not lines:
-        raise ValueError(f"{path}: no non-empty lines")
+        raise ValueError(
+            f"{path}: no non-empty lines" + (f" for rank {rank} of {world_size}" if world_size > 1 else "")
+        )
     rng = random.Random(seed)
     while True:
         order = lines[:]
@@ -77,7 +82,8 @@ def text_file_batches(path: str | Path, tokenizer, batch_size: int, seed: int = 
             yield {"input": tokens, "one_zero_attention_mask": mask, "labels": tokens.masked_fill(mask == 0, -100)}
 
 
-def jsonl_records(path: str | Path, keys: tuple[str, ...]) -> list[dict]:
+def jsonl_records(path: str | Path, keys: tuple[str, ...], rank: int = 0, world_size: int = 1) -> list[dict]:
+    """The records of a JSONL file (each with `keys`); under torchrun every `world_size`-th from the `rank`-th."""
     records = []
     for n, line in enumerate(Path(path).read_text().splitlines(), 1):
         if not line.strip():
@@ -90,14 +96,17 @@ def jsonl_records(path: str | Path, keys: tuple[str, ...]) -> list[dict]:
         if missing:
             raise ValueError(f"{path}:{n}: missing keys {missing}; each line needs {list(keys)}")
         records.append(record)
+    records = records[rank::world_size]
     if not records:
-        raise ValueError(f"{path}: no records")
+        raise ValueError(f"{path}: no records" + (f" for rank {rank} of {world_size}" if world_size > 1 else ""))
     return records
 
 
-def jsonl_label_batches(path: str | Path, tokenizer, batch_size: int, seed: int = 0) -> Iterator[Batch]:
+def jsonl_label_batches(
+    path: str | Path, tokenizer, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1
+) -> Iterator[Batch]:
     """`{"text": ..., "label": int}` lines: every real token of the text gets the label (probe targets)."""
-    records = jsonl_records(path, ("text", "label"))
+    records = jsonl_records(path, ("text", "label"), rank, world_size)
     rng = random.Random(seed)
     while True:
         chunk = [rng.choice(records) for _ in range(batch_size)]
@@ -106,9 +115,11 @@ def jsonl_label_batches(path: str | Path, tokenizer, batch_size: int, seed: int 
         yield {"input": tokens, "one_zero_attention_mask": mask, "targets": labels.masked_fill(mask == 0, -100)}
 
 
-def jsonl_interchange_batches(path: str | Path, tokenizer, batch_size: int, seed: int = 0) -> Iterator[Batch]:
+def jsonl_interchange_batches(
+    path: str | Path, tokenizer, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1
+) -> Iterator[Batch]:
     """`{"base": ..., "source": ..., "target": ...}` lines (texts; base and source padded to one length)."""
-    records = jsonl_records(path, ("base", "source", "target"))
+    records = jsonl_records(path, ("base", "source", "target"), rank, world_size)
     rng = random.Random(seed)
     while True:
         chunk = [rng.choice(records) for _ in range(batch_size)]

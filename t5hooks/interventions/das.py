@@ -5,9 +5,11 @@ With `R [d, k]` orthonormal columns (kept orthonormal by `torch.nn.utils.paramet
     base' = base + ((source - base) @ R) @ R.T
 
 i.e. base's coordinates in the subspace are replaced by source's and the orthogonal complement is kept (the
-`LowRankRotatedSpaceIntervention` of pyvene). Base and source run in ONE forward: their inputs are stacked on
-the batch axis (`interchange_batch`), and at the hook the module splits the activation `[2B, ...]` into halves,
-intervenes on the first and passes the second (the source run) through unchanged.
+`LowRankRotatedSpaceIntervention` of pyvene). Two ways to feed the source run: stacked in ONE forward (inputs
+stacked on the batch axis with `interchange_batch`; at the hook the module splits the activation `[2B, ...]`,
+intervenes on the first half and passes the second through), or, as `train_das` does, with the source
+activation computed beforehand and set as `module.source` (then the forward carries the base run alone: the
+source run stops at the hook and never enters the backward pass).
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ class RotatedSubspaceInterchange(nn.Module):
         self.d, self.k = d, k
         self.rotation = orthogonal(_Rotation(d, k, dtype, device))
         self.positions = None if positions is None else tuple(int(p) for p in positions)
+        self.source: Tensor | None = None  # [B, ..., d]: the source activation, when not stacked in the batch
 
     @property
     def R(self) -> Tensor:  # [d, k], orthonormal columns
@@ -64,7 +67,12 @@ class RotatedSubspaceInterchange(nn.Module):
             delta = delta * position_mask(base, self.positions)
         return base + delta
 
-    def forward(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:  # [2B, ..., d]
+    def forward(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:  # [2B, ..., d] stacked, [B, ..., d] with .source
+        if self.source is not None:
+            if not is_tracing() and self.source.shape != x.shape:
+                raise ValueError(f"source activation {tuple(self.source.shape)} and base {tuple(x.shape)} differ")
+            new_base = self.interchange(x, self.source)
+            return new_base, {"subspace": new_base @ self.R.to(x.dtype)}
         base, source = split_interchange(x)
         new_base = self.interchange(base, source)
         return torch.cat([new_base, source], dim=0), {"subspace": new_base @ self.R.to(x.dtype)}

@@ -28,6 +28,9 @@ class SAE(nn.Module):
     `use_error_term`: splice `x_hat + (x - x_hat)` (the model's output unchanged) instead of `x_hat`.
     `feature_edit`: optional `fn(features) -> features` applied before decoding when spliced (ablation,
     clamping); with the error term, the error stays that of the unedited features, as in SAELens.
+    `rescale_acts_by_decoder_norm` (SAELens's TopK training parametrisation): pre-activations are multiplied by
+    the decoder row norms and features decoded through unit-norm rows, so the decoder's scale never changes which
+    features win; `fold_decoder_norm()` turns it into the plain form (the trainers do so when training ends).
     """
 
     architecture = "standard"
@@ -39,6 +42,7 @@ class SAE(nn.Module):
         *,
         apply_b_dec_to_input: bool = True,
         use_error_term: bool = False,
+        rescale_acts_by_decoder_norm: bool = False,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
         seed: int | None = None,
@@ -49,6 +53,7 @@ class SAE(nn.Module):
         self.d_in, self.d_sae = d_in, d_sae
         self.apply_b_dec_to_input = apply_b_dec_to_input
         self.use_error_term = use_error_term
+        self.rescale_acts_by_decoder_norm = rescale_acts_by_decoder_norm
         self.feature_edit: Callable[[Tensor], Tensor] | None = None
         kw = {"dtype": dtype, "device": device}
         self.W_enc = nn.Parameter(torch.empty(d_in, d_sae, **kw))  # [d_in, d_sae]
@@ -57,12 +62,14 @@ class SAE(nn.Module):
         self.b_dec = nn.Parameter(torch.zeros(d_in, **kw))  # [d_in]
         self.reset_parameters(seed)
 
-    def reset_parameters(self, seed: int | None = None) -> None:
-        """Unit-norm random decoder rows, encoder initialised to the decoder's transpose, zero biases."""
+    def reset_parameters(self, seed: int | None = None, decoder_norm: float = 1.0) -> None:
+        """Random decoder rows of norm `decoder_norm` (SAELens's training init uses 0.1: the first
+        reconstructions are small instead of several times the input), encoder = the decoder's transpose,
+        zero biases."""
         g = torch.Generator().manual_seed(seed) if seed is not None else None
         with torch.no_grad():
             w = torch.randn(self.d_sae, self.d_in, generator=g, dtype=torch.float32)
-            w = w / w.norm(dim=1, keepdim=True)
+            w = w * (decoder_norm / w.norm(dim=1, keepdim=True))
             self.W_dec.copy_(w)
             self.W_enc.copy_(w.T)
             self.b_enc.zero_()
@@ -75,7 +82,8 @@ class SAE(nn.Module):
     def pre_acts(self, x: Tensor) -> Tensor:  # [..., d_in] -> [..., d_sae]
         if self.apply_b_dec_to_input:
             x = x - self.b_dec
-        return x @ self.W_enc + self.b_enc
+        pre = x @ self.W_enc + self.b_enc
+        return pre * self.W_dec.norm(dim=1) if self.rescale_acts_by_decoder_norm else pre
 
     def activation(self, pre: Tensor) -> Tensor:
         return torch.relu(pre)
@@ -84,6 +92,8 @@ class SAE(nn.Module):
         return self.activation(self.pre_acts(x.to(self.W_enc.dtype)))
 
     def decode(self, features: Tensor) -> Tensor:  # [..., d_sae] -> [..., d_in]
+        if self.rescale_acts_by_decoder_norm:
+            features = features / self.W_dec.norm(dim=1)
         return features @ self.W_dec + self.b_dec
 
     def forward(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
@@ -98,12 +108,20 @@ class SAE(nn.Module):
         return x_hat.to(x.dtype), {"features": edited}
 
     @torch.no_grad()
-    def normalize_decoder(self) -> None:
-        """Rescale decoder rows to unit norm (and the encoder columns inversely: the same function)."""
-        norms = self.W_dec.norm(dim=1).clamp_min(1e-8)  # [d_sae]
-        self.W_dec.div_(norms[:, None])
+    def fold_decoder_norm(self) -> None:
+        """Unit-norm decoder rows with the norms folded into the encoder (and threshold): the same function.
+        Folds SAELens's `rescale_acts_by_decoder_norm` parametrisation (then turns it off); for a plain ReLU or
+        JumpReLU SAE it rescales the features (as SAELens's `fold_W_dec_norm`). A plain TopK SAE cannot be
+        folded: its top k would change."""
+        if not self.rescale_acts_by_decoder_norm and isinstance(self, TopKSAE):
+            raise ValueError("folding the decoder norms of a TopK SAE trained without rescaling changes its top k")
+        norms = self.W_dec.norm(dim=1).clamp_min(torch.finfo(self.W_dec.dtype).tiny)  # [d_sae]
+        if not self.rescale_acts_by_decoder_norm and isinstance(self, JumpReLUSAE):
+            self.threshold.mul_(norms)  # features scale by the norms, so does the jump
         self.W_enc.mul_(norms[None, :])
         self.b_enc.mul_(norms)
+        self.W_dec.div_(norms[:, None])
+        self.rescale_acts_by_decoder_norm = False
 
 
 class TopKSAE(SAE):
@@ -141,32 +159,26 @@ class JumpReLUSAE(SAE):
 class BatchTopKSAE(JumpReLUSAE):
     """BatchTopK (Bussmann et al. 2024): in training keeps the `k * n_tokens` largest activations over the
     whole batch; for inference it is a JumpReLU with one global `threshold` estimated during training
-    (a running mean of the smallest kept activation), which is how SAELens saves it."""
+    (a running mean of the smallest kept activation, SAELens's `topk_threshold`), which is how SAELens saves it."""
 
     architecture = "batchtopk"
 
-    def __init__(self, d_in: int, d_sae: int, k: int, threshold_momentum: float = 0.01, **kwargs) -> None:
+    def __init__(self, d_in: int, d_sae: int, k: int, **kwargs) -> None:
         if not 1 <= k <= d_sae:
             raise ValueError(f"k must be in [1, d_sae={d_sae}], got {k}")
         super().__init__(d_in, d_sae, **kwargs)
         self.threshold.requires_grad_(False)
         self.k = k
-        self.threshold_momentum = threshold_momentum
 
     def activation(self, pre: Tensor) -> Tensor:
+        """Training: the `k * n_tokens` largest activations of the batch (the trainer's kernels do the same
+        across ranks and update `threshold`); inference: JumpReLU at `threshold`."""
         if not self.training:
             return super().activation(pre)
         acts = torch.relu(pre)
         flat = acts.reshape(-1)  # [n_tokens * d_sae]
-        n_keep = min(self.k * (flat.numel() // self.d_sae), flat.numel())
-        values, indices = flat.topk(n_keep)
-        kept = torch.zeros_like(flat).scatter(0, indices, values).reshape(acts.shape)
-        with torch.no_grad():  # no data-dependent branch: compiles without a graph break
-            smallest = torch.where(values > 0, values, torch.inf).min()
-            m = self.threshold_momentum
-            updated = (1 - m) * self.threshold + m * smallest
-            self.threshold.copy_(torch.where(torch.isfinite(smallest), updated, self.threshold))
-        return kept
+        values, indices = flat.topk(min(self.k * (flat.numel() // self.d_sae), flat.numel()))
+        return torch.zeros_like(flat).scatter(0, indices, values).reshape(acts.shape)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", k={self.k}"

@@ -8,6 +8,7 @@ layout (`activation_fn_str`, `activation_fn_kwargs.k`, top-level `hook_name`) lo
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,9 @@ def save_saelens(sae: SAE, directory: str | Path, *, hook_name: str | None = Non
     if directory.exists() and not directory.is_dir():
         raise ValueError(f"{str(directory)!r} exists and is not a directory")
     directory.mkdir(parents=True, exist_ok=True)
+    if sae.rescale_acts_by_decoder_norm:  # SAELens stores the folded form (unit-norm decoder rows)
+        sae = copy.deepcopy(sae)
+        sae.fold_decoder_norm()
     architecture = "jumprelu" if isinstance(sae, BatchTopKSAE) else sae.architecture
     tensors = {name: getattr(sae, name).detach().contiguous().cpu() for name in ("W_enc", "b_enc", "W_dec", "b_dec")}
     if isinstance(sae, JumpReLUSAE):
@@ -70,8 +74,6 @@ def load_saelens(directory: str | Path, *, device: str | torch.device | None = N
             f"{cfg_path}: normalize_activations={norm!r} is not supported (only 'none'); the SAE expects "
             "activations rescaled by statistics this folder does not hold"
         )
-    if cfg.get("rescale_acts_by_decoder_norm"):
-        raise ValueError(f"{cfg_path}: rescale_acts_by_decoder_norm=true is not supported")
     if (cfg.get("reshape_activations") or "none") != "none":
         raise ValueError(
             f"{cfg_path}: reshape_activations={cfg['reshape_activations']!r} is not supported (only 'none')"
@@ -90,6 +92,7 @@ def load_saelens(directory: str | Path, *, device: str | torch.device | None = N
         d_sae,
         k=k,
         apply_b_dec_to_input=bool(cfg.get("apply_b_dec_to_input", True)),
+        rescale_acts_by_decoder_norm=bool(cfg.get("rescale_acts_by_decoder_norm", False)),
         dtype=dtype,
         **kwargs,
     )

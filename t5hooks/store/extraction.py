@@ -230,21 +230,10 @@ def _extract_windows(
             bar.set_postfix_str(
                 f"{summary.real_tokens / max(elapsed, 1e-9):,.0f} real tok/s, pad {100 * summary.padding_fraction:.0f}%"
             )
-            _maybe_stop_for_test(index)
     bar.close()
     state["complete"] = True
     state["source"] = src.digest()  # the whole source, read to its end
     write_json(progress_path, state)
-
-
-def _maybe_stop_for_test(windows_done: int) -> None:
-    """Test hook: T5HOOKS_EXTRACT_KILL_AFTER=N makes the process SIGKILL itself after N windows (this run),
-    so the resume test kills at a controlled point with no chance to clean up."""
-    limit = os.environ.get("T5HOOKS_EXTRACT_KILL_AFTER")
-    if limit is not None and windows_done >= int(limit):
-        import signal
-
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _resolve_names(model: Any, names: Any) -> list[str]:

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import math
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -12,13 +11,14 @@ import torch
 from torch import Tensor
 
 from .format import FORMAT_NAME, INDEX_COLUMNS, INDEX_DTYPES, MANIFEST, STORAGE_DTYPES, index_key, read_json, read_shard
+from .training_batches import StoreBatches
 
 
 class ActivationStore:
     """A store written by `t5hooks.store.extract` (or the `native/` folder beside a SAELens export).
 
     `store.names`, `store.shape(name)` (per-token shape), `store.num_rows(name)`, `store.load(name)` (every
-    row with its doc / pos / token_id, sorted by (doc, pos)), and `store.batches(name, batch_size, seed)`.
+    row with its doc / pos / token_id, sorted by (doc, pos)), and `store.batches(hooks, batch_size, seed)`.
     """
 
     def __init__(self, path: str | os.PathLike) -> None:
@@ -104,7 +104,7 @@ class ActivationStore:
 
     def batches(
         self,
-        name: str,
+        hooks: str | Sequence[str],
         batch_size: int,
         seed: int = 0,
         *,
@@ -114,54 +114,21 @@ class ActivationStore:
         world_size: int | None = None,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
-    ) -> Iterator[Tensor]:
-        """Shuffled `[batch_size, d]` activations of one hook (per-token shape flattened to `d`).
+    ) -> StoreBatches:
+        """Shuffled training batches: `[batch_size, d]` for one hook name, `{hook: [batch_size, d]}` for a list
+        (hooks of one token stream row-aligned; per-token shapes flattened to `d`), so one pass feeds every SAE.
 
-        Shards are visited in a seeded order, rows pass through a shuffle buffer of `buffer_rows` (memory is
-        bounded by the buffer plus one shard), so the same seed gives the same batches. With DDP (`rank`,
-        `world_size`, default from torch.distributed), shards are dealt to ranks round-robin after the seeded
-        shuffle and every rank yields the same number of batches (the smallest rank's full batches), so
-        ranks see disjoint rows and stay in step. Incomplete final batches are dropped.
-        """
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be positive, got {batch_size}")
-        self._hook(name)
+        The same seed gives the same batches. Memory is bounded by a shuffle buffer of `buffer_rows` row
+        indices plus one batch. Under torchrun (`rank`, `world_size`, default from torch.distributed)
+        `batch_size` is per rank and each rank reads its slice of every global batch: N ranks together see
+        exactly the rows, in order, of one process with `batch_size * N`. Incomplete final batches are dropped;
+        `len()` counts the batches and `.skip(n)` resumes after n of them without reading them
+        (see training_batches.py)."""
         rank, world_size = _ddp(rank, world_size)
-        axis, d = self.axis(name), math.prod(self.shape(name))
-        buffer_rows = max(buffer_rows, 2 * batch_size)
-        for epoch in range(epochs):
-            order = torch.randperm(len(self.shards), generator=torch.Generator().manual_seed(seed + 1_000_003 * epoch))
-            dealt = [[self.shards[i] for i in order[r::world_size].tolist()] for r in range(world_size)]
-            if world_size > 1 and any(not shards for shards in dealt):
-                raise ValueError(
-                    f"{len(self.shards)} shards cannot be split over {world_size} ranks; extract with a smaller "
-                    f"window (more shards) or train on fewer ranks"
-                )
-            per_rank = [sum(s["rows"].get(axis, 0) for s in shards) // batch_size for shards in dealt]
-            limit = min(per_rank)
-            gen = torch.Generator().manual_seed(seed * 7919 + epoch * 104_729 + rank)
-            rows = self._shuffled_rows(name, dealt[rank], buffer_rows, batch_size, gen)
-            for i, batch in enumerate(rows):
-                if i >= limit:
-                    break
-                yield batch.reshape(batch_size, d).to(device=device, dtype=dtype or batch.dtype)
-
-    def _shuffled_rows(
-        self, name: str, shards: list[dict[str, Any]], buffer_rows: int, batch_size: int, gen: torch.Generator
-    ) -> Iterator[Tensor]:
-        buffer: Tensor | None = None
-        for shard in shards:
-            acts = read_shard(self.path / shard["file"], [name])[name]  # [rows, *shape]
-            buffer = acts if buffer is None else torch.cat([buffer, acts])
-            while len(buffer) >= buffer_rows:
-                buffer = buffer[torch.randperm(len(buffer), generator=gen)]
-                n_out = max(batch_size, (len(buffer) // 2) // batch_size * batch_size)  # keep half to mix with
-                yield from buffer[:n_out].split(batch_size)
-                buffer = buffer[n_out:]
-        if buffer is not None and len(buffer) >= batch_size:
-            buffer = buffer[torch.randperm(len(buffer), generator=gen)]
-            n_out = len(buffer) // batch_size * batch_size
-            yield from buffer[:n_out].split(batch_size)
+        return StoreBatches(
+            self, hooks, batch_size, seed, buffer_rows=buffer_rows, epochs=epochs, rank=rank,
+            world_size=world_size, dtype=dtype, device=device,
+        )  # fmt: skip
 
     def _hook(self, name: str) -> dict[str, Any]:
         try:

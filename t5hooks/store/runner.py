@@ -4,7 +4,6 @@ the encoder stack alone when only encoder hooks are asked for, or an exported ON
 from __future__ import annotations
 
 import tempfile
-import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,16 +55,30 @@ def probe_shapes(model: Any, names: list[str], axes: dict[str, str]) -> dict[str
     return shapes
 
 
-_RUNNERS: weakref.WeakKeyDictionary[Any, dict[tuple, CaptureRunner]] = weakref.WeakKeyDictionary()
+class _RunnerCache(dict):
+    """The runners built for one model, stored on the model (so they live and die with it: nothing global keeps
+    a model alive); a copy or a pickle of the model starts without them."""
+
+    def __deepcopy__(self, memo: dict) -> _RunnerCache:
+        return _RunnerCache()
+
+    def __reduce__(self) -> tuple:
+        return (_RunnerCache, ())
+
+
+_CACHE_ATTRIBUTE = "_t5hooks_extract_runners"
 
 
 def runner_for(
     model: Any, shapes: dict[str, tuple[int, ...]], backend: str, needs_decoder: bool, weights: str
 ) -> CaptureRunner:
-    """One runner per (model, hooks, backend, weights) and process: later extract calls reuse the compiled graph
-    or the ONNX session (an exported snapshot of the weights, hence the weights' hash in the key)."""
+    """One runner per (model, hooks, backend, weights): later extract calls reuse the compiled graph or the ONNX
+    session (an exported snapshot of the weights, hence the weights' hash in the key)."""
     key = (tuple(shapes), backend, needs_decoder, weights)
-    runners = _RUNNERS.setdefault(model, {})
+    runners = model.__dict__.get(_CACHE_ATTRIBUTE)
+    if runners is None:
+        runners = _RunnerCache()
+        object.__setattr__(model, _CACHE_ATTRIBUTE, runners)  # a plain attribute, not a submodule
     if key not in runners:
         start_id = getattr(model.cfg, "decoder_start_token_id", 0)
         runners[key] = CaptureRunner(model, shapes, backend, needs_decoder, start_id)

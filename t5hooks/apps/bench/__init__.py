@@ -1,5 +1,5 @@
-"""The benchmarks, one module each: `t5hooks bench attention|model|cpu|extract|sae|dashboard` (benchmarks/ holds thin
-wrappers). Each module's `main(argv)` parses its own arguments."""
+"""The benchmarks, one module each: `t5hooks bench attention|model|cpu|extract|sae|das|dashboard` (benchmarks/
+holds thin wrappers). Each module's `main(argv)` parses its own arguments."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ BENCHMARKS = {
     "model": "the whole model against Hugging Face eager and sdpa",
     "cpu": "every CPU fast path against Hugging Face, with the machine's GEMM GFLOP/s",
     "extract": "corpus extraction against a hand-rolled Hugging Face hook loop",
-    "sae": "SAE training against SAELens's trainer",
+    "sae": "SAE training against SAELens's trainer (speed and quality per architecture)",
+    "das": "DAS training steps against pyvene's",
     "dashboard": "feature-dashboard build time against store size (4096 features, up to 1M tokens)",
 }
 

@@ -190,7 +190,7 @@ def compare(hf_dir: Path, store: ActivationStore, texts: list[str], batch: int) 
     worst = 0.0
     for name in store.names:
         ours = store.load(name)["acts"]
-        theirs = torch.cat([torch.load(p)[name] for p in sorted(hf_dir.glob("batch-*.pt"))])
+        theirs = torch.cat([torch.load(p, weights_only=True)[name] for p in sorted(hf_dir.glob("batch-*.pt"))])
         if ours.shape != theirs.shape:
             raise RuntimeError(
                 f"{name}: extract stored {tuple(ours.shape)}, the hand-rolled loop {tuple(theirs.shape)}"

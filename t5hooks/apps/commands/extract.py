@@ -11,7 +11,7 @@ from typing import Any
 
 from ...dtypes import RUN_DTYPES, STORAGE_DTYPES, cli_dtype
 from ...store.config import BACKENDS, FORMATS
-from ..common import add_model_arguments
+from ..common import add_model_arguments, process_group
 
 
 def register(subparsers: Any) -> argparse.ArgumentParser:
@@ -74,45 +74,28 @@ def run_extract(args: argparse.Namespace) -> int:
     if device is None and "LOCAL_RANK" in os.environ and torch.cuda.is_available():
         device = f"cuda:{int(os.environ['LOCAL_RANK'])}"  # one GPU per torchrun process
     model = load_model(args.model, device, args.model_dtype, subfolder=args.subfolder, encoder_only=args.encoder_only)
-    started_group = _init_process_group(device)
-    summary = extract(
-        model,
-        args.source,
-        args.hooks,
-        args.out_dir,
-        format=args.format,
-        context_size=args.context_size,
-        dtype=args.dtype,
-        field=args.field,
-        decoder_field=args.decoder_field,
-        split=args.split,
-        streaming=args.streaming,
-        max_tokens=args.max_tokens,
-        truncate=args.truncate,
-        skip_empty=args.skip_empty,
-        token_budget=args.token_budget,
-        window=args.window,
-        backend=args.backend,
-        progress=not args.no_progress,
-    )
-    print(summary.line())
-    if summary.saelens_dir is not None:
-        print(f"SAELens dataset: {summary.saelens_dir} (cached_activations_path)")
-    if started_group:
-        import torch.distributed as dist
-
-        dist.destroy_process_group()
+    with process_group(device):  # the barrier before rank 0 packs a SAELens dataset
+        summary = extract(
+            model,
+            args.source,
+            args.hooks,
+            args.out_dir,
+            format=args.format,
+            context_size=args.context_size,
+            dtype=args.dtype,
+            field=args.field,
+            decoder_field=args.decoder_field,
+            split=args.split,
+            streaming=args.streaming,
+            max_tokens=args.max_tokens,
+            truncate=args.truncate,
+            skip_empty=args.skip_empty,
+            token_budget=args.token_budget,
+            window=args.window,
+            backend=args.backend,
+            progress=not args.no_progress,
+        )
+        print(summary.line())
+        if summary.saelens_dir is not None:
+            print(f"SAELens dataset: {summary.saelens_dir} (cached_activations_path)")
     return 0
-
-
-def _init_process_group(device: str | None) -> bool:
-    """Under torchrun (WORLD_SIZE > 1) join the process group (gloo on CPU, nccl on CUDA): ranks slice the
-    corpus by themselves; the group is only the barrier before rank 0 packs a SAELens dataset."""
-    import os
-
-    import torch.distributed as dist
-
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available() or dist.is_initialized():
-        return False
-    dist.init_process_group(backend="nccl" if device and device.startswith("cuda") else "gloo")
-    return True

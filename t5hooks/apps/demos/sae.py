@@ -73,21 +73,31 @@ def first_error(output: str, target: str) -> int | None:
     return None if len(output) == len(target) else min(len(output), len(target))
 
 
-def run_sae_demo(out_dir: str | Path = "t5hooks-sae-demo", steps: int = 300, seed: int = 0) -> int:
+def run_sae_demo(out_dir: str | Path = "t5hooks-sae-demo", steps: int = 300, seed: int = 0, force: bool = False) -> int:
+    from ...atomic import check_writable
     from ...export import OnnxRunner, to_onnx
     from ...model import HookedEncoderDecoder
 
     torch.manual_seed(seed)
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise NotADirectoryError(f"--out {out_dir} is a file; give a folder")
+    for name in ("sae/cfg.json", "tiny_sae.onnx"):  # fail now, not after training
+        try:
+            check_writable(out_dir / name, overwrite=force)
+        except FileExistsError:
+            raise FileExistsError(
+                f"--out {out_dir} holds a previous demo ({name}); pass --force to replace it"
+            ) from None
     out_dir.mkdir(parents=True, exist_ok=True)
     model = HookedEncoderDecoder.from_pretrained("t5hooks-tiny").requires_grad_(False)
-    print(f"1. TopK SAE (d_sae 512, k 8) on {HOOK}, live activations of random words")
+    print(f"1. TopK SAE (d_sae 512, k 4) on {HOOK}, live activations of random words")
     cpu, wall = time.process_time(), time.perf_counter()
     live = LiveActivations(model, [HOOK], data.word_batches(model.tokenizer, 64, seed))
     cfg = SAETrainConfig(
         architecture="topk",
         d_sae=512,
-        k=8,
+        k=4,  # few features per token: a character is carried by one feature, whose ablation breaks it
         lr=3e-3,
         total_steps=steps,
         decay_steps=steps // 5,
@@ -173,4 +183,5 @@ def register(subparsers) -> None:
     parser.add_argument("--out", default="t5hooks-sae-demo", help="folder for the SAE and the ONNX file")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--seed", type=int, default=0)
-    parser.set_defaults(func=lambda args: run_sae_demo(args.out, steps=args.steps, seed=args.seed))
+    parser.add_argument("--force", action="store_true", help="replace the files of a previous demo in --out")
+    parser.set_defaults(func=lambda args: run_sae_demo(args.out, steps=args.steps, seed=args.seed, force=args.force))

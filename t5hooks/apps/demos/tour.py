@@ -34,7 +34,7 @@ def ascii_heatmap(values: Tensor, row_labels: list[str], col_labels: list[str]) 
     return "\n".join(lines)
 
 
-def run_demo(out_dir: str | Path | None = None, word: str = "interpret") -> int:
+def run_demo(out_dir: str | Path | None = None, word: str = "interpret", force: bool = False) -> int:
     from ...export import OnnxRunner, to_onnx
     from ...model import HookedEncoderDecoder
     from ...pretrained import TRAINED_TINY
@@ -53,7 +53,10 @@ def run_demo(out_dir: str | Path | None = None, word: str = "interpret") -> int:
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"--out {out} is a file; give a folder")
     for name in ("cross_attention.png", "t5hooks-tiny.onnx"):  # fail now, not after the analysis
-        check_writable(out / name)
+        try:
+            check_writable(out / name, overwrite=force)
+        except FileExistsError:
+            raise FileExistsError(f"--out {out} holds a previous demo ({name}); pass --force to replace it") from None
     out.mkdir(parents=True, exist_ok=True)
     model = HookedEncoderDecoder.from_pretrained(TRAINED_TINY)
     info = getattr(model, "info", {})
@@ -219,7 +222,7 @@ def run_demo(out_dir: str | Path | None = None, word: str = "interpret") -> int:
 
 
 def cmd_demo(args) -> int:
-    return run_demo(args.out, word=args.word)
+    return run_demo(args.out, word=args.word, force=args.force)
 
 
 def register(sub) -> None:
@@ -233,4 +236,5 @@ def register(sub) -> None:
     )
     demo.add_argument("--out", default="t5hooks-demo", help="folder for the PNG and ONNX files (default: %(default)s)")
     demo.add_argument("--word", default="interpret", help="lowercase word to reverse (default: %(default)s)")
+    demo.add_argument("--force", action="store_true", help="replace the files of a previous demo in --out")
     demo.set_defaults(func=cmd_demo)

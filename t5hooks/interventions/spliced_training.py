@@ -1,14 +1,21 @@
-"""Training spliced interventions (probes, steering vectors, DAS rotations) with the base model frozen.
+"""Training modules spliced into a frozen model's forward: linear probes, steering vectors, DAS rotations.
 
-`train_interventions` is the one loop: the interventions sit in a capture module (compiled with
-`fullgraph=True, dynamic=True` by default), the model's own parameters are frozen, and `loss_fn(out, batch)`
+`train_interventions` is the one loop: the interventions sit in a capture module (eager by default: on CPU
+compiling costs minutes and returns a few percent, see `t5hooks bench das`; `compile=True` for
+`torch.compile(fullgraph=True, dynamic=True)`), the model's own parameters are frozen, and `loss_fn(out, batch)`
 scores the capture's output dict. `train_probe`, `train_steering` and `train_das` are thin task wrappers.
 Token batches are dicts holding the capture module's arguments (`input`, `decoder_input`,
-`one_zero_attention_mask`, `decoder_attention_mask`, `labels`) plus the task's targets.
+`one_zero_attention_mask`, `decoder_attention_mask`, `labels`) plus the task's targets; they are moved to the
+model's device, where the interventions train.
+
+Under torchrun each rank feeds its own batches; the interventions start from rank 0's initial values and their
+gradients are averaged across ranks before every step (bucketed, as DistributedDataParallel does: the mean of the
+ranks' mean losses); rank 0 writes the checkpoint.
 """
 
 from __future__ import annotations
 
+import pickle
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -20,8 +27,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..atomic import atomic_path
-from ..capture import CaptureModule
-from .das import RotatedSubspaceInterchange, interchange_batch
+from ..capture import CaptureModule, EncoderCaptureModule
+from . import distributed
+from .das import RotatedSubspaceInterchange
 from .probe import LinearProbe
 from .steering import SteeringVector
 
@@ -45,31 +53,42 @@ def train_interventions(
     steps: int,
     lr: float = 1e-2,
     warmup_steps: int = 0,
-    compile: bool = True,
+    compile: bool = False,
     prepare: Callable[[Mapping[str, Tensor]], Mapping[str, Tensor]] | None = None,
     checkpoint_path: str | Path | None = None,
     progress: bool = False,
 ) -> InterventionResult:
     """Adam on the interventions' parameters for `steps` batches; the model stays frozen (restored after).
 
-    `prepare(batch) -> capture kwargs` builds the capture's arguments (default: the batch's `CAPTURE_ARGS`).
-    `checkpoint_path`: the trained interventions' state dicts (and losses) written there atomically at the end.
+    `prepare(batch) -> capture kwargs` builds the capture's arguments (default: the batch's `CAPTURE_ARGS`, on
+    the model's device). `checkpoint_path`: the trained interventions' state dicts (and losses) written there
+    atomically at the end (by rank 0).
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
+    device = _device(model)
+    for module in intervene.values():
+        module.to(device)
     cap = CaptureModule(model, [], intervene=intervene)
     was_grad = [p.requires_grad for p in model.parameters()]
     model.requires_grad_(False)
     params = [p for m in cap.interventions for p in m.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the interventions have no trainable parameters")
+    # every rank starts from rank 0's state: parameters and buffers (as DDP), e.g. the orthogonal
+    # parametrisation's base of a DAS rotation, which a rank's own initialisation sets
+    state = [t for m in cap.interventions for t in (*m.parameters(), *m.buffers()) if t.dtype != torch.bool]
+    distributed.broadcast_parameters(state)
     optimizer = torch.optim.Adam(params, lr=lr)
+    if compile and distributed.is_main():
+        print("compiling the training step (torch.compile; the first steps take minutes on CPU)...", flush=True)
     forward = torch.compile(cap, fullgraph=True, dynamic=True) if compile else cap
-    prepare = prepare or (lambda b: {k: b[k] for k in CAPTURE_ARGS if b.get(k) is not None})
+    prepare = prepare or (lambda b: capture_args(b, device))
+    world = distributed.rank_and_world()[1]
     losses: list[float] = []
     tokens = 0
     bar = None
-    if progress:
+    if progress and distributed.is_main():
         from tqdm.auto import tqdm
 
         bar = tqdm(total=steps, unit="step", leave=False)
@@ -83,8 +102,12 @@ def train_interventions(
             loss = loss_fn(out, batch)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if world > 1:  # DDP's average of the ranks' gradients
+                distributed.sum_gradients(params)
+                for p in params:
+                    p.grad.div_(world)
             optimizer.step()
-            losses.append(float(loss.detach()))
+            losses.append(float(distributed.all_reduce_sum(loss.detach().reshape(1))) / world)  # the global mean
             tokens += kwargs["input"].numel()
             if bar is not None:
                 bar.update(1)
@@ -97,19 +120,40 @@ def train_interventions(
             bar.close()
     if len(losses) < steps:
         raise ValueError(f"the batch source ran out after {len(losses)} of {steps} steps")
-    rate = tokens / max(time.perf_counter() - start, 1e-9)
-    if checkpoint_path is not None:
+    rate = tokens * world / max(time.perf_counter() - start, 1e-9)
+    if checkpoint_path is not None and distributed.is_main():
         save_interventions(cap.intervene, checkpoint_path, losses=losses)
     return InterventionResult(dict(cap.intervene), losses, rate)
 
 
+def capture_args(batch: Mapping[str, Tensor], device: torch.device) -> dict[str, Tensor]:
+    """The capture module's arguments of a token batch (`CAPTURE_ARGS` present in it), on `device`."""
+    return {k: batch[k].to(device) for k in CAPTURE_ARGS if batch.get(k) is not None}
+
+
 def save_interventions(intervene: Mapping[str, nn.Module], path: str | Path, **extra: Any) -> Path:
-    """`{hook: state_dict}` (+ extra) with torch.save, atomically."""
+    """`{"interventions": {hook: state_dict}, **extra}` with torch.save, atomically; tensors and plain values
+    only (`load_interventions` reads it with `weights_only=True`)."""
     path = Path(path)
+    state = {h: {k: v.detach().cpu() for k, v in m.state_dict().items()} for h, m in intervene.items()}
     with atomic_path(path) as tmp:
-        torch.save({"interventions": {h: m.state_dict() for h, m in intervene.items()}, **extra}, tmp)
-        torch.load(tmp, weights_only=False)
+        torch.save({"interventions": state, **extra}, tmp)
+        load_interventions(tmp)  # verify before the rename
     return path
+
+
+def load_interventions(path: str | Path) -> dict[str, Any]:
+    """What `save_interventions` wrote, read with `weights_only=True` (nothing in the file can run code); a file
+    that needs more is refused with a one-line ValueError."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise ValueError(
+            f"{path}: refused: it holds Python objects beyond tensors and plain values (loading it could run code)"
+        ) from None
+    if not isinstance(state, dict) or not isinstance(state.get("interventions"), dict):
+        raise ValueError(f"{path}: not a t5hooks interventions file (no 'interventions' state dicts)")
+    return state
 
 
 # ---- tasks ------------------------------------------------------------------------------------------------
@@ -166,6 +210,7 @@ def train_das(
     positions: Sequence[int] | None = None,
     steps: int = 200,
     lr: float = 1e-2,
+    das: RotatedSubspaceInterchange | None = None,
     **kwargs: Any,
 ) -> InterventionResult:
     """Distributed alignment search at `hook`: a rank-`k` subspace such that interchanging it from the source
@@ -173,43 +218,64 @@ def train_das(
 
     Batches: `input` / `source_input` `[B, E]` (one shape), optional `one_zero_attention_mask` /
     `source_attention_mask`, `labels` `[B, D]` (the counterfactual output of the base run), optional
-    `decoder_input` / `source_decoder_input` (default: `labels` shifted right, for both runs). Base and source
-    run in one forward (stacked on the batch axis); the loss is the LM loss of the base half.
+    `decoder_input` / `source_decoder_input` (default: `labels` shifted right, for both runs). Each step runs
+    the source only up to `hook` (the encoder alone for an encoder hook), without autograd, then the base run
+    with the interchange; the loss is the base run's LM loss. (`RotatedSubspaceInterchange` also takes the two
+    runs stacked in one batch, `interchange_batch`, for a capture of your own.) `das`: a module to continue
+    training (e.g. a previous run's, or one initialised like another library's); then `k` and `positions` are
+    its own.
     """
-    das = RotatedSubspaceInterchange(_width(model, hook), k, positions=positions)
-    return train_interventions(
-        model,
-        {hook: das},
-        batches,
-        lambda out, b: das_loss(out, b["labels"]),
-        steps=steps,
-        lr=lr,
-        prepare=lambda b: interchange_inputs(model, b),
-        **kwargs,
-    )
+    device = _device(model)
+    if das is None:
+        das = RotatedSubspaceInterchange(_width(model, hook), k, positions=positions)
+    elif das.k != k:
+        raise ValueError(f"das has rank {das.k}, k={k}")
+    encoder_hook = model.layout.spec(hook).stack == "encoder" and hasattr(model, "decode")
+    source_run = EncoderCaptureModule(model, [hook]) if encoder_hook else CaptureModule(model, [hook])
+
+    def prepare(batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        base, source = interchange_runs(model, batch, device)
+        if encoder_hook:
+            del source["decoder_input"]
+        with torch.no_grad():
+            das.source = source_run(**source)[hook]
+        return base
+
+    try:
+        return train_interventions(
+            model,
+            {hook: das},
+            batches,
+            lambda out, b: das_loss(out, b["labels"].to(device)),
+            steps=steps,
+            lr=lr,
+            prepare=prepare,
+            **kwargs,
+        )
+    finally:
+        das.source = None
 
 
-def interchange_inputs(model: nn.Module, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """Capture arguments for one base + source forward (see `train_das` for the batch keys)."""
+def interchange_runs(
+    model: nn.Module, batch: Mapping[str, Tensor], device: torch.device
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """Capture arguments of the base run and of the source run (see `train_das` for the batch keys), on `device`."""
     base, source = batch["input"], batch["source_input"]
-    ones = torch.ones_like(base)
-    mask = interchange_batch(
-        batch.get("one_zero_attention_mask", ones),
-        batch.get("source_attention_mask", batch.get("one_zero_attention_mask", ones)),
-    )
+    if base.shape != source.shape:
+        raise ValueError(f"base {tuple(base.shape)} and source {tuple(source.shape)} inputs must have one shape")
+    mask = batch.get("one_zero_attention_mask", torch.ones_like(base))
+    source_mask = batch.get("source_attention_mask", mask)
     dec = batch.get("decoder_input")
     if dec is None:
         dec = model.shift_right(batch["labels"])
     source_dec = batch.get("source_decoder_input", dec)
-    return {
-        "input": interchange_batch(base, source),
-        "decoder_input": interchange_batch(dec, source_dec),
-        "one_zero_attention_mask": mask,
-    }
+    base_run = {"input": base, "decoder_input": dec, "one_zero_attention_mask": mask}
+    source_run = {"input": source, "decoder_input": source_dec, "one_zero_attention_mask": source_mask}
+    return ({k: v.to(device) for k, v in base_run.items()}, {k: v.to(device) for k, v in source_run.items()})
 
 
 def das_loss(out: Mapping[str, Tensor], labels: Tensor) -> Tensor:
-    """LM loss of the base half of an interchange batch against the counterfactual labels."""
+    """LM loss of the base run (the first `len(labels)` rows of the logits) against the counterfactual labels."""
     logits = out["logits"][: labels.shape[0]]  # [B, D, vocab]
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
 
@@ -221,3 +287,7 @@ def _width(model: nn.Module, hook: str) -> int:
     tokens = torch.full((1, 2), model.cfg.pad_token_id + 1, device=model.W_E.device)
     with torch.no_grad():
         return CaptureModule(model, [hook])(tokens, tokens)[hook].shape[-1]
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
