@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from .components import lm_loss
 from .hook_io import PATCH_MODES, HookIO, NameFilter
+from .kernels import cpu_gemm as gemm
 from .padding import warn_if_right_padded
 
 SEQUENCE_INPUTS = ("input", "decoder_input", "one_zero_attention_mask", "decoder_attention_mask", "labels")
@@ -271,6 +272,7 @@ def compile_capture(
     max_autotune: bool = False,
     bf16: bool = False,
     dynamic: bool | None = None,
+    cpu_gemm: str | None = None,
 ) -> Callable[..., dict[str, Tensor]]:
     """`torch.compile(cap, fullgraph=True)` for inference, with the CPU levers measured in benchmarks/cpu.py.
 
@@ -279,8 +281,12 @@ def compile_capture(
     (build a new one after training). `max_autotune`: inductor's GEMM templates, benchmarked at compile
     time (much slower to compile). `bf16`: bfloat16 autocast (a CPU with AVX512-BF16 or AMX runs its
     matmuls natively); outputs come back in float32 and differ from fp32 by bf16 rounding (~1e-2 relative,
-    measured in benchmarks/RESULTS.md). Without levers this is plain `torch.compile(cap, fullgraph=True)`.
+    measured in benchmarks/RESULTS.md). `cpu_gemm`: the CPU GEMM backend of the linear layers for this
+    compiled function ("auto" | "mkl" | "onednn" | "bf16", see kernels/cpu_gemm.py; None: the model's
+    `cfg.cpu_gemm`, else the environment, else auto); in fp32 inference a backend other than MKL runs as
+    the extern op `t5hooks::cpu_linear`. Without levers this is plain `torch.compile(cap, fullgraph=True)`.
     """
+    gemm.check_setting(cpu_gemm)
     options: dict[str, Any] = {}
     if freeze:
         options.update({"freezing": True, "cpp.weight_prepack": True})
@@ -290,7 +296,7 @@ def compile_capture(
     device_type = next(cap.model.parameters()).device.type
 
     def run(*args: Any, **kwargs: Any) -> dict[str, Tensor]:
-        with torch.no_grad() if freeze else contextlib.nullcontext():
+        with torch.no_grad() if freeze else contextlib.nullcontext(), gemm.use(cpu_gemm):
             if not bf16:
                 return compiled(*args, **kwargs)
             with torch.autocast(device_type, dtype=torch.bfloat16):
