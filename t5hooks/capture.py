@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from .components import lm_loss
 from .hook_io import PATCH_MODES, HookIO, NameFilter
 from .hook_registry import VARYING_AXES
+from .kernels import cpu_gemm as gemm
 from .padding import warn_if_right_padded
 
 SEQUENCE_INPUTS = ("input", "decoder_input", "one_zero_attention_mask", "decoder_attention_mask", "labels")
@@ -297,6 +298,7 @@ def compile_capture(
     regional: bool = True,
     cache: bool | str | os.PathLike = True,
     announce: bool = True,
+    cpu_gemm: str | None = None,
 ) -> CompiledCapture:
     """`torch.compile(cap, fullgraph=True)` with regional compilation, warm starts and the CPU levers.
 
@@ -314,13 +316,18 @@ def compile_capture(
     GEMM templates, benchmarked at compile time (much slower to compile). `bf16`: bfloat16 autocast (a CPU
     with AVX512-BF16 or AMX runs its matmuls natively); outputs come back in float32 and differ from fp32 by
     bf16 rounding (~1e-2 relative, measured in benchmarks/RESULTS.md).
+    `cpu_gemm`: the CPU GEMM backend of the linear layers for this compiled function ("auto" | "mkl" |
+    "onednn" | "bf16", see kernels/cpu_gemm.py; None: the model's `cfg.cpu_gemm`, else the environment, else
+    auto); in fp32 inference a backend other than MKL runs as the extern op `t5hooks::cpu_linear`.
     """
+    gemm.check_setting(cpu_gemm)
     options: dict[str, Any] = {}
     if freeze:
         options.update({"freezing": True, "cpp.weight_prepack": True})
     if max_autotune:
         options["max_autotune"] = True
     levers = {"freeze": freeze, "max_autotune": max_autotune, "bf16": bf16, "dynamic": dynamic, "regional": regional}
+    levers["cpu_gemm"] = cpu_gemm
     return CompiledCapture(cap, options, levers, cache, announce)
 
 
@@ -353,7 +360,7 @@ class CompiledCapture:
 
     def __call__(self, *args: Any, **kwargs: Any) -> dict[str, Tensor]:
         freeze, bf16 = self.levers["freeze"], self.levers["bf16"]
-        with torch.no_grad() if freeze else contextlib.nullcontext():
+        with torch.no_grad() if freeze else contextlib.nullcontext(), gemm.use(self.levers["cpu_gemm"]):
             kind = "training" if torch.is_grad_enabled() else "inference"
             with self._first_compile(kind) if kind not in self.compile_seconds else contextlib.nullcontext():
                 if not bf16:

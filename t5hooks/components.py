@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from .config import HookedT5Config
 from .hook_io import HookIO
 from .hook_points import HookPoint
+from .kernels import cpu_gemm
 from .kernels.policy import fuses_by_default, layer_backend
 from .kernels.reference import allowed_keys, bias_and_mask, masked_softmax, position_bias, rows_with_keys
 from .kv_cache import KVCache
@@ -295,7 +296,7 @@ class Attention(nn.Module):
         H, d = self.cfg.n_heads, self.cfg.d_head
         if x.ndim == 4:  # per-head inputs (use_attn_in / use_split_qkv_input)
             return torch.einsum("bphm,hdm->bphd", x, weight.view(H, d, -1))
-        return F.linear(x, weight).view(*x.shape[:-1], H, d)
+        return cpu_gemm.linear(x, weight, self.cfg.cpu_gemm).view(*x.shape[:-1], H, d)
 
     def project_kv(
         self, source: Tensor, io: HookIO | None = None, value_source: Tensor | None = None
@@ -368,7 +369,7 @@ class Attention(nn.Module):
         if self.cfg.use_attn_result:
             result = self.hook_result(torch.einsum("bqhd,hdm->bqhm", z, self.W_O), io)  # [B,Q,H,d_model]
             return result.sum(dim=2)
-        return F.linear(z.reshape(B, Q, H * d), self.o_proj)
+        return cpu_gemm.linear(z.reshape(B, Q, H * d), self.o_proj, self.cfg.cpu_gemm)
 
 
 def attention_context(
@@ -451,14 +452,15 @@ class MLP(nn.Module):
         return torch.zeros(self.cfg.d_model, dtype=self.out_proj.dtype, device=self.out_proj.device)
 
     def forward(self, x: Tensor, io: HookIO | None = None) -> Tensor:
+        backend = self.cfg.cpu_gemm
         if self.gate_proj is not None:
-            pre = self.hook_pre(F.linear(x, self.gate_proj), io)
-            pre_linear = self.hook_pre_linear(F.linear(x, self.in_proj), io)
+            pre = self.hook_pre(cpu_gemm.linear(x, self.gate_proj, backend), io)
+            pre_linear = self.hook_pre_linear(cpu_gemm.linear(x, self.in_proj, backend), io)
             post = self.hook_post(self.act(pre) * pre_linear, io)
         else:
-            pre = self.hook_pre(F.linear(x, self.in_proj), io)
+            pre = self.hook_pre(cpu_gemm.linear(x, self.in_proj, backend), io)
             post = self.hook_post(self.act(pre), io)
-        return F.linear(post, self.out_proj)
+        return cpu_gemm.linear(post, self.out_proj, backend)
 
 
 class EncoderBlock(nn.Module):

@@ -14,6 +14,7 @@ from .dtypes import dtype_name, parse_dtype
 # T5 checkpoints name activations as in transformers' ACT2FN; these are the ones T5-family models use.
 ACTIVATIONS = ("relu", "gelu", "gelu_new", "gelu_fast", "gelu_pytorch_tanh", "silu", "swish")
 ATTN_IMPLS = ("auto", "eager", "fused")
+CPU_GEMMS = ("auto", "mkl", "onednn", "bf16")  # = kernels.cpu_gemm.SETTINGS (config sits below kernels)
 
 
 @dataclass
@@ -58,6 +59,9 @@ class HookedT5Config:
     use_attn_in: bool = False
     use_split_qkv_input: bool = False
     attn_impl: str = "auto"  # "auto" (fused on CUDA with Triton) | "eager" | "fused"
+    # CPU GEMM backend of the linear layers in fp32 inference: "auto" (measured) | "mkl" | "onednn" | "bf16";
+    # None: the environment variable T5HOOKS_CPU_GEMM, else auto (see kernels/cpu_gemm.py)
+    cpu_gemm: str | None = None
     initializer_factor: float = 1.0
     seed: int | None = None
     dtype: torch.dtype = torch.float32
@@ -66,7 +70,14 @@ class HookedT5Config:
     original_architecture: str = "T5ForConditionalGeneration"
     extra: dict[str, Any] = field(default_factory=dict)
 
-    RUN_OPTIONS: ClassVar[tuple[str, ...]] = ("dtype", "device", "attn_impl", "use_attn_result", "seed")
+    RUN_OPTIONS: ClassVar[tuple[str, ...]] = (
+        "dtype",
+        "device",
+        "attn_impl",
+        "cpu_gemm",
+        "use_attn_result",
+        "seed",
+    )
 
     def __post_init__(self) -> None:
         if self.n_decoder_layers is None:
@@ -86,6 +97,11 @@ class HookedT5Config:
             raise ValueError(f"HookedT5Config.n_ctx must be None or a positive int, got {self.n_ctx!r}")
         if self.attn_impl not in ATTN_IMPLS:
             raise ValueError(f"HookedT5Config.attn_impl={self.attn_impl!r}; valid: {', '.join(ATTN_IMPLS)}")
+        if self.cpu_gemm is not None and self.cpu_gemm not in CPU_GEMMS:
+            raise ValueError(
+                f"HookedT5Config.cpu_gemm={self.cpu_gemm!r}; valid: {', '.join(CPU_GEMMS)} "
+                "(or None: the environment variable T5HOOKS_CPU_GEMM, else auto)"
+            )
         nb, md = self.relative_attention_num_buckets, self.relative_attention_max_distance
         # The bidirectional half has nb//2 buckets, of which nb//4 are exact; the log-spaced rest needs room.
         if nb < 4 or md <= nb // 2:

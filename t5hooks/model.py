@@ -7,7 +7,6 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .analysis.factored_matrix import FactoredMatrix
@@ -17,6 +16,7 @@ from .config import HookedT5Config
 from .hook_io import HookIO, NameFilter
 from .hook_points import HookPoint
 from .hook_registry import HookLayout, set_default_layout
+from .kernels import cpu_gemm
 from .kv_cache import DecoderCache
 from .regions import run_decoder_block
 
@@ -33,6 +33,7 @@ class Unembed(nn.Module):
 
     def __init__(self, cfg: HookedT5Config) -> None:
         super().__init__()
+        self.cfg = cfg
         self.scale = cfg.d_model**-0.5 if cfg.scale_logits else None
         self.lm_head = (
             None if cfg.tie_word_embeddings else nn.Parameter(torch.empty(cfg.d_vocab, cfg.d_model, dtype=cfg.dtype))
@@ -44,7 +45,8 @@ class Unembed(nn.Module):
         if self.scale is not None:
             resid = resid * self.scale
         resid = self.hook_in(resid, io)
-        return self.hook_out(F.linear(resid, tied_weight if self.lm_head is None else self.lm_head), io)
+        weight = tied_weight if self.lm_head is None else self.lm_head
+        return self.hook_out(cpu_gemm.linear(resid, weight, self.cfg.cpu_gemm), io)
 
 
 class HookedEncoderDecoder(HookedT5Base):

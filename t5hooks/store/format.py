@@ -67,7 +67,7 @@ def progress_name(rank: int, world_size: int) -> str:
 def model_fingerprint(model: torch.nn.Module) -> dict[str, Any]:
     """The model's config plus a hash of a strided sample of every parameter (cheap even for T5-XXL)."""
     cfg = model.cfg.to_dict() if hasattr(model.cfg, "to_dict") else dict(vars(model.cfg))
-    for volatile in ("device", "attn_impl", "dtype"):
+    for volatile in ("device", "attn_impl", "cpu_gemm", "dtype"):
         cfg.pop(volatile, None)
     h = hashlib.sha256()
     with torch.no_grad():

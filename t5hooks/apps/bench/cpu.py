@@ -6,20 +6,29 @@ untied head) built from `transformers.T5Config` with random weights, fp32; batch
 
 * the machine (CPU model, the SIMD/AMX flags that decide which kernels run, cores, load average)
   and versions (torch with MKL/oneDNN, numpy with its BLAS, onnxruntime, transformers);
-* the achieved GFLOP/s of the model's largest GEMM (1024x512x2048, the MLP input projection)
-  in torch (MKL), torch under inductor freezing (oneDNN, prepacked), torch bf16, numpy (its BLAS)
-  and ONNX Runtime (MLAS), so "GEMM-bound at the limit" is a measured claim;
+* the achieved GFLOP/s of the MLP input projection's GEMM ([B*E x 512] @ [512 x 2048], prefill; and
+  [B x 512] @ [512 x 2048], one decode step) in torch's default (MKL), oneDNN on the weight as it is and
+  prepacked, torch under inductor freezing / max-autotune, bf16, NumPy (its BLAS) and ONNX Runtime (MLAS),
+  so "GEMM-bound at the limit" is a measured claim; and forward+backward of the same GEMM (MKL vs oneDNN);
+* which kernel the CPU GEMM backend's `auto` chose for every weight shape of the model in each shape
+  class (kernels/cpu_gemm.py), with its micro-benchmark's timings and what measuring cost;
 * forward rows, interleaved (A, B, C, A, B, C, ...) so the load of other processes falls on every
-  row alike: HF eager / sdpa, t5hooks eager (materialised and SDPA attention), caching every
-  `hook_resid_post`, the compiled capture module (all `hook_resid_post`) with each lever as its
-  own row, ONNX Runtime with each lever as its own row; median ms, ratio to HF eager, the model's
-  effective GFLOP/s, and max |logits - HF eager logits| (bf16 and int8 rows show their error);
-* greedy generation rows (HF `generate`, t5hooks `generate`, the ONNX Runtime generator), the
-  same tokens asserted.
+  row alike: HF eager / sdpa, t5hooks eager with each CPU GEMM setting (`mkl` is torch's default, what
+  t5hooks ran before the backend existed), materialised attention, caching every `hook_resid_post`, the
+  compiled capture module (all `hook_resid_post`) with each lever as its own row, ONNX Runtime with each
+  lever as its own row; median ms, ratio to HF eager, the model's effective GFLOP/s, and max |logits - HF
+  eager logits| (bf16 and int8 rows show their error);
+* a training step (forward + backward of the loss) of HF, t5hooks eager and the compiled capture module, the
+  latter two with torch's default GEMMs (what `auto` runs under autograd) and with oneDNN;
+* greedy generation rows (HF `generate`, t5hooks `generate` per setting, the ONNX Runtime generator), the
+  same tokens asserted;
+* extraction rows: `t5hooks extract` (eager and compiled, per setting) against HF + forward hooks, real
+  tokens/s over a seeded corpus of log-normal lengths, every encoder `hook_resid_post` stored.
 
     t5hooks bench cpu                      # everything (compiling takes minutes on 2 cores)
     t5hooks bench cpu --skip max-autotune  # leave out rows whose name contains a word (gemm-autotune: the
-                                           # max-autotune GEMM row; generate; ORT; freezing; bf16 ...)
+                                           # max-autotune GEMM row; generate; extract; training; compiled;
+                                           # ORT; freezing; bf16 ...)
     t5hooks bench cpu --quick              # tiny shapes, few repeats (smoke test)
 
 and last, the compile section (`t5hooks bench compiling`; leave it out with `--skip compile-cost`): the capture
@@ -37,6 +46,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -115,30 +125,42 @@ def interleaved(rows: dict[str, Callable[[], object]], repeats: int, warmup: int
 # ---- GEMM ceiling ------------------------------------------------------------------------------
 
 
-def gemm_rows(m: int, k: int, n: int, threads: int, skip: Callable[[str], bool]) -> dict[str, Callable[[], object]]:
-    """`[m,k] @ [k,n]` in each library the model can run on."""
+def gemm_rows(
+    m: int, k: int, n: int, threads: int, skip: Callable[[str], bool], inductor: bool = True
+) -> dict[str, Callable[[], object]]:
+    """`[m,k] @ [k,n]` in each library the model can run on (`inductor`: with the compiled rows)."""
     import onnx
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
+
+    from ...kernels import cpu_gemm
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(m, k, generator=g)
     w = torch.randn(n, k, generator=g) / k**0.5  # nn.Linear layout
     rows: dict[str, Callable[[], object]] = {}
+    linear_pointwise = torch.ops.mkldnn._linear_pointwise
     with torch.no_grad():
-        rows["torch fp32 (F.linear, MKL)"] = lambda: torch.nn.functional.linear(x, w)
-        if not skip("freezing"):
+        rows["torch fp32 F.linear (MKL: torch's default)"] = lambda: torch.nn.functional.linear(x, w)
+        rows["torch fp32 oneDNN (weight as it is)"] = lambda: linear_pointwise(x, w, None, "none", [], "")
+        packed = torch.ops.mkldnn._reorder_linear_weight(w, None)
+        rows["torch fp32 oneDNN (prepacked weight)"] = lambda: linear_pointwise(x, packed, None, "none", [], "")
+        if inductor and not skip("freezing"):
             frozen = torch.compile(lin_for(w), options={"freezing": True, "cpp.weight_prepack": True})
-            rows["torch fp32 (inductor freezing, oneDNN prepacked)"] = no_grad(frozen, x)
-        if not skip("gemm-autotune"):
+            rows["torch fp32 inductor freezing (MKL prepacked on x86)"] = no_grad(frozen, x)
+        if inductor and not skip("gemm-autotune"):
             tuned = torch.compile(lin_for(w), options={"freezing": True, "max_autotune": True})
             try:
                 rows["torch fp32 (inductor max-autotune GEMM template)"] = no_grad(tuned, x)
             except Exception as err:  # noqa: BLE001 - reported, not fatal
                 print(f"max-autotune GEMM failed: {type(err).__name__}: {str(err).splitlines()[0][:200]}")
-        if has_native_bf16():
-            xb, wb = x.bfloat16(), w.bfloat16()
-            rows["torch bf16 (F.linear, oneDNN)"] = lambda: torch.nn.functional.linear(xb, wb)
+        if not skip("bf16"):
+            param = torch.nn.Parameter(w.clone())
+            native = "native" if cpu_gemm.native_bf16() else "EMULATED: no native bf16 on this CPU"
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # the emulation warning: said in the row name
+                cpu_gemm.linear(x, param, "bf16")
+            rows[f"torch bf16 (cpu_gemm='bf16', {native})"] = lambda: cpu_gemm.linear(x, param, "bf16")
     xn, wtn = x.numpy(), np.ascontiguousarray(w.numpy().T)
     rows["numpy fp32 (matmul, its BLAS)"] = lambda: xn @ wtn
     graph = helper.make_graph(
@@ -155,6 +177,24 @@ def gemm_rows(m: int, k: int, n: int, threads: int, skip: Callable[[str], bool])
     rows["onnxruntime fp32 (MatMul, MLAS)"] = lambda: session.run(None, {"x": xn})
     del onnx
     return rows
+
+
+def training_gemm_rows(m: int, k: int, n: int) -> dict[str, Callable[[], object]]:
+    """Forward + backward of `[m,k] @ [k,n]` (y, dx, dw) with torch's default and with oneDNN: does the backend
+    pay for training too? (the transposes oneDNN's linear needs for dx and dw are counted)"""
+    g = torch.Generator().manual_seed(0)
+    x, w, dy = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g), torch.randn(m, n, generator=g)
+
+    def onednn(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")
+
+    def mkl() -> object:
+        return torch.nn.functional.linear(x, w), dy @ w, dy.t() @ x
+
+    def dnn() -> object:
+        return onednn(x, w), onednn(dy, w.t().contiguous()), onednn(dy.t().contiguous(), x.t().contiguous())
+
+    return {"fwd+bwd, torch's default (MKL)": mkl, "fwd+bwd, oneDNN (with transposes)": dnn}
 
 
 def no_grad(fn: Callable[[torch.Tensor], object], x: torch.Tensor) -> Callable[[], object]:
@@ -230,6 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     from ...capture import compile_capture
     from ...export import OnnxRunner, to_onnx
     from ...export.ort import session_options
+    from ...kernels import cpu_gemm
     from ...model import HookedEncoderDecoder
 
     hf, cfg, (batch, enc, dec) = build(args.quick)
@@ -259,11 +300,20 @@ def main(argv: list[str] | None = None) -> int:
     print(f"load average at start: {' / '.join(f'{x:.2f}' for x in os.getloadavg())} (1 / 5 / 15 min)", flush=True)
 
     # ---- GEMM ceiling
-    m, k, n = batch * enc, cfg.d_model, cfg.d_ff
-    gemm = interleaved(gemm_rows(m, k, n, args.threads, skip), repeats=max(5, 3 * repeats))
-    print(f"\nGEMM [{m}x{k}] @ [{k}x{n}] (the MLP input projection), median of interleaved runs:")
-    for name, seconds in gemm.items():
-        print(f"  {name:52} {2 * m * k * n / seconds / 1e9:7.1f} GFLOP/s  ({seconds * 1e3:.2f} ms)")
+    k, n = cfg.d_model, cfg.d_ff
+    for label, m in (("prefill", batch * enc), ("decode step", batch)):
+        rows_m = gemm_rows(m, k, n, args.threads, skip, inductor=label == "prefill")
+        gemm = interleaved(rows_m, repeats=max(5, 3 * repeats))
+        print(f"\nGEMM [{m}x{k}] @ [{k}x{n}] (the MLP input projection, {label}), median of interleaved runs:")
+        for name, seconds in gemm.items():
+            print(f"  {name:56} {2 * m * k * n / seconds / 1e9:7.1f} GFLOP/s  ({seconds * 1e3:.3f} ms)")
+    if not skip("training"):
+        m = batch * enc
+        gemm = interleaved(training_gemm_rows(m, k, n), repeats=max(5, 3 * repeats))
+        print(f"\nGEMM training [{m}x{k}] @ [{k}x{n}]: forward y, backward dx and dw (3 GEMMs), median:")
+        for name, seconds in gemm.items():
+            print(f"  {name:56} {6 * m * k * n / seconds / 1e9:7.1f} GFLOP/s  ({seconds * 1e3:.3f} ms)")
+    report_auto_choices(cfg)
 
     # ---- forward rows
     compile_s: dict[str, float] = {}
@@ -279,20 +329,36 @@ def main(argv: list[str] | None = None) -> int:
         runner = OnnxRunner(file, ["CPUExecutionProvider"], **runner_options)
         return lambda: runner(tok_np, dec_np, mask_np)
 
+    def eager_row(model: Any, setting: str | None, **run_with_cache: Any) -> Callable[[], Any]:
+        def run() -> Any:
+            with cpu_gemm.use(setting):
+                if run_with_cache:
+                    return model.run_with_cache(tokens, dec_tokens, one_zero_attention_mask=mask, **run_with_cache)[0]
+                return model(tokens, dec_tokens, one_zero_attention_mask=mask)
+
+        return run
+
     rows: dict[str, Callable[[], Any]] = {
         "HF eager": lambda: hf(input_ids=tokens, attention_mask=mask, decoder_input_ids=dec_tokens).logits,
         "HF sdpa": lambda: hf_sdpa(input_ids=tokens, attention_mask=mask, decoder_input_ids=dec_tokens).logits,
-        "t5hooks eager, materialised attention": lambda: materialised(tokens, dec_tokens, one_zero_attention_mask=mask),
-        "t5hooks eager (SDPA attention)": lambda: ours(tokens, dec_tokens, one_zero_attention_mask=mask),
-        "t5hooks eager + cache all resid_post": lambda: ours.run_with_cache(
-            tokens, dec_tokens, one_zero_attention_mask=mask, names_filter=RESID
-        )[0],
+        "t5hooks eager, cpu_gemm=mkl (torch's default GEMMs)": eager_row(ours, "mkl"),
+        "t5hooks eager, cpu_gemm=onednn": eager_row(ours, "onednn"),
+        "t5hooks eager (cpu_gemm auto: the default)": eager_row(ours, None),
+        "t5hooks eager, materialised attention (auto)": eager_row(materialised, None),
+        "t5hooks eager + cache all resid_post (auto)": eager_row(ours, None, names_filter=RESID),
     }
+    if cpu_gemm.native_bf16():
+        rows["t5hooks eager, cpu_gemm=bf16 (opt-in)"] = eager_row(ours, "bf16")
     levers = {
-        "compiled capture, materialised attention": (materialised, {}),
-        "compiled capture (SDPA attention)": (ours, {}),
-        "compiled + freezing (oneDNN prepack)": (ours, {"freeze": True}),
-        "compiled + freezing + max-autotune": (ours, {"freeze": True, "max_autotune": True}),
+        "compiled capture, cpu_gemm=mkl": (ours, {"cpu_gemm": "mkl"}),
+        "compiled capture (auto)": (ours, {}),
+        "compiled capture, materialised attention (auto)": (materialised, {}),
+        "compiled + freezing, cpu_gemm=mkl (MKL prepack)": (ours, {"freeze": True, "cpu_gemm": "mkl"}),
+        "compiled + freezing (auto)": (ours, {"freeze": True}),
+        "compiled + freezing + max-autotune, cpu_gemm=mkl": (
+            ours,
+            {"freeze": True, "max_autotune": True, "cpu_gemm": "mkl"},
+        ),
     }
     if has_native_bf16():
         levers["compiled + freezing + bf16 autocast"] = (ours, {"freeze": True, "bf16": True})
@@ -369,9 +435,14 @@ def main(argv: list[str] | None = None) -> int:
     if export_s:
         print("export / rewrite time: " + ", ".join(f"{k} {v:.0f} s" for k, v in export_s.items()))
 
-    # ---- generation
+    # ---- training, generation, extraction
+    if not skip("training"):
+        training_rows(hf, ours, tokens, mask, dec_tokens, repeats, skip)
     if not skip("generate"):
         generation_rows(args, hf, ours, tokens, mask, workdir, skip)
+    if not skip("extract"):
+        extract_rows(args, hf, workdir, skip)
+    print(f"\nload average at the end: {' / '.join(f'{x:.2f}' for x in os.getloadavg())} (1 / 5 / 15 min)")
 
     # ---- what compiling costs and buys (bench/compiling.py: cold / warm compile, recompiles, step vs eager);
     # it measures in fresh processes of its own, so it runs as one
@@ -382,26 +453,186 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def report_auto_choices(cfg: Any) -> None:
+    """What `auto` picks for every weight shape of the model in each shape class, measured now (the one-off
+    micro-benchmark a process runs at first use), with each kernel's best time relative to torch's default."""
+    from ...kernels import cpu_gemm
+
+    inner = cfg.num_heads * cfg.d_kv
+    shapes: dict[tuple[int, int], str] = {}  # [N, K] of every linear layer -> which layers have it
+    for shape, layer in (
+        ((inner, cfg.d_model), "q/k/v"),
+        ((cfg.d_model, inner), "o"),
+        ((cfg.d_ff, cfg.d_model), "MLP in/gate"),
+        ((cfg.d_model, cfg.d_ff), "MLP out"),
+        ((cfg.vocab_size, cfg.d_model), "unembed"),
+    ):
+        shapes[shape] = f"{shapes[shape]}/{layer}" if shape in shapes else layer
+    start = time.perf_counter()
+    picked = {
+        (c, n, k): cpu_gemm.choose(c, k, n) for c in cpu_gemm.SHAPE_CLASSES for (n, k) in shapes
+    }  # measured here, before any row runs
+    cost = time.perf_counter() - start
+    timings = cpu_gemm.timings()
+    print(
+        f"\nCPU GEMM backend, auto's choice per shape class and weight [N,K] (decode: <= {cpu_gemm.DECODE_MAX_ROWS} "
+        f"rows; micro-benchmark at {cpu_gemm.BENCH_ROWS} rows, best of {cpu_gemm.BENCH_ROUNDS}; speed vs MKL):"
+    )
+    for (c, n, k), kernel in picked.items():
+        best = timings.get(f"{c} [{n},{k}] threads={torch.get_num_threads()}")
+        speed = (
+            "  ".join(f"{name} {best['mkl'] / t:4.2f}x" for name, t in best.items())
+            if best
+            else "(from the disk cache)"
+        )
+        print(f"  {c:8} [{n:>6},{k:>5}] {shapes[(n, k)]:12} -> {kernel:14} {speed}")
+    print(f"  measuring took {cost * 1e3:.0f} ms in all (once per process; T5HOOKS_CPU_GEMM_CACHE keeps it on disk)")
+
+
+def training_rows(hf: Any, ours: Any, tokens: Any, mask: Any, dec_tokens: Any, repeats: int, skip: Any) -> None:
+    """One training step's forward + backward of the loss (teacher-forced on `dec_tokens`): HF eager, t5hooks
+    eager and the compiled capture module, each with torch's default GEMMs (`cpu_gemm=mkl`, what `auto` runs
+    under autograd) and with `cpu_gemm=onednn` (the forward's GEMMs by oneDNN, the backward by torch's matmuls)."""
+    from ...capture import compile_capture
+    from ...kernels import cpu_gemm
+
+    labels = dec_tokens.clone()
+    hf.train()  # dropout is 0: the same function, with autograd
+    ours.train()
+
+    def hf_step() -> Any:
+        hf.zero_grad(set_to_none=True)
+        loss = hf(input_ids=tokens, attention_mask=mask, decoder_input_ids=dec_tokens, labels=labels).loss
+        loss.backward()
+        return loss
+
+    def eager_step(setting: str | None) -> Callable[[], Any]:
+        def step() -> Any:
+            ours.zero_grad(set_to_none=True)
+            with cpu_gemm.use(setting):
+                loss = ours(tokens, dec_tokens, return_type="loss", one_zero_attention_mask=mask, labels=labels)
+            loss.backward()
+            return loss
+
+        return step
+
+    def compiled_step(setting: str | None) -> Callable[[], Any]:
+        compiled = compile_capture(ours.capture(RESID), cpu_gemm=setting)  # no freezing: weights train
+
+        def step() -> Any:
+            ours.zero_grad(set_to_none=True)
+            loss = compiled(tokens, dec_tokens, mask, labels=labels)["loss"]
+            loss.backward()
+            return loss
+
+        print(f"compiling: the training step, cpu_gemm={setting or 'auto'} ...", flush=True)
+        start = time.perf_counter()
+        step()
+        print(f"  {time.perf_counter() - start:.0f} s", flush=True)
+        return step
+
+    rows: dict[str, Callable[[], Any]] = {
+        "HF eager train step": hf_step,
+        "t5hooks eager train step, cpu_gemm=mkl": eager_step("mkl"),
+        "t5hooks eager train step (auto: MKL under autograd)": eager_step(None),
+        "t5hooks eager train step, cpu_gemm=onednn": eager_step("onednn"),
+    }
+    if not skip("compiled capture train"):
+        rows["compiled capture train step, cpu_gemm=mkl"] = compiled_step("mkl")
+        rows["compiled capture train step, cpu_gemm=onednn"] = compiled_step("onednn")
+    losses = {name: float(fn().detach()) for name, fn in rows.items()}
+    times = interleaved(rows, max(1, repeats // 2))
+    hf.eval()
+    ours.eval()
+    base = times["HF eager train step"]
+    print(
+        f"\ntraining step (forward + backward of the loss; compiled rows return all resid_post too), median of "
+        f"{max(1, repeats // 2)} interleaved runs:"
+    )
+    width = max(map(len, times))
+    for name, seconds in times.items():
+        print(f"{name:{width}}  {seconds * 1e3:8.1f} ms  {base / seconds:6.2f}x  loss {losses[name]:.6f}")
+
+
+def extract_rows(args: Any, hf: Any, workdir: Path, skip: Any) -> None:
+    """`t5hooks extract` of every encoder `hook_resid_post` over a seeded corpus (byte tokens), eager and
+    compiled, per CPU GEMM setting, against HF + forward hooks (bench extract's hand-rolled loop); real tokens/s."""
+    import shutil
+
+    from ...kernels import cpu_gemm
+    from ...model import HookedEncoderDecoder
+    from ...store import extract
+    from ...tokenizer import ByteTokenizer
+    from .extract import HOOKS, hand_rolled, seeded_corpus
+
+    tokenizer = ByteTokenizer()
+    model = HookedEncoderDecoder.from_pretrained("t5-small-shape", hf_model=hf, tokenizer=tokenizer).eval()
+    texts = seeded_corpus(24 if args.quick else 96)
+    n_tokens = sum(len(t) + 1 for t in texts)
+    runs = iter(range(1_000_000))
+
+    def extract_row(backend: str, setting: str | None) -> Callable[[], Any]:
+        def run() -> Any:
+            out = workdir / f"extract-{next(runs)}"
+            with cpu_gemm.use(setting):
+                summary = extract(model, texts, HOOKS, out, backend=backend, progress=False, token_budget=4096)
+            shutil.rmtree(out, ignore_errors=True)
+            return summary
+
+        return run
+
+    def hand_row() -> Any:
+        out = workdir / f"hand-{next(runs)}"
+        out.mkdir()
+        result = hand_rolled(hf, tokenizer, texts, 16, out)
+        shutil.rmtree(out, ignore_errors=True)
+        return result
+
+    rows: dict[str, Callable[[], Any]] = {"HF + forward hooks (batch 16)": hand_row}
+    for backend in ("eager", "compile"):
+        if skip(f"extract {backend}") or (backend == "compile" and skip("compiled")):
+            continue
+        rows[f"t5hooks extract {backend}, cpu_gemm=mkl"] = extract_row(backend, "mkl")
+        rows[f"t5hooks extract {backend} (auto)"] = extract_row(backend, None)
+    print("extract: warming up (compiles the capture module) ...", flush=True)
+    for fn in rows.values():
+        fn()
+    repeats = 1 if args.quick else 3
+    times = interleaved(rows, repeats, warmup=0)
+    base = times["HF + forward hooks (batch 16)"]
+    print(
+        f"\nextract: {len(texts)} prompts, {n_tokens} real tokens, capture {HOOKS}; median of {repeats} "
+        "interleaved runs"
+    )
+    width = max(map(len, times))
+    for name, seconds in times.items():
+        print(f"{name:{width}}  {n_tokens / seconds:9,.0f} tok/s  {base / seconds:6.2f}x")
+
+
 def generation_rows(
     args: Any, hf: Any, ours: Any, tokens: Any, mask: Any, workdir: Path, skip: Callable[[str], bool]
 ) -> None:
     from ...export import OnnxGenerator, to_onnx_generator
 
     new = args.new_tokens
-    print("exporting: the ORT generator's graphs ...", flush=True)
-    to_onnx_generator(ours, workdir / "generator")
-    generator = OnnxGenerator(workdir / "generator", ["CPUExecutionProvider"], threads=args.threads)
     tok_np, mask_np = tokens.numpy(), mask.numpy()
+    ort_row = "ORT generator (encoder + KV-cached step)"
+    if not skip(ort_row):
+        print("exporting: the ORT generator's graphs ...", flush=True)
+        to_onnx_generator(ours, workdir / "generator")
+        generator = OnnxGenerator(workdir / "generator", ["CPUExecutionProvider"], threads=args.threads)
     with torch.inference_mode():
         rows = {
             "HF generate (greedy)": lambda: hf.generate(
                 input_ids=tokens, attention_mask=mask, max_new_tokens=new, do_sample=False, num_beams=1
             ),
-            "t5hooks generate": lambda: ours.generate(tokens, new, one_zero_attention_mask=mask),
-            "ORT generator (encoder + KV-cached step)": lambda: torch.as_tensor(
-                generator.generate(tok_np, new, one_zero_attention_mask=mask_np).tokens
-            ),
+            "t5hooks generate, cpu_gemm=mkl": lambda: generate_with(ours, "mkl", tokens, new, mask),
+            "t5hooks generate (auto)": lambda: generate_with(ours, None, tokens, new, mask),
         }
+        if not skip(ort_row):
+            rows[ort_row] = lambda: torch.as_tensor(
+                generator.generate(tok_np, new, one_zero_attention_mask=mask_np).tokens
+            )
         results = {name: fn() for name, fn in rows.items()}
         first = results["HF generate (greedy)"]
         same = all(torch.equal(torch.as_tensor(r), first) for r in results.values())
@@ -442,6 +673,13 @@ def generation_rows(
     width = max(map(len, times))
     for name, seconds in times.items():
         print(f"{name:{width}}  {seconds * 1e3:8.1f} ms  {base / seconds:6.2f}x")
+
+
+def generate_with(model: Any, setting: str | None, tokens: Any, new: int, mask: Any) -> Any:
+    from ...kernels import cpu_gemm
+
+    with cpu_gemm.use(setting):
+        return model.generate(tokens, new, one_zero_attention_mask=mask)
 
 
 def ort_beam_search(hf: Any, directory: Path, threads: int) -> Callable[[np.ndarray, int], np.ndarray]:
