@@ -61,7 +61,8 @@ def pytest_configure(config):
 
 
 # The files that take longest in `make test` (measured: --durations), run first so that the two xdist workers
-# finish together instead of one waiting out a long file at the end (longest-first scheduling).
+# finish together instead of one waiting out a long file at the end (longest-first scheduling; the Makefile
+# passes --no-loadscope-reorder, else xdist reorders files by their number of tests).
 LONGEST_FILES = (
     "test_readme.py",
     "test_onnx_levers.py",
