@@ -27,7 +27,7 @@ demo: $(STAMP)
 TEST_WORKERS ?= 2
 XDIST := $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder)
 
-# The developer loop: everything not marked slow (under 90 s on 2 cores).
+# The developer loop: everything not marked slow (about 100 s on 2 cores).
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest $(XDIST) -m "not slow"
 
