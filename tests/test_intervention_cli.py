@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from full_disk import run_cli_on_a_full_disk
 from sae_runs import tiny_store
 
 from t5hooks.apps.cli import main
@@ -108,25 +109,12 @@ def test_sae_demo(tmp_path, capsys):
     assert "--force" in capsys.readouterr().err
 
 
-FULL_DISK_TRAIN = """
-import resource, signal, sys
-signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG, as on a full disk
-from t5hooks.apps.cli import main
-args = sys.argv[1:]
-limit = int(args.pop(0))
-resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-sys.exit(main(args))
-"""
-
-
 @pytest.mark.slow  # a child process trains under a file-size limit (~10 s)
 def test_train_on_a_full_disk_keeps_the_last_checkpoint_and_resumes(tmp_path):
     """The disk fills up while a resumed run writes its next checkpoint: one-line error, exit 1, the previous
     checkpoint, SAE and metrics intact byte for byte, no temporary files; once there is room the same command
     finishes the run."""
     import os
-    import subprocess
-    import sys
 
     out = tmp_path / "sae"
     args = ["train", "sae", "--hook", HOOKS[0], "--d-sae", "64", "--batch-size", "8", "--checkpoint-every", "3"]
@@ -138,8 +126,7 @@ def test_train_on_a_full_disk_keeps_the_last_checkpoint_and_resumes(tmp_path):
     limit = (out / "checkpoint.pt").stat().st_size // 2  # the next checkpoint cannot be written
     more = [*args, "--steps", "6", "--resume", "--override", "steps"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
-    child = subprocess.run([sys.executable, "-c", FULL_DISK_TRAIN, str(limit), *more], capture_output=True,
-                           text=True, env=env, cwd=ROOT, timeout=300)  # fmt: skip
+    child = run_cli_on_a_full_disk(limit, more, env)
     err = [line.strip() for line in re.split(r"[\r\n]", child.stderr) if "error" in line]  # the rest: progress bars
     assert child.returncode == 1 and len(err) == 1 and err[0].startswith("t5hooks train: error:"), child.stderr[-2000:]
     assert "File too large" in err[0] or "No space" in err[0]
