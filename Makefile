@@ -25,9 +25,9 @@ demo: $(STAMP)
 # Tests run in TEST_WORKERS pytest-xdist processes (each test is single-threaded: one worker per core), whole
 # files per worker so module fixtures are built once. TEST_WORKERS=0 runs them in this process.
 TEST_WORKERS ?= 2
-XDIST := $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
+XDIST := $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder)
 
-# The developer loop: everything not marked slow (under 90 s on 2 cores).
+# The developer loop: everything not marked slow (about 100 s on 2 cores).
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest $(XDIST) -m "not slow"
 

@@ -107,6 +107,19 @@ def atomic_path(final: str | Path, *, overwrite: bool = True, clean_stale: bool 
             tmp.unlink()
 
 
+def save_torch(obj: Any, path: str | Path) -> None:
+    """`torch.save(obj, path)` through a memory buffer, so a failed write (a full disk, a file-size limit) raises
+    the operating system's own error; torch's zip writer reports one as "unexpected pos ..." instead."""
+    import io
+
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    with open(path, "wb") as f:
+        f.write(buffer.getbuffer())
+
+
 def remove_stale_temps(final: str | Path) -> list[Path]:
     """Remove temporary files for `final` whose writers are provably dead (`ownership.is_dead`)."""
     final = Path(final)

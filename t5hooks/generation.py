@@ -89,8 +89,9 @@ def generate(
     Greedy unless `do_sample` (then `temperature`, 0 meaning greedy; `freq_penalty`, which lowers each
     temperature-scaled logit by the penalty times how often the token already occurs in the decoder output; and
     `top_k` or `top_p`: TransformerLens's `sample_logits`). `eos_token_id`: an id or a list of ids (a row stops at
-    any of them, as TransformerLens); default the config's EOS. `use_past_kv_cache=False` reruns the decoder over the whole prefix at every step
-    (same tokens, slower; hooks then see every position). `verbose` shows a tqdm bar.
+    any of them, as TransformerLens); default the config's EOS. `max_new_tokens` is a bound, not a size: nothing is
+    allocated for it. `use_past_kv_cache=False` reruns the decoder over the whole prefix at every step (same tokens,
+    slower; hooks then see every position). `verbose` shows a tqdm bar.
     Returns tokens `[B, 1 + T]` (starting with the decoder start token, rows that stopped at EOS
     padded with the pad token, as Hugging Face does; `return_type="tensor"`) or decoded strings
     (`return_type="str"`, or "input" with text input). With `return_cache=True`, also a list with one

@@ -38,6 +38,20 @@ REFUSED = {
 MAX_CACHED_CAPTURES = 16
 
 
+def check_call(
+    who: str, input_ids: Tensor | None, refused: dict[str, tuple[Any, str]], kwargs: dict[str, Any], takes: str
+) -> None:
+    """The part of `T5EncoderModel`'s call signature that `who` does not support is an error, not ignored:
+    `refused` maps an argument to (its value, what to do instead); unknown keywords and missing ids too."""
+    for name, (value, instead) in refused.items():
+        if value is not None and value is not False:
+            raise ValueError(f"{who} does not take {name}; {instead}")
+    if kwargs:
+        raise TypeError(f"{who} got unexpected arguments {sorted(kwargs)}; it takes {takes}")
+    if input_ids is None:
+        raise ValueError(f"{who} needs input_ids (token ids [batch, pos])")
+
+
 @dataclass
 class PromptActivations:
     """One prompt of one encoder call: every position's activations `[E, ...]` and the prompt's padding mask."""
@@ -231,17 +245,16 @@ class T5TextEncoder(nn.Module):
         `return_dict=False`."""
         from transformers.modeling_outputs import BaseModelOutput
 
-        refused = {"inputs_embeds": inputs_embeds, "output_attentions": output_attentions}
-        for name, value in refused.items():
-            if value is not None and value is not False:
-                raise ValueError(f"T5TextEncoder does not take {name}; use {REFUSED[name]}")
-        if kwargs:
-            raise TypeError(
-                f"T5TextEncoder got unexpected arguments {sorted(kwargs)}; it takes input_ids, attention_mask, "
-                f"output_hidden_states, return_dict"
-            )
-        if input_ids is None:
-            raise ValueError("T5TextEncoder needs input_ids (token ids [batch, pos])")
+        check_call(
+            "T5TextEncoder",
+            input_ids,
+            {
+                "inputs_embeds": (inputs_embeds, f"use {REFUSED['inputs_embeds']}"),
+                "output_attentions": (output_attentions, f"use {REFUSED['output_attentions']}"),
+            },
+            kwargs,
+            takes="input_ids, attention_mask, output_hidden_states, return_dict",
+        )
         tokens = input_ids.to(self.device)
         mask = attention_mask.to(self.device) if attention_mask is not None else torch.ones_like(tokens)
         hidden = bool(output_hidden_states)

@@ -2,10 +2,12 @@
 from an activation store, and every argument checked before any work (under torchrun: test_sae_distributed.py)."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 import torch
+from full_disk import run_cli_on_a_full_disk
 from sae_runs import tiny_store
 
 from t5hooks.apps.cli import main
@@ -105,3 +107,32 @@ def test_sae_demo(tmp_path, capsys):
     assert (out / "tiny_sae.onnx").exists() and (out / "sae" / "cfg.json").exists()
     assert main(["sae-demo", "--out", str(out)]) == 2  # its folder exists: --force to replace it
     assert "--force" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # a child process trains under a file-size limit (~10 s)
+def test_train_on_a_full_disk_keeps_the_last_checkpoint_and_resumes(tmp_path):
+    """The disk fills up while a resumed run writes its next checkpoint: one-line error, exit 1, the previous
+    checkpoint, SAE and metrics intact byte for byte, no temporary files; once there is room the same command
+    finishes the run."""
+    import os
+
+    out = tmp_path / "sae"
+    args = ["train", "sae", "--hook", HOOKS[0], "--d-sae", "64", "--batch-size", "8", "--checkpoint-every", "3"]
+    args += ["--out", str(out)]
+    assert main([*args, "--steps", "3"]) == 0
+    before = {
+        p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file() and ".t5hooks-lock" not in p.name
+    }
+    limit = (out / "checkpoint.pt").stat().st_size // 2  # the next checkpoint cannot be written
+    more = [*args, "--steps", "6", "--resume", "--override", "steps"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    child = run_cli_on_a_full_disk(limit, more, env)
+    err = [line.strip() for line in re.split(r"[\r\n]", child.stderr) if "error" in line]  # the rest: progress bars
+    assert child.returncode == 1 and len(err) == 1 and err[0].startswith("t5hooks train: error:"), child.stderr[-2000:]
+    assert "File too large" in err[0] or "No space" in err[0]
+    after = {
+        p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file() and ".t5hooks-lock" not in p.name
+    }
+    assert after == before  # nothing half-written, nothing lost
+    assert main(more) == 0
+    assert json.loads((out / "metrics.json").read_text())[-1]["step"] == 6

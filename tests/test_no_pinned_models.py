@@ -30,8 +30,7 @@ def collected(make) -> bool:
 
 
 def batches(model, n=3):
-    tokens = model.to_tokens(PROMPTS[:4])
-    mask = (tokens != model.cfg.pad_token_id).long()
+    tokens, mask = model.to_tokens(PROMPTS[:4])
     for _ in range(n):
         yield {"input": tokens, "one_zero_attention_mask": mask, "targets": torch.zeros_like(tokens)}
 

@@ -6,15 +6,13 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
-import textwrap
 import time
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
+from full_disk import run_cli_on_a_full_disk
 
 from t5hooks import HookedEncoderDecoder
 from t5hooks.atomic import LockHeld
@@ -180,18 +178,6 @@ def test_the_first_extract_of_a_process_warns_nothing(tmp_path):
 
 # ---- a disk that fills up or refuses writes mid-run -------------------------------------------------------------
 
-FULL_DISK_EXTRACT = textwrap.dedent(
-    """
-    import resource, signal, sys
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG, like a full disk
-    from t5hooks.apps.cli import main
-    args = sys.argv[1:]
-    limit = int(args.pop(0))
-    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-    sys.exit(main(args))
-    """
-)
-
 
 @pytest.mark.slow  # a child process under a file-size limit (~20 s on a loaded 2-core machine)
 def test_extract_on_a_full_disk_keeps_the_stored_windows_and_resumes(model, tmp_path):
@@ -204,8 +190,7 @@ def test_extract_on_a_full_disk_keeps_the_stored_windows_and_resumes(model, tmp_
             progress=False)  # fmt: skip
     shard_bytes = max(p.stat().st_size for p in (tmp_path / "reference").glob("shard-*"))
     # a file-size limit below one shard: the first shard cannot be written
-    out = subprocess.run([sys.executable, "-c", FULL_DISK_EXTRACT, str(shard_bytes // 2), *args],
-                         capture_output=True, text=True, env=ENV, cwd=ROOT)  # fmt: skip
+    out = run_cli_on_a_full_disk(shard_bytes // 2, args, ENV)
     err = out.stderr.strip().splitlines()
     assert out.returncode == 1 and len(err) == 1 and "t5hooks extract: error:" in err[0], out.stderr[-2000:]
     assert "File too large" in err[0] or "No space" in err[0]

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from ..interventions.steering import SteeringVector
-from ..text_encoder import T5TextEncoder
+from ..text_encoder import T5TextEncoder, check_call
 
 CONFIG_KEY = "text_encoder_config"  # the transformers config, in the ONNX file's metadata
 
@@ -159,21 +159,19 @@ class ExportedTextEncoder(nn.Module):
     ) -> Any:
         from transformers.modeling_outputs import BaseModelOutput
 
+        graph_only = "its graph returns last_hidden_state only"
         refused = {
             "inputs_embeds": inputs_embeds,
             "output_attentions": output_attentions,
             "output_hidden_states": output_hidden_states,
         }
-        for name, value in refused.items():
-            if value is not None and value is not False:
-                raise ValueError(f"an exported text encoder does not take {name} (its graph returns last_hidden_state)")
-        if kwargs:
-            raise TypeError(
-                f"ExportedTextEncoder got unexpected arguments {sorted(kwargs)}; it takes input_ids, attention_mask, "
-                f"return_dict"
-            )
-        if input_ids is None:
-            raise ValueError("ExportedTextEncoder needs input_ids (token ids [batch, pos])")
+        check_call(
+            "ExportedTextEncoder",
+            input_ids,
+            {name: (value, graph_only) for name, value in refused.items()},
+            kwargs,
+            takes="input_ids, attention_mask, return_dict",
+        )
         tokens = input_ids.long()
         mask = torch.ones_like(tokens) if attention_mask is None else attention_mask.long()
         last = self._run(tokens, mask).to(device=input_ids.device, dtype=self._out_dtype)

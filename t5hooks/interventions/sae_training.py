@@ -40,7 +40,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..atomic import atomic_path
+from ..atomic import atomic_path, save_torch
 from . import distributed
 from .sae import SAE, build_sae
 from .sae_objective import Objective, StepResult, dense_training_step, training_step
@@ -493,7 +493,7 @@ class SAETrainer:
     def save_checkpoint(self, directory: str | Path) -> Path:
         path = Path(directory) / CHECKPOINT_NAME
         with atomic_path(path) as tmp:
-            torch.save(self.state_dict(), tmp)
+            save_torch(self.state_dict(), tmp)
             load_checkpoint(tmp)  # verify (weights_only) before it replaces the previous checkpoint
         return path
 
@@ -623,29 +623,33 @@ def train_saes(
     is_main = distributed.is_main()
     bar = _progress(cfg.total_steps, trainer.step, progress and is_main)
     start, start_tokens = time.perf_counter(), trainer.tokens_seen
-    while trainer.step < cfg.total_steps:
-        try:
-            batch = next(batches)
-        except StopIteration:
-            raise ValueError(f"the activation source ran out after {trainer.step} of {cfg.total_steps} steps") from None
-        trainer.train_step(_as_mapping(batch, trainer.saes))
-        if trainer.step % cfg.metrics_every == 0 or trainer.step == cfg.total_steps:
-            row = trainer.metrics_row()
-            if evaluate is not None:
-                row.update(evaluate(trainer.saes))
-            trainer.metrics.append(row)
+    try:  # the bar is cleared whatever happens, so an error message starts on a line of its own
+        while trainer.step < cfg.total_steps:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                raise ValueError(
+                    f"the activation source ran out after {trainer.step} of {cfg.total_steps} steps"
+                ) from None
+            trainer.train_step(_as_mapping(batch, trainer.saes))
+            if trainer.step % cfg.metrics_every == 0 or trainer.step == cfg.total_steps:
+                row = trainer.metrics_row()
+                if evaluate is not None:
+                    row.update(evaluate(trainer.saes))
+                trainer.metrics.append(row)
+                if bar is not None:
+                    first = next(iter(trainer.saes))
+                    bar.set_postfix(ev=f"{row[f'{first}/explained_variance']:.3f}", l0=f"{row[f'{first}/l0']:.1f}")
             if bar is not None:
-                first = next(iter(trainer.saes))
-                bar.set_postfix(ev=f"{row[f'{first}/explained_variance']:.3f}", l0=f"{row[f'{first}/l0']:.1f}")
+                bar.update(1)
+                elapsed = time.perf_counter() - start
+                bar.set_description(f"{(trainer.tokens_seen - start_tokens) / max(elapsed, 1e-9):,.0f} tok/s")
+            if directory is not None and is_main and cfg.checkpoint_every and trainer.step % cfg.checkpoint_every == 0:
+                _save_checkpoint_and_metrics(trainer, directory)
+    finally:
         if bar is not None:
-            bar.update(1)
-            elapsed = time.perf_counter() - start
-            bar.set_description(f"{(trainer.tokens_seen - start_tokens) / max(elapsed, 1e-9):,.0f} tok/s")
-        if directory is not None and is_main and cfg.checkpoint_every and trainer.step % cfg.checkpoint_every == 0:
-            _save_checkpoint_and_metrics(trainer, directory)
+            bar.close()
     elapsed = time.perf_counter() - start
-    if bar is not None:
-        bar.close()
     if directory is not None and is_main:
         _save_checkpoint_and_metrics(trainer, directory)
     saes = trainer.finish()

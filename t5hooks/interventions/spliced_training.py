@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..atomic import atomic_path
+from ..atomic import atomic_path, save_torch
 from ..capture import CaptureModule, EncoderCaptureModule
 from . import distributed
 from .das import RotatedSubspaceInterchange
@@ -137,7 +137,7 @@ def save_interventions(intervene: Mapping[str, nn.Module], path: str | Path, **e
     path = Path(path)
     state = {h: {k: v.detach().cpu() for k, v in m.state_dict().items()} for h, m in intervene.items()}
     with atomic_path(path) as tmp:
-        torch.save({"interventions": state, **extra}, tmp)
+        save_torch({"interventions": state, **extra}, tmp)
         load_interventions(tmp)  # verify before the rename
     return path
 
