@@ -146,26 +146,33 @@ sys.path.insert(0, {tests!r})
 from test_regional_compile import RESID, batch, tiny
 from t5hooks.capture import compile_capture
 from t5hooks.compile_cache import cache_root
+from torch._dynamo.utils import counters
 
-result = {{"root": str(cache_root())}}
-for name, compiled in (("eager", False), ("compiled", True)):
-    model = tiny(n_layers=1, n_decoder_layers=1)
-    fn = compile_capture(model.capture(RESID)) if compiled else model.capture(RESID)
-    tokens, dec, mask, dec_mask = batch(model, 3, 9, 5, 0)
-    out = fn(tokens, dec, mask, dec_mask, labels=dec)
-    out["loss"].backward()
-    result[name] = [out["loss"].item(), model.embed.W_E.grad.norm().item()]
-result.update(seconds=fn.compile_seconds["training"], warm=fn.warm["training"])
-print(json.dumps(result))
+model = tiny(n_layers=1, n_decoder_layers=1)
+cap = model.capture(RESID)
+fn = compile_capture(cap)
+tokens, dec, mask, dec_mask = batch(model, 3, 9, 5, 0)
+with torch.no_grad():
+    eager, compiled = cap(tokens, dec, mask, dec_mask), fn(tokens, dec, mask, dec_mask)
+print(json.dumps({{
+    "root": str(cache_root()),
+    "eager": {{name: value.tolist() for name, value in eager.items()}},
+    "compiled": {{name: value.tolist() for name, value in compiled.items()}},
+    "seconds": fn.compile_seconds["inference"],
+    "warm": fn.warm["inference"],
+    "fx_graph_cache": {{k: v for k, v in counters["inductor"].items() if k.startswith("fxgraph_cache")}},
+}}))
 """
 
 
 @pytest.mark.slow
-def test_a_second_process_loads_the_compiled_training_step_from_the_cache(tmp_path):
-    """Two fresh processes, each with an empty inductor cache of its own and the compile cache in its documented
-    default place (`$XDG_CACHE_HOME/t5hooks/compile`): the first announces a cold compile with its expected
-    duration, the second finds the first one's artefacts, says so, and compiles much faster, to the same numbers
-    (equal to eager, forward and backward)."""
+def test_a_second_process_loads_the_compiled_capture_from_the_cache(tmp_path):
+    """Two fresh processes, each with an empty inductor cache of its own (as on a new machine or after /tmp was
+    cleaned) and the compile cache in its documented default place (`$XDG_CACHE_HOME/t5hooks/compile`): the
+    first announces a cold compile with its expected duration; the second finds the first one's artefacts, says
+    so with the time the first one measured, and takes every compiled graph from them (inductor's FX-graph cache:
+    hits only, no lowering) to the same numbers, equal to eager. The capture's inference forward of a 1+1-layer
+    model keeps this test short; `t5hooks bench compiling` measures the training step the same way."""
     import json
     import os
     import re
@@ -187,11 +194,16 @@ def test_a_second_process_loads_the_compiled_training_step_from_the_cache(tmp_pa
     root = tmp_path / "xdg" / "t5hooks" / "compile"
     assert cold["root"] == str(root) and len(list(root.glob("*/*.bin"))) == 1  # one entry, in the documented place
     assert not cold["warm"] and warm["warm"]
-    said = r"t5hooks: compiling the CaptureModule for training \(one region per stack, cpu\): about \d+ s \("
+    said = r"t5hooks: compiling the CaptureModule for inference \(one region per stack, cpu\): about \d+ s \("
     assert re.search(said + "first compile of this work here", cold_err), cold_err[-2000:]
     assert re.search(said + "from the compile cache; compile time: measured here", warm_err), warm_err[-2000:]
-    assert warm["seconds"] < 0.5 * cold["seconds"], (cold["seconds"], warm["seconds"])
+    assert cold["fx_graph_cache"].get("fxgraph_cache_miss", 0) >= 1  # compiled here
+    assert warm["fx_graph_cache"].get("fxgraph_cache_hit", 0) >= 1, warm["fx_graph_cache"]  # loaded, not compiled
+    assert warm["fx_graph_cache"].get("fxgraph_cache_miss", 0) == 0, warm["fx_graph_cache"]
+    assert warm["seconds"] < cold["seconds"], (cold["seconds"], warm["seconds"])
     assert warm["compiled"] == cold["compiled"]  # bit-identical: the same compiled code
     for run in (cold, warm):
-        assert run["compiled"] == pytest.approx(run["eager"], rel=1e-5)
+        assert list(run["compiled"]) == list(run["eager"])
+        for name, value in run["eager"].items():
+            torch.testing.assert_close(torch.tensor(run["compiled"][name]), torch.tensor(value), atol=1e-5, rtol=0)
     assert compile_cache.clear(root) == 2 and not root.exists()  # the artefacts and their measured-times record

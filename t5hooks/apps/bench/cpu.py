@@ -41,7 +41,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -53,6 +52,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from ...timing import time_rows
 
 RESID = ["encoder.*.hook_resid_post", "decoder.*.hook_resid_post"]
 FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8")
@@ -109,17 +110,8 @@ def versions() -> str:
 
 
 def interleaved(rows: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, float]:
-    """Median seconds per row, timing the rows round-robin so drift in the machine's load hits every row alike."""
-    for fn in rows.values():
-        for _ in range(warmup):
-            fn()
-    times: dict[str, list[float]] = {name: [] for name in rows}
-    for _ in range(repeats):
-        for name, fn in rows.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+    """Median seconds per row, rows timed round-robin with a settle gap between calls (`timing.time_rows`)."""
+    return {name: t.median_ms / 1e3 for name, t in time_rows(list(rows.items()), repeats, warmup).items()}
 
 
 # ---- GEMM ceiling ------------------------------------------------------------------------------
