@@ -25,6 +25,7 @@ from .dtypes import parse_dtype
 from .hook_io import HookIO, is_tracing
 from .hook_points import HookedRootModule, HookPoint
 from .padding import warn_if_right_padded
+from .regions import run_encoder_block
 
 TextOrTokens = Union[Tensor, str, Sequence[str]]
 
@@ -169,7 +170,7 @@ class HookedT5Base(HookedRootModule):
         attns = [block.attn for block in self.encoder]
         ctx = attention_context(attns[0], attns, E, E, mask, io, resid.device)
         for block in self.encoder:
-            resid = block(resid, ctx, io)
+            resid = run_encoder_block(block, resid, ctx, io)
         return self.hook_encoder_out(self.encoder_final_ln(resid, io), io)
 
     # ---- input handling ----------------------------------------------------------------

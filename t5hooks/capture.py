@@ -9,9 +9,12 @@ Python constants: the forward is plain tensor code that returns a dict. It runs 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fnmatch
 import functools
-from collections.abc import Callable, Mapping
+import os
+import time
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -20,6 +23,7 @@ from torch import Tensor, nn
 
 from .components import lm_loss
 from .hook_io import PATCH_MODES, HookIO, NameFilter
+from .hook_registry import VARYING_AXES
 from .kernels import cpu_gemm as gemm
 from .padding import warn_if_right_padded
 
@@ -72,23 +76,40 @@ class CaptureBase(nn.Module):
         intervene_names, modules = _interventions(model, intervene)
         self.intervene_names: tuple[str, ...] = intervene_names
         self.interventions = nn.ModuleList(modules)
+        self.regional = True  # under torch.compile each layer is one reused compile region (regions.py)
+        # per patched name: (ndim, the axes that vary between batches), from the hook registry
+        self._patch_axes: dict[str, tuple[int, tuple[int, ...]]] = {}
+        for name in self.patch_modes:
+            axes = model.layout.spec(name).axes
+            if axes is not None:
+                varying = tuple(i for i, axis in enumerate(axes) if axis in VARYING_AXES)
+                self._patch_axes[name] = (len(axes), varying)
 
     def __call__(self, *args: Any, **kwargs: Any) -> dict[str, Tensor]:
-        """Eagerly (outside any trace): mark the sequence axes of the token and mask inputs dynamic, each with
-        its own symbol, so `torch.compile(cap, dynamic=True)` never ties the encoder and decoder lengths (duck
-        sizing would, when a first batch has E == D, and recompile at the next E != D); and warn about a
-        right-padded-looking token batch given without a mask (the compiled forward cannot: the check depends on
-        the data). This frame itself is never compiled (see `skip_code` below); inside an outer compile or export
-        it is traced as usual."""
+        """Eagerly (outside any trace): mark the batch and sequence axes of the token and mask inputs and of
+        the patches dynamic, each sequence with its own symbol, so a compiled capture serves every batch shape
+        with one graph and never ties the encoder and decoder lengths (duck sizing would, when a first batch
+        has E == D, and recompile at the next E != D); and warn about a right-padded-looking token batch given
+        without a mask (the compiled forward cannot: the check depends on the data). This frame itself is never
+        compiled (see `skip_code` above); inside an outer compile or export it is traced as usual."""
         if not (torch.compiler.is_compiling() or torch.compiler.is_exporting()):
+            # no generators or helper functions here: their frames would be compiled on their own
+            n = len(self.INPUT_NAMES)
             given = dict(zip(self.INPUT_NAMES, args))
             given.update({k: v for k, v in kwargs.items() if k in SEQUENCE_INPUTS})
-            values = []  # no generator here: its frame would be compiled on its own
+            marks = []  # (tensor, axis)
             for value in given.values():
-                values.extend(value if isinstance(value, tuple) else [value])  # (tokens, mask) pairs
-            for value in values:
-                if isinstance(value, Tensor) and value.ndim == 2 and value.shape[1] > 1:
-                    torch._dynamo.maybe_mark_dynamic(value, 1)  # imported by _call_frame_runs_eagerly
+                for part in value if isinstance(value, tuple) else [value]:  # (tokens, mask) pairs
+                    if isinstance(part, Tensor) and part.ndim == 2:  # [batch, pos]: both vary between batches
+                        marks += [(part, 0), (part, 1)]
+            patches = args[n] if len(args) > n else kwargs.get("patches")
+            for name, value in (patches or {}).items():
+                axes = self._patch_axes.get(name)  # the patch's batch / position axes
+                if isinstance(value, Tensor) and axes is not None and value.ndim == axes[0]:
+                    marks += [(value, axis) for axis in axes[1]]
+            for value, axis in marks:
+                if value.shape[axis] > 1:  # PyTorch specialises sizes 0 and 1 whatever is marked
+                    torch._dynamo.maybe_mark_dynamic(value, axis)  # imported by _call_frame_runs_eagerly
             tokens = given.get("input")
             if isinstance(tokens, Tensor) and given.get("one_zero_attention_mask") is None:
                 cfg = self.model.cfg
@@ -109,7 +130,9 @@ class CaptureBase(nn.Module):
 
     def hook_io(self, patches: Mapping[str, Any] | None) -> HookIO:
         """The `HookIO` one forward threads through the model: capture set, checked patches, interventions."""
-        return HookIO(self._capture_set, self.patch_modes, self._check_patches(patches), self.intervene)
+        io = HookIO(self._capture_set, self.patch_modes, self._check_patches(patches), self.intervene)
+        io.regional = self.regional
+        return io
 
     def outputs(self, io: HookIO, main: dict[str, Tensor]) -> dict[str, Tensor]:
         """`main` (the model's outputs, in order), the captured names in hook order, then side outputs."""
@@ -266,25 +289,36 @@ def _patch_modes(patch_names: tuple[str, ...], patch_mode: str | Mapping[str, st
 
 
 def compile_capture(
-    cap: CaptureModule,
+    cap: CaptureBase,
     *,
     freeze: bool = False,
     max_autotune: bool = False,
     bf16: bool = False,
     dynamic: bool | None = None,
+    regional: bool = True,
+    cache: bool | str | os.PathLike = True,
+    announce: bool = True,
     cpu_gemm: str | None = None,
-) -> Callable[..., dict[str, Tensor]]:
-    """`torch.compile(cap, fullgraph=True)` for inference, with the CPU levers measured in benchmarks/cpu.py.
+) -> CompiledCapture:
+    """`torch.compile(cap, fullgraph=True)` with regional compilation, warm starts and the CPU levers.
 
-    `freeze`: inductor freezing (weights become constants of the graph; with oneDNN weight prepacking on
-    CPU); the compiled function runs under `torch.no_grad()` and does not see later changes to the weights
-    (build a new one after training). `max_autotune`: inductor's GEMM templates, benchmarked at compile
-    time (much slower to compile). `bf16`: bfloat16 autocast (a CPU with AVX512-BF16 or AMX runs its
-    matmuls natively); outputs come back in float32 and differ from fp32 by bf16 rounding (~1e-2 relative,
-    measured in benchmarks/RESULTS.md). `cpu_gemm`: the CPU GEMM backend of the linear layers for this
-    compiled function ("auto" | "mkl" | "onednn" | "bf16", see kernels/cpu_gemm.py; None: the model's
-    `cfg.cpu_gemm`, else the environment, else auto); in fp32 inference a backend other than MKL runs as
-    the extern op `t5hooks::cpu_linear`. Without levers this is plain `torch.compile(cap, fullgraph=True)`.
+    `regional`: every layer is one nested compile region, compiled once per stack and reused (regions.py);
+    False compiles the whole graph flat (slower to compile, same numbers). `cache`: load what an earlier
+    process compiled for the same model, capture and levers on this machine, and save what this one compiles
+    (`compile_cache`; True = the default directory, a path = that directory, False = off). `announce`: print
+    what is being compiled and how long it is expected to take before the first call compiles.
+    Batch and sequence axes are dynamic from the first call (no recompiles for new batch shapes; a size-1 axis
+    is specialised by PyTorch and compiles once more).
+
+    CPU levers (measured in `t5hooks bench cpu`): `freeze`: inductor freezing (weights become constants of
+    the graph; with oneDNN weight prepacking on CPU); the compiled function runs under `torch.no_grad()` and
+    does not see later changes to the weights (build a new one after training). `max_autotune`: inductor's
+    GEMM templates, benchmarked at compile time (much slower to compile). `bf16`: bfloat16 autocast (a CPU
+    with AVX512-BF16 or AMX runs its matmuls natively); outputs come back in float32 and differ from fp32 by
+    bf16 rounding (~1e-2 relative, measured in benchmarks/RESULTS.md).
+    `cpu_gemm`: the CPU GEMM backend of the linear layers for this compiled function ("auto" | "mkl" |
+    "onednn" | "bf16", see kernels/cpu_gemm.py; None: the model's `cfg.cpu_gemm`, else the environment, else
+    auto); in fp32 inference a backend other than MKL runs as the extern op `t5hooks::cpu_linear`.
     """
     gemm.check_setting(cpu_gemm)
     options: dict[str, Any] = {}
@@ -292,16 +326,100 @@ def compile_capture(
         options.update({"freezing": True, "cpp.weight_prepack": True})
     if max_autotune:
         options["max_autotune"] = True
-    compiled = torch.compile(cap, fullgraph=True, dynamic=dynamic, options=options or None)
-    device_type = next(cap.model.parameters()).device.type
+    levers = {"freeze": freeze, "max_autotune": max_autotune, "bf16": bf16, "dynamic": dynamic, "regional": regional}
+    levers["cpu_gemm"] = cpu_gemm
+    return CompiledCapture(cap, options, levers, cache, announce)
 
-    def run(*args: Any, **kwargs: Any) -> dict[str, Tensor]:
-        with torch.no_grad() if freeze else contextlib.nullcontext(), gemm.use(cpu_gemm):
-            if not bf16:
-                return compiled(*args, **kwargs)
-            with torch.autocast(device_type, dtype=torch.bfloat16):
-                out = compiled(*args, **kwargs)
-            return {name: value.float() for name, value in out.items()}
 
-    run.compiled = compiled  # type: ignore[attr-defined]
-    return run
+class CompiledCapture:
+    """The callable `compile_capture` returns: `cap`'s signature and outputs, compiled at the first call.
+
+    The first call of each kind (with or without gradients) loads the warm-start cache, announces the
+    compile, compiles forward and backward together (so the announced time is the whole cost) and saves the
+    artefacts. `compiled` is the underlying `torch.compile` module; `compile_seconds` the measured compile
+    times (`{"training": s, "inference": s}`), `warm` which of them were loaded from the cache."""
+
+    def __init__(
+        self,
+        cap: CaptureBase,
+        options: dict[str, Any],
+        levers: dict[str, Any],
+        cache: bool | str | os.PathLike,
+        announce: bool,
+    ) -> None:
+        cap.regional = levers["regional"]
+        self.cap = cap
+        self.levers = levers
+        self.compiled = torch.compile(cap, fullgraph=True, dynamic=levers["dynamic"], options=options or None)
+        self.device_type = next(cap.model.parameters()).device.type
+        self.cache_root = None if cache is True or cache is False else cache
+        self.use_cache = cache is not False
+        self.announce = announce
+        self.compile_seconds: dict[str, float] = {}
+        self.warm: dict[str, bool] = {}
+
+    def __call__(self, *args: Any, **kwargs: Any) -> dict[str, Tensor]:
+        freeze, bf16 = self.levers["freeze"], self.levers["bf16"]
+        with torch.no_grad() if freeze else contextlib.nullcontext(), gemm.use(self.levers["cpu_gemm"]):
+            kind = "training" if torch.is_grad_enabled() else "inference"
+            with self._first_compile(kind) if kind not in self.compile_seconds else contextlib.nullcontext():
+                if not bf16:
+                    return self.compiled(*args, **kwargs)
+                with torch.autocast(self.device_type, dtype=torch.bfloat16):
+                    out = self.compiled(*args, **kwargs)
+                return {name: value.float() for name, value in out.items()}
+
+    def cache_entry(self, kind: str) -> Any:
+        """The `CompileCache` entry of this work (`kind`: "training" | "inference"), or None without a cache."""
+        from .compile_cache import CompileCache
+
+        return CompileCache(self.cache_key(kind), self.cache_root) if self.use_cache else None
+
+    def expected_cost(self, kind: str) -> Any:
+        """`compile_policy.CompileCost` of compiling this work here: measured when recorded, else the defaults."""
+        from .compile_policy import expected_cost
+
+        return expected_cost(self.cache_entry(kind), self.device_type, kind == "training")
+
+    def cache_key(self, kind: str) -> dict[str, Any]:
+        """What the compiled code depends on besides torch and the machine (those name the cache directory)."""
+        cap = self.cap
+        return {
+            "what": f"{type(cap).__name__} {kind}",
+            "config": dataclasses.asdict(cap.model.cfg),
+            "model": type(cap.model).__name__,
+            "device": self.device_type,
+            "dtype": str(next(cap.model.parameters()).dtype),
+            "capture": list(cap.names),
+            "patch": cap.patch_modes,
+            "intervene": {name: _module_signature(m) for name, m in cap.intervene.items()},
+            "levers": self.levers,
+        }
+
+    @contextlib.contextmanager
+    def _first_compile(self, kind: str) -> Iterator[None]:
+        from torch._functorch import config as functorch_config
+
+        from .compile_policy import announce, expected_cost
+
+        entry = self.cache_entry(kind)
+        warm = entry.load() if entry is not None else False
+        if self.announce:
+            layers = "one region per stack" if self.levers["regional"] else "whole graph"
+            what = f"the {type(self.cap).__name__} for {kind} ({layers}, {self.device_type})"
+            announce(what, expected_cost(entry, self.device_type, kind == "training"))
+        start = time.perf_counter()
+        # the backward is compiled now, not at the first .backward(): the announced time is the whole cost
+        with functorch_config.patch(force_non_lazy_backward_lowering=True):
+            yield
+        seconds = time.perf_counter() - start
+        self.compile_seconds[kind], self.warm[kind] = seconds, warm
+        if entry is not None:
+            entry.save()
+            entry.record(**{"warm_s" if warm else "cold_s": round(seconds, 2)})
+
+
+def _module_signature(module: nn.Module) -> str:
+    """Class and parameter shapes of an intervention module (what its compiled code depends on)."""
+    shapes = {name: list(p.shape) for name, p in module.named_parameters()}
+    return f"{type(module).__module__}.{type(module).__qualname__} {shapes}"

@@ -270,7 +270,11 @@ class Attention(nn.Module):
         return self.rel_pos_hook(bias, io)
 
     def bias_hooked(self, io: HookIO | None) -> bool:
-        return self.rel_pos_hook.has_hooks() or (io is not None and io.touches(self.rel_pos_hook.name))
+        # has_hooks' arguments all given: a default argument becomes a guard that Dynamo cannot re-check when
+        # it reuses a compile region for the next layer (regions.py), so every layer would compile its own
+        return self.rel_pos_hook.has_hooks("both", True, None) or (
+            io is not None and io.touches(io.key(self.rel_pos_hook))
+        )
 
     def wants_fused(self, device: torch.device) -> bool:
         impl = self.cfg.attn_impl
@@ -287,7 +291,7 @@ class Attention(nn.Module):
         if not self.wants_fused(device):
             return True
         for hp in (self.hook_attn_scores, self.hook_pattern):
-            if hp.has_hooks() or (io is not None and io.touches(hp.name)):
+            if hp.has_hooks("both", True, None) or (io is not None and io.touches(io.key(hp))):
                 return True
         return self.owns_layer_bias and self.bias_hooked(io)
 

@@ -44,6 +44,11 @@ class HookIO:
         self.patches = dict(patches or {})
         self.interventions = dict(interventions or {})
         self.outputs: dict[str, Tensor] = {}
+        self.regional = True  # under torch.compile each layer is one reused compile region (regions.py)
+
+    def key(self, point: Any) -> str:
+        """The name this IO knows a `HookPoint` by: its full name (a layer's region IO uses `local_name`)."""
+        return point.name
 
     def touches(self, name: str) -> bool:
         """True if this name is captured, patched or intervened on (so it must be computed explicitly)."""

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from .hook_io import Direction, HookFn, HookIO, NameFilter, intervention_hook
-from .hook_registry import HookLayout, HookSpec, layer_of, template_of, unknown_name_message
+from .hook_registry import HookLayout, HookSpec, layer_of, local_name, template_of, unknown_name_message
 
 
 @dataclass(eq=False)
@@ -66,13 +66,14 @@ class HookPoint(nn.Module):
         self.stack: str | None = stack  # resolved by HookedRootModule.setup from the module tree
         self.key_stack: str | None = None  # the stack whose positions "key_pos" counts (inside attention)
         self.name: str | None = None
+        self.local_name: str | None = None  # the name inside its layer ("attn.hook_q"); = name outside layers
         self.fwd_hooks: list[LensHandle] = []
         self.bwd_hooks: list[LensHandle] = []
         self.ctx: dict[Any, Any] = {}  # scratch space shared by this point's hooks
 
     def forward(self, x: Tensor, io: HookIO | None = None) -> Tensor:
         if io is not None:
-            x = io.visit(self.name, x)
+            x = io.visit(io.key(self), x)
         return x
 
     def add_hook(
@@ -213,6 +214,7 @@ class HookedRootModule(nn.Module):
                 child_key_stack = getattr(child, "hook_key_stack", None) or key_stack
                 if isinstance(child, HookPoint):
                     child.name = name
+                    child.local_name = local_name(name)
                     child.stack = child.declared_stack or child_stack
                     child.key_stack = child_key_stack
                     self.hook_dict[name] = child

@@ -29,6 +29,7 @@ AXES = {
     "d_vocab": "d_vocab",
     "1": "1",
 }
+VARYING_AXES = ("batch", "pos", "key_pos")
 STACK_LETTERS = {"encoder": "E", "decoder": "D"}
 
 
@@ -38,6 +39,12 @@ def layer_of(name: str) -> int | None:
         if part.isdigit():
             return int(part)
     return None
+
+
+def local_name(name: str) -> str:
+    """The name inside its layer: `encoder.3.attn.hook_q` -> `attn.hook_q` (names outside layers unchanged)."""
+    parts = name.split(".")
+    return ".".join(parts[2:]) if len(parts) > 2 and parts[1].isdigit() else name
 
 
 def template_of(name: str) -> str:

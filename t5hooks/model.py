@@ -18,6 +18,7 @@ from .hook_points import HookPoint
 from .hook_registry import HookLayout, set_default_layout
 from .kernels import cpu_gemm
 from .kv_cache import DecoderCache
+from .regions import run_decoder_block
 
 __all__ = ["Embed", "HookedEncoderDecoder", "TextOrTokens", "Unembed"]
 
@@ -114,7 +115,8 @@ class HookedEncoderDecoder(HookedT5Base):
         self_ctx = attention_context(self_attns[0], self_attns, D, past + D, dec_mask, io, resid.device, q_offset=past)
         cross_ctx = attention_context(cross_attns[0], cross_attns, D, E, enc_mask, io, resid.device)
         for layer, block in enumerate(self.decoder):
-            resid = block(
+            resid = run_decoder_block(
+                block,
                 resid,
                 encoder_out,
                 self_ctx,

@@ -11,6 +11,15 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Compiled captures keep their warm-start artefacts in the user's cache by default; tests use a directory of
+# their own (one per session), so a test never depends on, or leaves behind, a developer's cache.
+if "T5HOOKS_COMPILE_CACHE" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    os.environ["T5HOOKS_COMPILE_CACHE"] = tempfile.mkdtemp(prefix="t5hooks-test-compile-cache-")
+    atexit.register(shutil.rmtree, os.environ["T5HOOKS_COMPILE_CACHE"], ignore_errors=True)
 # `make test` runs two pytest-xdist workers (one per core, whole files per worker): each compiles into its own
 # inductor cache, so two compiles of the same graph never race on one cache folder (subprocesses inherit it).
 if os.environ.get("PYTEST_XDIST_WORKER") and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-BACKENDS = ("compile", "eager", "onnx")
+BACKENDS = ("auto", "eager", "compile", "onnx")
 FORMATS = ("native", "saelens")
 
 
@@ -33,7 +33,7 @@ class ExtractConfig:
     token_budget: int = 8192  # padded tokens per batch
     max_batch: int | None = None  # prompts per batch at most
     window: int = 1024  # look-ahead window = prompts per shard (per rank); the unit of resumption
-    backend: str = "compile"  # "compile" | "eager" | "onnx"
+    backend: str = "auto"  # "auto" (eager; compiled once it pays, compile_policy) | "eager" | "compile" | "onnx"
     progress: bool = True  # a progress bar
 
     def __post_init__(self) -> None:

@@ -56,6 +56,7 @@ class ExtractSummary:
     windows_resumed: int = 0  # windows found complete and skipped
     saelens_dir: Path | None = None
     files: list[str] = field(default_factory=list)
+    backend: str = ""  # what ran the forward ("auto": what it chose and when)
 
     @property
     def padding_fraction(self) -> float:
@@ -69,10 +70,11 @@ class ExtractSummary:
         rank = f" [rank {self.rank}/{self.world_size}]" if self.world_size > 1 else ""
         resumed = f", {self.windows_resumed} windows already done" if self.windows_resumed else ""
         skipped = f", {self.skipped_empty} empty skipped" if self.skipped_empty else ""
+        backend = f"; backend {self.backend}" if self.backend else ""
         return (
             f"extracted{rank} {self.prompts} prompts, {self.real_tokens} real tokens in {self.seconds:.1f} s "
             f"({self.tokens_per_second:,.0f} tokens/s, padding {100 * self.padding_fraction:.1f}%), "
-            f"{self.shards_written} shards{resumed}{skipped} -> {self.out_dir}"
+            f"{self.shards_written} shards{resumed}{skipped} -> {self.out_dir}{backend}"
         )
 
 
@@ -96,8 +98,11 @@ def extract(
     are an error unless `skip_empty`. `dtype`: storage dtype (float32 / bfloat16 / float16; default the
     model's). Batches hold at most `token_budget` padded tokens, bucketed by length within a look-ahead
     `window` of prompts (also the shard size; memory holds one window's rows: about
-    `window * mean_tokens * sum(d) * bytes`, so lower it for many wide hooks). `backend`: "compile" (torch.compile, fullgraph), "eager",
-    or "onnx" (exported once, run in ONNX Runtime). `format="saelens"` also packs the store into SAELens's
+    `window * mean_tokens * sum(d) * bytes`, so lower it for many wide hooks). `backend`: "auto" (the
+    default: run eagerly, and switch to the compiled capture once the measured eager speed shows that the rest
+    of the job pays for compiling, `compile_policy`; on CPU, where compiling a forward buys little, that is
+    rarely), "eager", "compile" (`compile_capture`: regional, warm-started from the compile cache) or "onnx"
+    (exported once, run in ONNX Runtime). `format="saelens"` also packs the store into SAELens's
     cached-activations dataset (`context_size` tokens per row) in `out_dir`; the resumable native store
     then lives in `out_dir/native`. Re-running the same call resumes; a different model, hook set, source
     or setting under an existing store is a ValueError. Under torchrun each rank extracts its slice.
@@ -145,6 +150,7 @@ def extract(
                 runner, model, src, axes, config, STORAGE_DTYPES[storage], store_dir, progress_path, state, summary,
                 t_start, rank=rank, world_size=world_size, lock=lock,
             )  # fmt: skip
+            summary.backend = runner.describe()
         if config.format == "saelens":
             from .saelens import pack_when_complete
 
@@ -195,11 +201,13 @@ def _extract_windows(
     index = done_windows
     with torch.inference_mode():
         for chunk in chunks(mine, window):
+            if total is not None:
+                runner.remaining_prompts = total - index * window  # this window's and the later ones' prompts
             encoded, skipped = encode_window(
                 chunk, tokenizer, eos, start_id, config.max_tokens, config.truncate, config.skip_empty
             )
             rows, n_real, n_padded = run_window(
-                runner, encoded, axes, config.token_budget, config.max_batch, pad_id, storage
+                runner, encoded, axes, config.token_budget, config.max_batch, pad_id, storage, on_batch=bar.update
             )
             lock.check()  # still this store's writer (LockLost otherwise): nothing of another run is overwritten
             path = store_dir / shard_name(rank, index)
@@ -225,7 +233,7 @@ def _extract_windows(
             summary.padded_tokens += n_padded
             summary.shards_written += 1
             summary.files.append(path.name)
-            bar.update(len(chunk))
+            bar.update(skipped)  # the prompts run were counted batch by batch
             elapsed = time.perf_counter() - t_start
             bar.set_postfix_str(
                 f"{summary.real_tokens / max(elapsed, 1e-9):,.0f} real tok/s, pad {100 * summary.padding_fraction:.0f}%"

@@ -4,6 +4,7 @@ the encoder stack alone when only encoder hooks are asked for, or an exported ON
 from __future__ import annotations
 
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -100,6 +101,7 @@ class CaptureRunner:
         self.backend, self.needs_decoder, self.start_id = backend, needs_decoder, start_id
         self.device = next(model.parameters()).device
         self.encoder_only = False
+        self.switch: Any = None  # backend "auto": the compile_policy.SwitchWhenPaid deciding when to compile
         if backend == "onnx":
             from ..export import OnnxRunner, to_onnx
 
@@ -116,7 +118,20 @@ class CaptureRunner:
                 cap = EncoderCaptureModule(model, self.names).eval()
             else:
                 cap = model.capture(self.names).eval()  # an encoder-only model's capture runs just the encoder
-            self.fn = torch.compile(cap, fullgraph=True, dynamic=True) if backend == "compile" else cap
+            self.eager = cap
+            self.fn = cap
+            if backend in ("compile", "auto"):
+                from ..capture import compile_capture
+                from ..compile_policy import SwitchWhenPaid
+
+                self.compiled = compile_capture(cap)  # regional, warm-started, announced; compiles at first call
+                if backend == "compile":
+                    self.fn = self.compiled
+                else:  # start eagerly; compile when the measured eager speed says the rest of the job pays for it
+                    self.switch = SwitchWhenPaid(self.compiled.expected_cost("inference"))
+        self.remaining_prompts: int | None = None  # set by the extraction loop when the corpus size is known
+        self.prompts = self.padded_tokens = 0
+        self.compiled_timing: list[tuple[float, int]] = []  # (seconds, padded tokens) of compiled steps (auto)
 
     def run(self, items: list[Encoded], pad_id: int) -> tuple[dict[str, Tensor], dict[str, tuple[Tensor, Tensor]]]:
         tokens, mask = pad([e.tokens for e in items], pad_id)  # [B,E]
@@ -134,12 +149,49 @@ class CaptureRunner:
             if self.needs_decoder:  # a HookedT5Encoder's graph takes no decoder input
                 feeds.update(decoder_input=dec, decoder_attention_mask=dec_mask.long())
             out = {k: torch.from_numpy(v) for k, v in self.fn(**feeds).items()}
-        elif self.encoder_only:
-            out = self.fn(tokens.to(self.device), one_zero_attention_mask=mask.long().to(self.device))
         else:
-            d = self.device  # without decoder targets: the model's default, one start token, with its mask given
-            out = self.fn(tokens.to(d), dec.to(d), mask.long().to(d), dec_mask.long().to(d))
+            fn, start = self.fn, time.perf_counter()
+            if self.encoder_only:
+                out = fn(tokens.to(self.device), one_zero_attention_mask=mask.long().to(self.device))
+            else:
+                d = self.device  # without decoder targets: the model's default, one start token, with its mask given
+                out = fn(tokens.to(d), dec.to(d), mask.long().to(d), dec_mask.long().to(d))
+            if self.switch is not None:
+                self._decide(fn, time.perf_counter() - start, len(items), tokens.numel())
         return out, inputs
+
+    def describe(self) -> str:
+        """Which backend ran: "eager", "compile", "onnx", or for "auto" what it chose and when."""
+        if self.switch is None:
+            return self.backend
+        if self.fn is self.eager:
+            return f"auto: eager (compiling would not pay: {self.switch.cost.describe()})"
+        seconds = self.compiled.compile_seconds.get("inference")
+        took = f", compiled in {seconds:.1f} s" if seconds is not None else ""
+        return f"auto: eager, then compiled after {self.switch.steps} batches{took}"
+
+    def _decide(self, fn: Any, seconds: float, prompts: int, padded: int) -> None:
+        """backend="auto": time eager steps until compiling pays for the rest of the job (then switch), and time
+        compiled steps to record the measured speed-up for the next decision on this machine."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.prompts += prompts
+        self.padded_tokens += padded
+        if fn is self.eager:
+            self.switch.observe(seconds, padded)
+            remaining = None
+            if self.remaining_prompts is not None:
+                remaining = max(self.remaining_prompts - prompts, 0) * self.padded_tokens / self.prompts
+            if self.switch.should_compile(remaining):
+                self.fn = self.compiled  # compiles (announced) at the next batch
+            return
+        self.compiled_timing.append((seconds, padded))
+        measured = self.compiled_timing[1:]  # the first compiled step includes the compile
+        if len(measured) == 3 and self.switch.eager_rate is not None:
+            rate = sum(s for s, _ in measured) / sum(n for _, n in measured)
+            entry = self.compiled.cache_entry("inference")
+            if entry is not None:
+                entry.record(speedup=round(self.switch.eager_rate / rate, 3))
 
 
 def pad(rows: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:

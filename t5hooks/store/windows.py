@@ -3,7 +3,7 @@ token-budget batches, run, and gathered into the shard's rows (real tokens only,
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from itertools import islice
 from typing import Any
 
@@ -82,8 +82,10 @@ def run_window(
     max_batch: int | None,
     pad_id: int,
     storage: torch.dtype,
+    on_batch: Callable[[int], Any] | None = None,
 ) -> tuple[dict[str, Tensor], int, int]:
-    """All batches of one window -> the shard's tensors (rows ordered by doc, then pos)."""
+    """All batches of one window -> the shard's tensors (rows ordered by doc, then pos). `on_batch(prompts)`
+    after each batch (progress)."""
     used_axes = [a for a in AXES if a in axes.values()]
     lengths = [len(e.tokens) for e in encoded]
     batches = plan_batches(lengths, token_budget, max_batch)
@@ -104,6 +106,8 @@ def run_window(
             if act.shape[:2] != mask.shape:
                 raise RuntimeError(f"{name} has shape {tuple(act.shape)}; expected [batch, {axis} positions, ...]")
             parts.setdefault(name, []).append(act[mask.to(act.device)].to("cpu", storage))
+        if on_batch is not None:
+            on_batch(len(items))
     rows: dict[str, Tensor] = {}
     for axis in used_axes:
         if not batches:  # every prompt of the window was skipped: an empty shard keeps the windows contiguous

@@ -1,5 +1,5 @@
-"""The benchmarks, one module each: `t5hooks bench attention|model|cpu|extract|sae|das|dashboard` (benchmarks/
-holds thin wrappers). Each module's `main(argv)` parses its own arguments."""
+"""The benchmarks, one module each: `t5hooks bench attention|model|cpu|extract|sae|das|dashboard|compiling`
+(benchmarks/ holds thin wrappers). Each module's `main(argv)` parses its own arguments."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ BENCHMARKS = {
     "extract": "corpus extraction against a hand-rolled Hugging Face hook loop",
     "sae": "SAE training against SAELens's trainer (speed and quality per architecture)",
     "das": "DAS training steps against pyvene's",
+    "compiling": "what compiling the capture costs (cold, warm, recompiles) and buys (step time vs eager)",
     "dashboard": "feature-dashboard build time against store size (4096 features, up to 1M tokens)",
 }
 

@@ -30,6 +30,10 @@ untied head) built from `transformers.T5Config` with random weights, fp32; batch
                                            # max-autotune GEMM row; generate; extract; training; compiled;
                                            # ORT; freezing; bf16 ...)
     t5hooks bench cpu --quick              # tiny shapes, few repeats (smoke test)
+
+and last, the compile section (`t5hooks bench compiling`; leave it out with `--skip compile-cost`): the capture
+training step and forward, eager against regional and whole-graph compilation, with cold and warm compile
+times, recompiles over a run of batch shapes and steady-state speed.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -48,6 +52,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from ...timing import time_rows
 
 RESID = ["encoder.*.hook_resid_post", "decoder.*.hook_resid_post"]
 FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8")
@@ -104,17 +110,8 @@ def versions() -> str:
 
 
 def interleaved(rows: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, float]:
-    """Median seconds per row, timing the rows round-robin so drift in the machine's load hits every row alike."""
-    for fn in rows.values():
-        for _ in range(warmup):
-            fn()
-    times: dict[str, list[float]] = {name: [] for name in rows}
-    for _ in range(repeats):
-        for name, fn in rows.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+    """Median seconds per row, rows timed round-robin with a settle gap between calls (`timing.time_rows`)."""
+    return {name: t.median_ms / 1e3 for name, t in time_rows(list(rows.items()), repeats, warmup).items()}
 
 
 # ---- GEMM ceiling ------------------------------------------------------------------------------
@@ -438,6 +435,13 @@ def main(argv: list[str] | None = None) -> int:
     if not skip("extract"):
         extract_rows(args, hf, workdir, skip)
     print(f"\nload average at the end: {' / '.join(f'{x:.2f}' for x in os.getloadavg())} (1 / 5 / 15 min)")
+
+    # ---- what compiling costs and buys (bench/compiling.py: cold / warm compile, recompiles, step vs eager);
+    # it measures in fresh processes of its own, so it runs as one
+    if not skip("compile-cost"):
+        argv = ["--repeats", str(max(3, repeats // 2)), "--threads", str(args.threads)]
+        argv += (["--quick"] if args.quick else []) + (["--skip", "whole"] if skip("whole") else [])
+        subprocess.run([sys.executable, "-m", "t5hooks.apps.bench.compiling", *argv], check=True)
     return 0
 
 

@@ -52,7 +52,12 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument(
         "--window", type=int, default=1024, help="look-ahead window = prompts per shard (default: %(default)s)"
     )
-    parser.add_argument("--backend", choices=BACKENDS, default="compile", help="default: %(default)s")
+    parser.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default="auto",
+        help="auto (default): eager, compiled once the measured speed shows compiling pays for the rest of the job",
+    )
     parser.add_argument("--format", choices=FORMATS, default="native", help="default: %(default)s")
     parser.add_argument("--context-size", type=int, default=None, help="tokens per packed row (--format saelens)")
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (under torchrun: cuda:LOCAL_RANK)")

@@ -2,8 +2,9 @@
 
 Reversal has a mechanism you can see: decoder position i must read encoder position n-1-i, so
 the cross-attention learns an anti-diagonal alignment. The training step runs the capture
-module under `torch.compile`, reading the cross-attention patterns as explicit outputs to
-report how much attention mass sits on the mirror position.
+module (eagerly, or compiled by `compile_capture` once the measured step time shows compiling pays for
+the remaining steps; `--compile` / `--no-compile` decide it outright), reading the cross-attention
+patterns as explicit outputs to report how much attention mass sits on the mirror position.
 
     t5hooks train-tiny --out my-tiny.safetensors
 
@@ -43,16 +44,22 @@ def train_tiny(
     batch_size: int = 128,
     lr: float = 3e-3,
     seed: int = 0,
-    compile: bool = True,
+    compile: bool | None = None,
     progress: bool = True,
     min_accuracy: float = 0.0,
     overwrite: bool = True,
 ):
     """Train t5hooks-tiny from scratch; returns (model, held-out accuracy).
 
+    `compile`: None (default) trains eagerly and switches to the compiled capture (regional, warm-started,
+    announced) once the measured eager step time shows the remaining steps pay for compiling
+    (`compile_policy`); True compiles from the first step, False never does.
+
     With `out`, writes safetensors there (atomically) only if the accuracy is at least `min_accuracy`;
     `out` is checked for writability before training (`overwrite=False`: it must not exist yet)."""
     from ...atomic import check_writable
+    from ...capture import compile_capture
+    from ...compile_policy import SwitchWhenPaid
     from ...model import HookedEncoderDecoder
 
     if out is not None:
@@ -65,7 +72,9 @@ def train_tiny(
     model = HookedEncoderDecoder(tiny_config(seed=seed), tokenizer=tokenizer)
     cross = [f"decoder.{l}.cross_attn.hook_pattern" for l in range(model.cfg.n_decoder_layers)]
     cap = model.capture(cross)
-    step_fn = torch.compile(cap, fullgraph=True) if compile else cap
+    compiled = compile_capture(cap) if compile is not False else None
+    switch = SwitchWhenPaid(compiled.expected_cost("training")) if compile is None and compiled else None
+    step_fn = compiled if compile else cap
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     warmup = max(1, steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -81,6 +90,7 @@ def train_tiny(
             if w not in held_out:
                 words.append(w)
         batch = make_batch(words, tokenizer)
+        step_start = time.perf_counter()
         out_dict = step_fn(batch.tokens, one_zero_attention_mask=batch.mask, labels=batch.labels)
         loss = out_dict["loss"]
         opt.zero_grad(set_to_none=True)
@@ -88,6 +98,10 @@ def train_tiny(
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
+        if switch is not None and step_fn is cap:  # eager so far: does compiling pay for the remaining steps?
+            switch.observe(time.perf_counter() - step_start, 1)
+            if switch.should_compile(remaining_work=steps - step - 1):
+                step_fn = compiled
         if step % 50 == 0 or step == steps - 1:
             align = mirror_attention([out_dict[n] for n in cross], batch)
             bar.set_postfix(loss=f"{loss.item():.4f}", mirror_attn=f"{align.item():.2f}")
@@ -141,7 +155,7 @@ def cmd_train_tiny(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         lr=args.lr,
         seed=args.seed,
-        compile=not args.no_compile,
+        compile=args.compile,
         min_accuracy=args.min_accuracy,
         overwrite=args.force,
     )
@@ -157,7 +171,7 @@ def register(sub) -> None:
     train = sub.add_parser(
         "train-tiny",
         help="train the embedded tiny model (string reversal, a few minutes on CPU)",
-        description="Train t5hooks-tiny from scratch with a torch.compile'd capture module; reports "
+        description="Train t5hooks-tiny from scratch through a capture module (compiled when that pays); reports "
         "held-out exact-match accuracy. Exit status 1 if it is below --min-accuracy.",
     )
     train.add_argument(
@@ -171,6 +185,12 @@ def register(sub) -> None:
     train.add_argument("--batch-size", type=int, default=128)
     train.add_argument("--lr", type=float, default=3e-3)
     train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--no-compile", action="store_true", help="train eagerly (no torch.compile)")
+    choice = train.add_mutually_exclusive_group()
+    choice.add_argument(
+        "--compile", action="store_const", const=True, default=None, help="compile the training step from the start"
+    )
+    choice.add_argument(
+        "--no-compile", dest="compile", action="store_const", const=False, help="train eagerly (no torch.compile)"
+    )
     train.add_argument("--min-accuracy", type=float, default=0.99, help="in [0, 1] (default: %(default)s)")
     train.set_defaults(func=cmd_train_tiny)

@@ -1,0 +1,129 @@
+"""Does compiling pay? Eager or compiled, chosen from the job's size and what compiling costs on this machine.
+
+Compiling costs seconds to minutes up front (much less when `compile_cache` holds the artefacts) and buys a
+per-step speed-up that depends on the device and the work: on a CPU the matmuls dominate and compiled steps
+are little faster than eager ones; on a GPU compilation removes Python and launch overhead. A job compiles
+only when the time it is expected to save exceeds the time compiling is expected to take:
+
+    steps * eager_step_s * (1 - 1 / speedup) > compile_s
+
+`speedup` and `compile_s` come from measurements kept beside the compile cache entry (the last compiled run
+of the same work on this machine records them) and otherwise from the defaults below, measured on the
+machines named there. `compile=True/False` (or `backend=`) in the callers always overrides the choice.
+
+API for callers (trainers, `extract`):
+    cost = expected_cost(cache, device_type, training)      # CompileCost(compile_s, speedup, basis)
+    if compile_pays(eager_step_s, steps, cost): ...
+    cost.describe()                                          # "about 25 s (measured here ...)"
+    announce(what, cost)                                     # prints the line users see before compiling
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Any, TextIO
+
+from .compile_cache import CompileCache
+
+# Defaults when nothing was measured on this machine yet: (device type, training) -> (cold s, warm s, speedup).
+# CPU: the t5-small-shape capture (every hook_resid_post), `t5hooks bench compiling` on a quiet 2-core AMD EPYC
+# (Zen 3), torch 2.13, regional: cold compile, warm compile (artefacts loaded, inductor's own cache empty), and
+# compiled step / eager step (benchmarks/RESULTS.md). A CPU job compiles only when its eager work is long
+# enough for a 5-8 % saving to repay the compile (for extraction: about ten minutes of eager forwards).
+# CUDA: no GPU was available to measure; these are conservative placeholders that make short jobs run
+# eagerly, and the first compiled run records the real numbers for this machine.
+DEFAULTS: dict[tuple[str, bool], tuple[float, float, float]] = {
+    ("cpu", False): (44.0, 22.0, 1.08),
+    ("cpu", True): (148.0, 55.0, 1.05),
+    ("cuda", False): (60.0, 10.0, 1.2),
+    ("cuda", True): (90.0, 15.0, 1.2),
+}
+
+
+@dataclass(frozen=True)
+class CompileCost:
+    """What compiling is expected to cost and buy: `compile_s` until the compiled function is ready,
+    `speedup` = eager step time / compiled step time, and where both numbers come from."""
+
+    compile_s: float
+    speedup: float
+    warm: bool  # the compile cache holds this work's artefacts
+    basis: str
+
+    def describe(self) -> str:
+        kind = "from the compile cache" if self.warm else "first compile of this work here"
+        return f"about {self.compile_s:.0f} s ({kind}; {self.basis})"
+
+
+def expected_cost(cache: CompileCache | None, device_type: str, training: bool) -> CompileCost:
+    """The expected compile time and speed-up of the work `cache` is keyed by, measured when possible."""
+    cold, warm_s, speedup = DEFAULTS.get((device_type, training), DEFAULTS[("cuda", training)])
+    measured: dict[str, Any] = cache.measurements() if cache is not None else {}
+    warm = cache is not None and cache.exists()
+    compile_s = measured.get("warm_s" if warm else "cold_s")
+    if compile_s is None and warm and "cold_s" in measured:
+        compile_s = min(measured["cold_s"], warm_s)
+    basis_parts = []
+    if compile_s is None:
+        compile_s = warm_s if warm else cold
+        basis_parts.append("compile time: default estimate")
+    else:
+        basis_parts.append("compile time: measured here")
+    if "speedup" in measured:
+        speedup = float(measured["speedup"])
+        basis_parts.append("speed-up: measured here")
+    else:
+        basis_parts.append(f"speed-up: default {speedup:g}x for {device_type}")
+    return CompileCost(float(compile_s), float(speedup), warm, ", ".join(basis_parts))
+
+
+def compile_pays(eager_step_s: float, steps: int, cost: CompileCost) -> bool:
+    """True when `steps` more steps at `eager_step_s` each save more than compiling costs."""
+    if cost.speedup <= 1.0:
+        return False
+    return steps * eager_step_s * (1.0 - 1.0 / cost.speedup) > cost.compile_s
+
+
+def announce(what: str, cost: CompileCost | None, stream: TextIO | None = None) -> None:
+    """The line shown before a compile starts, so a silent minute is never a mystery."""
+    expected = cost.describe() if cost is not None else "duration unknown"
+    print(f"t5hooks: compiling {what}: {expected} ...", file=stream or sys.stderr, flush=True)
+
+
+class SwitchWhenPaid:
+    """For a loop that starts eagerly and may switch to a compiled function: `observe` each eager step's seconds
+    and work (tokens, rows), then `should_compile(remaining_work)` says whether to compile now.
+
+    With the remaining work known, it compiles when that work at eager speed saves more than compiling costs.
+    With it unknown (a streamed corpus), it compiles once the eager time already spent, times the fraction a
+    compiled step would save, reaches the compile cost (the break-even rule: never more than twice the time of
+    the best choice made in hindsight). A speed-up of 1 or less never compiles. The first `settle` steps are
+    not counted (they include one-off warm-up costs)."""
+
+    def __init__(self, cost: CompileCost, settle: int = 1) -> None:
+        self.cost = cost
+        self.settle = settle
+        self.steps = 0
+        self.seconds = 0.0
+        self.work = 0.0
+
+    def observe(self, seconds: float, work: float) -> None:
+        self.steps += 1
+        if self.steps > self.settle:
+            self.seconds += seconds
+            self.work += work
+
+    @property
+    def eager_rate(self) -> float | None:
+        """Measured eager seconds per unit of work (None until a step was counted)."""
+        return self.seconds / self.work if self.work > 0 else None
+
+    def should_compile(self, remaining_work: float | None) -> bool:
+        rate = self.eager_rate
+        if rate is None or self.cost.speedup <= 1.0:
+            return False
+        saving = 1.0 - 1.0 / self.cost.speedup
+        if remaining_work is not None:
+            return remaining_work * rate * saving > self.cost.compile_s
+        return self.seconds * saving >= self.cost.compile_s
