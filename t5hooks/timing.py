@@ -22,10 +22,11 @@ STABLE = 0.2  # warm-up ends when three consecutive calls lie within 20% of thei
 NOISY = 0.25  # interquartile spread above 25% of the median: the row is flagged noisy
 WARMUP_MAX_CALLS, WARMUP_MAX_S = 50, 5.0  # per row, whichever comes first
 MIN_ROUNDS = 5  # interleaved rounds run whatever the time budget
-# Idle seconds before each timed call when rows alternate. Thread pools spin after a call (OpenMP's in torch,
-# ONNX Runtime's intra-op pool, OpenBLAS's in NumPy) and take cores from whatever runs next: measured on the
-# 2-core AMD EPYC, a 1024x512x2048 torch GEMM took 21 ms alone, 42-49 ms right after an ORT or NumPy call,
-# still 42-48 ms 10 ms later, and 21 ms after 0.2 s.
+# When rows alternate, each timed call comes after SETTLE_S idle and one untimed call of the same row. Thread
+# pools spin after a call (OpenMP's in torch, ONNX Runtime's intra-op pool, OpenBLAS's in NumPy) and take cores
+# from whatever runs next: measured on the 2-core AMD EPYC, a 1024x512x2048 torch GEMM took 21 ms alone, 42-49
+# ms right after an ORT or NumPy call, still 42-48 ms 10 ms later, and 21 ms after 0.2 s. The untimed call
+# then wakes the row's own threads, so a millisecond-sized row is timed as it runs in a loop, not waking up.
 SETTLE_S = 0.2
 
 
@@ -61,8 +62,8 @@ def time_rows(
     budget_s: float | None = None,
 ) -> dict[str, Timing]:
     """Time each `(name, fn)`: warmed up until stable (or with exactly `warmup` calls), then `repeats`
-    interleaved rounds (CUDA synchronised around each call, `SETTLE_S` idle before each call when there are
-    several rows); with `budget_s`, rounds stop once it is spent and at least `MIN_ROUNDS` were run (a slow,
+    interleaved rounds (CUDA synchronised around each call; with several rows, each timed call follows
+    `SETTLE_S` idle and an untimed call of the same row); with `budget_s`, rounds stop once it is spent and at least `MIN_ROUNDS` were run (a slow,
     busy machine still finishes)."""
     warmups = {name: warm_up(fn) if warmup is None else _calls(fn, warmup) for name, fn in rows}
     times: dict[str, list[float]] = {name: [] for name, _ in rows}
@@ -74,6 +75,7 @@ def time_rows(
         for name, fn in [*rows[shift:], *rows[:shift]]:  # rotating order: no row always runs first
             if len(rows) > 1:
                 time.sleep(SETTLE_S)  # the previous row's spinning threads go idle first
+                fn()  # and this row's own threads are awake
             times[name].append(_call_ms(fn))
     out = {}
     for name, samples in times.items():

@@ -74,6 +74,7 @@ def pytest_configure(config):
 # passes --no-loadscope-reorder, else xdist reorders files by their number of tests).
 LONGEST_FILES = (
     "test_readme.py",
+    "test_regional_compile.py",
     "test_onnx_levers.py",
     "test_intervention_cli.py",
     "test_store.py",
