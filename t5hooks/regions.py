@@ -63,9 +63,13 @@ def layer_plan(io: HookIO | None, prefix: str) -> LayerPlan | None:
 
 
 def uses_regions(io: HookIO | None, *caches: Any) -> bool:
-    """Regions apply while `torch.compile` traces (not export, not eager, not incremental decoding) unless
-    the capture asked for a whole-graph compile (`compile_capture(..., regional=False)`)."""
+    """Regions apply while `torch.compile` traces (not export, not eager, not incremental decoding, not under
+    `dynamic=True`) unless the capture asked for a whole-graph compile (`compile_capture(..., regional=False)`)."""
     if not torch.compiler.is_compiling() or torch.compiler.is_exporting():
+        return False
+    if not torch._dynamo.config.assume_static_by_default:  # imported: we are compiling
+        # `torch.compile(..., dynamic=True)` turns the blocks' float attributes (LayerNorm eps) into symbolic
+        # floats, which a region cannot take as operands in torch 2.13 (inductor refuses them): run inline
         return False
     if any(cache is not None for cache in caches):
         return False

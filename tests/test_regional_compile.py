@@ -138,6 +138,22 @@ def test_whole_graph_compile_when_regions_are_off():
         torch.testing.assert_close(out[name], ref[name], atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
+def test_dynamic_true_runs_the_blocks_inline():
+    """`torch.compile(..., dynamic=True)` makes LayerNorm's eps a symbolic float, which inductor refuses as a region
+    operand (torch 2.13): the blocks then run inline (whole graph), to the same numbers as eager."""
+    torch._dynamo.reset()
+    model = tiny(n_layers=2, n_decoder_layers=2)
+    cap = model.capture(RESID)
+    backend = CompileCounterWithBackend("eager")
+    args = batch(model, 2, 7, 5, 0)
+    with torch.no_grad():
+        out, ref = torch.compile(cap, fullgraph=True, dynamic=True, backend=backend)(*args), cap(*args)
+    assert regions(backend.graphs[0]) == (0, 0)
+    for name in ref:
+        torch.testing.assert_close(out[name], ref[name], atol=1e-5, rtol=0)
+
+
 WARM_SCRIPT = """
 import json, sys
 import torch
