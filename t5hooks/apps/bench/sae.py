@@ -29,6 +29,7 @@ import functools
 import io
 import os
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -213,15 +214,24 @@ def main(argv: list[str] | None = None) -> int:
                 warm.step(train[: args.batch_size])
                 warm.step(train[args.batch_size : 2 * args.batch_size])
             print(f"  ({architecture}: compiling took {time.perf_counter() - start:.1f} s)", flush=True)
+        graphs = _graphs_compiled()
         results: dict[str, list] = {row: [] for row in rows}
         for _ in range(args.rounds):
             for row in rows:
                 make = functools.partial(Run, row, architecture, args, init, d_in)
                 results[row].append(timed_run(make, batches, held_out, args.eval_every))
         _report(architecture, results, args.eval_every, args.steps)
+        if args.compile:  # new trainers, changing dead masks and L1 warm-up: none of it may compile again
+            print(f"  ({architecture}: {_graphs_compiled() - graphs} recompiles during the timed runs)", flush=True)
     if args.store:
         _store_rows(args)
     return 0
+
+
+def _graphs_compiled() -> int:
+    """Graphs Dynamo has compiled in this process so far (0 before anything imported Dynamo)."""
+    dynamo_utils = sys.modules.get("torch._dynamo.utils")
+    return int(dynamo_utils.counters["stats"]["unique_graphs"]) if dynamo_utils else 0
 
 
 def _report(architecture: str, results: dict[str, list], eval_every: int, steps: int) -> None:
