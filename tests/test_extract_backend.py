@@ -23,7 +23,8 @@ def assert_same_store(a: Path, b: Path) -> None:
         torch.testing.assert_close(got["acts"], want["acts"], atol=1e-4, rtol=1e-4)
 
 
-def test_auto_keeps_a_small_job_eager(tmp_path: Path) -> None:
+def test_auto_keeps_a_small_job_eager(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("T5HOOKS_COMPILE_CACHE", str(tmp_path / "compile-cache"))  # nothing measured yet
     model = one_layer_model()
     kw = dict(window=8, token_budget=48, progress=False)
     extract(model, corpus(16, seed=3), NAMES, tmp_path / "eager", backend="eager", **kw)
@@ -34,7 +35,8 @@ def test_auto_keeps_a_small_job_eager(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_auto_switches_to_the_compiled_capture_when_it_pays(tmp_path: Path, capsys) -> None:
+def test_auto_switches_to_the_compiled_capture_when_it_pays(tmp_path: Path, capsys, monkeypatch) -> None:
+    monkeypatch.setenv("T5HOOKS_COMPILE_CACHE", str(tmp_path / "compile-cache"))  # this test's measurements only
     model = one_layer_model()
     # what an earlier run on this machine measured: compiling is quick and makes the forward 4x faster
     compile_capture(model.capture(NAMES)).cache_entry("inference").record(cold_s=0.001, speedup=4.0)
@@ -46,3 +48,14 @@ def test_auto_switches_to_the_compiled_capture_when_it_pays(tmp_path: Path, caps
     assert_same_store(tmp_path / "auto", tmp_path / "eager")
     measured = compile_capture(model.capture(NAMES)).cache_entry("inference").measurements()
     assert measured["cold_s"] > 0.001 and measured["speedup"] > 0  # the real compile time and speed-up
+
+
+def test_auto_does_not_switch_when_no_work_is_left(tmp_path: Path, monkeypatch) -> None:
+    """One window, two batches: at the last batch nothing is left to repay a compile, however cheap and fast it
+    was measured to be, so auto stays eager (the work left counts the prompts already run in the window)."""
+    monkeypatch.setenv("T5HOOKS_COMPILE_CACHE", str(tmp_path / "compile-cache"))  # this test's measurements only
+    model = one_layer_model()
+    compile_capture(model.capture(NAMES)).cache_entry("inference").record(cold_s=0.001, speedup=4.0)
+    kw = dict(window=8, max_batch=4, token_budget=10**6, progress=False)
+    summary = extract(model, corpus(8, seed=5), NAMES, tmp_path / "auto", backend="auto", **kw)
+    assert summary.backend.startswith("auto: eager (compiling would not pay"), summary.backend

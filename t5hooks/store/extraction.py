@@ -199,10 +199,10 @@ def _extract_windows(
     start_id = runner.start_id
     pad_id = getattr(model.cfg, "pad_token_id", 0) or 0
     index = done_windows
+    if total is not None:  # what backend "auto" weighs compiling against
+        runner.prompts_to_run = max(total - done_windows * window, 0)
     with torch.inference_mode():
         for chunk in chunks(mine, window):
-            if total is not None:
-                runner.remaining_prompts = total - index * window  # this window's and the later ones' prompts
             encoded, skipped = encode_window(
                 chunk, tokenizer, eos, start_id, config.max_tokens, config.truncate, config.skip_empty
             )

@@ -129,8 +129,8 @@ class CaptureRunner:
                     self.fn = self.compiled
                 else:  # start eagerly; compile when the measured eager speed says the rest of the job pays for it
                     self.switch = SwitchWhenPaid(self.compiled.expected_cost("inference"))
-        self.remaining_prompts: int | None = None  # set by the extraction loop when the corpus size is known
-        self.prompts = self.padded_tokens = 0
+        self.prompts_to_run: int | None = None  # this run's prompts, set by the extraction loop when known
+        self.prompts = self.padded_tokens = 0  # run so far
         self.compiled_timing: list[tuple[float, int]] = []  # (seconds, padded tokens) of compiled steps (auto)
 
     def run(self, items: list[Encoded], pad_id: int) -> tuple[dict[str, Tensor], dict[str, tuple[Tensor, Tensor]]]:
@@ -180,8 +180,8 @@ class CaptureRunner:
         if fn is self.eager:
             self.switch.observe(seconds, padded)
             remaining = None
-            if self.remaining_prompts is not None:
-                remaining = max(self.remaining_prompts - prompts, 0) * self.padded_tokens / self.prompts
+            if self.prompts_to_run is not None:  # padded tokens still to run, at the mean so far
+                remaining = max(self.prompts_to_run - self.prompts, 0) * self.padded_tokens / self.prompts
             if self.switch.should_compile(remaining):
                 self.fn = self.compiled  # compiles (announced) at the next batch
             return
