@@ -400,14 +400,14 @@ class CompiledCapture:
     def _first_compile(self, kind: str) -> Iterator[None]:
         from torch._functorch import config as functorch_config
 
-        from .compile_policy import announce, expected_cost
+        from .compile_policy import announce
 
         entry = self.cache_entry(kind)
         warm = entry.load() if entry is not None else False
         if self.announce:
             layers = "one region per stack" if self.levers["regional"] else "whole graph"
             what = f"the {type(self.cap).__name__} for {kind} ({layers}, {self.device_type})"
-            announce(what, expected_cost(entry, self.device_type, kind == "training"))
+            announce(what, self.expected_cost(kind))
         start = time.perf_counter()
         # the backward is compiled now, not at the first .backward(): the announced time is the whole cost
         with functorch_config.patch(force_non_lazy_backward_lowering=True):

@@ -90,6 +90,11 @@ def inference_step(fn: Callable[..., dict[str, torch.Tensor]], batch: tuple) -> 
     return step
 
 
+def step_for(kind: str, fn: Callable[..., dict[str, torch.Tensor]], model: Any, batch: tuple) -> Callable[[], None]:
+    """The timed step of `kind` ("training" | "inference") through `fn` on `batch`."""
+    return training_step(fn, model, batch) if kind == "training" else inference_step(fn, batch)
+
+
 def graphs_compiled() -> int:
     from torch._dynamo.utils import counters
 
@@ -107,7 +112,7 @@ def child_compile(args: argparse.Namespace) -> dict[str, Any]:
     cap = model.capture(RESID)
     fn = compile_capture(cap, cache=args.cache, announce=False, **VARIANTS[args.variant])
     batch = make_batch(model, *shape)
-    step = training_step(fn, model, batch) if args.kind == "training" else inference_step(fn, batch)
+    step = step_for(args.kind, fn, model, batch)
     before, start = os.times(), time.perf_counter()
     step()
     wall, after = time.perf_counter() - start, os.times()
@@ -120,8 +125,7 @@ def child_compile(args: argparse.Namespace) -> dict[str, Any]:
     }
     graphs = graphs_compiled()
     for seed, other in enumerate(QUICK_SHAPES if args.quick else SHAPES):
-        step = training_step(fn, model, make_batch(model, *other, seed)) if args.kind == "training" else None
-        (step or inference_step(fn, make_batch(model, *other, seed)))()
+        step_for(args.kind, fn, model, make_batch(model, *other, seed))()
     result["recompiles"] = graphs_compiled() - graphs
     return result
 
@@ -135,12 +139,10 @@ def child_steady(args: argparse.Namespace) -> dict[str, Any]:
     batch = make_batch(model, *shape)
     rows: dict[str, Callable[[], None]] = {}
     for kind in ("training", "inference"):
-        cap = model.capture(RESID)
-        rows[f"{kind}: eager"] = training_step(cap, model, batch) if kind == "training" else inference_step(cap, batch)
+        rows[f"{kind}: eager"] = step_for(kind, model.capture(RESID), model, batch)
         for variant in args.variants:
             fn = compile_capture(model.capture(RESID), cache=args.caches[variant], announce=False, **VARIANTS[variant])
-            step = training_step(fn, model, batch) if kind == "training" else inference_step(fn, batch)
-            rows[f"{kind}: {variant}"] = step
+            rows[f"{kind}: {variant}"] = step_for(kind, fn, model, batch)
     load = os.getloadavg()[0]
     times = interleaved(rows, args.repeats, warmup=2)
     return {"times": times, "load": [load, os.getloadavg()[0]]}

@@ -29,7 +29,6 @@ import functools
 import io
 import os
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -41,6 +40,7 @@ from torch import Tensor
 from ...interventions.sae_objective import Objective, training_step
 from ...interventions.sae_training import SAETrainConfig, SAETrainer
 from .. import intervention_data as data
+from .compiling import graphs_compiled
 
 HOOK = "decoder.1.hook_resid_post"
 STORE_HOOK = "encoder.1.hook_resid_post"  # the encoder stream: one row per input token
@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
                 warm.step(train[: args.batch_size])
                 warm.step(train[args.batch_size : 2 * args.batch_size])
             print(f"  ({architecture}: compiling took {time.perf_counter() - start:.1f} s)", flush=True)
-        graphs = _graphs_compiled()
+        graphs = graphs_compiled() if args.compile else 0
         results: dict[str, list] = {row: [] for row in rows}
         for _ in range(args.rounds):
             for row in rows:
@@ -222,16 +222,10 @@ def main(argv: list[str] | None = None) -> int:
                 results[row].append(timed_run(make, batches, held_out, args.eval_every))
         _report(architecture, results, args.eval_every, args.steps)
         if args.compile:  # new trainers, changing dead masks and L1 warm-up: none of it may compile again
-            print(f"  ({architecture}: {_graphs_compiled() - graphs} recompiles during the timed runs)", flush=True)
+            print(f"  ({architecture}: {graphs_compiled() - graphs} recompiles during the timed runs)", flush=True)
     if args.store:
         _store_rows(args)
     return 0
-
-
-def _graphs_compiled() -> int:
-    """Graphs Dynamo has compiled in this process so far (0 before anything imported Dynamo)."""
-    dynamo_utils = sys.modules.get("torch._dynamo.utils")
-    return int(dynamo_utils.counters["stats"]["unique_graphs"]) if dynamo_utils else 0
 
 
 def _report(architecture: str, results: dict[str, list], eval_every: int, steps: int) -> None:
