@@ -299,6 +299,7 @@ def compile_capture(
     cache: bool | str | os.PathLike = True,
     announce: bool = True,
     cpu_gemm: str | None = None,
+    backend: str = "inductor",
 ) -> CompiledCapture:
     """`torch.compile(cap, fullgraph=True)` with regional compilation, warm starts and the CPU levers.
 
@@ -319,15 +320,19 @@ def compile_capture(
     `cpu_gemm`: the CPU GEMM backend of the linear layers for this compiled function ("auto" | "mkl" |
     "onednn" | "bf16", see kernels/cpu_gemm.py; None: the model's `cfg.cpu_gemm`, else the environment, else
     auto); in fp32 inference a backend other than MKL runs as the extern op `t5hooks::cpu_linear`.
+    `backend`: the `torch.compile` backend (inductor; e.g. "aot_eager" to check a graph without generating code;
+    the inductor levers above need inductor).
     """
     gemm.check_setting(cpu_gemm)
+    if backend != "inductor" and (freeze or max_autotune):
+        raise ValueError(f"freeze and max_autotune are inductor options; backend={backend!r}")
     options: dict[str, Any] = {}
     if freeze:
         options.update({"freezing": True, "cpp.weight_prepack": True})
     if max_autotune:
         options["max_autotune"] = True
     levers = {"freeze": freeze, "max_autotune": max_autotune, "bf16": bf16, "dynamic": dynamic, "regional": regional}
-    levers["cpu_gemm"] = cpu_gemm
+    levers.update(cpu_gemm=cpu_gemm, backend=backend)
     return CompiledCapture(cap, options, levers, cache, announce)
 
 
@@ -350,7 +355,9 @@ class CompiledCapture:
         cap.regional = levers["regional"]
         self.cap = cap
         self.levers = levers
-        self.compiled = torch.compile(cap, fullgraph=True, dynamic=levers["dynamic"], options=options or None)
+        self.compiled = torch.compile(
+            cap, fullgraph=True, dynamic=levers["dynamic"], backend=levers["backend"], options=options or None
+        )
         self.device_type = next(cap.model.parameters()).device.type
         self.cache_root = None if cache is True or cache is False else cache
         self.use_cache = cache is not False

@@ -93,7 +93,9 @@ def announce(what: str, cost: CompileCost | None, stream: TextIO | None = None) 
 
 class SwitchWhenPaid:
     """For a loop that starts eagerly and may switch to a compiled function: `observe` each eager step's seconds
-    and work (tokens, rows), then `should_compile(remaining_work)` says whether to compile now.
+    and work (tokens, rows), then `should_compile(remaining_work)` says whether to compile now; after the switch,
+    `observe_compiled` times the compiled steps and keeps the measured speed-up in `record` (the work's
+    `CompileCache` entry), so the next decision on this machine uses it instead of the default.
 
     With the remaining work known, it compiles when that work at eager speed saves more than compiling costs.
     With it unknown (a streamed corpus), it compiles once the eager time already spent, times the fraction a
@@ -101,12 +103,16 @@ class SwitchWhenPaid:
     the best choice made in hindsight). A speed-up of 1 or less never compiles. The first `settle` steps are
     not counted (they include one-off warm-up costs)."""
 
-    def __init__(self, cost: CompileCost, settle: int = 1) -> None:
+    MEASURED_STEPS = 3  # compiled steps timed (after the first, which compiles) before the speed-up is recorded
+
+    def __init__(self, cost: CompileCost, settle: int = 1, record: CompileCache | None = None) -> None:
         self.cost = cost
         self.settle = settle
+        self.record = record
         self.steps = 0
         self.seconds = 0.0
         self.work = 0.0
+        self.compiled_steps: list[tuple[float, float]] = []  # (seconds, work) of compiled steps
 
     def observe(self, seconds: float, work: float) -> None:
         self.steps += 1
@@ -127,3 +133,12 @@ class SwitchWhenPaid:
         if remaining_work is not None:
             return remaining_work * rate * saving > self.cost.compile_s
         return self.seconds * saving >= self.cost.compile_s
+
+    def observe_compiled(self, seconds: float, work: float) -> None:
+        """A compiled step's seconds and work; after `MEASURED_STEPS` of them (the first one compiles and is not
+        counted) the measured speed-up over the eager steps is written to `record`."""
+        self.compiled_steps.append((seconds, work))
+        measured = self.compiled_steps[1:]
+        if len(measured) == self.MEASURED_STEPS and self.eager_rate is not None and self.record is not None:
+            rate = sum(s for s, _ in measured) / sum(w for _, w in measured)
+            self.record.record(speedup=round(self.eager_rate / rate, 3))

@@ -73,6 +73,21 @@ def test_switch_when_paid_known_and_unknown_remaining_work():
     assert not never.should_compile(10**9) and not never.should_compile(None)
 
 
+def test_switch_records_the_measured_speed_up_for_the_next_choice(tmp_path):
+    """After the switch, the compiled steps are timed (the first, which compiles, is not counted) and their
+    speed-up over the eager steps is kept in the work's cache entry: the next run's expected cost uses it."""
+    entry = CompileCache({"what": "x"}, root=tmp_path)
+    switch = SwitchWhenPaid(expected_cost(entry, "cpu", training=True), record=entry)
+    for seconds in (9.0, 2.0, 2.0):  # eager: a warm-up step, then 0.02 s per unit of work
+        switch.observe(seconds, 100)
+    for seconds in (60.0, 0.5, 0.5):  # the compile, then two compiled steps: not yet three measured
+        switch.observe_compiled(seconds, 100)
+    assert "speedup" not in entry.measurements()
+    switch.observe_compiled(0.5, 100)
+    assert entry.measurements()["speedup"] == pytest.approx(4.0)
+    assert expected_cost(entry, "cpu", training=True).speedup == pytest.approx(4.0)
+
+
 def test_a_small_training_job_stays_eager_by_default(capsys, monkeypatch):
     """`train_tiny` with its default `compile=None` on CPU: the measured eager steps decide, compiling would not
     pay for a few steps (at the CPU defaults, a 5 % saving against a 148 s compile), so nothing is compiled or announced."""

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from t5hooks.interventions.sae import build_sae
-from t5hooks.interventions.sae_objective import Objective, dense_training_step, training_step
+from t5hooks.interventions.sae_objective import Objective, compiled_training_step, dense_training_step, training_step
 from t5hooks.interventions.sae_training import SAETrainConfig, SAETrainer
 
 sae_lens = pytest.importorskip("sae_lens")
@@ -128,11 +128,52 @@ def test_sparse_kernels_give_autograds_gradients(architecture, rescale, density)
         torch.testing.assert_close(g1[name], g2[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
+@pytest.mark.parametrize("architecture", ["topk", "batchtopk"])
+@pytest.mark.parametrize("positives", ["many", "few"])
+def test_static_shape_step_gives_autograds_gradients(architecture, positives):
+    """The compiled step's formulation (sparse kernels on exactly k pairs per token, or k * N pairs for BatchTopK
+    with padding when fewer pre-activations are positive) equals autograd through the dense formulation:
+    loss, every gradient, fired counts and BatchTopK's threshold, auxiliary loss included."""
+    torch.manual_seed(0)
+    sae = build_sae(architecture, 16, 64, k=4, rescale_acts_by_decoder_norm=True)
+    sae.reset_parameters(seed=1, decoder_norm=0.3)
+    with torch.no_grad():
+        sae.b_dec.normal_()
+        sae.b_enc.normal_(mean=-2.0 if positives == "few" else 0.0, std=0.1)
+    x = torch.randn(50, 16) * 2
+    dead = torch.zeros(64, dtype=torch.bool)
+    dead[::3] = True
+    scalars = torch.tensor([0.0, 0.5, 50.0])
+    outs = []
+    for step in (compiled_training_step, dense_training_step):
+        extra = {"any_dead": True} if step is compiled_training_step else {}
+        loss, _, fired, threshold = step(sae, x, dead, scalars, architecture=architecture, k=4, aux_k=5, **extra)
+        sae.zero_grad()
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in sae.named_parameters() if p.grad is not None}
+        outs.append((grads, loss, fired, threshold))
+    (g1, l1, f1, t1), (g2, l2, f2, t2) = outs
+    assert g1.keys() == g2.keys() == {"W_enc", "b_enc", "W_dec", "b_dec"}
+    if architecture == "batchtopk":
+        positive = int((sae.pre_acts(x) > 0).sum())
+        assert (positive < 4 * 50) == (positives == "few")  # the padded case is exercised
+        torch.testing.assert_close(t1, t2)
+    torch.testing.assert_close(l1, l2, rtol=1e-5, atol=1e-6)
+    assert torch.equal(f1, f2)
+    for name in g2:
+        torch.testing.assert_close(g1[name], g2[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("architecture", ["standard", "topk", "batchtopk"])
-def test_compiled_step_is_one_graph_for_the_run_and_equals_eager(architecture):
-    """The compiled loss is captured once (fullgraph) and reused while the learning rate, the L1 warm-up and the
-    dead-feature masks change every step; it trains the same SAE as the eager kernels."""
+@pytest.mark.parametrize(
+    "architecture,backend", [("standard", "aot_eager"), ("topk", "aot_eager"), ("batchtopk", "aot_eager"),
+                             ("batchtopk", "inductor")],
+)  # fmt: skip
+def test_compiled_step_keeps_its_graphs_for_the_run_and_equals_eager(architecture, backend):
+    """The compiled loss is captured once per variant (fullgraph) and reused while the learning rate, the L1
+    warm-up and the dead-feature masks change every step: one graph for the ReLU SAE, two for TopK / BatchTopK
+    (with and without dead features: the auxiliary loss); it trains the same SAE as the eager kernels.
+    Inductor runs the sparse kernels' custom ops inside its graph."""
     import torch._dynamo
     from torch._dynamo.utils import counters
 
@@ -141,14 +182,15 @@ def test_compiled_step_is_one_graph_for_the_run_and_equals_eager(architecture):
     x = torch.randn(8, 48, 16, generator=torch.Generator().manual_seed(0)) + 0.3
     torch._dynamo.reset()
     counters.clear()
-    compiled, eager = SAETrainer({"h": 16}, cfg, compile="aot_eager"), SAETrainer({"h": 16}, cfg)
+    compiled, eager = SAETrainer({"h": 16}, cfg, compile=backend), SAETrainer({"h": 16}, cfg)
     dead_counts = set()
     for batch in x:
+        dead_counts.add(int(compiled.dead_masks()["h"].sum()))
         compiled.train_step({"h": batch})
         eager.train_step({"h": batch})
-        dead_counts.add(int(compiled.dead_masks()["h"].sum()))
+        assert compiled.metrics_row()["h/l0"] == eager.metrics_row()["h/l0"]
     if architecture != "standard":  # (the ReLU SAE's changing input is its L1 warm-up)
-        assert len(dead_counts) > 2  # the masks changed
-    assert counters["stats"]["unique_graphs"] == 1
+        assert 0 in dead_counts and len(dead_counts) > 2  # none dead, then changing masks
+    assert counters["stats"]["unique_graphs"] == (1 if architecture == "standard" else 2)
     for name, value in eager.saes["h"].state_dict().items():
         torch.testing.assert_close(compiled.saes["h"].state_dict()[name], value, atol=1e-4, rtol=1e-4, msg=name)

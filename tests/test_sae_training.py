@@ -86,6 +86,33 @@ def test_live_activations_several_hooks_one_forward():
     assert result.tokens_per_second > 0
 
 
+@pytest.mark.slow
+def test_compiled_live_activations_equal_eager_without_recompiling():
+    """`compile=` runs the capture through `compile_capture` (regions, dynamic axes): the same rows as eager for
+    batches of changing size, one traced graph for all of them."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    model = HookedEncoderDecoder.from_pretrained("t5hooks-tiny").requires_grad_(False)
+    rng = random.Random(1)
+    batches = []
+    for size in (5, 7, 6):
+        b = make_batch([random_word(rng) for _ in range(size)], model.tokenizer)
+        batches.append({"input": b.tokens, "one_zero_attention_mask": b.mask, "labels": b.labels})
+    assert len({b["input"].shape for b in batches}) == 3
+    hooks = ["encoder.1.hook_resid_post", "decoder.0.hook_resid_mid"]
+    torch._dynamo.reset()
+    counters.clear()
+    eager, compiled = (
+        LiveActivations(model, hooks, batches),
+        LiveActivations(model, hooks, batches, compile="aot_eager"),
+    )
+    for a, b in zip(eager, compiled):
+        for hook in hooks:
+            torch.testing.assert_close(b[hook], a[hook], atol=1e-5, rtol=1e-5)
+    assert counters["stats"]["unique_graphs"] == 1
+
+
 @pytest.mark.parametrize("architecture", ["standard", "topk"])
 def test_training_starts_near_a_sensible_reconstruction(architecture):
     """Decoder rows start at norm 0.1 (SAELens's init) and the decoder bias at the data mean: the first step's

@@ -183,3 +183,53 @@ def test_steering_vector_trains(tiny):
 
     result = train_steering(tiny, "decoder.0.hook_resid_post", batches(), steps=30, lr=5e-2, compile=False)
     assert result.losses[-1] < 0.7 * result.losses[0]
+
+
+def _das_run(model, hook, compile, steps=5):
+    torch.manual_seed(0)
+    das = RotatedSubspaceInterchange(model.cfg.d_model, 4, positions=[1])
+    batches = das_batches(model, 1, size=6)  # word lengths differ: the padded length changes between batches
+    return train_das(model, hook, batches, 4, steps=steps, lr=1e-2, das=das, compile=compile)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("hook", ["encoder.1.hook_resid_post", "decoder.0.hook_resid_mid"])
+def test_compiled_das_trains_like_eager_without_recompiling(tiny, hook):
+    """compile=True trains through `compile_capture` (regions, dynamic axes): the same losses and rotation as eager
+    while the source activations, the batch's padded length and the learning-rate warm-up change every step, and
+    Dynamo traces one graph for the run (a new source tensor or length is not a recompile)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    eager, compiled = _das_run(tiny, hook, False), _das_run(tiny, hook, "aot_eager")
+    assert counters["stats"]["unique_graphs"] == 1
+    torch.testing.assert_close(torch.tensor(compiled.losses), torch.tensor(eager.losses), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(compiled.interventions[hook].R, eager.interventions[hook].R, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_default_compiles_only_when_it_pays(tiny, monkeypatch, tmp_path):
+    """compile=None (the default): with this machine's measured costs (minutes of compile for a few percent) a
+    short run stays eager and compiles nothing; when compiling is cheap and fast it switches after the first
+    measured eager steps, on the same numbers."""
+    from torch._dynamo.utils import counters
+
+    from t5hooks import compile_policy
+    from t5hooks.capture import compile_capture
+    from t5hooks.interventions import spliced_training
+
+    hook = "encoder.1.hook_resid_post"
+    eager = _das_run(tiny, hook, False)
+    torch._dynamo.reset()
+    counters.clear()
+    stays = _das_run(tiny, hook, None)
+    assert counters["stats"]["unique_graphs"] == 0 and stays.losses == eager.losses
+    monkeypatch.setenv("T5HOOKS_COMPILE_CACHE", str(tmp_path))  # nothing measured here yet: the defaults decide
+    monkeypatch.setitem(compile_policy.DEFAULTS, ("cpu", True), (0.0, 0.0, 5.0))  # free compile, 5x faster steps
+    monkeypatch.setattr(
+        spliced_training, "compile_capture", lambda cap, **kw: compile_capture(cap, **{**kw, "backend": "aot_eager"})
+    )
+    switched = _das_run(tiny, hook, None)
+    assert counters["stats"]["unique_graphs"] == 1
+    torch.testing.assert_close(torch.tensor(switched.losses), torch.tensor(eager.losses), atol=1e-5, rtol=1e-5)

@@ -7,12 +7,13 @@ A token batch is a dict with `input` `[B,E]` and any of `decoder_input`, `one_ze
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from ..capture import CaptureModule
+from ..capture import CaptureModule, compile_capture
+from . import distributed
 
 TokenBatch = Mapping[str, Tensor]
 
@@ -20,16 +21,25 @@ TokenBatch = Mapping[str, Tensor]
 class LiveActivations:
     """Iterable of `{hook: [n_real_tokens, d]}` from one forward per token batch (no disk).
 
-    `compile`: run the capture module under `torch.compile(fullgraph=True, dynamic=True)`. `skip(n)` drops
-    the first n token batches without running the model (resuming a killed training run).
+    `compile`: run the capture compiled (`compile_capture`: regional, warm-started, announced; True: inductor, a
+    string: that `torch.compile` backend). `skip(n)` drops the first n token batches without running the model
+    (resuming a killed training run).
     """
 
     def __init__(
-        self, model: nn.Module, hooks: Sequence[str], token_batches: Iterable[TokenBatch], *, compile: bool = False
+        self,
+        model: nn.Module,
+        hooks: Sequence[str],
+        token_batches: Iterable[TokenBatch],
+        *,
+        compile: bool | str = False,
     ) -> None:
         self.hooks = list(model.resolve_names(list(hooks)))
         self.capture = CaptureModule(model, self.hooks).eval()
-        self.forward = torch.compile(self.capture, fullgraph=True, dynamic=True) if compile else self.capture
+        self.forward: Callable[..., dict[str, Tensor]] = self.capture
+        if compile:
+            backend = compile if isinstance(compile, str) else "inductor"
+            self.forward = compile_capture(self.capture, backend=backend, announce=distributed.is_main())
         self.token_batches = token_batches
         self._skip = 0
 

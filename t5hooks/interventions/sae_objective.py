@@ -57,9 +57,8 @@ def training_step(
     if obj.architecture == "standard" and density > obj.sparse_below:
         return _standard_dense(sae, x, obj, n_global, b_dec)
     pre, x_c = raw_pre_acts(x, sae.W_enc, sae.b_enc, b_dec)  # [N, d_sae], no autograd: the one dense GEMM
-    rescale = sae.rescale_acts_by_decoder_norm
     norms = sae.W_dec.norm(dim=1)  # [d_sae], with autograd
-    scored = pre * norms.detach() if rescale else pre  # SAELens's hidden_pre (no autograd)
+    scored = pre * norms.detach() if sae.rescale_acts_by_decoder_norm else pre  # SAELens's hidden_pre (no autograd)
     threshold = None
     if obj.architecture == "topk":
         codes = SparseCodes.from_topk(scored.topk(obj.k, dim=-1, sorted=False).indices, sae.d_sae)
@@ -70,43 +69,84 @@ def training_step(
         codes = SparseCodes.from_mask(pre > 0)
     else:
         raise ValueError(f"cannot train architecture {obj.architecture!r}")
-    hidden = encode_at(pre, x_c, sae.W_enc, sae.b_enc, b_dec, codes)  # [nnz]
-    cols = codes.cols
-    if rescale:
-        hidden = hidden * norms[cols]
-    acts = torch.relu(hidden)
-    weights = acts / norms[cols] if rescale else acts
-    x_hat = decode_sparse(weights, sae.W_dec, codes) + sae.b_dec
+    acts, x_hat = _reconstruct(sae, pre, x_c, norms, b_dec, codes)
     loss = (x_hat - x).square().sum() / n_global
     if obj.architecture == "standard":
-        loss = loss + obj.l1_coefficient * (acts * norms[cols]).sum() / n_global
+        loss = loss + obj.l1_coefficient * (acts * norms[codes.cols]).sum() / n_global
     else:
-        loss = loss + _aux_loss(sae, x, x_hat, pre, x_c, scored, norms, b_dec, dead, obj, n_global)
+        n_dead = int(dead.sum())
+        if n_dead and obj.aux_coefficient:
+            k_aux = obj.aux_k or sae.d_in // 2
+            aux = _aux_loss(sae, x, x_hat, pre, x_c, scored, b_dec, dead, min(k_aux, n_dead), k_aux, n_global)
+            loss = loss + obj.aux_coefficient * aux
     batch_threshold = None
     if threshold is not None:
         kept = acts.detach()
         smallest = kept[kept > 0].min() if bool((kept > 0).any()) else kept.new_tensor(float("inf"))
         batch_threshold = distributed.all_reduce_min(smallest.reshape(1))[0]
-    return StepResult(loss, x_hat.detach(), codes.feature_counts(), codes.nnz, batch_threshold)
+    fired = codes.fired(acts)
+    return StepResult(loss, x_hat.detach(), fired, int(fired.sum()), batch_threshold)
 
 
-def _aux_loss(sae, x, x_hat, pre, x_c, scored, norms, b_dec, dead, obj: Objective, n_global: int) -> Tensor:
-    """SAELens's TopK auxiliary loss (see the module docstring); 0 when no feature is dead."""
-    n_dead = int(dead.sum())
-    if n_dead == 0 or obj.aux_coefficient == 0:
-        return x.new_zeros(())
-    k_aux = obj.aux_k or sae.d_in // 2
-    scale = min(n_dead / k_aux, 1.0)
-    masked = torch.where(dead, scored, torch.finfo(scored.dtype).min)
-    codes = SparseCodes.from_topk(masked.topk(min(k_aux, n_dead), dim=-1, sorted=False).indices, sae.d_sae)
-    hidden = encode_at(pre, x_c, sae.W_enc, sae.b_enc, b_dec, codes)
+def compiled_training_step(
+    sae: SAE, x: Tensor, dead: Tensor, scalars: Tensor, *, architecture: str, k: int, aux_k: int, any_dead: bool
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """The objective with static shapes, for `torch.compile(fullgraph=True)`: `scalars = [l1_coefficient,
+    aux_coefficient, n_global]` are tensors, so a changing L1 warm-up or dead mask does not recompile; the graph
+    specialises only on `any_dead` (whether the auxiliary loss runs: two graphs at most). TopK and BatchTopK run
+    the sparse kernels of `training_step` (BatchTopK keeps exactly `k * N` pairs, ties at the threshold cut in
+    row-major order); the ReLU SAE the dense formulation (its active set has no static size). One process only
+    for batchtopk (its top k is this batch's). Returns `(loss, x_hat (detached), fired [d_sae], batch threshold
+    or None)`."""
+    if architecture == "standard":
+        return dense_training_step(sae, x, dead, scalars, architecture=architecture, k=k, aux_k=aux_k)
+    aux_coefficient, n_global = scalars[1], scalars[2]
+    b_dec = sae.b_dec if sae.apply_b_dec_to_input else None
+    pre, x_c = raw_pre_acts(x, sae.W_enc, sae.b_enc, b_dec)
+    norms = sae.W_dec.norm(dim=1)
+    scored = pre * norms.detach() if sae.rescale_acts_by_decoder_norm else pre
+    real = None
+    if architecture == "topk":
+        codes = SparseCodes.from_topk(scored.topk(k, dim=-1, sorted=False).indices, sae.d_sae)
+    else:
+        size = k * x.shape[0]
+        mask = (scored >= _kth_largest(scored.relu().reshape(-1), size)) & (scored > 0)
+        codes = SparseCodes.from_mask(mask, size=size)
+        real = torch.arange(size, device=x.device) < mask.sum()  # the padding pairs after the active ones
+    acts, x_hat = _reconstruct(sae, pre, x_c, norms, b_dec, codes, real)
+    loss = (x_hat - x).square().sum() / n_global
+    if any_dead:
+        loss = loss + aux_coefficient * _aux_loss(sae, x, x_hat, pre, x_c, scored, b_dec, dead, aux_k, aux_k, n_global)
+    threshold = torch.where(acts > 0, acts, torch.inf).min().detach() if architecture == "batchtopk" else None
+    return loss, x_hat.detach(), codes.fired(acts), threshold
+
+
+def _reconstruct(sae, pre, x_c, norms, b_dec, codes: SparseCodes, real: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """`(acts [nnz], x_hat [N, d_in])`: the activations at the pairs (with autograd; zero where `real` is False)
+    and the reconstruction, through unit-norm decoder rows when rescaling (SAELens's TopK parametrisation)."""
+    hidden = encode_at(pre, x_c, sae.W_enc, sae.b_enc, b_dec, codes)  # [nnz]
     cols = codes.cols
-    if sae.rescale_acts_by_decoder_norm:  # SAELens: the raw (not ReLU'd) hidden_pre, decoded through unit rows
+    if sae.rescale_acts_by_decoder_norm:
         hidden = hidden * norms[cols]
-        hidden = hidden / norms[cols]
+    if real is not None:
+        hidden = torch.where(real, hidden, 0.0)
+    acts = torch.relu(hidden)
+    weights = acts / norms[cols] if sae.rescale_acts_by_decoder_norm else acts
+    return acts, decode_sparse(weights, sae.W_dec, codes) + sae.b_dec
+
+
+def _aux_loss(sae, x, x_hat, pre, x_c, scored, b_dec, dead, n_aux: int, k_aux: int, n_global) -> Tensor:
+    """SAELens's TopK auxiliary loss (see the module docstring), before its coefficient: the `n_aux` largest
+    dead `scored` of each token (`n_aux >= min(k_aux, n_dead)`; live ones among them are zeroed) decoded from
+    their raw pre-activations (SAELens divides its rescaled hidden_pre by the decoder norms again), against the
+    detached residual."""
+    masked = torch.where(dead, scored, torch.finfo(scored.dtype).min)
+    codes = SparseCodes.from_topk(masked.topk(n_aux, dim=-1, sorted=False).indices, sae.d_sae)
+    hidden = torch.where(dead[codes.cols], encode_at(pre, x_c, sae.W_enc, sae.b_enc, b_dec, codes), 0.0)
     recons = decode_sparse(hidden, sae.W_dec, codes)
+    scale = (dead.sum() / k_aux).clamp(max=1.0)
     residual = (x - x_hat).detach()
-    return obj.aux_coefficient * scale * (recons - residual).square().sum() / n_global
+    return scale * (recons - residual).square().sum() / n_global
 
 
 def _standard_dense(sae: SAE, x: Tensor, obj: Objective, n_global: int, b_dec: Tensor | None) -> StepResult:

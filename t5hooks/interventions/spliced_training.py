@@ -1,9 +1,9 @@
 """Training modules spliced into a frozen model's forward: linear probes, steering vectors, DAS rotations.
 
-`train_interventions` is the one loop: the interventions sit in a capture module (eager by default: on CPU
-compiling costs minutes and returns a few percent, see `t5hooks bench das`; `compile=True` for
-`torch.compile(fullgraph=True, dynamic=True)`), the model's own parameters are frozen, and `loss_fn(out, batch)`
-scores the capture's output dict. `train_probe`, `train_steering` and `train_das` are thin task wrappers.
+`train_interventions` is the one loop: the interventions sit in a capture module, run eagerly until compiling
+pays (`compile_capture`: regional, warm-started, announced; chosen by `compile_policy` from the measured eager
+steps left, so on CPU, where compiling costs minutes and returns a few percent, short runs stay eager), the
+model's own parameters are frozen, and `loss_fn(out, batch)` scores the capture's output dict. `train_probe`, `train_steering` and `train_das` are thin task wrappers.
 Token batches are dicts holding the capture module's arguments (`input`, `decoder_input`,
 `one_zero_attention_mask`, `decoder_attention_mask`, `labels`) plus the task's targets; they are moved to the
 model's device, where the interventions train.
@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..atomic import atomic_path, save_torch
-from ..capture import CaptureModule, EncoderCaptureModule
+from ..capture import CaptureModule, EncoderCaptureModule, compile_capture
+from ..compile_policy import SwitchWhenPaid
 from . import distributed
 from .das import RotatedSubspaceInterchange
 from .probe import LinearProbe
@@ -53,7 +54,7 @@ def train_interventions(
     steps: int,
     lr: float = 1e-2,
     warmup_steps: int = 0,
-    compile: bool = False,
+    compile: bool | str | None = None,
     prepare: Callable[[Mapping[str, Tensor]], Mapping[str, Tensor]] | None = None,
     checkpoint_path: str | Path | None = None,
     progress: bool = False,
@@ -62,7 +63,10 @@ def train_interventions(
 
     `prepare(batch) -> capture kwargs` builds the capture's arguments (default: the batch's `CAPTURE_ARGS`, on
     the model's device). `checkpoint_path`: the trained interventions' state dicts (and losses) written there
-    atomically at the end (by rank 0).
+    atomically at the end (by rank 0). `compile`: None runs eagerly and switches to the compiled capture once the
+    eager steps left, at their measured speed, would save more than compiling is expected to cost (every rank
+    switches at the same step); True compiles from the first step, a string names the `torch.compile` backend,
+    False never compiles.
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
@@ -80,9 +84,14 @@ def train_interventions(
     state = [t for m in cap.interventions for t in (*m.parameters(), *m.buffers()) if t.dtype != torch.bool]
     distributed.broadcast_parameters(state)
     optimizer = torch.optim.Adam(params, lr=lr)
-    if compile and distributed.is_main():
-        print("compiling the training step (torch.compile; the first steps take minutes on CPU)...", flush=True)
-    forward = torch.compile(cap, fullgraph=True, dynamic=True) if compile else cap
+    compiled = None
+    if compile is not False:
+        backend = compile if isinstance(compile, str) else "inductor"
+        compiled = compile_capture(cap, backend=backend, announce=distributed.is_main())
+    switch = None
+    if compiled is not None and compile is None:
+        switch = SwitchWhenPaid(compiled.expected_cost("training"), record=compiled.cache_entry("training"))
+    forward = cap if compiled is None or switch is not None else compiled
     prepare = prepare or (lambda b: capture_args(b, device))
     world = distributed.rank_and_world()[1]
     losses: list[float] = []
@@ -98,6 +107,7 @@ def train_interventions(
             for group in optimizer.param_groups:
                 group["lr"] = lr * min(1.0, (step + 1) / warmup_steps) if warmup_steps else lr
             kwargs = prepare(batch)
+            step_start = time.perf_counter()
             out = forward(**kwargs)
             loss = loss_fn(out, batch)
             optimizer.zero_grad(set_to_none=True)
@@ -108,6 +118,12 @@ def train_interventions(
                     p.grad.div_(world)
             optimizer.step()
             losses.append(float(distributed.all_reduce_sum(loss.detach().reshape(1))) / world)  # the global mean
+            if switch is not None and forward is cap:  # eager so far: does compiling pay for the steps left?
+                switch.observe(time.perf_counter() - step_start, 1)
+                if _everywhere(switch.should_compile(remaining_work=steps - step - 1), device):
+                    forward = compiled
+            elif switch is not None:  # compiled: its measured speed-up informs the next run's choice
+                switch.observe_compiled(time.perf_counter() - step_start, 1)
             tokens += kwargs["input"].numel()
             if bar is not None:
                 bar.update(1)
@@ -124,6 +140,13 @@ def train_interventions(
     if checkpoint_path is not None and distributed.is_main():
         save_interventions(cap.intervene, checkpoint_path, losses=losses)
     return InterventionResult(dict(cap.intervene), losses, rate)
+
+
+def _everywhere(decision: bool, device: torch.device) -> bool:
+    """True on every rank when it is True on any (one decision for all ranks: timings differ between them)."""
+    if not distributed.active():
+        return decision
+    return bool(distributed.all_reduce_sum(torch.tensor([float(decision)], device=device))[0] > 0)
 
 
 def capture_args(batch: Mapping[str, Tensor], device: torch.device) -> dict[str, Tensor]:

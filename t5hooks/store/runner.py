@@ -128,10 +128,10 @@ class CaptureRunner:
                 if backend == "compile":
                     self.fn = self.compiled
                 else:  # start eagerly; compile when the measured eager speed says the rest of the job pays for it
-                    self.switch = SwitchWhenPaid(self.compiled.expected_cost("inference"))
+                    cost, entry = self.compiled.expected_cost("inference"), self.compiled.cache_entry("inference")
+                    self.switch = SwitchWhenPaid(cost, record=entry)
         self.prompts_to_run: int | None = None  # this run's prompts, set by the extraction loop when known
         self.prompts = self.padded_tokens = 0  # run so far
-        self.compiled_timing: list[tuple[float, int]] = []  # (seconds, padded tokens) of compiled steps (auto)
 
     def run(self, items: list[Encoded], pad_id: int) -> tuple[dict[str, Tensor], dict[str, tuple[Tensor, Tensor]]]:
         tokens, mask = pad([e.tokens for e in items], pad_id)  # [B,E]
@@ -185,13 +185,7 @@ class CaptureRunner:
             if self.switch.should_compile(remaining):
                 self.fn = self.compiled  # compiles (announced) at the next batch
             return
-        self.compiled_timing.append((seconds, padded))
-        measured = self.compiled_timing[1:]  # the first compiled step includes the compile
-        if len(measured) == 3 and self.switch.eager_rate is not None:
-            rate = sum(s for s, _ in measured) / sum(n for _, n in measured)
-            entry = self.compiled.cache_entry("inference")
-            if entry is not None:
-                entry.record(speedup=round(self.switch.eager_rate / rate, 3))
+        self.switch.observe_compiled(seconds, padded)
 
 
 def pad(rows: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:

@@ -61,10 +61,12 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         p.add_argument(
             "--compile",
             action="store_true",
-            help="torch.compile the capture and the training step "
-            "(eager by default: on CPU compiling costs minutes and does not pay, see t5hooks bench sae)",
+            default=None,
+            help="compile the capture and the training step from the first step (default: probes, steering and "
+            "DAS compile once the measured eager steps left would repay the compile, which on CPU takes minutes "
+            "for a few percent, so short runs stay eager; SAE training runs eagerly)",
         )
-        p.add_argument("--no-compile", action="store_true", help=argparse.SUPPRESS)  # the default now; old scripts
+        p.add_argument("--no-compile", dest="compile", action="store_false", help="never compile")
         p.add_argument(
             "--debug", action="store_true", default=argparse.SUPPRESS, help="show the traceback of a failure"
         )
@@ -267,7 +269,7 @@ def cmd_train_sae(args: argparse.Namespace) -> int:
             resume=args.resume,
             override=overrides,
             device=device,
-            compile=args.compile,
+            compile=bool(args.compile),  # SAE training: eager unless --compile
             evaluate=evaluate,
             data=data_desc,
         )
@@ -334,7 +336,7 @@ def _live_source(args: argparse.Namespace, device: str, rank: int, world: int):
         batches = data.word_batches(model.tokenizer, args.batch_size, args.seed + 7919 * rank)
         eval_batch = next(data.word_batches(model.tokenizer, args.batch_size, 10_000 + args.seed))
     eval_batch = {k: v.to(device) for k, v in eval_batch.items()}
-    live = LiveActivations(model, hooks, batches, compile=args.compile)
+    live = LiveActivations(model, hooks, batches, compile=bool(args.compile))
     sample = live.activations(eval_batch)  # a batch's rows: its width, and about one step's tokens per rank
     widths = {h: v.shape[-1] for h, v in sample.items()}
     desc = {"source": f"text {Path(args.text).resolve()}" if args.text else "t5hooks-tiny reversal task",

@@ -73,7 +73,9 @@ def train_tiny(
     cross = [f"decoder.{l}.cross_attn.hook_pattern" for l in range(model.cfg.n_decoder_layers)]
     cap = model.capture(cross)
     compiled = compile_capture(cap) if compile is not False else None
-    switch = SwitchWhenPaid(compiled.expected_cost("training")) if compile is None and compiled else None
+    switch = None
+    if compile is None and compiled is not None:
+        switch = SwitchWhenPaid(compiled.expected_cost("training"), record=compiled.cache_entry("training"))
     step_fn = compiled if compile else cap
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     warmup = max(1, steps // 20)
@@ -102,6 +104,8 @@ def train_tiny(
             switch.observe(time.perf_counter() - step_start, 1)
             if switch.should_compile(remaining_work=steps - step - 1):
                 step_fn = compiled
+        elif switch is not None:  # compiled: its measured speed-up informs the next run's choice
+            switch.observe_compiled(time.perf_counter() - step_start, 1)
         if step % 50 == 0 or step == steps - 1:
             align = mirror_attention([out_dict[n] for n in cross], batch)
             bar.set_postfix(loss=f"{loss.item():.4f}", mirror_attn=f"{align.item():.2f}")
