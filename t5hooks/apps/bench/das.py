@@ -23,6 +23,8 @@ import time
 import torch
 import torch.nn.functional as F
 
+from .compiling import graphs_compiled
+
 
 def build(args: argparse.Namespace):
     from transformers import T5Config, T5ForConditionalGeneration
@@ -112,10 +114,12 @@ def run_t5hooks(
             seconds.append(now - last)
             last = now
 
+    graphs = graphs_compiled()
     result = train_das(model, f"encoder.{args.layer}.hook_resid_post", timed(), args.k, steps=len(batches),
                        lr=args.lr, das=das, compile=compile)  # fmt: skip
-    if compile:
-        print(f"  (compiled: first step {seconds[0]:.1f} s, compile included)", file=sys.stderr, flush=True)
+    if compile:  # one graph per run (each run is a new capture module); more would be recompiles
+        print(f"  (compiled: first step {seconds[0]:.1f} s, compile included; {graphs_compiled() - graphs} graph(s) "
+              "for the run)", file=sys.stderr, flush=True)  # fmt: skip
     return statistics.median(seconds[1:]), result.losses
 
 
