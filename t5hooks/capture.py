@@ -13,7 +13,6 @@ import dataclasses
 import fnmatch
 import functools
 import os
-import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -405,25 +404,13 @@ class CompiledCapture:
 
     @contextlib.contextmanager
     def _first_compile(self, kind: str) -> Iterator[None]:
-        from torch._functorch import config as functorch_config
+        from .compile_policy import first_compile
 
-        from .compile_policy import announce
-
-        entry = self.cache_entry(kind)
-        warm = entry.load() if entry is not None else False
-        if self.announce:
-            layers = "one region per stack" if self.levers["regional"] else "whole graph"
-            what = f"the {type(self.cap).__name__} for {kind} ({layers}, {self.device_type})"
-            announce(what, self.expected_cost(kind))
-        start = time.perf_counter()
-        # the backward is compiled now, not at the first .backward(): the announced time is the whole cost
-        with functorch_config.patch(force_non_lazy_backward_lowering=True):
+        layers = "one region per stack" if self.levers["regional"] else "whole graph"
+        what = f"the {type(self.cap).__name__} for {kind} ({layers}, {self.device_type})"
+        with first_compile(what, self.cache_entry(kind), self.expected_cost(kind), show=self.announce) as done:
             yield
-        seconds = time.perf_counter() - start
-        self.compile_seconds[kind], self.warm[kind] = seconds, warm
-        if entry is not None:
-            entry.save()
-            entry.record(**{"warm_s" if warm else "cold_s": round(seconds, 2)})
+        self.compile_seconds[kind], self.warm[kind] = done["seconds"], done["warm"]
 
 
 def _module_signature(module: nn.Module) -> str:

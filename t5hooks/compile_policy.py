@@ -16,28 +16,36 @@ API for callers (trainers, `extract`):
     if compile_pays(eager_step_s, steps, cost): ...
     cost.describe()                                          # "about 25 s (measured here ...)"
     announce(what, cost)                                     # prints the line users see before compiling
+    with first_compile(what, cache, cost): fn(...)           # the first call: warm start, announce, time, save
 """
 
 from __future__ import annotations
 
+import contextlib
 import sys
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, TextIO
 
 from .compile_cache import CompileCache
 
-# Defaults when nothing was measured on this machine yet: (device type, training) -> (cold s, warm s, speedup).
-# CPU: the t5-small-shape capture (every hook_resid_post), `t5hooks bench compiling` on a quiet 2-core AMD EPYC
-# (Zen 3), torch 2.13, regional: cold compile, warm compile (artefacts loaded, inductor's own cache empty), and
-# compiled step / eager step (benchmarks/RESULTS.md). A CPU job compiles only when its eager work is long
-# enough for a 5-8 % saving to repay the compile (for extraction: about ten minutes of eager forwards).
-# CUDA: no GPU was available to measure; these are conservative placeholders that make short jobs run
-# eagerly, and the first compiled run records the real numbers for this machine.
-DEFAULTS: dict[tuple[str, bool], tuple[float, float, float]] = {
-    ("cpu", False): (44.0, 22.0, 1.08),
-    ("cpu", True): (148.0, 55.0, 1.05),
-    ("cuda", False): (60.0, 10.0, 1.2),
-    ("cuda", True): (90.0, 15.0, 1.2),
+# Defaults when nothing was measured on this machine yet: (work, device type, training) -> (cold s, warm s,
+# speedup). "capture": the t5-small-shape capture (every hook_resid_post), `t5hooks bench compiling` on a quiet
+# 2-core AMD EPYC (Zen 3), torch 2.13, regional: cold compile, warm compile (artefacts loaded, inductor's own
+# cache empty), and compiled step / eager step (benchmarks/RESULTS.md). A CPU job compiles only when its eager
+# work is long enough for a 5-8 % saving to repay the compile (for extraction: about ten minutes of eager
+# forwards). "sae": one SAE's training step (`t5hooks bench sae --compile`, same machine: compiled TopK and
+# BatchTopK 1.04x their eager steps, ReLU 1.26x; the lowest is the default). CUDA: no GPU was available to
+# measure; these are conservative placeholders that make short jobs run eagerly, and the first compiled run
+# records the real numbers for this machine.
+DEFAULTS: dict[tuple[str, str, bool], tuple[float, float, float]] = {
+    ("capture", "cpu", False): (44.0, 22.0, 1.08),
+    ("capture", "cpu", True): (148.0, 55.0, 1.05),
+    ("capture", "cuda", False): (60.0, 10.0, 1.2),
+    ("capture", "cuda", True): (90.0, 15.0, 1.2),
+    ("sae", "cpu", True): (7.0, 3.0, 1.04),
+    ("sae", "cuda", True): (30.0, 5.0, 1.2),
 }
 
 
@@ -56,9 +64,10 @@ class CompileCost:
         return f"about {self.compile_s:.0f} s ({kind}; {self.basis})"
 
 
-def expected_cost(cache: CompileCache | None, device_type: str, training: bool) -> CompileCost:
-    """The expected compile time and speed-up of the work `cache` is keyed by, measured when possible."""
-    cold, warm_s, speedup = DEFAULTS.get((device_type, training), DEFAULTS[("cuda", training)])
+def expected_cost(cache: CompileCache | None, device_type: str, training: bool, work: str = "capture") -> CompileCost:
+    """The expected compile time and speed-up of the work `cache` is keyed by (`work`: "capture" | "sae"),
+    measured when possible."""
+    cold, warm_s, speedup = DEFAULTS.get((work, device_type, training), DEFAULTS[(work, "cuda", training)])
     measured: dict[str, Any] = cache.measurements() if cache is not None else {}
     warm = cache is not None and cache.exists()
     compile_s = measured.get("warm_s" if warm else "cold_s")
@@ -89,6 +98,29 @@ def announce(what: str, cost: CompileCost | None, stream: TextIO | None = None) 
     """The line shown before a compile starts, so a silent minute is never a mystery."""
     expected = cost.describe() if cost is not None else "duration unknown"
     print(f"t5hooks: compiling {what}: {expected} ...", file=stream or sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def first_compile(
+    what: str, entry: CompileCache | None, cost: CompileCost | None, *, show: bool = True
+) -> Iterator[dict]:
+    """Around the first call of a compiled function: load the warm-start artefacts of `entry`, announce the
+    compile (`show`), compile the backward now rather than at the first `.backward()` (so the announced time is
+    the whole cost), then save the artefacts and record the measured time beside them. Yields a dict that
+    receives `seconds` and `warm` (whether the artefacts were there)."""
+    from torch._functorch import config as functorch_config
+
+    warm = entry.load() if entry is not None else False
+    if show:
+        announce(what, cost)
+    result: dict[str, Any] = {}
+    start = time.perf_counter()
+    with functorch_config.patch(force_non_lazy_backward_lowering=True):
+        yield result
+    result.update(seconds=time.perf_counter() - start, warm=warm)
+    if entry is not None:
+        entry.save()
+        entry.record(**{"warm_s" if warm else "cold_s": round(result["seconds"], 2)})
 
 
 class SwitchWhenPaid:

@@ -40,6 +40,7 @@ def test_same_weights_as_saelens_trainer(case):
     from sae_lens.config import LoggingConfig, SAETrainerConfig
 
     cls_name, sae_kwargs, changes = CASES[case]
+    torch.manual_seed(0)  # SAELens's initial weights (copied into t5hooks's trainer)
     data = batches()
     sae_cfg = getattr(sae_lens, cls_name.replace("SAE", "SAEConfig"))(d_in=D_IN, d_sae=D_SAE, **sae_kwargs)
     theirs = getattr(sae_lens, cls_name)(sae_cfg)
@@ -194,3 +195,34 @@ def test_compiled_step_keeps_its_graphs_for_the_run_and_equals_eager(architectur
     assert counters["stats"]["unique_graphs"] == (1 if architecture == "standard" else 2)
     for name, value in eager.saes["h"].state_dict().items():
         torch.testing.assert_close(compiled.saes["h"].state_dict()[name], value, atol=1e-4, rtol=1e-4, msg=name)
+
+
+@pytest.mark.slow
+def test_default_compiles_only_when_it_pays(monkeypatch, tmp_path):
+    """compile=None (the default): a short run at this machine's default costs stays eager; when compiling is
+    cheap and fast it switches after the first measured steps, to the same weights, and the compiled steps'
+    measured speed-up is recorded for the next run's choice."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from t5hooks import compile_policy
+
+    monkeypatch.setenv("T5HOOKS_COMPILE_CACHE", str(tmp_path))
+    cfg = SAETrainConfig(architecture="topk", d_sae=64, k=4, total_steps=8, dead_after_tokens=10**6)
+    x = torch.randn(8, 48, 16, generator=torch.Generator().manual_seed(0))
+    torch._dynamo.reset()
+    counters.clear()
+    eager, default = SAETrainer({"h": 16}, cfg, compile=False), SAETrainer({"h": 16}, cfg)
+    for batch in x:
+        eager.train_step({"h": batch})
+        default.train_step({"h": batch})
+    assert not default.compiling and counters["stats"]["unique_graphs"] == 0
+    monkeypatch.setitem(compile_policy.DEFAULTS, ("sae", "cpu", True), (0.0, 0.0, 5.0))  # free compile, 5x faster
+    switched = SAETrainer({"h": 16}, cfg)
+    switched.backend = "aot_eager"  # (the graph, not inductor's code, is the point here)
+    for batch in x:
+        switched.train_step({"h": batch})
+    assert switched.compiling and counters["stats"]["unique_graphs"] == 1
+    assert "speedup" in switched.switch.record.measurements()
+    for name, value in eager.saes["h"].state_dict().items():
+        torch.testing.assert_close(switched.saes["h"].state_dict()[name], value, atol=1e-5, rtol=1e-5, msg=name)

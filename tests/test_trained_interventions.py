@@ -226,7 +226,9 @@ def test_default_compiles_only_when_it_pays(tiny, monkeypatch, tmp_path):
     stays = _das_run(tiny, hook, None)
     assert counters["stats"]["unique_graphs"] == 0 and stays.losses == eager.losses
     monkeypatch.setenv("T5HOOKS_COMPILE_CACHE", str(tmp_path))  # nothing measured here yet: the defaults decide
-    monkeypatch.setitem(compile_policy.DEFAULTS, ("cpu", True), (0.0, 0.0, 5.0))  # free compile, 5x faster steps
+    monkeypatch.setitem(
+        compile_policy.DEFAULTS, ("capture", "cpu", True), (0.0, 0.0, 5.0)
+    )  # free compile, 5x faster steps
     monkeypatch.setattr(
         spliced_training, "compile_capture", lambda cap, **kw: compile_capture(cap, **{**kw, "backend": "aot_eager"})
     )

@@ -46,6 +46,14 @@ def all_reduce_sum(t: Tensor) -> Tensor:
     return t
 
 
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank when `flag` is True on any: one decision for all ranks (e.g. when to switch to a compiled
+    step, which each rank would time differently)."""
+    if not active():
+        return flag
+    return bool(all_reduce_sum(torch.tensor([float(flag)], device=device))[0] > 0)
+
+
 def all_reduce_min(t: Tensor) -> Tensor:
     if active():
         dist.all_reduce(t, op=dist.ReduceOp.MIN)

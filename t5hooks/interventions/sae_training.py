@@ -25,12 +25,12 @@ ends with the same weights as an uninterrupted one (given a deterministic source
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import math
 import pickle
 import re
-import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -41,6 +41,8 @@ import torch
 from torch import Tensor
 
 from ..atomic import atomic_path, save_torch
+from ..compile_cache import CompileCache
+from ..compile_policy import SwitchWhenPaid, expected_cost, first_compile
 from . import distributed
 from .sae import SAE, build_sae
 from .sae_objective import Objective, StepResult, compiled_training_step, training_step
@@ -225,12 +227,15 @@ class SAETrainer:
     """One SAE per hook, one optimiser, trained together from `{hook: [tokens, d_in]}` batches.
 
     `device`: where the SAEs train (None: the device of the first batch). `compile`: run each SAE's loss as a
-    `torch.compile(fullgraph=True)` graph (True: inductor, or a backend name) of `compiled_training_step`: the
-    eager sparse kernels with static shapes for TopK / BatchTopK, the dense formulation for the ReLU SAE. The
-    graphs last the whole run (the L1 warm-up, the dead-feature masks and the global token count are tensor
-    inputs; TopK / BatchTopK compile a second graph when features first die). Off by default: on CPU the
-    compiled step is 1.0-1.1x the eager one (`t5hooks bench sae --compile`), which a few seconds of compile
-    repay only over long runs."""
+    `torch.compile(fullgraph=True)` graph of `compiled_training_step` (the eager sparse kernels with static shapes
+    for TopK / BatchTopK, the dense formulation for the ReLU SAE). The graphs last the whole run (the L1 warm-up,
+    the dead-feature masks and the global token count are tensor inputs; TopK / BatchTopK compile a second graph
+    when features first die). None (the default): run eagerly, time the steps, and compile once the steps left
+    at the measured speed would save more than compiling is expected to cost (`compile_policy`; on CPU the
+    compiled step is 1.04-1.26x the eager one and compiles in seconds, so only long runs compile; every rank
+    switches at the same step; batchtopk under torchrun stays eager). True: compiled from the first step
+    (inductor; a string names the backend); False: never. Compiles are announced and warm-started from the
+    compile cache (`compile_cache`)."""
 
     def __init__(
         self,
@@ -238,7 +243,7 @@ class SAETrainer:
         cfg: SAETrainConfig,
         *,
         device: torch.device | str | None = None,
-        compile: bool | str = False,
+        compile: bool | str | None = None,
     ) -> None:
         cfg.check()
         if not d_ins:
@@ -272,9 +277,14 @@ class SAETrainer:
         self.b_dec_initialised = cfg.b_dec_init == "zeros"
         self.metrics: list[dict[str, Any]] = []
         self.data: dict[str, Any] = {}  # what feeds the run (train_saes's `data`), checked on resume
-        self.compile = compile
+        self.backend = compile if isinstance(compile, str) else "inductor"
+        self.compiling = bool(compile)  # the steps run compiled (from the start, or since the switch)
         self._compiled: dict[str, Callable] = {}
-        if compile and cfg.architecture == "batchtopk" and distributed.active():
+        self._compiled_variants: set[tuple[str, bool]] = set()
+        global_batchtopk = cfg.architecture == "batchtopk" and distributed.active()
+        self.auto_compile = compile is None and not global_batchtopk
+        self.switch: SwitchWhenPaid | None = None  # compile=None: decides when compiling pays (set at the 1st step)
+        if compile and global_batchtopk:
             raise ValueError("compile=True with batchtopk under torchrun is not supported (the global top k runs "
                              "between ranks): train eagerly")  # fmt: skip
         if self.device is not None:
@@ -302,8 +312,13 @@ class SAETrainer:
 
     def train_step(self, batch: Mapping[str, Tensor]) -> dict[str, StepResult]:
         cfg = self.cfg
+        start = time.perf_counter()
         if self.device is None:
             self.to(next(iter(batch.values())).device)
+        if self.auto_compile and self.switch is None:  # the device is known now: its cost defaults apply
+            hook = next(iter(self.saes))
+            entry = self._cache_entry(hook, any_dead=False)
+            self.switch = SwitchWhenPaid(expected_cost(entry, self.device.type, True, work="sae"), record=entry)
         xs = {h: _rows(batch[h], self.d_ins[h]).to(self.device, torch.float32) for h in self.saes}
         n_global = self._global_counts(xs)
         if not self.b_dec_initialised:
@@ -322,8 +337,10 @@ class SAETrainer:
             for sae in self.saes.values():
                 torch.nn.utils.clip_grad_norm_([p for p in sae.parameters() if p.requires_grad], cfg.max_grad_norm)
         self.optimizer.step()
-        self._update_counters(results, n_global)
+        self._update_counters(results, n_global)  # (reads the fired counts: the step has run, also on CUDA)
         self.step += 1
+        if self.switch is not None:
+            self._time_step(time.perf_counter() - start)
         self.tokens_seen += n_global[next(iter(self.saes))]
         if cfg.resample_every and self.step % cfg.resample_every == 0:
             for hook in self.saes:
@@ -331,25 +348,51 @@ class SAETrainer:
         self._last = (xs, results, n_global)
         return results
 
+    def _time_step(self, seconds: float) -> None:
+        """compile=None: eager steps decide when to switch (every rank at the same step); compiled steps record
+        their measured speed-up for the next run's decision."""
+        assert self.switch is not None
+        if self.compiling:
+            self.switch.observe_compiled(seconds, 1)
+            return
+        self.switch.observe(seconds, 1)
+        pays = self.switch.should_compile(remaining_work=self.cfg.total_steps - self.step)
+        self.compiling = distributed.any_rank(pays, self.device)
+
     def _objective(self, hook: str, sae: SAE, x: Tensor, dead: Tensor, n_global: int) -> StepResult:
         cfg = self.cfg
         l1 = cfg.l1_coefficient * l1_factor(self.step, cfg)
-        if not self.compile:
+        if not self.compiling:
             obj = Objective(cfg.architecture, cfg.k, l1, cfg.aux_coefficient, cfg.aux_k, cfg.sparse_below)
             return training_step(sae, x, obj, dead, n_global, density=self.density[hook])
         if hook not in self._compiled:
-            if distributed.is_main():
-                print(f"compiling the SAE training step for {hook} (torch.compile; the first step takes tens of "
-                      "seconds on CPU)...", file=sys.stderr, flush=True)  # fmt: skip
-            backend = self.compile if isinstance(self.compile, str) else "inductor"
-            self._compiled[hook] = torch.compile(compiled_training_step, fullgraph=True, backend=backend)
+            self._compiled[hook] = torch.compile(compiled_training_step, fullgraph=True, backend=self.backend)
         any_dead = cfg.architecture != "standard" and cfg.aux_coefficient != 0 and bool(dead.any())
         constants = dict(architecture=cfg.architecture, k=cfg.k, aux_k=cfg.aux_k or sae.d_in // 2, any_dead=any_dead)
         scalars = torch.tensor([l1, cfg.aux_coefficient, float(n_global)], dtype=torch.float32, device=x.device)
-        loss, x_hat, fired, threshold = self._compiled[hook](sae, x, dead, scalars, **constants)
+        first = (hook, any_dead) not in self._compiled_variants
+        with self._first_compile(hook, any_dead) if first else contextlib.nullcontext():
+            loss, x_hat, fired, threshold = self._compiled[hook](sae, x, dead, scalars, **constants)
+        self._compiled_variants.add((hook, any_dead))
         if threshold is not None:
             threshold = distributed.all_reduce_min(threshold.reshape(1))[0]
         return StepResult(loss, x_hat, fired, int(fired.sum()), threshold)
+
+    def _cache_entry(self, hook: str, any_dead: bool) -> CompileCache:
+        """The compile-cache entry of one SAE's compiled step (what its code depends on besides torch and the
+        machine): its shapes and architecture, and whether the auxiliary loss runs."""
+        sae, cfg = self.saes[hook], self.cfg
+        key = {"what": "SAE training step", "architecture": cfg.architecture, "d_in": sae.d_in, "d_sae": sae.d_sae,
+               "k": cfg.k, "aux_k": cfg.aux_k or sae.d_in // 2, "aux_loss": any_dead,
+               "rescale": sae.rescale_acts_by_decoder_norm, "b_dec_to_input": sae.apply_b_dec_to_input,
+               "dtype": str(sae.W_enc.dtype), "device": sae.W_enc.device.type, "backend": self.backend}  # fmt: skip
+        return CompileCache(key)
+
+    def _first_compile(self, hook: str, any_dead: bool) -> contextlib.AbstractContextManager:
+        entry = self._cache_entry(hook, any_dead)
+        what = f"the SAE training step for {hook} ({self.cfg.architecture}{', auxiliary loss' if any_dead else ''})"
+        cost = expected_cost(entry, self.saes[hook].W_enc.device.type, True, work="sae")
+        return first_compile(what, entry, cost, show=distributed.is_main())
 
     def _global_counts(self, xs: Mapping[str, Tensor]) -> dict[str, int]:
         counts = torch.tensor([x.shape[0] for x in xs.values()], dtype=torch.long, device=self.device)
@@ -594,7 +637,7 @@ def train_saes(
     resume: bool = False,
     override: Sequence[str] = (),
     device: torch.device | str | None = None,
-    compile: bool | str = False,
+    compile: bool | str | None = None,
     progress: bool = True,
     evaluate: Callable[[Mapping[str, SAE]], Mapping[str, float]] | None = None,
     data: Mapping[str, Any] | None = None,

@@ -120,7 +120,7 @@ def train_interventions(
             losses.append(float(distributed.all_reduce_sum(loss.detach().reshape(1))) / world)  # the global mean
             if switch is not None and forward is cap:  # eager so far: does compiling pay for the steps left?
                 switch.observe(time.perf_counter() - step_start, 1)
-                if _everywhere(switch.should_compile(remaining_work=steps - step - 1), device):
+                if distributed.any_rank(switch.should_compile(remaining_work=steps - step - 1), device):
                     forward = compiled
             elif switch is not None:  # compiled: its measured speed-up informs the next run's choice
                 switch.observe_compiled(time.perf_counter() - step_start, 1)
@@ -140,13 +140,6 @@ def train_interventions(
     if checkpoint_path is not None and distributed.is_main():
         save_interventions(cap.intervene, checkpoint_path, losses=losses)
     return InterventionResult(dict(cap.intervene), losses, rate)
-
-
-def _everywhere(decision: bool, device: torch.device) -> bool:
-    """True on every rank when it is True on any (one decision for all ranks: timings differ between them)."""
-    if not distributed.active():
-        return decision
-    return bool(distributed.all_reduce_sum(torch.tensor([float(decision)], device=device))[0] > 0)
 
 
 def capture_args(batch: Mapping[str, Tensor], device: torch.device) -> dict[str, Tensor]:

@@ -62,9 +62,9 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
             "--compile",
             action="store_true",
             default=None,
-            help="compile the capture and the training step from the first step (default: probes, steering and "
-            "DAS compile once the measured eager steps left would repay the compile, which on CPU takes minutes "
-            "for a few percent, so short runs stay eager; SAE training runs eagerly)",
+            help="compile the capture and the training step from the first step (default: the training step "
+            "compiles once the measured eager steps left would repay the compile, so on CPU short runs stay eager; "
+            "the capture feeding SAE training runs eagerly unless --compile)",
         )
         p.add_argument("--no-compile", dest="compile", action="store_false", help="never compile")
         p.add_argument(
@@ -269,7 +269,7 @@ def cmd_train_sae(args: argparse.Namespace) -> int:
             resume=args.resume,
             override=overrides,
             device=device,
-            compile=bool(args.compile),  # SAE training: eager unless --compile
+            compile=args.compile,
             evaluate=evaluate,
             data=data_desc,
         )
