@@ -3,7 +3,8 @@
 `train_all(rank, world)`: the distributed test's runs: standard, TopK and BatchTopK, each with dead features and
 resampling on (TopK / BatchTopK also with the auxiliary loss on dead latents), each rank on its slice of every
 global batch. `probe_run(rank, world)`, `das_run(rank, world)`: a probe and a DAS rotation trained the same way
-(spliced_training under torchrun).
+(spliced_training under torchrun). `auto_compile_run(rank, world)`: the SAE trainer's switch to its compiled step,
+decided by one rank for all.
 `tiny_store(path)`: a small store of t5hooks-tiny activations; `CLI_ARGS`: a `t5hooks train sae --store` run on it.
 `torchrun tests/sae_runs.py OUT STORE` (one launch for all of it) joins the process group as the CLI does
 (`apps.common.process_group`), runs the library runs, checks that every rank holds rank 0's weights bit for bit
@@ -45,6 +46,32 @@ def train_all(rank: int = 0, world: int = 1) -> dict[str, dict]:
         result = train_sae(batches(x, rank, world), D_IN, cfg, progress=False)
         out[arch] = {"state": result.saes["sae"].state_dict(), "metrics": result.metrics}
     return out
+
+
+def auto_compile_run(rank: int = 0, world: int = 1) -> dict:
+    """TopK with `compile=None` where only the last rank finds, from its 3rd timed step on, that compiling pays
+    (in one process: the only rank): every rank must switch at that step, since the decision is any rank's, and
+    train on compiled (aot_eager) steps as one process does."""
+    from unittest import mock
+
+    from t5hooks.compile_policy import SwitchWhenPaid
+    from t5hooks.interventions.sae_training import SAETrainer
+
+    _, x = planted_features(16, D_IN, GLOBAL_BATCH * STEPS, active=2, seed=3)
+    cfg = SAETrainConfig(architecture="topk", d_sae=24, lr=1e-2, total_steps=8, **RUNS["topk"])
+    trainer = SAETrainer({"sae": D_IN}, cfg)
+    trainer.backend = "aot_eager"  # (the graph and the switch are the point here, not inductor's code)
+    switched_at = None
+
+    def pays(switch: SwitchWhenPaid, remaining_work: float | None) -> bool:
+        return rank == world - 1 and switch.steps >= 3
+
+    with mock.patch.object(SwitchWhenPaid, "should_compile", pays):
+        for step, batch in zip(range(cfg.total_steps), batches(x, rank, world)):
+            trainer.train_step({"sae": batch})
+            if trainer.compiling and switched_at is None:
+                switched_at = step + 1  # steps run eagerly
+    return {"state": trainer.saes["sae"].state_dict(), "switched_at": switched_at}
 
 
 def probe_run(rank: int = 0, world: int = 1) -> dict:
@@ -140,11 +167,15 @@ if __name__ == "__main__":
         results = train_all(rank, world)
         results["probe"] = {"state": probe_run(rank, world)}
         results["das"] = das_run(rank, world)
+        results["auto_compile"] = auto_compile_run(rank, world)
         for arch, result in results.items():  # every rank ends with rank 0's weights, bit for bit
             for name, value in result["state"].items():
                 mine = value.clone()
                 torch.distributed.broadcast(value, src=0)
                 assert torch.equal(mine, value), (rank, arch, name)
+        switched = torch.tensor([results["auto_compile"]["switched_at"]])
+        torch.distributed.broadcast(switched, src=0)
+        assert int(switched) == results["auto_compile"]["switched_at"] == 3, (rank, int(switched))
         if rank == 0:
             torch.save(results, out / "ranks.pt")
         # the CLI in the same group (re-initialising a destroyed group under torchrun is not reliable)

@@ -3,7 +3,8 @@
 Library: each rank on half of every global batch, the ranks end with bit-identical SAEs equal (fp32 round-off) to
 one process on the whole batches, for ReLU, TopK and BatchTopK, all with dead-feature resampling on (TopK /
 BatchTopK also with the auxiliary loss on dead latents; BatchTopK's batch-level top k and inference threshold
-global); and a probe and a DAS rotation trained by the spliced-intervention trainers.
+global); a probe and a DAS rotation trained by the spliced-intervention trainers; and the SAE trainer's switch to
+compiled steps (compile=None) decided by one rank for both.
 CLI (its `main` in the same launch, in the group joined as the CLI joins it): `t5hooks train sae --store ...
 --batch-size 16` on 2 ranks equals one process with
 `--batch-size 32`: the same SAEs and metrics (which count both ranks' tokens); rank 0 alone reports and writes."""
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from sae_runs import CLI_ARGS, das_run, probe_run, tiny_store, train_all
+from sae_runs import CLI_ARGS, auto_compile_run, das_run, probe_run, tiny_store, train_all
 
 from t5hooks.apps.cli import main
 from t5hooks.interventions import load_saelens
@@ -53,6 +54,10 @@ def test_torchrun_two_ranks_equal_one_process(tmp_path, capsys):
     # DAS: the same start and the same global loss; after that Adam's first steps are lr * sign(gradient), so
     # components whose gradient is zero up to round-off move by +-lr in either run and the rotations part at
     # ~1e-2 (measured 0.013) while the losses stay within 2e-4: compared by loss (the ranks agree bit for bit)
+    auto = auto_compile_run()  # the switch to compiled steps, decided by rank 1 alone there: both ranks switched
+    assert auto["switched_at"] == two["auto_compile"]["switched_at"] == 3  # after 3 eager steps, as one process
+    for name, value in auto["state"].items():
+        torch.testing.assert_close(two["auto_compile"]["state"][name], value, atol=1e-5, rtol=0, msg=f"auto {name}")
     das = das_run()
     torch.testing.assert_close(two["das"]["losses"][0], das["losses"][0], rtol=1e-6, atol=0)  # the global mean
     torch.testing.assert_close(two["das"]["losses"], das["losses"], rtol=1e-3, atol=0)

@@ -12,6 +12,10 @@ by `n_global`, so the ranks' gradients add up to the global mean's):
   auxiliary loss: no variance normalisation, k_aux = d_in // 2 by default)
 * batchtopk: as topk, but `f` keeps the `k * n_global` largest `relu(h)` of the GLOBAL batch (a threshold
   found from every rank's candidates); the smallest kept value feeds the inference threshold.
+
+`training_step` runs eagerly (data-dependent shapes: the active pairs of each batch); `compiled_training_step` is
+the same objective with static shapes for `torch.compile(fullgraph=True)` (the same sparse kernels for TopK and
+BatchTopK, `dense_training_step` for the ReLU SAE); fired counts and L0 count positive activations, as SAELens's.
 """
 
 from __future__ import annotations
@@ -182,9 +186,9 @@ def _kth_largest(flat: Tensor, k: int) -> Tensor:
 def dense_training_step(
     sae: SAE, x: Tensor, dead: Tensor, scalars: Tensor, *, architecture: str, k: int, aux_k: int
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-    """The same objective in SAELens's dense formulation with static shapes, for `torch.compile(fullgraph=True)`:
-    `scalars = [l1_coefficient, aux_coefficient, n_global]` are tensors (a changing L1 warm-up or dead mask does
-    not recompile). One process only for batchtopk (its top k is this batch's). Returns
+    """The same objective in SAELens's dense formulation with static shapes (the ReLU SAE's compiled step, and
+    the autograd reference the kernels are tested against): `scalars = [l1_coefficient, aux_coefficient,
+    n_global]` are tensors (a changing L1 warm-up or dead mask does not recompile). One process only for batchtopk (its top k is this batch's). Returns
     `(loss, x_hat (detached), fired [d_sae], batch threshold or None)`."""
     l1, aux_coefficient, n_global = scalars[0], scalars[1], scalars[2]
     pre = sae.pre_acts(x)  # [N, d_sae] (times the decoder norms when rescaling)
