@@ -111,6 +111,37 @@ def test_compiled_live_activations_equal_eager_without_recompiling():
         for hook in hooks:
             torch.testing.assert_close(b[hook], a[hook], atol=1e-5, rtol=1e-5)
     assert counters["stats"]["unique_graphs"] == 1
+    assert eager.forward is eager.capture  # the default: compiling a few batches would not pay here
+
+
+@pytest.mark.slow
+def test_live_activations_switch_to_compiled_once_it_pays(monkeypatch, tmp_path):
+    """compile=None: the capture runs eagerly until the eager time spent repays the expected compile, then
+    compiled (here a free compile with a 5x speed-up: after the first timed batch), with the same rows."""
+    from t5hooks import compile_policy
+    from t5hooks.capture import compile_capture
+    from t5hooks.interventions import live
+
+    monkeypatch.setenv("T5HOOKS_COMPILE_CACHE", str(tmp_path))
+    monkeypatch.setitem(compile_policy.DEFAULTS, ("capture", "cpu", False), (0.0, 0.0, 5.0))
+    monkeypatch.setattr(
+        live, "compile_capture", lambda cap, **kw: compile_capture(cap, **{**kw, "backend": "aot_eager"})
+    )
+    model = HookedEncoderDecoder.from_pretrained("t5hooks-tiny").requires_grad_(False)
+    rng = random.Random(2)
+    batches = []
+    for _ in range(6):
+        b = make_batch([random_word(rng) for _ in range(4)], model.tokenizer)
+        batches.append({"input": b.tokens, "one_zero_attention_mask": b.mask, "labels": b.labels})
+    hooks = ["encoder.1.hook_resid_post"]
+    auto, eager = LiveActivations(model, hooks, batches), LiveActivations(model, hooks, batches, compile=False)
+    ran = []
+    for batch in batches:
+        ran.append("compiled" if auto.forward is auto.compiled else "eager")
+        a, b = auto.activations(batch), eager.activations(batch)
+        torch.testing.assert_close(a[hooks[0]], b[hooks[0]], atol=1e-5, rtol=1e-5)
+    assert ran == ["eager", "eager", "compiled", "compiled", "compiled", "compiled"]
+    assert "speedup" in auto.switch.record.measurements()  # the compiled batches' speed-up, for the next run
 
 
 @pytest.mark.parametrize("architecture", ["standard", "topk"])

@@ -7,12 +7,14 @@ A token batch is a dict with `input` `[B,E]` and any of `decoder_input`, `one_ze
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from ..capture import CaptureModule, compile_capture
+from ..compile_policy import SwitchWhenPaid
 from . import distributed
 
 TokenBatch = Mapping[str, Tensor]
@@ -21,9 +23,12 @@ TokenBatch = Mapping[str, Tensor]
 class LiveActivations:
     """Iterable of `{hook: [n_real_tokens, d]}` from one forward per token batch (no disk).
 
-    `compile`: run the capture compiled (`compile_capture`: regional, warm-started, announced; True: inductor, a
-    string: that `torch.compile` backend). `skip(n)` drops the first n token batches without running the model
-    (resuming a killed training run).
+    `compile`: None (the default) runs the capture eagerly, times its batches and switches to the compiled
+    capture (`compile_capture`: regional, warm-started, announced) once the eager time spent, times the saving
+    a compiled forward is expected to bring, repays the compile (`compile_policy`'s rule for work of unknown
+    length; every rank switches at the same batch); True compiles from the first batch (inductor; a string
+    names the `torch.compile` backend), False never. `skip(n)` drops the first n token batches without running
+    the model (resuming a killed training run).
     """
 
     def __init__(
@@ -32,14 +37,21 @@ class LiveActivations:
         hooks: Sequence[str],
         token_batches: Iterable[TokenBatch],
         *,
-        compile: bool | str = False,
+        compile: bool | str | None = None,
     ) -> None:
         self.hooks = list(model.resolve_names(list(hooks)))
         self.capture = CaptureModule(model, self.hooks).eval()
         self.forward: Callable[..., dict[str, Tensor]] = self.capture
-        if compile:
+        self.switch: SwitchWhenPaid | None = None
+        self.device = next(model.parameters()).device
+        if compile is not False:
             backend = compile if isinstance(compile, str) else "inductor"
-            self.forward = compile_capture(self.capture, backend=backend, announce=distributed.is_main())
+            self.compiled = compile_capture(self.capture, backend=backend, announce=distributed.is_main())
+            if compile is None:
+                cost, entry = self.compiled.expected_cost("inference"), self.compiled.cache_entry("inference")
+                self.switch = SwitchWhenPaid(cost, record=entry)
+            else:
+                self.forward = self.compiled
         self.token_batches = token_batches
         self._skip = 0
 
@@ -56,7 +68,12 @@ class LiveActivations:
 
     @torch.no_grad()
     def activations(self, batch: TokenBatch) -> dict[str, Tensor]:
+        start = time.perf_counter()
         out = self.forward(**batch)
+        if self.switch is not None:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self._time_batch(time.perf_counter() - start, batch["input"].numel())
         enc_mask, dec_mask = batch.get("one_zero_attention_mask"), batch.get("decoder_attention_mask")
         if dec_mask is None and batch.get("labels") is not None:
             dec_mask = (batch["labels"] != -100).long()
@@ -66,6 +83,16 @@ class LiveActivations:
             mask = enc_mask if self.capture.model.layout.token_stream(hook) == "encoder" else dec_mask
             result[hook] = acts[mask.bool()] if mask is not None else acts.reshape(-1, acts.shape[-1])
         return result
+
+    def _time_batch(self, seconds: float, tokens: int) -> None:
+        """compile=None: eager batches decide when to switch; compiled ones record their measured speed-up."""
+        assert self.switch is not None
+        if self.forward is self.compiled:
+            self.switch.observe_compiled(seconds, tokens)
+            return
+        self.switch.observe(seconds, tokens)
+        if distributed.any_rank(self.switch.should_compile(None), self.device):
+            self.forward = self.compiled
 
 
 @torch.no_grad()

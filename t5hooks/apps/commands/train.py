@@ -62,9 +62,8 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
             "--compile",
             action="store_true",
             default=None,
-            help="compile the capture and the training step from the first step (default: the training step "
-            "compiles once the measured eager steps left would repay the compile, so on CPU short runs stay eager; "
-            "the capture feeding SAE training runs eagerly unless --compile)",
+            help="compile the capture and the training step from the first step (default: each compiles once "
+            "the measured eager steps would repay the compile, so on CPU short runs stay eager)",
         )
         p.add_argument("--no-compile", dest="compile", action="store_false", help="never compile")
         p.add_argument(
@@ -336,7 +335,7 @@ def _live_source(args: argparse.Namespace, device: str, rank: int, world: int):
         batches = data.word_batches(model.tokenizer, args.batch_size, args.seed + 7919 * rank)
         eval_batch = next(data.word_batches(model.tokenizer, args.batch_size, 10_000 + args.seed))
     eval_batch = {k: v.to(device) for k, v in eval_batch.items()}
-    live = LiveActivations(model, hooks, batches, compile=bool(args.compile))
+    live = LiveActivations(model, hooks, batches, compile=args.compile)
     sample = live.activations(eval_batch)  # a batch's rows: its width, and about one step's tokens per rank
     widths = {h: v.shape[-1] for h, v in sample.items()}
     desc = {"source": f"text {Path(args.text).resolve()}" if args.text else "t5hooks-tiny reversal task",
