@@ -280,7 +280,8 @@ class SAETrainer:
         self.backend = compile if isinstance(compile, str) else "inductor"
         self.compiling = bool(compile)  # the steps run compiled (from the start, or since the switch)
         self._compiled: dict[str, Callable] = {}
-        self._compiled_variants: set[tuple[str, bool]] = set()
+        self._compiled_variants: set[tuple[str, bool]] = set()  # (hook, any_dead) graphs compiled so far
+        self._compiled_this_step = False
         global_batchtopk = cfg.architecture == "batchtopk" and distributed.active()
         self.auto_compile = compile is None and not global_batchtopk
         self.switch: SwitchWhenPaid | None = None  # compile=None: decides when compiling pays (set at the 1st step)
@@ -313,6 +314,7 @@ class SAETrainer:
     def train_step(self, batch: Mapping[str, Tensor]) -> dict[str, StepResult]:
         cfg = self.cfg
         start = time.perf_counter()
+        self._compiled_this_step = False
         if self.device is None:
             self.to(next(iter(batch.values())).device)
         if self.auto_compile and self.switch is None:  # the device is known now: its cost defaults apply
@@ -353,7 +355,8 @@ class SAETrainer:
         their measured speed-up for the next run's decision."""
         assert self.switch is not None
         if self.compiling:
-            self.switch.observe_compiled(seconds, 1)
+            if not self._compiled_this_step:  # (a later variant's compile is not a step's speed)
+                self.switch.observe_compiled(seconds, 1)
             return
         self.switch.observe(seconds, 1)
         pays = self.switch.should_compile(remaining_work=self.cfg.total_steps - self.step)
@@ -374,6 +377,7 @@ class SAETrainer:
         with self._first_compile(hook, any_dead) if first else contextlib.nullcontext():
             loss, x_hat, fired, threshold = self._compiled[hook](sae, x, dead, scalars, **constants)
         self._compiled_variants.add((hook, any_dead))
+        self._compiled_this_step |= first
         if threshold is not None:
             threshold = distributed.all_reduce_min(threshold.reshape(1))[0]
         return StepResult(loss, x_hat, fired, int(fired.sum()), threshold)

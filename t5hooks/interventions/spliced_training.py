@@ -3,7 +3,8 @@
 `train_interventions` is the one loop: the interventions sit in a capture module, run eagerly until compiling
 pays (`compile_capture`: regional, warm-started, announced; chosen by `compile_policy` from the measured eager
 steps left, so on CPU, where compiling costs minutes and returns a few percent, short runs stay eager), the
-model's own parameters are frozen, and `loss_fn(out, batch)` scores the capture's output dict. `train_probe`, `train_steering` and `train_das` are thin task wrappers.
+model's own parameters are frozen, and `loss_fn(out, batch)` scores the capture's output dict. `train_probe`,
+`train_steering` and `train_das` are thin task wrappers.
 Token batches are dicts holding the capture module's arguments (`input`, `decoder_input`,
 `one_zero_attention_mask`, `decoder_attention_mask`, `labels`) plus the task's targets; they are moved to the
 model's device, where the interventions train.
