@@ -10,7 +10,13 @@ import pytest
 import torch
 
 from t5hooks.interventions.sae import build_sae
-from t5hooks.interventions.sae_objective import Objective, compiled_training_step, dense_training_step, training_step
+from t5hooks.interventions.sae_objective import (
+    Objective,
+    compiled_training_step,
+    dense_training_step,
+    kth_largest_in_rows,
+    training_step,
+)
 from t5hooks.interventions.sae_training import SAETrainConfig, SAETrainer
 
 sae_lens = pytest.importorskip("sae_lens")
@@ -127,6 +133,24 @@ def test_sparse_kernels_give_autograds_gradients(architecture, rescale, density)
     assert torch.equal(f1, f2) and g1.keys() == g2.keys() == {"W_enc", "b_enc", "W_dec", "b_dec"}
     for name in g2:
         torch.testing.assert_close(g1[name], g2[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_kth_largest_from_row_candidates_is_exact():
+    """BatchTopK's threshold from each row's top candidates equals a selection over every entry: spread-out rows,
+    a row holding most of the top k (the fallback), ties, mostly zeros (fewer positives than k), k = 1 and k at
+    the size; eagerly and compiled (both branches of the `torch.cond`)."""
+    g = torch.Generator().manual_seed(0)
+    spread = torch.randn(64, 512, generator=g).relu()
+    saturated = spread.clone()
+    saturated[3] = 10 + torch.rand(512, generator=g)  # one row holds more than its candidates of the top k
+    ties = torch.randint(0, 4, (64, 512), generator=g).float()
+    sparse = spread * (torch.rand(64, 512, generator=g) < 0.02)
+    compiled = torch.compile(kth_largest_in_rows, fullgraph=True, backend="aot_eager")
+    for values in (spread, saturated, ties, sparse):
+        for k in (1, 7, 64 * 8, 64 * 40, 64 * 512):
+            expected = values.reshape(-1).kthvalue(values.numel() - k + 1).values
+            assert kth_largest_in_rows(values, k) == expected, k
+            assert compiled(values, k) == expected, k
 
 
 @pytest.mark.parametrize("architecture", ["topk", "batchtopk"])

@@ -114,7 +114,7 @@ def compiled_training_step(
         codes = SparseCodes.from_topk(scored.topk(k, dim=-1, sorted=False).indices, sae.d_sae)
     else:
         size = k * x.shape[0]
-        mask = (scored >= _kth_largest(scored.relu().reshape(-1), size)) & (scored > 0)
+        mask = (scored >= kth_largest_in_rows(scored.relu(), size)) & (scored > 0)
         codes = SparseCodes.from_mask(mask, size=size)
         real = torch.arange(size, device=x.device) < mask.sum()  # the padding pairs after the active ones
     acts, x_hat = _reconstruct(sae, pre, x_c, norms, b_dec, codes, real)
@@ -167,15 +167,32 @@ def _standard_dense(sae: SAE, x: Tensor, obj: Objective, n_global: int, b_dec: T
 
 @torch.no_grad()
 def global_kth_largest(values: Tensor, k: int) -> Tensor:
-    """The k-th largest entry of `values` over every rank (k counts the global batch), identical on every rank
-    (-inf when there are fewer than k): each rank offers its entries at or above its own k-th largest (the
+    """The k-th largest entry of `values [N, m]` over every rank (k counts the global batch), identical on every
+    rank (-inf when there are fewer than k): each rank offers its entries at or above its own k-th largest (the
     global top k is among them), every rank selects from all offers. A scalar tensor."""
     flat = values.reshape(-1)
-    local = _kth_largest(flat, min(k, flat.numel()))
+    local = kth_largest_in_rows(values, min(k, flat.numel()))
     if not distributed.active():
         return local if flat.numel() >= k else local.new_tensor(-torch.inf)
     offers = distributed.gather_rows(flat[flat >= local])
     return _kth_largest(offers, k) if offers.numel() >= k else local.new_tensor(-torch.inf)
+
+
+def kth_largest_in_rows(values: Tensor, k: int) -> Tensor:
+    """The k-th largest entry of `values [N, m]` (a scalar tensor), selected from a candidate set: each row's
+    `c = 4 * ceil(k / N)` largest entries. Exact: if no row has its c-th largest above the candidates' k-th
+    largest `t`, every entry left out is at most `t`, so `t` is the k-th largest of all; otherwise (a row holding
+    more than c of the top k) the selection runs over every entry (compiled: a `torch.cond`)."""
+    n, m = values.shape
+    c = 4 * -(-k // n)
+    if 2 * c >= m:  # a candidate set of half the entries or more saves nothing
+        return _kth_largest(values.reshape(-1), k)
+    candidates = values.topk(c, dim=1, sorted=False).values  # [N, c]
+    t = _kth_largest(candidates.reshape(-1), k)
+    exact = (candidates.min(1).values <= t).all()
+    if not torch.compiler.is_compiling():  # (eager torch.cond would itself run through Dynamo)
+        return t if bool(exact) else _kth_largest(values.reshape(-1), k)
+    return torch.cond(exact, lambda v, t: t.clone(), lambda v, t: _kth_largest(v.reshape(-1), k), (values, t))
 
 
 def _kth_largest(flat: Tensor, k: int) -> Tensor:
