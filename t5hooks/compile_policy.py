@@ -36,9 +36,9 @@ from .compile_cache import CompileCache
 # cache empty), and compiled step / eager step (benchmarks/RESULTS.md). A CPU job compiles only when its eager
 # work is long enough for a 5-8 % saving to repay the compile (for extraction: about ten minutes of eager
 # forwards). "sae": one SAE's training step (`t5hooks bench sae --compile` on a 2-core Intel Xeon with AVX-512:
-# compiled TopK and BatchTopK 1.04x their eager steps, ReLU 1.26x; the lowest is the default). CUDA: no GPU was available to
-# measure; these are conservative placeholders that make short jobs run eagerly, and the first compiled run
-# records the real numbers for this machine.
+# compiled TopK and BatchTopK 0.93-1.04x their eager steps, ReLU 1.26x; a run that measures less than 1x records
+# it, and later runs stay eager). CUDA: no GPU was available to measure; these are conservative placeholders that
+# make short jobs run eagerly, and the first compiled run records the real numbers for this machine.
 DEFAULTS: dict[tuple[str, str, bool], tuple[float, float, float]] = {
     ("capture", "cpu", False): (44.0, 22.0, 1.08),
     ("capture", "cpu", True): (148.0, 55.0, 1.05),

@@ -232,7 +232,7 @@ class SAETrainer:
     the dead-feature masks and the global token count are tensor inputs; TopK / BatchTopK compile a second graph
     when features first die). None (the default): run eagerly, time the steps, and compile once the steps left
     at the measured speed would save more than compiling is expected to cost (`compile_policy`; on CPU the
-    compiled step is 1.04-1.26x the eager one and compiles in seconds, so only long runs compile; every rank
+    compiled step is 0.93-1.27x the eager one and compiles in seconds, so only long runs compile; every rank
     switches at the same step; batchtopk under torchrun stays eager). True: compiled from the first step
     (inductor; a string names the backend); False: never. Compiles are announced and warm-started from the
     compile cache (`compile_cache`)."""
