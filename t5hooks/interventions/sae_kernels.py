@@ -63,7 +63,7 @@ class SparseCodes(NamedTuple):
     def from_mask(mask: Tensor, size: int | None = None) -> SparseCodes:
         """A boolean `[N, d_sae]` mask of active pairs -> codes (row-major order). With `size` the codes hold
         exactly `size` pairs (a static shape): the first `size` active pairs, then padding pairs on the last
-        entry `(N - 1, d_sae - 1)` that the caller must zero (see `padding`)."""
+        entry `(N - 1, d_sae - 1)`, which the caller must zero (the pairs past `mask.sum()`)."""
         n, m = mask.shape
         if size is None:
             flat = mask.reshape(-1).nonzero().squeeze(1)
@@ -72,23 +72,12 @@ class SparseCodes(NamedTuple):
         return SparseCodes.from_pairs(flat // m, flat % m, n, m)
 
     @property
-    def nnz(self) -> int:
-        return self.rows.shape[0]
-
-    @property
     def n_tokens(self) -> int:
         return self.offsets.shape[0]
 
     @property
     def n_features(self) -> int:
         return self.feature_offsets.shape[0]
-
-    def csr(self, values: Tensor) -> Tensor:
-        """`[N, d_sae]` sparse CSR matrix with these values on the pattern."""
-        crow = torch.cat([self.offsets, self.offsets.new_tensor([self.nnz])])
-        return torch.sparse_csr_tensor(
-            crow, self.cols, values, (self.n_tokens, self.n_features), check_invariants=False
-        )
 
     def fired(self, acts: Tensor) -> Tensor:  # [d_sae] int64: pairs with a positive activation, per feature
         return torch.zeros(self.n_features, dtype=torch.long, device=self.cols.device).index_add_(

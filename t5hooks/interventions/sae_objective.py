@@ -116,7 +116,7 @@ def compiled_training_step(
         size = k * x.shape[0]
         mask = (scored >= kth_largest_in_rows(scored.relu(), size)) & (scored > 0)
         codes = SparseCodes.from_mask(mask, size=size)
-        real = torch.arange(size, device=x.device) < mask.sum()  # the padding pairs after the active ones
+        real = torch.arange(size, device=x.device) < mask.sum()  # False: a padding pair after the active ones
     acts, x_hat = _reconstruct(sae, pre, x_c, norms, b_dec, codes, real)
     loss = (x_hat - x).square().sum() / n_global
     if any_dead:
